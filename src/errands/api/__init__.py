@@ -1,0 +1,31 @@
+"""The ASGI app: tasks, tokens, stats and health over HTTP."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI
+
+from errands.api import admin, errors, tasks
+from errands.api.middleware import AuthMiddleware, BodyLimitMiddleware
+
+if TYPE_CHECKING:
+    from errands.runtime import Runtime
+
+
+def create_api(runtime: Runtime) -> FastAPI:
+    """The HTTP API of ``runtime`` (which the caller starts and stops)."""
+    api = FastAPI(
+        title="errands",
+        version="1",
+        summary="Long-running jobs: submit, run, watch live, notify, rescue.",
+        redoc_url=None,
+    )
+    api.state.runtime = runtime
+    errors.install(api)
+    api.include_router(tasks.router)
+    api.include_router(admin.router)
+    # Outermost first: the body limit, then authentication, then the routes.
+    api.add_middleware(AuthMiddleware, authenticator=lambda: runtime.authenticator, clock=runtime.clock)
+    api.add_middleware(BodyLimitMiddleware, max_bytes=runtime.settings.max_body_bytes)
+    return api

@@ -1,0 +1,99 @@
+"""Every failure answers ``{"error": {"code", "message"}}`` with a clear status; never a traceback."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from errands.errors import ApiError, LeaseLost, StoreError, TooManyRequests
+
+log = logging.getLogger("errands.api")
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def error_body(code: str, message: str) -> bytes:
+    return orjson.dumps({"error": {"code": code, "message": message}})
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        error_body(code, message), status_code=status, media_type="application/json", headers=headers
+    )
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path")]
+    where = ".".join(loc)
+    kind = error.get("type", "")
+    if kind == "extra_forbidden":
+        return f"{where}: unknown field" if where else "unknown field"
+    if kind == "missing":
+        return f"{where}: required" if where else "a JSON object body is required"
+    message = str(error.get("msg", "invalid value"))
+    return f"{where}: {message}" if where else message
+
+
+def install(api: FastAPI) -> None:
+    async def on_api_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        headers = None
+        if isinstance(exc, TooManyRequests):
+            headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
+        if exc.status_code == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
+        return error_response(exc.status_code, exc.code, exc.message, headers)
+
+    async def on_validation_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        errors = list(exc.errors())
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return error_response(400, "bad_request", "The body is not valid JSON.")
+        message = "; ".join(_describe(e) for e in errors[:5])
+        return error_response(422, "invalid_request", message)
+
+    async def on_http_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        if exc.status_code == 404:
+            message = "No such route."
+        elif exc.status_code == 400:
+            message = "The body could not be read as JSON."
+        elif exc.status_code == 413:
+            message = "The request body is too large."
+        else:
+            message = str(exc.detail)
+        return error_response(exc.status_code, code, message, dict(exc.headers or {}))
+
+    async def on_store_error(_: Request, exc: Exception) -> Response:
+        log.error("store error while serving a request: %s", exc, exc_info=exc.__cause__)
+        return error_response(503, "unavailable", "The task store is unavailable; try again shortly.")
+
+    async def on_lease_lost(_: Request, exc: Exception) -> Response:
+        return error_response(409, "invalid_state", "The task changed meanwhile; try again.")
+
+    async def on_unexpected(_: Request, exc: Exception) -> Response:
+        log.error("unexpected error while serving a request", exc_info=exc)
+        return error_response(500, "internal_error", "Something went wrong on our side.")
+
+    api.add_exception_handler(ApiError, on_api_error)
+    api.add_exception_handler(RequestValidationError, on_validation_error)
+    api.add_exception_handler(HTTPException, on_http_error)
+    api.add_exception_handler(StoreError, on_store_error)
+    api.add_exception_handler(LeaseLost, on_lease_lost)
+    api.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,149 @@
+"""The app object: which task types exist and who performs them."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import random
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from errands.auth import SYSTEM
+from errands.clock import Clock
+from errands.config import Settings, load_settings
+from errands.errors import ConfigError, Unavailable
+from errands.model import Task
+from errands.service import TYPE_PATTERN, SubmitRequest
+
+if TYPE_CHECKING:
+    from errands.context import TaskContext
+    from errands.runtime import Runtime
+
+Handler = Callable[["TaskContext", Any], Awaitable[Any]] | Callable[["TaskContext", Any], Any]
+H = TypeVar("H", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True, slots=True)
+class TaskType:
+    """A registered task type and the limits that apply to its tasks."""
+
+    name: str
+    handler: Handler
+    is_async: bool
+    timeout_s: float | None = None
+    max_attempts: int | None = None
+    concurrency_per_owner: int | None = None
+
+
+class Errands:
+    """The registry of task types, and the in-process entry point for submitting tasks.
+
+    ::
+
+        app = Errands()
+
+        @app.task("photography", timeout_s=600, max_attempts=3)
+        async def photography(ctx: TaskContext, input: dict) -> dict:
+            await ctx.progress(30, "generating")
+            return {"images": [...]}
+
+    Serve it with ``errands serve --app module:app``, or run it inside your own program with
+    ``async with app.running(): await app.submit("photography", {...})``.
+    """
+
+    def __init__(self) -> None:
+        self.task_types: dict[str, TaskType] = {}
+        self._runtime: Runtime | None = None
+
+    def task(
+        self,
+        name: str,
+        *,
+        timeout_s: float | None = None,
+        max_attempts: int | None = None,
+        concurrency_per_owner: int | None = None,
+    ) -> Callable[[H], H]:
+        """Register a handler for ``name``; sync handlers run in a thread pool."""
+        if not re.fullmatch(TYPE_PATTERN, name):
+            raise ConfigError(f"'{name}' is not a valid task type name (letters, digits, _ . : -).")
+        if name in self.task_types:
+            raise ConfigError(f"Task type '{name}' is registered twice.")
+        if timeout_s is not None and timeout_s <= 0:
+            raise ConfigError("timeout_s must be positive.")
+        if max_attempts is not None and max_attempts < 1:
+            raise ConfigError("max_attempts must be at least 1.")
+        if concurrency_per_owner is not None and concurrency_per_owner < 1:
+            raise ConfigError("concurrency_per_owner must be at least 1.")
+
+        def register(handler: H) -> H:
+            self.task_types[name] = TaskType(
+                name=name,
+                handler=handler,
+                is_async=inspect.iscoroutinefunction(handler),
+                timeout_s=timeout_s,
+                max_attempts=max_attempts,
+                concurrency_per_owner=concurrency_per_owner,
+            )
+            return handler
+
+        return register
+
+    # -- running in-process -------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def running(
+        self,
+        settings: Settings | None = None,
+        *,
+        workers: bool = True,
+        sweeper: bool = True,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> AsyncIterator[Runtime]:
+        """Run the store, workers and sweeper in this process for the duration of the block."""
+        from errands.runtime import Runtime
+
+        runtime = Runtime(self, settings or load_settings(), clock=clock, rng=rng)
+        await runtime.start(workers=workers, sweeper=sweeper)
+        try:
+            yield runtime
+        finally:
+            await runtime.stop()
+
+    def _bind(self, runtime: Runtime | None) -> None:
+        self._runtime = runtime
+
+    async def submit(
+        self,
+        type: str,
+        input: dict[str, Any] | None = None,
+        *,
+        owner: str | None = None,
+        id: str | None = None,
+        priority: int = 0,
+        timeout_s: float | None = None,
+        max_attempts: int | None = None,
+        expires_in_s: float | None = None,
+    ) -> Task:
+        """Submit a task from code living next to the service; returns at once with the task.
+
+        Same rules as ``POST /v1/tasks``: an ``id`` makes the call idempotent.
+        """
+        if self._runtime is None:
+            raise Unavailable("The app is not running; use `async with app.running():` or `errands serve`.")
+        request = SubmitRequest.model_validate(
+            {
+                "type": type,
+                "input": {} if input is None else input,
+                "owner": owner,
+                "id": id,
+                "priority": priority,
+                "timeout_s": None if timeout_s is None else float(timeout_s),
+                "max_attempts": max_attempts,
+                "expires_in_s": None if expires_in_s is None else float(expires_in_s),
+            }
+        )
+        record, _ = await self._runtime.service.submit(request, SYSTEM)
+        return Task.model_validate(record.public())

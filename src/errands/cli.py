@@ -1,0 +1,277 @@
+"""The ``errands`` command: a thin layer over the runtime and the client that reads ``ERRANDS_*``."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, TypeVar
+
+import orjson
+import typer
+
+from errands.app import Errands
+from errands.config import Settings, load_settings
+from errands.errors import ApiError, ConfigError, ErrandsError, StoreError
+
+T = TypeVar("T")
+
+cli = typer.Typer(
+    name="errands",
+    help="errands: a self-hosted service for long-running jobs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+AppOpt = Annotated[
+    str | None, typer.Option("--app", envvar="ERRANDS_APP", help="module:attribute of your Errands app.")
+]
+DbOpt = Annotated[
+    str | None,
+    typer.Option("--db", envvar="ERRANDS_DB", help="sqlite:///path.db (default sqlite:///errands.db)."),
+]
+ConcurrencyOpt = Annotated[
+    int | None,
+    typer.Option("--concurrency", envvar="ERRANDS_CONCURRENCY", help="Handlers run at once per process."),
+]
+UrlOpt = Annotated[str, typer.Option("--url", envvar="ERRANDS_URL", help="The errands server to talk to.")]
+TokenOpt = Annotated[
+    str | None,
+    typer.Option("--token", envvar=["ERRANDS_TOKEN", "ERRANDS_ADMIN_KEY"], help="Admin key or owner token."),
+]
+
+
+def fail(message: str, code: int = 1) -> None:
+    typer.echo(message, err=True)
+    raise typer.Exit(code)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on uvloop when it is installed; errands errors become one plain sentence."""
+    try:
+        import uvloop
+
+        runner: Callable[[Coroutine[Any, Any, T]], T] = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
+        runner = asyncio.run
+    try:
+        return runner(coro)
+    except ConfigError as exc:
+        fail(exc.message, 2)
+    except StoreError as exc:
+        fail(f"{exc.message} {exc.__cause__ or ''}".strip(), 1)
+    except ErrandsError as exc:
+        fail(exc.message, 1)
+    raise AssertionError("unreachable")
+
+
+def load_app(spec: str | None) -> Errands:
+    """The app named by ``module:attribute`` (``attribute`` defaults to ``app``), or the demo."""
+    if spec is None:
+        from errands.demo import app
+
+        return app
+    module_name, _, attribute = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"Cannot import the app module '{module_name}': {exc}.") from None
+    except Exception as exc:
+        raise ConfigError(
+            f"Importing the app module '{module_name}' failed: {type(exc).__name__}: {exc}."
+        ) from None
+    found = getattr(module, attribute or "app", None)
+    if not isinstance(found, Errands):
+        raise ConfigError(f"'{spec}' is not an errands app (an instance of errands.Errands).")
+    return found
+
+
+def configure_logging(settings: Settings) -> None:
+    level = getattr(logging, settings.log_level.upper(), None)
+    if not isinstance(level, int):
+        raise ConfigError(f"ERRANDS_LOG_LEVEL '{settings.log_level}' is not a log level.")
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        settings = load_settings(**overrides)
+        configure_logging(settings)
+        return settings
+    except ConfigError as exc:
+        fail(exc.message, 2)
+    raise AssertionError("unreachable")
+
+
+@cli.command()
+def serve(
+    app: AppOpt = None,
+    db: DbOpt = None,
+    host: Annotated[str | None, typer.Option(envvar="ERRANDS_HOST", help="Interface to listen on.")] = None,
+    port: Annotated[int | None, typer.Option(envvar="ERRANDS_PORT", help="Port to listen on.")] = None,
+    concurrency: ConcurrencyOpt = None,
+    workers: Annotated[bool, typer.Option(help="Run workers in this process too.")] = True,
+) -> None:
+    """Run the HTTP API, workers and the sweeper."""
+    from errands.runtime import Runtime
+    from errands.server import serve as serve_forever
+
+    settings = _settings(app=app, db=db, host=host, port=port, concurrency=concurrency)
+
+    def ready(runtime: Runtime, url: str) -> None:
+        name = settings.app or "the built-in demo app"
+        typer.echo(f"errands is serving {name} at {url} (database: {settings.db})")
+        if runtime.generated_admin_key:
+            typer.echo("A new admin key was generated. It is shown only once; keep it:")
+            typer.echo(f"  export ERRANDS_URL={url} ERRANDS_ADMIN_KEY={runtime.generated_admin_key}")
+        else:
+            typer.echo("Use the admin key printed at first start, or the one in ERRANDS_ADMIN_KEY.")
+        typer.echo(f"API reference: {url}/docs")
+        sys.stdout.flush()
+
+    try:
+        errands_app = load_app(settings.app)
+    except ConfigError as exc:
+        fail(exc.message, 2)
+    run(serve_forever(errands_app, settings, workers=workers, on_ready=ready))
+
+
+@cli.command()
+def worker(app: AppOpt = None, db: DbOpt = None, concurrency: ConcurrencyOpt = None) -> None:
+    """Run workers only (several may share one database)."""
+    from errands.runtime import Runtime
+    from errands.server import work
+
+    settings = _settings(app=app, db=db, concurrency=concurrency)
+
+    def ready(runtime: Runtime) -> None:
+        worker_id = runtime.worker.id if runtime.worker else "?"
+        typer.echo(f"errands worker {worker_id} is running (database: {settings.db})")
+        sys.stdout.flush()
+
+    try:
+        errands_app = load_app(settings.app)
+    except ConfigError as exc:
+        fail(exc.message, 2)
+    run(work(errands_app, settings, on_ready=ready))
+
+
+@cli.command()
+def migrate(db: DbOpt = None) -> None:
+    """Bring the database schema up to date."""
+    from errands.clock import SystemClock
+    from errands.store import open_store
+
+    settings = _settings(db=db)
+
+    async def go() -> list[int]:
+        return await open_store(settings, SystemClock()).migrate()
+
+    applied = run(go())
+    typer.echo(f"applied migrations {applied}" if applied else "the schema is up to date")
+
+
+def _client_call(url: str, token: str | None, call: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
+    from errands.client import AsyncClient
+
+    async def go() -> T:
+        async with AsyncClient(url, token) as client:
+            return await call(client)
+
+    try:
+        return run(go())
+    except ApiError as exc:  # pragma: no cover - run() already reports errands errors
+        fail(exc.message)
+    raise AssertionError("unreachable")
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
+
+
+@cli.command()
+def submit(
+    type: Annotated[str, typer.Argument(help="The task type.")],
+    input: Annotated[str, typer.Option("--input", help="The input, a JSON object.")] = "{}",
+    id: Annotated[
+        str | None, typer.Option("--id", help="Your id for the task (makes submit idempotent).")
+    ] = None,
+    owner: Annotated[str | None, typer.Option(help="Owner of the task (admin keys only).")] = None,
+    priority: Annotated[int | None, typer.Option(help="Higher runs first.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the task until it ends.")] = False,
+    url: UrlOpt = "http://127.0.0.1:8000",
+    token: TokenOpt = None,
+) -> None:
+    """Submit a task and print it (or follow it with --wait)."""
+    try:
+        data = orjson.loads(input)
+    except orjson.JSONDecodeError:
+        fail("--input is not valid JSON.", 2)
+    if not isinstance(data, dict):
+        fail("--input must be a JSON object.", 2)
+
+    async def call(client: Any) -> Any:
+        task = await client.submit(type, data, id=id, owner=owner, priority=priority)
+        if wait:
+            task = await client.wait(task.id)
+        return task
+
+    task = _client_call(url, token, call)
+    _print_json(task.model_dump(mode="json"))
+    if wait and task.status != "completed":
+        raise typer.Exit(1)
+
+
+@cli.command()
+def tasks(
+    status: Annotated[str | None, typer.Option(help="Only tasks in this status.")] = None,
+    type: Annotated[str | None, typer.Option("--type", help="Only tasks of this type.")] = None,
+    owner: Annotated[str | None, typer.Option(help="Only this owner's tasks (admin keys only).")] = None,
+    limit: Annotated[int, typer.Option(help="How many, newest first.")] = 20,
+    url: UrlOpt = "http://127.0.0.1:8000",
+    token: TokenOpt = None,
+) -> None:
+    """List tasks, newest first."""
+    page = _client_call(url, token, lambda c: c.list(status=status, type=type, owner=owner, limit=limit))
+    for task in page.tasks:
+        message = f"  {task.message}" if task.message else ""
+        typer.echo(
+            f"{task.id}  {task.type:<16} {task.status.value:<10} {task.progress:>3}%  "
+            f"{task.owner}  {task.created_at.isoformat(timespec='seconds')}{message}"
+        )
+    if not page.tasks:
+        typer.echo("no tasks")
+
+
+@cli.command()
+def stats(url: UrlOpt = "http://127.0.0.1:8000", token: TokenOpt = None) -> None:
+    """Counts by status and type, queue wait and run time (admin)."""
+    _print_json(_client_call(url, token, lambda c: c.stats()))
+
+
+@cli.command()
+def token(
+    owner: Annotated[str, typer.Argument(help="The owner the token acts for.")],
+    task_id: Annotated[str | None, typer.Option("--task-id", help="Limit the token to one task.")] = None,
+    ttl_s: Annotated[int, typer.Option("--ttl-s", help="Lifetime in seconds.")] = 3600,
+    read_only: Annotated[bool, typer.Option("--read-only", help="Only the read scope.")] = False,
+    url: UrlOpt = "http://127.0.0.1:8000",
+    token: TokenOpt = None,
+) -> None:
+    """Mint an owner token (admin)."""
+    scopes = ["read"] if read_only else ["read", "write"]
+    typer.echo(
+        _client_call(url, token, lambda c: c.mint_token(owner, scopes=scopes, task_id=task_id, ttl_s=ttl_s))
+    )
+
+
+def main() -> None:
+    cli()

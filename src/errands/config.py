@@ -1,0 +1,77 @@
+"""Settings, read from ``ERRANDS_*`` environment variables; the CLI's options override them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from errands.errors import ConfigError
+
+
+class Settings(BaseSettings):
+    """Every knob of a running errands process. See ``docs/configuration.md``."""
+
+    model_config = SettingsConfigDict(env_prefix="ERRANDS_", extra="ignore", frozen=True)
+
+    # where and what
+    db: str = "sqlite:///errands.db"
+    app: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    public_url: str | None = None
+    log_level: str = "info"
+
+    # credentials
+    admin_key: SecretStr | None = None
+    secret: SecretStr | None = None
+    default_owner: str = "default"
+
+    # workers
+    concurrency: int = Field(10, ge=1, le=10_000)
+    lease_s: float = Field(30.0, gt=0)
+    heartbeat_s: float | None = Field(None, gt=0)
+    poll_s: float = Field(1.0, gt=0)
+    progress_interval_s: float = Field(0.25, ge=0)
+    shutdown_grace_s: float = Field(25.0, ge=0)
+    retry_base_s: float = Field(1.0, ge=0)
+    retry_cap_s: float = Field(300.0, ge=0)
+
+    # task defaults and limits
+    default_timeout_s: float = Field(600.0, gt=0)
+    default_max_attempts: int = Field(3, ge=1)
+    default_expires_in_s: float = Field(86_400.0, gt=0)
+    max_manual_retries: int = Field(2, ge=0)
+    max_pending_per_owner: int | None = Field(None, ge=1)
+
+    # sweeper
+    sweep_interval_s: float = Field(5.0, gt=0)
+    sweep_batch: int = Field(500, ge=1)
+    retention_s: float = Field(86_400.0, ge=0)
+    tombstone_s: float = Field(7 * 86_400.0, ge=0)
+
+    # HTTP
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    max_json_depth: int = Field(32, ge=2)
+    stats_window_s: float = Field(3600.0, gt=0)
+
+    # SQLite
+    sqlite_synchronous: str = "NORMAL"
+
+    @property
+    def heartbeat_interval_s(self) -> float:
+        return self.heartbeat_s if self.heartbeat_s is not None else self.lease_s / 3
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment, with the non-``None`` ``overrides`` on top."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else "a setting"
+        raise ConfigError(
+            f"The setting {name} (ERRANDS_{name.upper()}) is not valid: {first['msg']}."
+        ) from None

@@ -1,0 +1,74 @@
+"""The built-in demo app, served when ``errands serve`` gets no ``--app``.
+
+Task types:
+
+* ``sleep`` ``{"seconds": 5}`` — runs for a few seconds and reports progress on the way;
+* ``echo`` — returns its input;
+* ``fail`` ``{"message": "…"}`` — ends ``failed`` with code ``demo_failure``;
+* ``flaky`` ``{"failures": 1}`` — raises on its first attempts, then succeeds (shows retries);
+* ``noop`` — does nothing (what the benchmarks run);
+* ``sync_sleep`` ``{"seconds": 2}`` — a plain function run in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from errands.app import Errands
+from errands.context import Fail, TaskContext
+
+app = Errands()
+
+
+def _seconds(input: dict[str, Any], default: float) -> float:
+    value = input.get("seconds", default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 3600:
+        raise Fail("bad_input", "seconds must be a number from 0 to 3600.")
+    return float(value)
+
+
+@app.task("sleep", timeout_s=3700)
+async def sleep(ctx: TaskContext, input: dict[str, Any]) -> dict[str, Any]:
+    seconds = _seconds(input, 5)
+    steps = max(1, min(20, int(seconds * 4)))
+    for step in range(1, steps + 1):
+        await asyncio.sleep(seconds / steps)
+        await ctx.progress(step * 100 // steps, f"step {step} of {steps}")
+    return {"slept_s": seconds}
+
+
+@app.task("echo")
+async def echo(ctx: TaskContext, input: dict[str, Any]) -> dict[str, Any]:
+    return input
+
+
+@app.task("fail", max_attempts=1)
+async def fail(ctx: TaskContext, input: dict[str, Any]) -> None:
+    message = input.get("message", "This task always fails.")
+    raise Fail("demo_failure", str(message)[:200])
+
+
+@app.task("flaky", max_attempts=3)
+async def flaky(ctx: TaskContext, input: dict[str, Any]) -> dict[str, int]:
+    failures = input.get("failures", 1)
+    if isinstance(failures, int) and ctx.attempt <= failures:
+        raise RuntimeError(f"flaky failure on attempt {ctx.attempt}")
+    return {"attempt": ctx.attempt}
+
+
+@app.task("noop")
+async def noop(ctx: TaskContext, input: dict[str, Any]) -> None:
+    return None
+
+
+@app.task("sync_sleep", timeout_s=3700)
+def sync_sleep(ctx: TaskContext, input: dict[str, Any]) -> dict[str, Any]:
+    seconds = _seconds(input, 2)
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        ctx.raise_if_cancelled()
+        time.sleep(min(0.1, left))
+        ctx.progress(100 - int(100 * max(0.0, deadline - time.monotonic()) / max(seconds, 1e-9)))
+    return {"slept_s": seconds}

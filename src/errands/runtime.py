@@ -1,0 +1,165 @@
+"""One running errands process: store, hub, workers, sweeper, and their supervision."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+from collections.abc import Coroutine
+from typing import Any
+
+from errands.app import Errands
+from errands.auth import Authenticator, TokenSigner, hash_key, new_admin_key
+from errands.clock import Clock, SystemClock
+from errands.config import Settings
+from errands.errors import StoreError
+from errands.hub import Hub
+from errands.service import Service
+from errands.store import open_store
+from errands.sweeper import Sweeper
+from errands.worker import Worker
+
+log = logging.getLogger("errands.runtime")
+
+
+class Supervisor:
+    """Keeps every background loop of the process; a loop that ends on its own is reported."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self.failures: dict[str, str] = {}
+        self._stopping = False
+
+    def spawn(self, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=f"errands-{name}")
+        self._tasks[name] = task
+        task.add_done_callback(lambda t: self._ended(name, t))
+        return task
+
+    def _ended(self, name: str, task: asyncio.Task[Any]) -> None:
+        if self._stopping or task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            log.error("background loop %s crashed", name, exc_info=error)
+            self.failures[name] = f"crashed: {type(error).__name__}"
+        else:
+            self.failures[name] = "stopped"
+
+    def alive(self) -> dict[str, bool]:
+        return {name: not task.done() for name, task in self._tasks.items()}
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in self._tasks.values():
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks.values()), timeout=10)
+
+
+class Runtime:
+    """Everything one process runs for ``app``; start with :meth:`start`, end with :meth:`stop`."""
+
+    def __init__(
+        self,
+        app: Errands,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        worker_id: str | None = None,
+    ) -> None:
+        self.app = app
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.rng = rng or random.Random()  # noqa: S311 - jitter, not security
+        self.store = open_store(settings, self.clock)
+        self.hub = Hub(self.store, poll_s=self.store.log_poll_s)
+        self.service = Service(app, self.store, settings, self.clock)
+        self.supervisor = Supervisor()
+        self.worker: Worker | None = None
+        self.sweeper: Sweeper | None = None
+        self.authenticator: Authenticator | None = None
+        self.generated_admin_key: str | None = None
+        self._worker_id = worker_id
+
+    async def start(
+        self, *, workers: bool = True, sweeper: bool = True, api: bool = False, migrate: bool = True
+    ) -> None:
+        """Open the store and start the loops. With ``api``, make sure an admin key exists."""
+        await self.store.open(migrate=migrate)
+        try:
+            await self._credentials(generate_admin_key=api)
+            await self.hub.start()
+            self.supervisor.spawn("hub", self.hub.run())
+            if workers:
+                self.worker = Worker(
+                    self.app,
+                    self.store,
+                    self.hub,
+                    self.settings,
+                    clock=self.clock,
+                    rng=self.rng,
+                    worker_id=self._worker_id,
+                )
+                self.supervisor.spawn("worker", self.worker.run())
+            if sweeper:
+                self.sweeper = Sweeper(self.store, self.settings, clock=self.clock, rng=self.rng)
+                self.supervisor.spawn("sweeper", self.sweeper.run())
+            if api and self.settings.admin_key is None:
+                self.supervisor.spawn("admin-keys", self._refresh_admin_keys())
+        except BaseException:
+            await self.supervisor.stop()
+            await self.store.close()
+            raise
+        self.app._bind(self)
+
+    async def _credentials(self, *, generate_admin_key: bool) -> None:
+        if self.settings.secret is not None:
+            secret = self.settings.secret.get_secret_value()
+        else:
+            secret = await self.store.meta_setdefault("token_secret", secrets.token_urlsafe(32))
+        if self.settings.admin_key is not None:
+            # A configured key replaces the generated ones.
+            hashes = {hash_key(self.settings.admin_key.get_secret_value())}
+        else:
+            hashes = await self.store.admin_key_hashes()
+            if not hashes and generate_admin_key:
+                key = new_admin_key()
+                await self.store.add_admin_key(hash_key(key))
+                self.generated_admin_key = key
+                hashes = {hash_key(key)}
+        signer = TokenSigner(secret)
+        self.authenticator = Authenticator(signer, hashes)
+        self.service.signer = signer
+
+    async def _refresh_admin_keys(self) -> None:
+        """Pick up admin keys another node generated after this one started."""
+        while True:
+            await asyncio.sleep(10)
+            with contextlib.suppress(StoreError):
+                hashes = await self.store.admin_key_hashes()
+                if self.authenticator is not None and hashes:
+                    self.authenticator.set_admin_hashes(hashes)
+
+    async def stop(self) -> None:
+        """Stop claiming, let handlers finish within the grace period, then close everything."""
+        self.app._bind(None)
+        if self.worker is not None:
+            await self.worker.shutdown(self.settings.shutdown_grace_s)
+        await self.supervisor.stop()
+        await self.store.close()
+
+    async def health(self) -> dict[str, Any]:
+        """What ``/readyz`` reports: the store reachable and every background loop alive."""
+        problems: list[str] = []
+        try:
+            await self.store.ping()
+        except StoreError as exc:
+            problems.append(f"store: {exc.message}")
+        problems.extend(f"{name}: {state}" for name, state in self.supervisor.failures.items())
+        if self.sweeper is not None and self.sweeper.last_error is not None:
+            problems.append("sweeper: the last sweep failed")
+        return {"ready": not problems, "problems": problems, "loops": self.supervisor.alive()}

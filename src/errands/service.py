@@ -1,0 +1,260 @@
+"""Task operations on behalf of a caller: validate, authorise, decide, store.
+
+The HTTP API and the in-process ``app.submit`` both go through here, so both enforce the same
+rules. Owner isolation lives here too: a task of another owner is reported as not found.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from errands import model
+from errands.auth import READ, WRITE, Principal, TokenSigner
+from errands.clock import Clock, iso
+from errands.config import Settings
+from errands.errors import Forbidden, Gone, InvalidCursor, InvalidRequest, NotFound, UnknownTaskType
+from errands.model import Event, Status, TaskRecord
+from errands.store.base import NewTask, Store, TaskQuery, Tombstone
+
+if TYPE_CHECKING:
+    from errands.app import Errands
+
+TASK_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+TYPE_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+MAX_LIST_LIMIT = 200
+
+TaskId = Annotated[str, StringConstraints(pattern=TASK_ID_PATTERN)]
+Owner = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class SubmitRequest(BaseModel):
+    """The body of ``POST /v1/tasks`` (and the arguments of ``app.submit``)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Annotated[str, StringConstraints(pattern=TYPE_PATTERN)]
+    input: dict[str, Any] = Field(default_factory=dict)
+    id: TaskId | None = None
+    owner: Owner | None = None
+    priority: int = Field(0, ge=-1000, le=1000)
+    timeout_s: float | None = Field(None, gt=0, le=7 * 86_400)
+    max_attempts: int | None = Field(None, ge=1, le=100)
+    expires_in_s: float | None = Field(None, gt=0, le=30 * 86_400)
+
+
+class TokenRequest(BaseModel):
+    """The body of ``POST /v1/tokens``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    owner: Owner
+    scopes: list[Annotated[str, StringConstraints(pattern=r"^(read|write)$")]] = Field(
+        default_factory=lambda: [READ, WRITE], min_length=1
+    )
+    task_id: TaskId | None = None
+    ttl_s: int = Field(3600, ge=1, le=30 * 86_400)
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of a JSON value (a scalar is 0), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Sequence[Any] = list(item.values())
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth + 1)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_task_id() -> str:
+    """A 26-character id that sorts by creation time (48-bit milliseconds, 80 random bits)."""
+    n = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    return "".join(_CROCKFORD[(n >> shift) & 31] for shift in range(125, -1, -5))
+
+
+def encode_cursor(record: TaskRecord) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps([record.created_at, record.id])).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        created_at, task_id = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not isinstance(created_at, int | float) or not isinstance(task_id, str):
+            raise ValueError
+        return float(created_at), task_id
+    except (ValueError, TypeError, orjson.JSONDecodeError):
+        raise InvalidCursor() from None
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (``q`` in 0..100) of unsorted values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.4999)))
+    return ordered[rank - 1]
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    tasks: list[TaskRecord]
+    next_cursor: str | None
+
+
+class Service:
+    """The operations of the API, for one process."""
+
+    def __init__(self, app: Errands, store: Store, settings: Settings, clock: Clock) -> None:
+        self.app = app
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self.signer: TokenSigner | None = None
+
+    # -- tasks --------------------------------------------------------------------------------
+
+    async def submit(self, request: SubmitRequest, principal: Principal) -> tuple[TaskRecord, bool]:
+        """Create a task; ``(task, False)`` when the same request was already accepted."""
+        principal.require(WRITE)
+        task_type = self.app.task_types.get(request.type)
+        if task_type is None:
+            raise UnknownTaskType(f"No handler or provider is registered for task type '{request.type}'.")
+        if principal.admin:
+            owner = request.owner or self.settings.default_owner
+        else:
+            if request.owner is not None and request.owner != principal.owner:
+                raise Forbidden("This token may only create tasks for its own owner.")
+            if principal.task_id is not None:
+                raise Forbidden("A token scoped to one task cannot create tasks.")
+            owner = principal.owner or self.settings.default_owner
+        if json_depth(request.input) > self.settings.max_json_depth:
+            raise InvalidRequest(f"input is nested deeper than {self.settings.max_json_depth} levels.")
+        fingerprint = hashlib.sha256(
+            orjson.dumps([request.model_dump(exclude={"id", "owner"}), owner], option=orjson.OPT_SORT_KEYS)
+        ).hexdigest()
+        new = NewTask(
+            id=request.id or new_task_id(),
+            type=request.type,
+            owner=owner,
+            input=request.input,
+            priority=request.priority,
+            max_attempts=request.max_attempts or task_type.max_attempts or self.settings.default_max_attempts,
+            timeout_s=request.timeout_s or task_type.timeout_s or self.settings.default_timeout_s,
+            expires_in_s=request.expires_in_s or self.settings.default_expires_in_s,
+            fingerprint=fingerprint,
+        )
+        return await self.store.create(new, max_pending_per_owner=self.settings.max_pending_per_owner)
+
+    async def get(self, task_id: str, principal: Principal) -> TaskRecord:
+        principal.require(READ)
+        found = await self.store.get(task_id)
+        if found is None:
+            raise NotFound()
+        principal.check_task(found.owner, found.id)
+        if isinstance(found, Tombstone):
+            raise Gone()
+        return found
+
+    async def list_tasks(
+        self,
+        principal: Principal,
+        *,
+        status: Status | None = None,
+        type: str | None = None,
+        owner: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> Page:
+        principal.require(READ)
+        if owner is not None and not principal.admin and owner != principal.owner:
+            raise Forbidden("Only an admin may list another owner's tasks.")
+        query = TaskQuery(
+            owner=owner if principal.admin else principal.owner,
+            task_id=principal.task_id,
+            status=status,
+            type=type,
+            limit=max(1, min(limit, MAX_LIST_LIMIT)),
+            before=decode_cursor(cursor) if cursor else None,
+        )
+        tasks = await self.store.list_tasks(query)
+        next_cursor = encode_cursor(tasks[-1]) if len(tasks) == query.limit else None
+        return Page(tasks, next_cursor)
+
+    async def _change(
+        self, task_id: str, principal: Principal, decide: Callable[[TaskRecord], model.Change | None]
+    ) -> TaskRecord:
+        principal.require(WRITE)
+        await self.get(task_id, principal)
+        return await self.store.apply(task_id, decide)
+
+    async def cancel(self, task_id: str, principal: Principal) -> TaskRecord:
+        now = self.clock.now()
+        return await self._change(task_id, principal, lambda r: model.cancel(r, now=now))
+
+    async def retry(self, task_id: str, principal: Principal) -> TaskRecord:
+        now, limit = self.clock.now(), self.settings.max_manual_retries
+        return await self._change(
+            task_id, principal, lambda r: model.manual_retry(r, now=now, max_manual_retries=limit)
+        )
+
+    async def events(self, task_id: str, principal: Principal, *, after: int, limit: int) -> list[Event]:
+        await self.get(task_id, principal)
+        return await self.store.events(task_id, after=after, limit=max(1, min(limit, 1000)))
+
+    # -- admin --------------------------------------------------------------------------------
+
+    async def stats(self, principal: Principal) -> dict[str, Any]:
+        if not principal.admin:
+            raise Forbidden("Only an admin may read stats.")
+        window_s = self.settings.stats_window_s
+        rows = await self.store.stats(since=self.clock.now() - window_s, sample=10_000)
+        by_status: dict[str, int] = {s.value: 0 for s in Status}
+        by_type: dict[str, dict[str, int]] = {}
+        for status, task_type, n in rows.counts:
+            by_status[status] = by_status.get(status, 0) + n
+            by_type.setdefault(task_type, {})[status] = n
+
+        def summary(values: Sequence[float]) -> dict[str, Any]:
+            return {"n": len(values), "p50": percentile(values, 50), "p95": percentile(values, 95)}
+
+        return {
+            "by_status": by_status,
+            "by_type": by_type,
+            "window_s": window_s,
+            "queue_wait_s": summary(rows.waits_s),
+            "run_time_s": summary(rows.runs_s),
+        }
+
+    def mint_token(self, request: TokenRequest, principal: Principal) -> dict[str, Any]:
+        if not principal.admin:
+            raise Forbidden("Only an admin may mint tokens.")
+        assert self.signer is not None, "the runtime sets the signer at start"
+        expires_at = self.clock.now() + request.ttl_s
+        token = self.signer.mint(
+            owner=request.owner, scopes=request.scopes, expires_at=expires_at, task_id=request.task_id
+        )
+        return {
+            "token": token,
+            "owner": request.owner,
+            "scopes": sorted(set(request.scopes)),
+            "task_id": request.task_id,
+            "expires_at": iso(expires_at),
+        }

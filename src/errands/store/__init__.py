@@ -1,0 +1,29 @@
+"""Persistence: pick a store from a database URL."""
+
+from __future__ import annotations
+
+from errands.clock import Clock
+from errands.config import Settings
+from errands.errors import ConfigError
+from errands.store.base import Store
+
+
+def sqlite_path(url: str) -> str | None:
+    """The file path of a ``sqlite:///path`` URL (``sqlite:////abs/path`` for absolute paths)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url[len("sqlite:///") :]
+    if not path or path == ":memory:" or path.startswith("file::memory"):
+        raise ConfigError("errands needs a SQLite file; give a path, as in sqlite:///errands.db.")
+    return path
+
+
+def open_store(settings: Settings, clock: Clock) -> Store:
+    """A store for ``settings.db`` (not yet opened)."""
+    url = settings.db
+    path = sqlite_path(url)
+    if path is not None:
+        from errands.store.sqlite import SqliteStore
+
+        return SqliteStore(path, clock, synchronous=settings.sqlite_synchronous)
+    raise ConfigError("The database URL must start with sqlite:///.")

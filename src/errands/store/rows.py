@@ -1,0 +1,130 @@
+"""How a :class:`TaskRecord` maps to a row, the same for every store."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+
+from errands.model import Event, EventType, Status, TaskError, TaskRecord
+
+#: Column order of every ``SELECT`` of a task row.
+COLUMNS = (
+    "id",
+    "type",
+    "owner",
+    "status",
+    "input",
+    "priority",
+    "max_attempts",
+    "timeout_s",
+    "created_at",
+    "updated_at",
+    "expires_at",
+    "fingerprint",
+    "result",
+    "error_code",
+    "error_message",
+    "progress",
+    "message",
+    "attempt",
+    "external_id",
+    "webhook_received",
+    "notification_sent",
+    "started_at",
+    "finished_at",
+    "seq",
+    "run_after",
+    "queued_at",
+    "lease_token",
+    "lease_expires_at",
+    "deadline_at",
+    "worker_id",
+    "manual_retries",
+)
+SELECT_LIST = ", ".join(COLUMNS)
+
+#: Columns an update may change (``id``, ``type``, ``owner``, ``input``, ``created_at`` and
+#: ``fingerprint`` never change after creation).
+MUTABLE = tuple(c for c in COLUMNS if c not in {"id", "type", "owner", "input", "created_at", "fingerprint"})
+
+EVENT_COLUMNS = "seq, type, at, task_id, owner, task_type, status, task"
+
+
+def dump_json(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def load_json(text: str | bytes | None) -> Any:
+    return None if text is None else orjson.loads(text)
+
+
+def to_record(v: Sequence[Any]) -> TaskRecord:
+    code, message = v[13], v[14]
+    return TaskRecord(
+        id=v[0],
+        type=v[1],
+        owner=v[2],
+        status=Status(v[3]),
+        input=load_json(v[4]),
+        priority=v[5],
+        max_attempts=v[6],
+        timeout_s=v[7],
+        created_at=v[8],
+        updated_at=v[9],
+        expires_at=v[10],
+        fingerprint=v[11],
+        result=load_json(v[12]),
+        error=None if code is None else TaskError(code, message or ""),
+        progress=v[15],
+        message=v[16],
+        attempt=v[17],
+        external_id=v[18],
+        webhook_received=bool(v[19]),
+        notification_sent=bool(v[20]),
+        started_at=v[21],
+        finished_at=v[22],
+        seq=v[23],
+        run_after=v[24],
+        queued_at=v[25],
+        lease_token=v[26],
+        lease_expires_at=v[27],
+        deadline_at=v[28],
+        worker_id=v[29],
+        manual_retries=v[30],
+    )
+
+
+def values(r: TaskRecord, columns: Sequence[str] = COLUMNS) -> list[Any]:
+    """The values of ``columns`` for a record, ready to bind."""
+    out: list[Any] = []
+    for column in columns:
+        if column == "input":
+            out.append(dump_json(r.input))
+        elif column == "result":
+            out.append(None if r.result is None else dump_json(r.result))
+        elif column == "error_code":
+            out.append(None if r.error is None else r.error.code)
+        elif column == "error_message":
+            out.append(None if r.error is None else r.error.message)
+        elif column == "status":
+            out.append(r.status.value)
+        else:
+            out.append(getattr(r, column))
+    return out
+
+
+def to_event(v: Sequence[Any]) -> Event:
+    """An event from ``EVENT_COLUMNS`` values."""
+    task = v[7]
+    return Event(
+        seq=v[0],
+        type=EventType(v[1]),
+        at=v[2],
+        task_id=v[3],
+        owner=v[4],
+        task_type=v[5],
+        status=Status(v[6]),
+        task_json=task if isinstance(task, bytes) else task.encode(),
+    )

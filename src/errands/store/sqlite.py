@@ -1,0 +1,666 @@
+"""The embedded store: one SQLite file in WAL mode.
+
+SQLite has one writer, so this store has one write path: a thread that owns the write connection,
+takes every change from a queue and commits whatever has queued up in one transaction (group
+commit), each change in its own savepoint so one refused change never undoes another. Futures
+resolve only after the commit (durable before acknowledged), on the event loop, right after the
+batch's events were handed to the commit listeners.
+
+Reads use a second connection on the event loop's thread: in WAL mode they never wait for the
+writer and each statement sees a committed snapshot. Several processes may share one file; the
+write lock serialises them and ``seq`` is taken under it, so the log's order is the commit order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import queue
+import secrets
+import sqlite3
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from importlib import resources
+from typing import Any, TypeVar
+
+from errands.clock import Clock
+from errands.errors import (
+    ConfigError,
+    IdConflict,
+    NotFound,
+    StoreError,
+    TooManyRequests,
+)
+from errands.model import Change, Event, EventType, Status, TaskRecord, start_attempt
+from errands.store.base import (
+    ClaimSpec,
+    Decision,
+    DueTasks,
+    NewTask,
+    Outcome,
+    StatsRows,
+    Store,
+    TaskQuery,
+    Tombstone,
+)
+from errands.store.rows import COLUMNS, EVENT_COLUMNS, MUTABLE, SELECT_LIST, to_event, to_record, values
+
+log = logging.getLogger("errands.store")
+
+T = TypeVar("T")
+
+_INSERT_TASK = f"INSERT INTO tasks ({SELECT_LIST}) VALUES ({', '.join('?' * len(COLUMNS))})"
+_UPDATE_TASK = f"UPDATE tasks SET {', '.join(f'{c} = ?' for c in MUTABLE)} WHERE id = ?"
+_INSERT_EVENT = f"INSERT INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_SELECT_TASK = f"SELECT {SELECT_LIST} FROM tasks WHERE id = ?"
+_MAX_BATCH = 512
+_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+def migrations(dialect: str) -> list[tuple[int, str, str]]:
+    """``(version, name, sql)`` of a store's migrations, in order."""
+    folder = resources.files(f"errands.store.migrations.{dialect}")
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            version = int(entry.name.split("_", 1)[0])
+            found.append((version, entry.name, entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+def _statements(script: str) -> list[str]:
+    out: list[str] = []
+    current = ""
+    for line in script.splitlines(keepends=True):
+        current += line
+        if sqlite3.complete_statement(current):
+            out.append(current.strip())
+            current = ""
+    if current.strip() and not all(
+        ln.strip().startswith("--") or not ln.strip() for ln in current.splitlines()
+    ):
+        raise ConfigError("A migration ends with an incomplete statement.")
+    return out
+
+
+class _Tx:
+    """The write transaction a batch runs in, as seen by one change."""
+
+    def __init__(self, conn: sqlite3.Connection, seq: int) -> None:
+        self.conn = conn
+        self.seq = seq
+        self.start_seq = seq
+        self.events: list[Event] = []
+
+    def mark(self) -> tuple[int, int]:
+        return self.seq, len(self.events)
+
+    def reset(self, mark: tuple[int, int]) -> None:
+        self.seq = mark[0]
+        del self.events[mark[1] :]
+
+    def load(self, task_id: str) -> TaskRecord | None:
+        row = self.conn.execute(_SELECT_TASK, (task_id,)).fetchone()
+        return None if row is None else to_record(row)
+
+    def insert(self, record: TaskRecord) -> TaskRecord:
+        self.seq += 1
+        record = dataclasses.replace(record, seq=self.seq)
+        self.conn.execute(_INSERT_TASK, values(record))
+        self._event(record, EventType.CREATED)
+        return record
+
+    def write(self, change: Change) -> TaskRecord:
+        self.seq += 1
+        record = dataclasses.replace(change.record, seq=self.seq)
+        self.conn.execute(_UPDATE_TASK, [*values(record, MUTABLE), record.id])
+        self._event(record, change.event)
+        return record
+
+    def _event(self, record: TaskRecord, kind: EventType) -> None:
+        task_json = record.public_json()
+        self.conn.execute(
+            _INSERT_EVENT,
+            (record.seq, kind.value, record.updated_at, record.id, record.owner, record.type,
+             record.status.value, task_json),
+        )  # fmt: skip
+        self.events.append(
+            Event(record.seq, kind, record.updated_at, record.id, record.owner, record.type,
+                  record.status, task_json)
+        )  # fmt: skip
+
+    def apply(self, task_id: str, decide: Decision) -> TaskRecord:
+        current = self.load(task_id)
+        if current is None:
+            raise NotFound()
+        change = decide(current)
+        return current if change is None else self.write(change)
+
+
+_Job = tuple[Callable[[_Tx], Any], "asyncio.Future[Any]"]
+
+
+class _Writer(threading.Thread):
+    """The one thread that writes; see the module docstring."""
+
+    def __init__(
+        self,
+        connect: Callable[[], sqlite3.Connection],
+        loop: asyncio.AbstractEventLoop,
+        on_commit: Callable[[Sequence[Event]], None],
+    ) -> None:
+        super().__init__(name="errands-sqlite-writer", daemon=True)
+        self._connect = connect
+        self._loop = loop
+        self._on_commit = on_commit
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self.error: BaseException | None = None
+
+    def submit(self, fn: Callable[[_Tx], T]) -> asyncio.Future[T]:
+        future: asyncio.Future[T] = self._loop.create_future()
+        if not self.is_alive():
+            future.set_exception(StoreError("The store is closed."))
+        else:
+            self._queue.put((fn, future))
+        return future
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def run(self) -> None:
+        try:
+            conn = self._connect()
+        except BaseException as exc:  # reported by the store's health check
+            self.error = exc
+            return
+        try:
+            stopping = False
+            while not stopping:
+                first = self._queue.get()
+                if first is None:
+                    break
+                batch = [first]
+                while len(batch) < _MAX_BATCH:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stopping = True
+                        break
+                    batch.append(item)
+                self._run_batch(conn, batch)
+        finally:
+            conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        events: list[Event] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            seq = int(conn.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
+            tx = _Tx(conn, seq)
+            for fn, future in batch:
+                mark = tx.mark()
+                conn.execute("SAVEPOINT change")
+                try:
+                    result = fn(tx)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO change")
+                    conn.execute("RELEASE change")
+                    tx.reset(mark)
+                    results.append((future, None, _translate(exc)))
+                else:
+                    conn.execute("RELEASE change")
+                    results.append((future, result, None))
+            if tx.seq != tx.start_seq:
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (str(tx.seq),))
+            conn.execute("COMMIT")
+            events = tx.events
+        except sqlite3.Error as exc:
+            log.error("sqlite write failed: %s", exc)
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            error = StoreError("The database could not save the change.")
+            error.__cause__ = exc
+            results = [(future, None, error) for _, future in batch]
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            self._loop.call_soon_threadsafe(self._deliver, events, results)
+
+    def _deliver(
+        self, events: list[Event], results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
+    ) -> None:
+        if events:
+            try:
+                self._on_commit(events)
+            except Exception:
+                log.exception("a commit listener failed")
+        for future, result, error in results:
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+
+def _translate(exc: Exception) -> Exception:
+    if isinstance(exc, sqlite3.Error):
+        error = StoreError("The database could not save the change.")
+        error.__cause__ = exc
+        return error
+    return exc
+
+
+class SqliteStore(Store):
+    """A :class:`Store` on one SQLite file (see the module docstring)."""
+
+    dialect = "sqlite"
+    #: Other processes sharing the file are only seen by reading the log, so read it often.
+    log_poll_s = 0.05
+
+    def __init__(
+        self, path: str, clock: Clock, *, synchronous: str = "NORMAL", busy_timeout_s: float = 10.0
+    ) -> None:
+        super().__init__(clock)
+        if synchronous.upper() not in _SYNCHRONOUS:
+            raise ConfigError(f"ERRANDS_SQLITE_SYNCHRONOUS must be one of {', '.join(_SYNCHRONOUS)}.")
+        self.path = path
+        self._synchronous = synchronous.upper()
+        self._busy_timeout_s = busy_timeout_s
+        self._reader: sqlite3.Connection | None = None
+        self._writer: _Writer | None = None
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(
+                self.path, isolation_level=None, timeout=self._busy_timeout_s, check_same_thread=False
+            )
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise ConfigError(f"The SQLite database at {self.path} cannot use WAL mode.")
+            conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        except sqlite3.Error as exc:
+            raise ConfigError(f"Cannot open the SQLite database at {self.path}: {exc}.") from exc
+        return conn
+
+    async def open(self, *, migrate: bool = True) -> None:
+        loop = asyncio.get_running_loop()
+        self._reader = await asyncio.to_thread(self._connect)
+        if migrate:
+            await self.migrate()
+        elif await self._pending_migrations():
+            raise ConfigError("The database schema is not up to date; run `errands migrate`.")
+        self._writer = _Writer(self._connect, loop, self._committed)
+        self._writer.start()
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.stop()
+            await asyncio.to_thread(self._writer.join)
+            self._writer = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
+    async def migrate(self) -> list[int]:
+        return await asyncio.to_thread(self._migrate_sync)
+
+    async def _pending_migrations(self) -> list[int]:
+        applied = set()
+        with contextlib.suppress(sqlite3.Error):
+            applied = {r[0] for r in self._read("SELECT version FROM schema_migrations")}
+        return [v for v, _, _ in migrations("sqlite") if v not in applied]
+
+    def _migrate_sync(self) -> list[int]:
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+            )
+            applied = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+            done = []
+            for version, name, sql in migrations("sqlite"):
+                if version in applied:
+                    continue
+                for statement in _statements(sql):
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                    (version, name, self.clock.now()),
+                )
+                done.append(version)
+            conn.execute("COMMIT")
+            return done
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StoreError(f"Migrating the SQLite database failed: {exc}.") from exc
+        finally:
+            conn.close()
+
+    async def ping(self) -> None:
+        if self._writer is None or not self._writer.is_alive():
+            raise StoreError("The SQLite writer is not running.")
+        self._read("SELECT 1")
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        if self._reader is None:
+            raise StoreError("The store is closed.")
+        try:
+            return self._reader.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError("The database could not be read.") from exc
+
+    async def _write(self, fn: Callable[[_Tx], T]) -> T:
+        if self._writer is None:
+            raise StoreError("The store is closed.")
+        return await self._writer.submit(fn)
+
+    # -- tasks --------------------------------------------------------------------------------
+
+    async def create(
+        self, new: NewTask, *, max_pending_per_owner: int | None = None
+    ) -> tuple[TaskRecord, bool]:
+        now = self.clock.now()
+
+        def op(tx: _Tx) -> tuple[TaskRecord, bool]:
+            existing = tx.load(new.id)
+            if existing is not None:
+                if existing.fingerprint != new.fingerprint:
+                    raise IdConflict()
+                return existing, False
+            if tx.conn.execute("SELECT 1 FROM tombstones WHERE id = ?", (new.id,)).fetchone():
+                raise IdConflict("This id belonged to a task that has been purged.")
+            if max_pending_per_owner is not None:
+                (pending,) = tx.conn.execute(
+                    "SELECT count(*) FROM (SELECT 1 FROM tasks WHERE owner = ? AND status = 'pending' "
+                    "LIMIT ?)",
+                    (new.owner, max_pending_per_owner),
+                ).fetchone()
+                if pending >= max_pending_per_owner:
+                    raise TooManyRequests(
+                        f"The owner already has {pending} pending tasks, the most allowed.",
+                        code="too_many_pending",
+                        retry_after_s=5,
+                    )
+            return tx.insert(_new_record(new, now)), True
+
+        return await self._write(op)
+
+    async def get(self, task_id: str) -> TaskRecord | Tombstone | None:
+        rows = self._read(_SELECT_TASK, (task_id,))
+        if rows:
+            return to_record(rows[0])
+        rows = self._read("SELECT id, owner, purged_at FROM tombstones WHERE id = ?", (task_id,))
+        return Tombstone(*rows[0]) if rows else None
+
+    async def list_tasks(self, query: TaskQuery) -> list[TaskRecord]:
+        where, params = _list_filter(query)
+        sql = f"SELECT {SELECT_LIST} FROM tasks {where} ORDER BY created_at DESC, id DESC LIMIT ?"
+        return [to_record(r) for r in self._read(sql, [*params, query.limit])]
+
+    async def apply(self, task_id: str, decide: Decision) -> TaskRecord:
+        return await self._write(lambda tx: tx.apply(task_id, decide))
+
+    async def apply_many(self, decisions: Sequence[tuple[str, Decision]]) -> list[Outcome]:
+        def op(tx: _Tx) -> list[Outcome]:
+            outcomes = []
+            for task_id, decide in decisions:
+                mark = tx.mark()
+                tx.conn.execute("SAVEPOINT item")
+                try:
+                    record = tx.apply(task_id, decide)
+                except Exception as exc:
+                    tx.conn.execute("ROLLBACK TO item")
+                    tx.reset(mark)
+                    outcomes.append(Outcome(None, _translate(exc)))
+                else:
+                    outcomes.append(Outcome(record, None))
+                tx.conn.execute("RELEASE item")
+            return outcomes
+
+        return await self._write(op)
+
+    async def claim(
+        self, *, worker_id: str, specs: Sequence[ClaimSpec], limit: int, lease_s: float
+    ) -> list[TaskRecord]:
+        if limit <= 0 or not specs:
+            return []
+        by_type = {s.type: s for s in specs}
+        limited = [s.type for s in specs if s.concurrency_per_owner is not None]
+        marks = ", ".join("?" * len(by_type))
+        # Fair share may skip tasks at the head of the queue, so look further than `limit` then.
+        window = limit * 4 + 32 if limited else limit
+
+        def op(tx: _Tx) -> list[TaskRecord]:
+            now = self.clock.now()
+            rows = tx.conn.execute(
+                f"SELECT {SELECT_LIST} FROM tasks WHERE status = 'pending' AND type IN ({marks}) "
+                "AND run_after <= ? ORDER BY priority DESC, created_at, id LIMIT ?",
+                [*by_type, now, window],
+            ).fetchall()
+            running: dict[tuple[str, str], int] = {}
+            if limited:
+                lmarks = ", ".join("?" * len(limited))
+                for task_type, owner, n in tx.conn.execute(
+                    f"SELECT type, owner, count(*) FROM tasks WHERE status = 'processing' "
+                    f"AND type IN ({lmarks}) GROUP BY type, owner",
+                    limited,
+                ):
+                    running[(task_type, owner)] = n
+            claimed: list[TaskRecord] = []
+            for row in rows:
+                record = to_record(row)
+                cap = by_type[record.type].concurrency_per_owner
+                key = (record.type, record.owner)
+                if cap is not None:
+                    if running.get(key, 0) >= cap:
+                        continue
+                    running[key] = running.get(key, 0) + 1
+                token = _lease_token()
+                change = start_attempt(
+                    record, now=now, worker_id=worker_id, lease_token=token, lease_s=lease_s
+                )
+                claimed.append(tx.write(change))
+                if len(claimed) >= limit:
+                    break
+            return claimed
+
+        return await self._write(op)
+
+    async def renew(self, leases: Mapping[str, str], lease_s: float) -> set[str]:
+        if not leases:
+            return set()
+
+        def op(tx: _Tx) -> set[str]:
+            until = self.clock.now() + lease_s
+            lost = set()
+            for task_id, token in leases.items():
+                cur = tx.conn.execute(
+                    "UPDATE tasks SET lease_expires_at = ? "
+                    "WHERE id = ? AND status = 'processing' AND lease_token = ?",
+                    (until, task_id, token),
+                )
+                if cur.rowcount == 0:
+                    lost.add(task_id)
+            return lost
+
+        return await self._write(op)
+
+    async def next_ready_at(self, types: Sequence[str]) -> float | None:
+        if not types:
+            return None
+        marks = ", ".join("?" * len(types))
+        rows = self._read(
+            f"SELECT min(run_after) FROM tasks WHERE status = 'pending' AND type IN ({marks})",
+            list(types),
+        )
+        return rows[0][0] if rows else None
+
+    # -- the event log ------------------------------------------------------------------------
+
+    async def events(self, task_id: str, *, after: int = 0, limit: int = 1000) -> list[Event]:
+        rows = self._read(
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE task_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (task_id, after, limit),
+        )
+        return [to_event(r) for r in rows]
+
+    async def events_since(self, after: int, *, limit: int = 1000) -> list[Event]:
+        rows = self._read(
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit),
+        )
+        return [to_event(r) for r in rows]
+
+    async def last_seq(self) -> int:
+        return int(self._read("SELECT value FROM meta WHERE key = 'seq'")[0][0])
+
+    # -- sweeping -----------------------------------------------------------------------------
+
+    async def due(self, *, now: float, limit: int) -> DueTasks:
+        leases = self._read(
+            "SELECT id FROM tasks WHERE status = 'processing' AND lease_token IS NOT NULL "
+            "AND lease_expires_at < ? LIMIT ?",
+            (now, limit),
+        )
+        deadlines = self._read(
+            "SELECT id FROM tasks WHERE status = 'processing' AND lease_token IS NOT NULL "
+            "AND deadline_at < ? LIMIT ?",
+            (now, limit),
+        )
+        expired = self._read(
+            "SELECT id FROM tasks WHERE status IN ('pending', 'processing') AND expires_at < ? LIMIT ?",
+            (now, limit),
+        )
+        return DueTasks(
+            lease_expired=[r[0] for r in leases],
+            past_deadline=[r[0] for r in deadlines],
+            expired=[r[0] for r in expired],
+        )
+
+    async def purge(self, *, finished_before: float, tombstones_before: float, limit: int) -> int:
+        now = self.clock.now()
+
+        def op(tx: _Tx) -> int:
+            rows = tx.conn.execute(
+                "SELECT id, owner FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ? LIMIT ?",
+                (finished_before, limit),
+            ).fetchall()
+            for task_id, owner in rows:
+                tx.conn.execute("DELETE FROM events WHERE task_id = ?", (task_id,))
+                tx.conn.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
+                tx.conn.execute(
+                    "INSERT OR REPLACE INTO tombstones (id, owner, purged_at) VALUES (?, ?, ?)",
+                    (task_id, owner, now),
+                )
+            tx.conn.execute("DELETE FROM tombstones WHERE purged_at < ?", (tombstones_before,))
+            return len(rows)
+
+        return await self._write(op)
+
+    async def stats(self, *, since: float, sample: int) -> StatsRows:
+        def query() -> StatsRows:
+            conn = self._connect()
+            try:
+                counts = conn.execute(
+                    "SELECT status, type, count(*) FROM tasks GROUP BY status, type"
+                ).fetchall()
+                waits = conn.execute(
+                    "SELECT started_at - queued_at FROM tasks WHERE started_at >= ? "
+                    "ORDER BY started_at DESC LIMIT ?",
+                    (since, sample),
+                ).fetchall()
+                runs = conn.execute(
+                    "SELECT finished_at - started_at FROM tasks WHERE finished_at IS NOT NULL "
+                    "AND finished_at >= ? AND started_at IS NOT NULL AND status != 'cancelled' "
+                    "ORDER BY finished_at DESC LIMIT ?",
+                    (since, sample),
+                ).fetchall()
+            except sqlite3.Error as exc:
+                raise StoreError("The database could not be read.") from exc
+            finally:
+                conn.close()
+            return StatsRows(
+                counts=[(s, t, n) for s, t, n in counts],
+                waits_s=[max(0.0, w) for (w,) in waits],
+                runs_s=[max(0.0, r) for (r,) in runs],
+            )
+
+        return await asyncio.to_thread(query)
+
+    # -- service state ------------------------------------------------------------------------
+
+    async def meta_setdefault(self, key: str, value: str) -> str:
+        def op(tx: _Tx) -> str:
+            tx.conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?, ?)", (key, value))
+            return str(tx.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0])
+
+        return await self._write(op)
+
+    async def add_admin_key(self, key_hash: str) -> None:
+        now = self.clock.now()
+
+        def op(tx: _Tx) -> None:
+            tx.conn.execute(
+                "INSERT OR IGNORE INTO admin_keys (hash, created_at) VALUES (?, ?)", (key_hash, now)
+            )
+
+        await self._write(op)
+
+    async def admin_key_hashes(self) -> set[str]:
+        return {r[0] for r in self._read("SELECT hash FROM admin_keys")}
+
+
+def _new_record(new: NewTask, now: float) -> TaskRecord:
+    return TaskRecord(
+        id=new.id,
+        type=new.type,
+        owner=new.owner,
+        status=Status.PENDING,
+        input=new.input,
+        priority=new.priority,
+        max_attempts=new.max_attempts,
+        timeout_s=new.timeout_s,
+        created_at=now,
+        updated_at=now,
+        expires_at=now + new.expires_in_s,
+        fingerprint=new.fingerprint,
+        run_after=now,
+        queued_at=now,
+    )
+
+
+def _lease_token() -> str:
+    return secrets.token_hex(12)
+
+
+def _list_filter(query: TaskQuery) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    if query.owner is not None:
+        clauses.append("owner = ?")
+        params.append(query.owner)
+    if query.task_id is not None:
+        clauses.append("id = ?")
+        params.append(query.task_id)
+    if query.status is not None:
+        clauses.append("status = ?")
+        params.append(query.status.value)
+    if query.type is not None:
+        clauses.append("type = ?")
+        params.append(query.type)
+    if query.before is not None:
+        clauses.append("(created_at, id) < (?, ?)")
+        params.extend(query.before)
+    return ("WHERE " + " AND ".join(clauses)) if clauses else "", params

@@ -1,0 +1,147 @@
+"""The sweeper: the periodic loop that enforces leases, deadlines, expiry and retention.
+
+Each pass looks for
+
+* running tasks whose lease ran out (their worker died or stalled): requeued with backoff while
+  attempts remain, else ``failed`` with code ``worker_lost``;
+* running tasks past their attempt's deadline (a worker that cannot enforce it, such as a hung
+  sync handler): the same, ending ``timeout``;
+* unfinished tasks past ``expires_at``: ``timeout`` with code ``expired``;
+* finished tasks older than the retention period: purged with their events, leaving a tombstone
+  so their owner gets ``410 Gone``.
+
+Every change is re-checked when it is applied, so a sweeper racing a worker (or another sweeper)
+changes nothing twice. Backoff needs no sweeping: a requeued task is claimable once its
+``run_after`` passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+
+from errands import model
+from errands.clock import Clock
+from errands.config import Settings
+from errands.errors import InvalidTransition, LeaseLost, NotFound
+from errands.model import Change, Status, TaskError, TaskRecord
+from errands.store.base import Decision, Store
+
+log = logging.getLogger("errands.sweeper")
+
+WORKER_LOST = TaskError("worker_lost", "The worker running the task stopped responding.")
+
+
+@dataclass(frozen=True, slots=True)
+class SweepReport:
+    requeued_or_failed: int = 0
+    timed_out: int = 0
+    expired: int = 0
+    purged: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.requeued_or_failed + self.timed_out + self.expired + self.purged
+
+
+class Sweeper:
+    def __init__(self, store: Store, settings: Settings, *, clock: Clock, rng: random.Random) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self._rng = rng
+        self.last_error: str | None = None
+
+    def _delay(self, record: TaskRecord) -> float:
+        return model.backoff_s(
+            record.attempt,
+            base_s=self.settings.retry_base_s,
+            cap_s=self.settings.retry_cap_s,
+            jitter=self._rng.random(),
+        )
+
+    def _lease_expired(self, now: float) -> Decision:
+        def decide(r: TaskRecord) -> Change | None:
+            if r.status is not Status.PROCESSING or r.lease_expires_at is None or r.lease_expires_at >= now:
+                return None
+            return model.fail_attempt(
+                r,
+                now=now,
+                lease_token=r.lease_token,
+                error=WORKER_LOST,
+                retry=True,
+                retry_delay_s=self._delay(r),
+            )
+
+        return decide
+
+    def _past_deadline(self, now: float) -> Decision:
+        def decide(r: TaskRecord) -> Change | None:
+            if r.status is not Status.PROCESSING or r.deadline_at is None or r.deadline_at >= now:
+                return None
+            error = TaskError("timeout", f"The attempt did not finish within {r.timeout_s:g} s.")
+            return model.fail_attempt(
+                r,
+                now=now,
+                lease_token=r.lease_token,
+                error=error,
+                retry=True,
+                retry_delay_s=self._delay(r),
+                final_status=Status.TIMEOUT,
+            )
+
+        return decide
+
+    def _expired(self, now: float) -> Decision:
+        def decide(r: TaskRecord) -> Change | None:
+            if r.status.terminal or r.expires_at >= now:
+                return None
+            return model.expire(r, now=now)
+
+        return decide
+
+    async def sweep(self) -> SweepReport:
+        """One pass; returns what it changed."""
+        now = self.clock.now()
+        due = await self.store.due(now=now, limit=self.settings.sweep_batch)
+        counts = []
+        for ids, decide in (
+            (due.expired, self._expired(now)),
+            (due.past_deadline, self._past_deadline(now)),
+            (due.lease_expired, self._lease_expired(now)),
+        ):
+            changed = 0
+            if ids:
+                outcomes = await self.store.apply_many([(task_id, decide) for task_id in ids])
+                for outcome in outcomes:
+                    if outcome.record is not None and outcome.record.updated_at == now:
+                        changed += 1
+                    elif outcome.error is not None and not isinstance(
+                        outcome.error, InvalidTransition | LeaseLost | NotFound
+                    ):
+                        log.error("sweeping a task failed: %s", outcome.error)
+            counts.append(changed)
+        purged = await self.store.purge(
+            finished_before=now - self.settings.retention_s,
+            tombstones_before=now - self.settings.tombstone_s,
+            limit=self.settings.sweep_batch,
+        )
+        report = SweepReport(
+            expired=counts[0], timed_out=counts[1], requeued_or_failed=counts[2], purged=purged
+        )
+        if report.total:
+            log.info("sweep: %s", report)
+        return report
+
+    async def run(self) -> None:
+        """Sweep every ``sweep_interval_s`` until cancelled; errors are logged and reported."""
+        while True:
+            try:
+                await self.sweep()
+                self.last_error = None
+            except Exception as exc:
+                self.last_error = str(exc)
+                log.exception("sweep failed")
+            await asyncio.sleep(self.settings.sweep_interval_s)

@@ -1,0 +1,153 @@
+"""Acceptance fixtures: run the real ``errands`` command and talk to it over HTTP."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import ADMIN_KEY
+
+HERE = Path(__file__).parent
+ERRANDS = str(Path(sys.executable).parent / "errands")
+
+pytestmark = pytest.mark.acceptance
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def eventually(check: Callable[[], Any], timeout_s: float = 20.0, what: str = "condition") -> Any:
+    """Poll ``check`` until it returns something truthy; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class Proc:
+    """A started ``errands`` process whose output goes to files we can read while it runs."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cwd: Path, name: str) -> None:
+        self.out_path = cwd / f"{name}.out"
+        self.err_path = cwd / f"{name}.err"
+        self._out = self.out_path.open("wb")
+        self._err = self.err_path.open("wb")
+        self.popen = subprocess.Popen([ERRANDS, *args], env=env, cwd=cwd, stdout=self._out, stderr=self._err)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        return self.out_path.read_text(errors="replace") + self.err_path.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout_s: float = 20.0) -> re.Match[str]:
+        def found() -> re.Match[str] | None:
+            if self.popen.poll() is not None and not re.search(pattern, self.output()):
+                raise AssertionError(f"process exited with {self.popen.returncode}:\n{self.output()}")
+            return re.search(pattern, self.output())
+
+        match: re.Match[str] = eventually(found, timeout_s, what=repr(pattern))
+        return match
+
+    def signal(self, sig: int) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.pid, sig)
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            return self.popen.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            return self.popen.wait()
+        finally:
+            self._out.close()
+            self._err.close()
+
+
+class Cluster:
+    """Processes of one test sharing one database; all stopped at the end."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.db = f"sqlite:///{workdir / 'errands.db'}"
+        self.procs: list[Proc] = []
+        self.clients: list[httpx.Client] = []
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("ERRANDS_")},
+            "ERRANDS_ADMIN_KEY": ADMIN_KEY,
+            "ERRANDS_DB": self.db,
+            "PYTHONPATH": str(HERE),
+        }
+
+    def start(self, *args: str, name: str, env: dict[str, str] | None = None) -> Proc:
+        proc = Proc(list(args), {**self.env, **(env or {})}, self.workdir, f"{name}-{len(self.procs)}")
+        self.procs.append(proc)
+        return proc
+
+    def serve(self, *args: str, env: dict[str, str] | None = None) -> tuple[Proc, httpx.Client]:
+        port = free_port()
+        proc = self.start("serve", "--port", str(port), *args, name="serve", env=env)
+        proc.wait_for(r"errands is serving")
+        client = httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10
+        )
+        self.clients.append(client)
+        return proc, client
+
+    def worker(self, *args: str, env: dict[str, str] | None = None) -> Proc:
+        proc = self.start("worker", *args, name="worker", env=env)
+        proc.wait_for(r"errands worker \S+ is running")
+        return proc
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+        for proc in self.procs:
+            proc.stop(timeout_s=10)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path)
+    yield c
+    c.close()
+
+
+def task_status(client: httpx.Client, task_id: str) -> dict[str, Any]:
+    r = client.get(f"/v1/tasks/{task_id}")
+    r.raise_for_status()
+    data: dict[str, Any] = r.json()
+    return data
+
+
+def wait_status(
+    client: httpx.Client, task_id: str, *statuses: str, timeout_s: float = 20.0
+) -> dict[str, Any]:
+    result: dict[str, Any] = eventually(
+        lambda: (t := task_status(client, task_id))["status"] in statuses and t,
+        timeout_s,
+        what=f"{task_id} to be {statuses}",
+    )
+    return result

@@ -1,0 +1,153 @@
+"""Integration fixtures: real stores on real databases, a runtime, an HTTP client on the ASGI app."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from errands import Errands
+from errands.api import create_api
+from errands.clock import ManualClock
+from errands.config import Settings
+from errands.runtime import Runtime
+from errands.store import open_store
+from errands.store.base import NewTask, Store
+from tests.conftest import ADMIN_KEY, SECRET
+
+STORES = ["sqlite"]
+
+
+def db_url(kind: str, tmp_path: Path) -> str:
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'errands.db'}"
+    raise AssertionError(kind)
+
+
+@pytest.fixture(params=STORES)
+def store_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def store(store_kind: str, tmp_path: Path, clock: ManualClock) -> AsyncIterator[Store]:
+    s = open_store(Settings(db=db_url(store_kind, tmp_path)), clock)
+    await s.open()
+    yield s
+    await s.close()
+
+
+def new_task(task_id: str = "t1", **fields: Any) -> NewTask:
+    values: dict[str, Any] = {
+        "id": task_id,
+        "type": "work",
+        "owner": "alice",
+        "input": {"n": 1},
+        "priority": 0,
+        "max_attempts": 3,
+        "timeout_s": 60.0,
+        "expires_in_s": 3600.0,
+        "fingerprint": f"fp-{task_id}",
+    }
+    values.update(fields)
+    return NewTask(**values)
+
+
+def make_settings(url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "db": url,
+        "admin_key": ADMIN_KEY,
+        "secret": SECRET,
+        "lease_s": 5.0,
+        "poll_s": 0.2,
+        "progress_interval_s": 0.05,
+        "sweep_interval_s": 3600.0,  # tests sweep by hand
+        "retry_base_s": 0.01,
+        "retry_cap_s": 0.05,
+        "shutdown_grace_s": 2.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+RuntimeFactory = Callable[..., Awaitable[Runtime]]
+
+
+@pytest.fixture
+async def runtime_factory(store_kind: str, tmp_path: Path) -> AsyncIterator[RuntimeFactory]:
+    """Start runtimes of an app on this test's database; all are stopped at the end."""
+    started: list[Runtime] = []
+
+    async def start(
+        app: Errands,
+        *,
+        workers: bool = True,
+        sweeper: bool = False,
+        clock: Any = None,
+        **overrides: Any,
+    ) -> Runtime:
+        runtime = Runtime(
+            app, make_settings(db_url(store_kind, tmp_path), **overrides), clock=clock, rng=random.Random(7)
+        )
+        await runtime.start(workers=workers, sweeper=sweeper, api=True)
+        started.append(runtime)
+        return runtime
+
+    yield start
+    for runtime in reversed(started):
+        await runtime.stop()
+
+
+def http(runtime: Runtime, token: str | None = ADMIN_KEY) -> httpx.AsyncClient:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_api(runtime)), base_url="http://errands", headers=headers
+    )
+
+
+async def wait_task(
+    runtime: Runtime, task_id: str, until: Callable[[Any], bool] | None = None, timeout_s: float = 10.0
+) -> Any:
+    """The task once ``until(task)`` holds (default: it ended), woken by the hub's events."""
+    from errands.model import TaskRecord
+
+    def ok(record: object) -> bool:
+        if not isinstance(record, TaskRecord):
+            return False
+        return until(record) if until is not None else record.status.terminal
+
+    changed = asyncio.Event()
+
+    def listener(event: Any) -> None:
+        if event.task_id == task_id:
+            changed.set()
+
+    runtime.hub.add_listener(listener)
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                changed.clear()
+                record = await runtime.store.get(task_id)
+                if ok(record):
+                    return record
+                await changed.wait()
+    finally:
+        runtime.hub.remove_listener(listener)
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Wait for an in-memory condition that another coroutine or thread will make true."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110 - the condition has no event to wait on
+            await asyncio.sleep(0.005)

@@ -1,0 +1,299 @@
+"""The store contract: every store implementation must pass these, on a real database."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import orjson
+import pytest
+
+from errands import model
+from errands.clock import ManualClock
+from errands.errors import IdConflict, InvalidTransition, LeaseLost, NotFound, TooManyRequests
+from errands.model import EventType, Status, TaskError
+from errands.store.base import ClaimSpec, Store, TaskQuery, Tombstone
+from tests.integration.conftest import new_task
+
+SPEC = [ClaimSpec("work")]
+
+
+async def event_count(store: Store) -> int:
+    return len(await store.events_since(0, limit=100_000))
+
+
+async def test_create_is_idempotent_per_request(store: Store) -> None:
+    task, created = await store.create(new_task("t1"))
+    assert created and task.status is Status.PENDING and task.seq == 1
+    again, created_again = await store.create(new_task("t1"))
+    assert not created_again and again == task
+    with pytest.raises(IdConflict):
+        await store.create(new_task("t1", fingerprint="another request"))
+    assert await event_count(store) == 1
+
+
+async def test_concurrent_duplicate_creates_make_one_task(store: Store) -> None:
+    results = await asyncio.gather(*(store.create(new_task("dup")) for _ in range(25)))
+    assert sum(created for _, created in results) == 1
+    assert len({t.id for t, _ in results}) == 1
+    assert await event_count(store) == 1
+
+
+async def test_every_change_appends_exactly_one_event_in_order(store: Store, clock: ManualClock) -> None:
+    await store.create(new_task("t1"))
+    [claimed] = await store.claim(worker_id="w", specs=SPEC, limit=5, lease_s=30)
+    token = claimed.lease_token
+    assert token
+    clock.advance(1)
+    await store.apply(
+        "t1",
+        lambda r: model.report_progress(r, now=clock.now(), lease_token=token, progress=50, message="half"),
+    )
+    done = await store.apply(
+        "t1", lambda r: model.complete(r, now=clock.now(), lease_token=token, result=[1])
+    )
+    events = await store.events("t1")
+    assert [e.type for e in events] == [
+        EventType.CREATED,
+        EventType.PROCESSING,
+        EventType.PROGRESS,
+        EventType.COMPLETED,
+    ]
+    assert [e.seq for e in events] == [1, 2, 3, 4]
+    assert done.seq == 4
+    for event in events:
+        snapshot = orjson.loads(event.task_json)
+        assert snapshot["seq"] == event.seq
+        assert snapshot["status"] == event.status.value
+    assert orjson.loads(events[-1].task_json)["result"] == [1]
+    assert await store.last_seq() == 4
+
+
+async def test_a_refused_decision_writes_nothing(store: Store) -> None:
+    await store.create(new_task("t1"))
+    with pytest.raises(InvalidTransition):
+        await store.apply("t1", lambda r: model.manual_retry(r, now=0, max_manual_retries=2))
+    with pytest.raises(NotFound):
+        await store.apply("missing", lambda r: model.cancel(r, now=0))
+    assert await event_count(store) == 1
+    got = await store.get("t1")
+    assert got is not None and not isinstance(got, Tombstone) and got.status is Status.PENDING
+
+
+async def test_a_stale_lease_cannot_write(store: Store, clock: ManualClock) -> None:
+    await store.create(new_task("t1"))
+    [first] = await store.claim(worker_id="w1", specs=SPEC, limit=1, lease_s=30)
+    clock.advance(60)
+    requeue = model.fail_attempt
+    await store.apply(
+        "t1",
+        lambda r: requeue(
+            r, now=clock.now(), lease_token=r.lease_token, error=TaskError("worker_lost", "x"),
+            retry=True, retry_delay_s=0,
+        ),
+    )  # fmt: skip
+    [second] = await store.claim(worker_id="w2", specs=SPEC, limit=1, lease_s=30)
+    assert second.attempt == 2 and second.lease_token != first.lease_token
+    before = await event_count(store)
+    stale = first.lease_token or ""
+    with pytest.raises(LeaseLost):
+        await store.apply(
+            "t1", lambda r: model.complete(r, now=clock.now(), lease_token=stale, result="late")
+        )
+    assert await event_count(store) == before
+    assert await store.renew({"t1": stale}, 30) == {"t1"}
+    assert await store.renew({"t1": second.lease_token or ""}, 30) == set()
+
+
+async def test_claim_by_priority_then_age(store: Store, clock: ManualClock) -> None:
+    for i, priority in enumerate([0, 5, 0, 5]):
+        await store.create(new_task(f"t{i}", priority=priority))
+        clock.advance(1)
+    claimed = await store.claim(worker_id="w", specs=SPEC, limit=3, lease_s=30)
+    assert [t.id for t in claimed] == ["t1", "t3", "t0"]
+    assert all(t.status is Status.PROCESSING and t.lease_token for t in claimed)
+    assert len({t.lease_token for t in claimed}) == 3
+    rest = await store.claim(worker_id="w", specs=SPEC, limit=3, lease_s=30)
+    assert [t.id for t in rest] == ["t2"]
+    assert await store.claim(worker_id="w", specs=SPEC, limit=3, lease_s=30) == []
+
+
+async def test_claim_only_handled_types_and_ready_tasks(store: Store, clock: ManualClock) -> None:
+    await store.create(new_task("other", type="other"))
+    await store.create(new_task("t1"))
+    [claimed] = await store.claim(worker_id="w", specs=SPEC, limit=1, lease_s=30)
+    await store.apply(
+        "t1",
+        lambda r: model.fail_attempt(
+            r, now=clock.now(), lease_token=claimed.lease_token, error=TaskError("x", "y"),
+            retry=True, retry_delay_s=10,
+        ),
+    )  # fmt: skip
+    assert await store.claim(worker_id="w", specs=SPEC, limit=5, lease_s=30) == []
+    assert await store.next_ready_at(["work"]) == clock.now() + 10
+    clock.advance(10)
+    assert [t.id for t in await store.claim(worker_id="w", specs=SPEC, limit=5, lease_s=30)] == ["t1"]
+
+
+async def test_claim_respects_concurrency_per_owner(store: Store, clock: ManualClock) -> None:
+    for i in range(4):
+        await store.create(new_task(f"a{i}", owner="alice"))
+        clock.advance(1)
+    await store.create(new_task("b0", owner="bob"))
+    spec = [ClaimSpec("work", concurrency_per_owner=2)]
+    first = await store.claim(worker_id="w", specs=spec, limit=10, lease_s=30)
+    assert sorted(t.id for t in first) == ["a0", "a1", "b0"]
+    assert await store.claim(worker_id="w", specs=spec, limit=10, lease_s=30) == []
+    token = first[0].lease_token
+    await store.apply("a0", lambda r: model.complete(r, now=clock.now(), lease_token=token, result=None))
+    assert [t.id for t in await store.claim(worker_id="w", specs=spec, limit=10, lease_s=30)] == ["a2"]
+
+
+async def test_renew_extends_the_lease(store: Store, clock: ManualClock) -> None:
+    await store.create(new_task("t1"))
+    [claimed] = await store.claim(worker_id="w", specs=SPEC, limit=1, lease_s=30)
+    clock.advance(20)
+    assert await store.renew({"t1": claimed.lease_token or ""}, 30) == set()
+    got = await store.get("t1")
+    assert got is not None and not isinstance(got, Tombstone)
+    assert got.lease_expires_at == clock.now() + 30
+    due = await store.due(now=clock.now() + 29, limit=10)
+    assert not due.lease_expired and not due.past_deadline and not due.expired
+
+
+async def test_due_finds_expired_leases_deadlines_and_expiry(store: Store, clock: ManualClock) -> None:
+    await store.create(new_task("lease", timeout_s=1000))
+    await store.create(new_task("deadline", timeout_s=5))
+    await store.create(new_task("expiring", type="other", expires_in_s=50))
+    await store.claim(worker_id="w", specs=SPEC, limit=2, lease_s=30)
+    due = await store.due(now=clock.now() + 10, limit=10)
+    assert (list(due.lease_expired), list(due.past_deadline), list(due.expired)) == ([], ["deadline"], [])
+    due = await store.due(now=clock.now() + 60, limit=10)
+    assert sorted(due.lease_expired) == ["deadline", "lease"]
+    assert list(due.expired) == ["expiring"]
+
+
+async def test_list_newest_first_with_cursor_and_filters(store: Store, clock: ManualClock) -> None:
+    for i in range(5):
+        await store.create(new_task(f"a{i}", owner="alice", type="work" if i % 2 else "other"))
+        await store.create(new_task(f"b{i}", owner="bob"))
+        clock.advance(1)
+    page = await store.list_tasks(TaskQuery(owner="alice", limit=2))
+    assert [t.id for t in page] == ["a4", "a3"]
+    last = page[-1]
+    page2 = await store.list_tasks(TaskQuery(owner="alice", limit=10, before=(last.created_at, last.id)))
+    assert [t.id for t in page2] == ["a2", "a1", "a0"]
+    typed = await store.list_tasks(TaskQuery(owner="alice", type="work", limit=10))
+    assert [t.id for t in typed] == ["a3", "a1"]
+    everyone = await store.list_tasks(TaskQuery(owner=None, limit=100))
+    assert len(everyone) == 10
+    scoped = await store.list_tasks(TaskQuery(owner="alice", task_id="a2", limit=10))
+    assert [t.id for t in scoped] == ["a2"]
+    pending = await store.list_tasks(TaskQuery(owner="bob", status=Status.PROCESSING, limit=10))
+    assert pending == []
+
+
+async def test_purge_leaves_a_tombstone_and_drops_events(store: Store, clock: ManualClock) -> None:
+    await store.create(new_task("old"))
+    await store.create(new_task("young"))
+    await store.apply("old", lambda r: model.cancel(r, now=clock.now()))
+    clock.advance(100)
+    await store.apply("young", lambda r: model.cancel(r, now=clock.now()))
+    purged = await store.purge(finished_before=clock.now() - 50, tombstones_before=0, limit=100)
+    assert purged == 1
+    assert isinstance(await store.get("old"), Tombstone)
+    assert await store.events("old") == []
+    assert len(await store.events("young")) == 2
+    with pytest.raises(IdConflict):
+        await store.create(new_task("old"))
+    clock.advance(10)
+    await store.purge(finished_before=0, tombstones_before=clock.now(), limit=100)
+    assert await store.get("old") is None
+
+
+async def test_max_pending_per_owner(store: Store) -> None:
+    await store.create(new_task("a1"), max_pending_per_owner=2)
+    await store.create(new_task("a2"), max_pending_per_owner=2)
+    with pytest.raises(TooManyRequests):
+        await store.create(new_task("a3"), max_pending_per_owner=2)
+    await store.create(new_task("b1", owner="bob"), max_pending_per_owner=2)
+    assert await event_count(store) == 3
+
+
+async def test_apply_many_applies_each_decision_on_its_own(store: Store, clock: ManualClock) -> None:
+    await store.create(new_task("t1"))
+    await store.create(new_task("t2"))
+    await store.apply("t2", lambda r: model.cancel(r, now=clock.now()))
+    outcomes = await store.apply_many(
+        [
+            ("t1", lambda r: model.cancel(r, now=clock.now())),
+            ("t2", lambda r: model.cancel(r, now=clock.now())),
+            ("nope", lambda r: model.cancel(r, now=clock.now())),
+        ]
+    )
+    assert outcomes[0].record is not None and outcomes[0].record.status is Status.CANCELLED
+    assert isinstance(outcomes[1].error, InvalidTransition)
+    assert isinstance(outcomes[2].error, NotFound)
+    assert await event_count(store) == 4
+
+
+async def test_commit_listeners_see_each_commit_in_seq_order(store: Store) -> None:
+    seen: list[int] = []
+    store.add_commit_listener(lambda events: seen.extend(e.seq for e in events))
+    await asyncio.gather(*(store.create(new_task(f"t{i}")) for i in range(30)))
+    assert seen == list(range(1, 31))
+
+
+async def test_meta_setdefault_keeps_the_first_value(store: Store) -> None:
+    assert await store.meta_setdefault("k", "one") == "one"
+    assert await store.meta_setdefault("k", "two") == "one"
+
+
+async def test_admin_keys(store: Store) -> None:
+    assert await store.admin_key_hashes() == set()
+    await store.add_admin_key("h1")
+    await store.add_admin_key("h1")
+    assert await store.admin_key_hashes() == {"h1"}
+
+
+async def test_stats_rows(store: Store, clock: ManualClock) -> None:
+    await store.create(new_task("t1"))
+    await store.create(new_task("t2", type="other"))
+    clock.advance(2)
+    [claimed] = await store.claim(worker_id="w", specs=SPEC, limit=1, lease_s=30)
+    clock.advance(3)
+    token = claimed.lease_token
+    await store.apply("t1", lambda r: model.complete(r, now=clock.now(), lease_token=token, result=None))
+    rows = await store.stats(since=0, sample=100)
+    assert sorted(rows.counts) == [("completed", "work", 1), ("pending", "other", 1)]
+    assert list(rows.waits_s) == [2.0]
+    assert list(rows.runs_s) == [3.0]
+
+
+async def test_migrations_are_idempotent(store: Store) -> None:
+    assert await store.migrate() == []
+
+
+async def test_reopening_keeps_every_task_and_event(store: Store, clock: ManualClock) -> None:
+    await store.create(new_task("t1"))
+    await store.apply("t1", lambda r: model.cancel(r, now=clock.now()))
+    await store.close()
+    await store.open()
+    got = await store.get("t1")
+    assert got is not None and not isinstance(got, Tombstone) and got.status is Status.CANCELLED
+    assert [e.type for e in await store.events("t1")] == [EventType.CREATED, EventType.CANCELLED]
+    created, _ = await store.create(new_task("t2"))
+    assert created.seq == 3
+
+
+async def test_events_since_pages_through_the_log(store: Store) -> None:
+    for i in range(7):
+        await store.create(new_task(f"t{i}"))
+    first = await store.events_since(0, limit=3)
+    rest = await store.events_since(first[-1].seq, limit=100)
+    assert [e.seq for e in first + rest] == list(range(1, 8))
+
+
+def test_records_are_immutable() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        new_task().id = "x"  # type: ignore[misc]

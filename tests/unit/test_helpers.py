@@ -1,0 +1,93 @@
+"""Small pure helpers: ids, cursors, JSON depth, percentiles, progress validation, settings."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from errands.config import load_settings
+from errands.context import TaskContext
+from errands.errors import ConfigError, InvalidCursor
+from errands.service import decode_cursor, json_depth, new_task_id, percentile
+
+
+def test_generated_ids_are_valid_client_ids_and_sort_by_time() -> None:
+    ids = [new_task_id() for _ in range(200)]
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{1,64}", i) for i in ids)
+    assert len(set(ids)) == len(ids)
+    prefixes = [i[:10] for i in ids]
+    assert prefixes == sorted(prefixes)
+
+
+@pytest.mark.parametrize("cursor", ["", "nope", "W10", "WyJhIiwxXQ", "e30"])
+def test_bad_cursors_are_refused(cursor: str) -> None:
+    with pytest.raises(InvalidCursor):
+        decode_cursor(cursor)
+
+
+@pytest.mark.parametrize(
+    ("value", "depth"),
+    [(1, 0), ({}, 1), ([], 1), ({"a": [1, {"b": 2}]}, 3), ([[[[[]]]]], 5)],
+)
+def test_json_depth(value: object, depth: int) -> None:
+    assert json_depth(value) == depth
+
+
+def test_json_depth_of_very_deep_values_does_not_recurse() -> None:
+    deep: object = 1
+    for _ in range(50_000):
+        deep = [deep]
+    assert json_depth(deep) == 50_000
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50
+    assert percentile(values, 95) == 95
+    assert percentile([], 50) is None
+    assert percentile([3.0], 99) == 3.0
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.reports: list[tuple[int | None, str | None]] = []
+
+    def report(self, progress: int | None, message: str | None) -> None:
+        self.reports.append((progress, message))
+
+
+def _ctx(sink: _Sink) -> TaskContext:
+    return TaskContext(task_id="t", type="x", owner="o", attempt=1, max_attempts=1, sink=sink)
+
+
+@pytest.mark.parametrize("bad", [-1, 101, float("nan"), True, "50"])
+def test_progress_must_be_a_number_from_0_to_100(bad: object) -> None:
+    sink = _Sink()
+    with pytest.raises(ValueError):
+        _ctx(sink).progress(bad)  # type: ignore[arg-type]
+    assert sink.reports == []
+
+
+async def test_progress_is_awaitable_and_plain_callable() -> None:
+    sink = _Sink()
+    ctx = _ctx(sink)
+    await ctx.progress(10, "a")
+    ctx.progress(20.7)
+    ctx.progress(message="x" * 5000)
+    assert sink.reports[:2] == [(10, "a"), (20, None)]
+    assert sink.reports[2][1] is not None and len(sink.reports[2][1]) == 1000
+
+
+def test_settings_read_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ERRANDS_CONCURRENCY", "7")
+    monkeypatch.setenv("ERRANDS_LEASE_S", "12.5")
+    settings = load_settings(port=9000)
+    assert (settings.concurrency, settings.lease_s, settings.port) == (7, 12.5, 9000)
+    assert load_settings(concurrency=3).concurrency == 3
+
+
+def test_bad_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ERRANDS_CONCURRENCY", "many")
+    with pytest.raises(ConfigError, match="ERRANDS_CONCURRENCY"):
+        load_settings()

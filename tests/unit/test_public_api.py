@@ -1,0 +1,23 @@
+"""The names ``errands`` exports are a promise: changing them must be deliberate."""
+
+import errands
+
+
+def test_public_exports_are_pinned() -> None:
+    assert sorted(errands.__all__) == sorted(
+        [
+            "ApiError", "AsyncClient", "Client", "ConfigError", "Conflict", "ErrandsError", "Errands",
+            "EventType", "Fail", "Forbidden", "Gone", "IdConflict", "InvalidRequest", "InvalidTransition",
+            "LeaseLost", "NotFound", "Retry", "Settings", "Status", "StoreError", "Task", "TaskContext",
+            "TaskError", "TooManyRequests", "Unauthorized", "Unavailable", "UnknownTaskType", "__version__",
+        ]
+    )  # fmt: skip
+    for name in errands.__all__:
+        assert hasattr(errands, name)
+
+
+def test_every_error_has_a_default_message() -> None:
+    for name in errands.__all__:
+        obj = getattr(errands, name)
+        if isinstance(obj, type) and issubclass(obj, errands.ErrandsError):
+            assert obj().message, name
