@@ -146,4 +146,4 @@ class Errands:
             }
         )
         record, _ = await self._runtime.service.submit(request, SYSTEM)
-        return Task.model_validate(record.public())
+        return record.to_task()

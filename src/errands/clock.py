@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from typing import Protocol
 
 
@@ -33,8 +32,20 @@ class ManualClock:
         self._now += seconds
 
 
+_PREFIXES: dict[int, str] = {}
+
+
 def iso(ts: float | None) -> str | None:
-    """Format epoch seconds as ISO 8601 UTC with milliseconds (``2026-11-23T10:00:00.123Z``)."""
+    """Format epoch seconds as ISO 8601 UTC with milliseconds (``2026-11-23T10:00:00.123Z``).
+
+    Called for every timestamp of every event, so the date-and-time part is cached per second.
+    """
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    second, ms = divmod(int(ts * 1000), 1000)
+    prefix = _PREFIXES.get(second)
+    if prefix is None:
+        if len(_PREFIXES) > 4096:
+            _PREFIXES.clear()
+        prefix = _PREFIXES[second] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{prefix}.{ms:03d}Z"

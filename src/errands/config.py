@@ -20,7 +20,6 @@ class Settings(BaseSettings):
     app: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    public_url: str | None = None
     log_level: str = "info"
 
     # credentials

@@ -88,6 +88,7 @@ async def serve(
         lifespan="off",
         timeout_graceful_shutdown=5,
         server_header=False,
+        proxy_headers=False,  # errands never uses the client's address
     )
     server = _Uvicorn(config)
     stopping = asyncio.Event()

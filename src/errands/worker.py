@@ -325,6 +325,8 @@ class Worker:
         else:
             handler = _in_thread(task_type.handler, ctx, record.input)
         held.handler = handler
+        if held.stop_reason is not None:  # stopped between the claim and this first step
+            handler.cancel()
         try:
             await asyncio.wait({handler}, timeout=record.timeout_s)
         except asyncio.CancelledError:

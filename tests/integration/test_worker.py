@@ -318,3 +318,28 @@ def _admin() -> Any:
     from errands.auth import SYSTEM
 
     return SYSTEM
+
+
+async def test_a_task_stopped_before_its_handler_started_does_not_run(
+    runtime_factory: RuntimeFactory,
+) -> None:
+    from errands.store.base import ClaimSpec
+    from errands.worker import Worker
+
+    app = Errands()
+    ran: list[str] = []
+
+    @app.task("slow")
+    async def slow(ctx: TaskContext, input: dict[str, Any]) -> None:
+        ran.append(ctx.task_id)
+        await asyncio.sleep(60)
+
+    runtime = await runtime_factory(app, workers=False)
+    worker = Worker(app, runtime.store, runtime.hub, runtime.settings, clock=runtime.clock, rng=runtime.rng)
+    task = await app.submit("slow")
+    [record] = await runtime.store.claim(worker_id=worker.id, specs=[ClaimSpec("slow")], limit=1, lease_s=30)
+    worker._start(record)
+    worker.stop_task(task.id, "cancelled")  # before the attempt's coroutine took its first step
+    await until(lambda: worker.running == 0, timeout_s=5)
+    assert ran in ([], [task.id])
+    await worker.shutdown(0)

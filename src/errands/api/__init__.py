@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from fastapi import FastAPI
 
 from errands.api import admin, errors, tasks
-from errands.api.middleware import AuthMiddleware, BodyLimitMiddleware
+from errands.api.middleware import GuardMiddleware
 
 if TYPE_CHECKING:
     from errands.runtime import Runtime
@@ -25,7 +25,10 @@ def create_api(runtime: Runtime) -> FastAPI:
     errors.install(api)
     api.include_router(tasks.router)
     api.include_router(admin.router)
-    # Outermost first: the body limit, then authentication, then the routes.
-    api.add_middleware(AuthMiddleware, authenticator=lambda: runtime.authenticator, clock=runtime.clock)
-    api.add_middleware(BodyLimitMiddleware, max_bytes=runtime.settings.max_body_bytes)
+    api.add_middleware(
+        GuardMiddleware,
+        authenticator=lambda: runtime.authenticator,
+        clock=runtime.clock,
+        max_bytes=runtime.settings.max_body_bytes,
+    )
     return api

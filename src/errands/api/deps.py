@@ -14,16 +14,21 @@ if TYPE_CHECKING:
     from errands.runtime import Runtime
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime = request.app.state.runtime
     return runtime
 
 
-def get_principal(request: Request) -> Principal:
+def principal_of(request: Request) -> Principal:
+    """The caller, authenticated by the middleware before the route ran."""
     principal = request.scope.get(PRINCIPAL)
     if not isinstance(principal, Principal):
         raise Unauthorized()
     return principal
+
+
+async def get_principal(request: Request) -> Principal:
+    return principal_of(request)
 
 
 RuntimeDep = Annotated["Runtime", Depends(get_runtime)]

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from errands.errors import ApiError, LeaseLost, StoreError, TooManyRequests
+from errands.errors import ApiError, BadRequest, InvalidRequest, LeaseLost, StoreError, TooManyRequests
 
 log = logging.getLogger("errands.api")
+
+M = TypeVar("M", bound=BaseModel)
 
 _HTTP_CODES = {
     400: "bad_request",
@@ -49,6 +52,21 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{where}: {message}" if where else message
 
 
+def invalid(errors: list[Any]) -> ApiError:
+    """The API error for pydantic validation errors: malformed JSON is a 400, the rest 422."""
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return BadRequest("The body is not valid JSON.")
+    return InvalidRequest("; ".join(_describe(e) for e in errors[:5]))
+
+
+def parse(model: type[M], body: bytes) -> M:
+    """Validate a JSON body against ``model`` (strict, no recursion limit issues) or raise."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise invalid(list(exc.errors())) from None
+
+
 def install(api: FastAPI) -> None:
     async def on_api_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
@@ -59,13 +77,9 @@ def install(api: FastAPI) -> None:
             headers = {"WWW-Authenticate": "Bearer"}
         return error_response(exc.status_code, exc.code, exc.message, headers)
 
-    async def on_validation_error(_: Request, exc: Exception) -> Response:
+    async def on_validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        errors = list(exc.errors())
-        if any(e.get("type") == "json_invalid" for e in errors):
-            return error_response(400, "bad_request", "The body is not valid JSON.")
-        message = "; ".join(_describe(e) for e in errors[:5])
-        return error_response(422, "invalid_request", message)
+        return await on_api_error(request, invalid(list(exc.errors())))
 
     async def on_http_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

@@ -1,26 +1,28 @@
 """The embedded store: one SQLite file in WAL mode.
 
-SQLite has one writer, so this store has one write path: a thread that owns the write connection,
-takes every change from a queue and commits whatever has queued up in one transaction (group
-commit), each change in its own savepoint so one refused change never undoes another. Futures
-resolve only after the commit (durable before acknowledged), on the event loop, right after the
-batch's events were handed to the commit listeners.
+SQLite has one writer, so this store has one write path: a coroutine that owns the write
+connection, takes every change from a queue and commits whatever queued up in one transaction
+(group commit), each change in its own savepoint so one refused change never undoes another.
+Futures resolve only after the commit (durable before acknowledged), right after the batch's
+events were handed to the commit listeners.
 
-Reads use a second connection on the event loop's thread: in WAL mode they never wait for the
-writer and each statement sees a committed snapshot. Several processes may share one file; the
-write lock serialises them and ``seq`` is taken under it, so the log's order is the commit order.
+Everything runs on the event loop's thread: a thread hop per change costs more than the SQLite
+calls themselves (and, under the GIL, up to a switch interval). The slow parts stay off the loop:
+waiting for another process's write lock is an async retry, and checkpoints run in a thread.
+
+Reads use a second connection: in WAL mode they never wait for the writer and each statement
+sees a committed snapshot. Several processes may share one file; the write lock serialises them
+and ``seq`` is taken under it, so the log's order is the commit order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
-import queue
 import secrets
 import sqlite3
-import threading
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any, TypeVar
@@ -56,6 +58,7 @@ _UPDATE_TASK = f"UPDATE tasks SET {', '.join(f'{c} = ?' for c in MUTABLE)} WHERE
 _INSERT_EVENT = f"INSERT INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 _SELECT_TASK = f"SELECT {SELECT_LIST} FROM tasks WHERE id = ?"
 _MAX_BATCH = 512
+_CHECKPOINT_EVERY = 200  # commits; the WAL is copied back into the database from a thread
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
@@ -85,6 +88,12 @@ def _statements(script: str) -> list[str]:
     return out
 
 
+def _set_seq(record: TaskRecord, seq: int) -> None:
+    # The record was just made by a decision (or for an insert) and nobody else holds it yet, so
+    # setting its seq in place is safe and saves a copy per change.
+    object.__setattr__(record, "seq", seq)
+
+
 class _Tx:
     """The write transaction a batch runs in, as seen by one change."""
 
@@ -107,14 +116,15 @@ class _Tx:
 
     def insert(self, record: TaskRecord) -> TaskRecord:
         self.seq += 1
-        record = dataclasses.replace(record, seq=self.seq)
+        _set_seq(record, self.seq)
         self.conn.execute(_INSERT_TASK, values(record))
         self._event(record, EventType.CREATED)
         return record
 
     def write(self, change: Change) -> TaskRecord:
         self.seq += 1
-        record = dataclasses.replace(change.record, seq=self.seq)
+        record = change.record
+        _set_seq(record, self.seq)
         self.conn.execute(_UPDATE_TASK, [*values(record, MUTABLE), record.id])
         self._event(record, change.event)
         return record
@@ -142,64 +152,100 @@ class _Tx:
 _Job = tuple[Callable[[_Tx], Any], "asyncio.Future[Any]"]
 
 
-class _Writer(threading.Thread):
-    """The one thread that writes; see the module docstring."""
+class _Writer:
+    """The one write path; see the module docstring.
+
+    Changes queued during one turn of the event loop are committed together by the next turn
+    (group commit). The batch runs synchronously on the loop: SQLite calls take microseconds and
+    in WAL mode a commit only appends to the log. Waiting for another process's write lock, the
+    one slow thing, is done asynchronously (``BEGIN IMMEDIATE`` without a busy timeout, retried
+    with backoff) so the loop never blocks on it; checkpoints (the fsyncs) run in a thread.
+    """
 
     def __init__(
         self,
-        connect: Callable[[], sqlite3.Connection],
-        loop: asyncio.AbstractEventLoop,
+        conn: sqlite3.Connection,
         on_commit: Callable[[Sequence[Event]], None],
+        *,
+        lock_timeout_s: float,
+        checkpoint: Callable[[], None],
     ) -> None:
-        super().__init__(name="errands-sqlite-writer", daemon=True)
-        self._connect = connect
-        self._loop = loop
+        self._conn = conn
         self._on_commit = on_commit
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self.error: BaseException | None = None
+        self._lock_timeout_s = lock_timeout_s
+        self._checkpoint = checkpoint
+        self._loop = asyncio.get_running_loop()
+        self._queue: deque[_Job] = deque()
+        self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._commits_since_checkpoint = 0
+        self._checkpointing: asyncio.Task[None] | None = None
+        self._task = self._loop.create_task(self._run(), name="errands-sqlite-writer")
+
+    def alive(self) -> bool:
+        return not self._task.done()
 
     def submit(self, fn: Callable[[_Tx], T]) -> asyncio.Future[T]:
         future: asyncio.Future[T] = self._loop.create_future()
-        if not self.is_alive():
+        if self._task.done():
             future.set_exception(StoreError("The store is closed."))
         else:
-            self._queue.put((fn, future))
+            self._queue.append((fn, future))
+            self._drained.clear()
+            self._wake.set()
         return future
 
-    def stop(self) -> None:
-        self._queue.put(None)
+    async def stop(self) -> None:
+        """Commit what is queued, then stop."""
+        self._wake.set()
+        if self._queue and not self._task.done():
+            await self._drained.wait()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        if self._checkpointing is not None:
+            await self._checkpointing
+        for _, future in self._queue:
+            if not future.done():
+                future.set_exception(StoreError("The store is closed."))
+        self._queue.clear()
 
-    def run(self) -> None:
-        try:
-            conn = self._connect()
-        except BaseException as exc:  # reported by the store's health check
-            self.error = exc
-            return
-        try:
-            stopping = False
-            while not stopping:
-                first = self._queue.get()
-                if first is None:
-                    break
-                batch = [first]
-                while len(batch) < _MAX_BATCH:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        stopping = True
-                        break
-                    batch.append(item)
-                self._run_batch(conn, batch)
-        finally:
-            conn.close()
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch = [self._queue.popleft() for _ in range(min(_MAX_BATCH, len(self._queue)))]
+                try:
+                    await self._begin()
+                except StoreError as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                self._run_batch(batch)
+            self._drained.set()
 
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
+    async def _begin(self) -> None:
+        delay, waited = 0.0005, 0.0
+        while True:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise StoreError("The database could not save the change.") from exc
+                if waited >= self._lock_timeout_s:
+                    raise StoreError("The database stayed locked by another process.") from exc
+            await asyncio.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 0.02)
+
+    def _run_batch(self, batch: list[_Job]) -> None:
+        conn = self._conn
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         events: list[Event] = []
         try:
-            conn.execute("BEGIN IMMEDIATE")
             seq = int(conn.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
             tx = _Tx(conn, seq)
             for fn, future in batch:
@@ -224,20 +270,18 @@ class _Writer(threading.Thread):
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-            error = StoreError("The database could not save the change.")
-            error.__cause__ = exc
-            results = [(future, None, error) for _, future in batch]
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
-            self._loop.call_soon_threadsafe(self._deliver, events, results)
-
-    def _deliver(
-        self, events: list[Event], results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
-    ) -> None:
+            failure = StoreError("The database could not save the change.")
+            failure.__cause__ = exc
+            results = [(future, None, failure) for _, future in batch]
         if events:
             try:
                 self._on_commit(events)
             except Exception:
                 log.exception("a commit listener failed")
+            self._commits_since_checkpoint += 1
+            if self._commits_since_checkpoint >= _CHECKPOINT_EVERY and self._checkpointing is None:
+                self._commits_since_checkpoint = 0
+                self._checkpointing = asyncio.get_running_loop().create_task(self._run_checkpoint())
         for future, result, error in results:
             if future.done():
                 continue
@@ -245,6 +289,14 @@ class _Writer(threading.Thread):
                 future.set_result(result)
             else:
                 future.set_exception(error)
+
+    async def _run_checkpoint(self) -> None:
+        try:
+            await asyncio.to_thread(self._checkpoint)
+        except sqlite3.Error as exc:
+            log.warning("sqlite checkpoint failed: %s", exc)
+        finally:
+            self._checkpointing = None
 
 
 def _translate(exc: Exception) -> Exception:
@@ -272,41 +324,53 @@ class SqliteStore(Store):
         self._synchronous = synchronous.upper()
         self._busy_timeout_s = busy_timeout_s
         self._reader: sqlite3.Connection | None = None
+        self._writer_conn: sqlite3.Connection | None = None
+        self._checkpointer: sqlite3.Connection | None = None
         self._writer: _Writer | None = None
 
     # -- life cycle ---------------------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, *, busy_timeout_s: float | None = None) -> sqlite3.Connection:
+        timeout = self._busy_timeout_s if busy_timeout_s is None else busy_timeout_s
         try:
-            conn = sqlite3.connect(
-                self.path, isolation_level=None, timeout=self._busy_timeout_s, check_same_thread=False
-            )
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=timeout, check_same_thread=False)
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise ConfigError(f"The SQLite database at {self.path} cannot use WAL mode.")
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+            conn.execute("PRAGMA cache_size = -65536")
         except sqlite3.Error as exc:
             raise ConfigError(f"Cannot open the SQLite database at {self.path}: {exc}.") from exc
         return conn
 
+    def _checkpoint(self) -> None:
+        """Copy the WAL back into the database file (runs in a thread: this is where fsyncs are)."""
+        if self._checkpointer is None:
+            self._checkpointer = self._connect()
+        self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
     async def open(self, *, migrate: bool = True) -> None:
-        loop = asyncio.get_running_loop()
         self._reader = await asyncio.to_thread(self._connect)
         if migrate:
             await self.migrate()
         elif await self._pending_migrations():
             raise ConfigError("The database schema is not up to date; run `errands migrate`.")
-        self._writer = _Writer(self._connect, loop, self._committed)
-        self._writer.start()
+        # No busy timeout on the write connection: the writer waits for the lock asynchronously.
+        conn = await asyncio.to_thread(self._connect, busy_timeout_s=0)
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        self._writer = _Writer(
+            conn, self._committed, lock_timeout_s=self._busy_timeout_s, checkpoint=self._checkpoint
+        )
+        self._writer_conn = conn
 
     async def close(self) -> None:
         if self._writer is not None:
-            self._writer.stop()
-            await asyncio.to_thread(self._writer.join)
+            await self._writer.stop()
             self._writer = None
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        for conn in (self._writer_conn, self._reader, self._checkpointer):
+            if conn is not None:
+                conn.close()
+        self._writer_conn = self._reader = self._checkpointer = None
 
     async def migrate(self) -> list[int]:
         return await asyncio.to_thread(self._migrate_sync)
@@ -347,7 +411,7 @@ class SqliteStore(Store):
             conn.close()
 
     async def ping(self) -> None:
-        if self._writer is None or not self._writer.is_alive():
+        if self._writer is None or not self._writer.alive():
             raise StoreError("The SQLite writer is not running.")
         self._read("SELECT 1")
 
@@ -502,7 +566,8 @@ class SqliteStore(Store):
             return None
         marks = ", ".join("?" * len(types))
         rows = self._read(
-            f"SELECT min(run_after) FROM tasks WHERE status = 'pending' AND type IN ({marks})",
+            "SELECT min(run_after) FROM tasks WHERE status = 'pending' AND run_after > created_at "
+            f"AND type IN ({marks})",
             list(types),
         )
         return rows[0][0] if rows else None

@@ -37,6 +37,8 @@ CREATE TABLE tasks (
 
 -- The queue: claim by priority, then age.
 CREATE INDEX tasks_queue ON tasks (priority DESC, created_at, id) WHERE status = 'pending';
+-- Tasks waiting out a retry backoff (fresh tasks are ready at once: run_after = created_at).
+CREATE INDEX tasks_backoff ON tasks (run_after) WHERE status = 'pending' AND run_after > created_at;
 -- Running tasks: leases, deadlines and per-owner concurrency.
 CREATE INDEX tasks_running ON tasks (type, owner) WHERE status = 'processing';
 -- Pending tasks per owner (max_pending_per_owner).
