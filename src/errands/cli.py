@@ -16,6 +16,7 @@ import typer
 from errands.app import Errands
 from errands.config import Settings, load_settings
 from errands.errors import ApiError, ConfigError, ErrandsError, StoreError
+from errands.logs import protect
 
 T = TypeVar("T")
 
@@ -99,6 +100,7 @@ def configure_logging(settings: Settings) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    protect()
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -221,12 +223,53 @@ def submit(
     async def call(client: Any) -> Any:
         task = await client.submit(type, data, id=id, owner=owner, priority=priority)
         if wait:
-            task = await client.wait(task.id)
+            typer.echo(f"submitted {task.id}", err=True)
+            task = await follow(client, task.id)
         return task
 
     task = _client_call(url, token, call)
     _print_json(task.model_dump(mode="json"))
     if wait and task.status != "completed":
+        raise typer.Exit(1)
+
+
+async def follow(client: Any, task_id: str) -> Any:
+    """Draw a live progress bar for a task until it ends; return the final task."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    columns = [
+        TextColumn("[bold]{task.fields[status]:<10}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[note]}"),
+    ]
+    final = None
+    with Progress(*columns, console=console, transient=False) as bar:
+        line = bar.add_task(task_id, total=100, status="…", note="")
+        async for event in client.watch(task_id):
+            task = event.task
+            note = task.message or ""
+            if task.error is not None and task.status.value in ("pending", "failed", "timeout", "cancelled"):
+                note = f"{task.error.code}: {task.error.message}"
+            if task.max_attempts > 1 and task.attempt > 1:
+                note = f"attempt {task.attempt}/{task.max_attempts} {note}"
+            bar.update(line, completed=task.progress, status=task.status.value, note=note[:80])
+            final = task
+    return final
+
+
+@cli.command()
+def watch(
+    task_id: Annotated[str, typer.Argument(help="The task to follow.")],
+    url: UrlOpt = "http://127.0.0.1:8000",
+    token: TokenOpt = None,
+) -> None:
+    """Follow a task live until it ends; exit 0 only if it completed."""
+    task = _client_call(url, token, lambda c: follow(c, task_id))
+    if task is None or task.status != "completed":
         raise typer.Exit(1)
 
 

@@ -4,27 +4,39 @@
 
     async with AsyncClient("http://127.0.0.1:8000", token) as client:
         task = await client.submit("photography", {"prompt": "a cat"}, id="order-42")
-        done = await client.wait(task.id, timeout_s=600)
+        async for event in client.watch(task.id):      # live, resumes by itself
+            print(event.type, event.task.progress)
 
 Errors are :class:`errands.errors.ErrandsError` subclasses: ``NotFound``, ``Conflict``,
 ``TooManyRequests`` (with ``retry_after_s``), ``Unavailable`` when the server cannot be reached…
+
+Watches reconnect after a dropped connection or a server restart and resume from the last event
+they delivered (``Last-Event-ID``), so the sequence they yield has no gap and no duplicate. If
+the server (or a proxy in between) cannot stream, they fall back to polling.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import logging
 import threading
-from collections.abc import Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
+import orjson
 
 from errands import errors
 from errands.model import Task
 
 T = TypeVar("T")
+
+log = logging.getLogger("errands.client")
+
+#: How long a stream may stay silent (the server sends a keep-alive every 15 s by default).
+STREAM_READ_TIMEOUT_S = 60.0
 
 _BY_STATUS: dict[int, type[errors.ApiError]] = {
     400: errors.BadRequest,
@@ -64,6 +76,39 @@ def _raise_for(response: httpx.Response) -> None:
     error = cls(message, code=code)
     error.status_code = response.status_code
     raise error
+
+
+class StreamingUnavailable(errors.ErrandsError):
+    """The server (or a proxy) does not stream events; the client polls instead."""
+
+
+@dataclass(frozen=True, slots=True)
+class SseMessage:
+    event: str
+    id: str | None
+    data: str | None
+
+
+async def parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[SseMessage]:
+    """Server-Sent Events from a stream of lines (the WHATWG format: fields, blank-line ends)."""
+    event, last_id = "", None
+    data: list[str] = []
+    async for line in lines:
+        if not line:
+            if data or event:
+                yield SseMessage(event or "message", last_id, "\n".join(data) if data else None)
+            event, data = "", []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            event = value
+        elif name == "data":
+            data.append(value)
+        elif name == "id" and "\0" not in value:
+            last_id = value
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,17 +242,168 @@ class AsyncClient:
             body["task_id"] = task_id
         return str((await self._request("POST", "/v1/tokens", json=body))["token"])
 
-    async def wait(self, task_id: str, *, timeout_s: float | None = None, poll_s: float = 0.5) -> Task:
-        """The task once it has ended; ``TimeoutError`` if that takes over ``timeout_s``."""
+    async def wait(self, task_id: str, *, timeout_s: float | None = None) -> Task:
+        """The task once it has ended (watched live); ``TimeoutError`` after ``timeout_s``."""
         async with asyncio.timeout(timeout_s):
-            task = await self.get(task_id)
-            seq = task.seq
-            while not task.done:
-                for event in await self.events(task_id, after=seq):
-                    seq, task = event.seq, event.task
-                if not task.done:
-                    await asyncio.sleep(poll_s)
+            task = None
+            async for event in self.watch(task_id):
+                task = event.task
+            assert task is not None, "a watch of a task always yields at least its snapshot"
             return task
+
+    # -- watching -----------------------------------------------------------------------------
+
+    async def _stream(self, path: str, params: dict[str, Any], last: int | None) -> AsyncIterator[SseMessage]:
+        """One SSE connection; raises :class:`StreamingUnavailable` if the server cannot stream."""
+        headers = {"Accept": "text/event-stream"}
+        if last is not None:
+            headers["Last-Event-ID"] = str(last)
+        timeout = httpx.Timeout(self._http.timeout.connect, read=STREAM_READ_TIMEOUT_S)
+        try:
+            async with self._http.stream(
+                "GET", path, params=params, headers=headers, timeout=timeout
+            ) as response:
+                if response.status_code in (404, 405, 501) and not response.headers.get(
+                    "content-type", ""
+                ).startswith("application/json"):
+                    raise StreamingUnavailable()
+                if not response.is_success:
+                    await response.aread()
+                    if response.status_code == 404 and "No such route" in response.text:
+                        raise StreamingUnavailable()
+                    _raise_for(response)
+                if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                    raise StreamingUnavailable()
+                async for message in parse_sse(response.aiter_lines()):
+                    yield message
+        except httpx.TransportError as exc:
+            raise errors.Unavailable(f"The stream from {self.url} broke: {type(exc).__name__}.") from exc
+
+    async def watch(
+        self,
+        task_id: str,
+        *,
+        after: int | None = None,
+        poll_s: float = 2.0,
+        max_backoff_s: float = 10.0,
+    ) -> AsyncGenerator[TaskEvent, None]:
+        """Every change of a task as it happens, until it ends.
+
+        Starts with the task's current state (an event of type ``task.snapshot``) unless
+        ``after`` is given, in which case it replays every event after that seq first.
+        Reconnects and resumes by itself; falls back to polling when streaming is unavailable.
+        """
+        last, backoff, streaming = after, 0.2, True
+        while True:
+            if streaming:
+                try:
+                    async for message in self._stream(f"/v1/tasks/{task_id}/watch", {}, last):
+                        if message.event in ("overflow", "") or message.data is None:
+                            continue
+                        event = TaskEvent.from_json(orjson.loads(message.data))
+                        last, backoff = event.seq, 0.2
+                        yield event
+                        if event.task.done:
+                            return
+                except StreamingUnavailable:
+                    log.info("the server cannot stream; polling task %s", task_id)
+                    streaming = False
+                    continue
+                except errors.Unavailable as exc:
+                    log.info("watch of %s interrupted (%s); resuming", task_id, exc.message)
+                    await asyncio.sleep(backoff)
+                    backoff = min(max_backoff_s, backoff * 2)
+                    continue
+                # The stream ended without a terminal event (server stopping, or we fell behind).
+                continue
+            try:
+                async for event in self._poll_task(task_id, last, poll_s):
+                    last = event.seq
+                    yield event
+                return
+            except errors.Unavailable:
+                await asyncio.sleep(backoff)
+                backoff = min(max_backoff_s, backoff * 2)
+
+    async def _poll_task(self, task_id: str, last: int | None, poll_s: float) -> AsyncIterator[TaskEvent]:
+        if last is None:
+            task = await self.get(task_id)
+            yield TaskEvent(seq=task.seq, type="task.snapshot", at=task.updated_at.isoformat(), task=task)
+            last = task.seq
+            if task.done:
+                return
+        while True:
+            for event in await self.events(task_id, after=last):
+                last = event.seq
+                yield event
+                if event.task.done:
+                    return
+            current = await self.get(task_id)
+            if current.done and current.seq <= last:
+                return
+            await asyncio.sleep(poll_s)
+
+    async def watch_tasks(
+        self,
+        *,
+        type: str | None = None,
+        status: str | None = None,
+        owner: str | None = None,
+        after: int | None = None,
+        poll_s: float = 2.0,
+        max_backoff_s: float = 10.0,
+    ) -> AsyncGenerator[TaskEvent, None]:
+        """Every change of the caller's tasks that match, forever.
+
+        Starts with one ``task.snapshot`` event per matching unfinished task (again after a
+        ``reset``, when the resume point was older than the server's log). Reconnects and
+        resumes by itself; falls back to polling the task list when streaming is unavailable.
+        """
+        params = {k: v for k, v in {"type": type, "status": status, "owner": owner}.items() if v}
+        last, backoff = after, 0.2
+        while True:
+            try:
+                async for message in self._stream("/v1/watch", params, last):
+                    if message.data is None or message.event in ("overflow", "reset", ""):
+                        continue
+                    data = orjson.loads(message.data)
+                    if message.event == "tasks.snapshot":
+                        for task in data["tasks"]:
+                            t = Task(**task)
+                            yield TaskEvent(
+                                seq=t.seq, type="task.snapshot", at=t.updated_at.isoformat(), task=t
+                            )
+                        last = int(data["seq"])
+                    else:
+                        event = TaskEvent.from_json(data)
+                        last = event.seq
+                        yield event
+                    backoff = 0.2
+            except StreamingUnavailable:
+                async for event in self._poll_tasks(params, poll_s):
+                    yield event
+                return
+            except errors.Unavailable as exc:
+                log.info("watch of tasks interrupted (%s); resuming", exc.message)
+                await asyncio.sleep(backoff)
+                backoff = min(max_backoff_s, backoff * 2)
+
+    async def _poll_tasks(self, params: dict[str, Any], poll_s: float) -> AsyncIterator[TaskEvent]:
+        """Polling stand-in for a set watch: each task whose state changed, as a snapshot."""
+        seen: dict[str, int] = {}
+        while True:
+            try:
+                page = await self.list(limit=200, **params)
+            except errors.Unavailable:
+                await asyncio.sleep(poll_s)
+                continue
+            for task in reversed(page.tasks):
+                if seen.get(task.id) != task.seq:
+                    seen[task.id] = task.seq
+                    yield TaskEvent(
+                        seq=task.seq, type="task.snapshot", at=task.updated_at.isoformat(), task=task
+                    )
+            await asyncio.sleep(poll_s)
 
 
 class _Portal:
@@ -220,6 +416,17 @@ class _Portal:
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def iterate(self, agen: AsyncGenerator[T, None]) -> Iterator[T]:
+        """A blocking iterator over an async generator running on the portal's loop."""
+        try:
+            while True:
+                try:
+                    yield self.call(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            self.call(agen.aclose())
 
     def close(self) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -276,3 +483,9 @@ class Client:
 
     def wait(self, task_id: str, *, timeout_s: float | None = None) -> Task:
         return self._portal.call(self._async.wait(task_id, timeout_s=timeout_s))
+
+    def watch(self, task_id: str, **options: Any) -> Iterator[TaskEvent]:
+        return self._portal.iterate(self._async.watch(task_id, **options))
+
+    def watch_tasks(self, **options: Any) -> Iterator[TaskEvent]:
+        return self._portal.iterate(self._async.watch_tasks(**options))

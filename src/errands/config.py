@@ -50,7 +50,14 @@ class Settings(BaseSettings):
     retention_s: float = Field(86_400.0, ge=0)
     tombstone_s: float = Field(7 * 86_400.0, ge=0)
 
+    # watches
+    watch_keepalive_s: float = Field(15.0, gt=0)
+    watch_buffer: int = Field(1000, ge=1)
+    max_watches: int = Field(20_000, ge=1)
+    max_watches_per_owner: int = Field(100, ge=1)
+
     # HTTP
+    cors_origins: str = ""
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     max_json_depth: int = Field(32, ge=2)
     stats_window_s: float = Field(3600.0, gt=0)

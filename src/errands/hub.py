@@ -1,10 +1,14 @@
 """In-process fan-out of committed events.
 
 The hub follows the event log in ``seq`` order and hands every event, exactly once and in order,
-to the listeners of this process (workers, watches, notifiers). It is fed only by committed
-events: the store reports this process's commits right after they commit, and the hub reads the
-log itself for everything else (other processes' commits, or anything it missed), so a listener
-never sees a change that was rolled back and never sees a gap.
+to the listeners of this process (workers, notifiers) and to its watches (the live streams of
+clients). It is fed only by committed events: the store reports this process's commits right
+after they commit, and the hub reads the log itself for everything else (other processes'
+commits, or anything it missed), so nobody sees a change that was rolled back or a gap.
+
+A watch has a bounded buffer. Offering an event never blocks: a watch whose consumer cannot keep
+up overflows and is closed (its client resumes from the log), so one slow client never slows
+the hub or the others.
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-from errands.model import Event
+from errands.errors import TooManyRequests
+from errands.model import Event, Status
 from errands.store.base import Store
 
 log = logging.getLogger("errands.hub")
@@ -22,16 +29,164 @@ log = logging.getLogger("errands.hub")
 Listener = Callable[[Event], None]
 
 
+@dataclass(frozen=True, slots=True)
+class WatchFilter:
+    """Which events a watch wants: one task's, or those of an owner's tasks (``None``: everyone's)."""
+
+    task_id: str | None = None
+    owner: str | None = None
+    type: str | None = None
+    status: Status | None = None
+
+    def matches(self, event: Event) -> bool:
+        if self.task_id is not None and event.task_id != self.task_id:
+            return False
+        if self.owner is not None and event.owner != self.owner:
+            return False
+        if self.type is not None and event.task_type != self.type:
+            return False
+        return self.status is None or event.status is self.status
+
+
+class WatchClosed(Exception):
+    """The watch ended: the hub is stopping, or the consumer fell behind (``overflowed``)."""
+
+
+class Watch:
+    """One live subscription, fed by the hub, drained by one consumer."""
+
+    __slots__ = ("_buffer", "_hub", "_max_buffer", "_ready", "closed", "filter", "key", "overflowed")
+
+    def __init__(self, hub: Hub, watch_filter: WatchFilter, key: str | None, max_buffer: int) -> None:
+        self._hub = hub
+        self.filter = watch_filter
+        self.key = key
+        self._max_buffer = max_buffer
+        self._buffer: deque[Event] = deque()
+        self._ready = asyncio.Event()
+        self.closed = False
+        self.overflowed = False
+
+    def offer(self, event: Event) -> None:
+        if self.closed:
+            return
+        if len(self._buffer) >= self._max_buffer:
+            self.overflowed = True
+            self.close()
+            return
+        self._buffer.append(event)
+        self._ready.set()
+
+    async def next(self, timeout_s: float) -> list[Event]:
+        """The events offered since the last call; ``[]`` after ``timeout_s`` without any.
+
+        Raises :class:`WatchClosed` once closed and drained (an overflowed watch is not drained:
+        its consumer must resume from the log anyway).
+        """
+        if not self._buffer and not self.closed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), timeout_s)
+        self._ready.clear()
+        if self.overflowed or (self.closed and not self._buffer):
+            raise WatchClosed()
+        events = list(self._buffer)
+        self._buffer.clear()
+        return events
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._hub._forget(self)
+            self._ready.set()
+
+
 class Hub:
     """Follows the log from the seq it starts at; see the module docstring."""
 
-    def __init__(self, store: Store, *, poll_s: float) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        poll_s: float,
+        max_watches: int = 20_000,
+        max_watches_per_owner: int = 100,
+        watch_buffer: int = 1000,
+    ) -> None:
         self._store = store
         self._poll_s = poll_s
         self._listeners: list[Listener] = []
         self._wake = asyncio.Event()
         self.last_seq = 0
         self.started = False
+        self.max_watches = max_watches
+        self.max_watches_per_owner = max_watches_per_owner
+        self.watch_buffer = watch_buffer
+        self._by_task: dict[str, set[Watch]] = {}
+        self._by_owner: dict[str, set[Watch]] = {}
+        self._everything: set[Watch] = set()
+        self._per_key: dict[str, int] = {}
+        self._count = 0
+
+    # -- watches ------------------------------------------------------------------------------
+
+    @property
+    def watch_count(self) -> int:
+        return self._count
+
+    def watch(self, watch_filter: WatchFilter, *, key: str | None) -> Watch:
+        """Start a watch; every event delivered from now on that matches is offered to it.
+
+        ``key`` names whom the watch counts against (an owner); ``None`` for admins. Raises
+        :class:`TooManyRequests` beyond the per-owner or per-process limit.
+        """
+        if self._count >= self.max_watches:
+            raise TooManyRequests("This server has too many open watches.", code="too_many_watches")
+        if key is not None and self._per_key.get(key, 0) >= self.max_watches_per_owner:
+            raise TooManyRequests(
+                f"This owner already has {self.max_watches_per_owner} open watches, the most allowed.",
+                code="too_many_watches",
+            )
+        watch = Watch(self, watch_filter, key, self.watch_buffer)
+        if watch_filter.task_id is not None:
+            self._by_task.setdefault(watch_filter.task_id, set()).add(watch)
+        elif watch_filter.owner is not None:
+            self._by_owner.setdefault(watch_filter.owner, set()).add(watch)
+        else:
+            self._everything.add(watch)
+        if key is not None:
+            self._per_key[key] = self._per_key.get(key, 0) + 1
+        self._count += 1
+        return watch
+
+    def _forget(self, watch: Watch) -> None:
+        f = watch.filter
+        if f.task_id is not None:
+            index, name = self._by_task, f.task_id
+        elif f.owner is not None:
+            index, name = self._by_owner, f.owner
+        else:
+            self._everything.discard(watch)
+            index, name = {}, ""
+        watches = index.get(name)
+        if watches is not None:
+            watches.discard(watch)
+            if not watches:
+                del index[name]
+        if watch.key is not None:
+            left = self._per_key.get(watch.key, 1) - 1
+            if left:
+                self._per_key[watch.key] = left
+            else:
+                self._per_key.pop(watch.key, None)
+        self._count -= 1
+
+    def close_watches(self) -> None:
+        """End every watch (the process is stopping)."""
+        for watch in [*self._everything, *(w for ws in self._by_owner.values() for w in ws)]:
+            watch.close()
+        for watches in list(self._by_task.values()):
+            for watch in list(watches):
+                watch.close()
 
     def add_listener(self, listener: Listener) -> None:
         """``listener(event)`` is called on the event loop for each event; it must not block."""
@@ -68,6 +223,15 @@ class Hub:
                     listener(event)
                 except Exception:
                     log.exception("an event listener failed")
+            for group in (
+                self._by_task.get(event.task_id),
+                self._by_owner.get(event.owner),
+                self._everything,
+            ):
+                if group:
+                    for watch in list(group):
+                        if watch.filter.matches(event):
+                            watch.offer(event)
 
     async def catch_up(self) -> None:
         """Deliver every committed event after :attr:`last_seq`."""

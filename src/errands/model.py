@@ -204,15 +204,26 @@ class Event:
     task_type: str
     status: Status
     task_json: bytes
+    _json: list[bytes] = dataclasses.field(default_factory=list, compare=False, repr=False)
 
     def to_json(self) -> bytes:
-        """The event as the API shows it: ``{seq, type, at, task}``."""
-        return b'{"seq":%d,"type":"%s","at":"%s","task":%s}' % (
-            self.seq,
-            self.type.value.encode(),
-            (iso(self.at) or "").encode(),
-            self.task_json,
-        )
+        """The event as the API shows it: ``{seq, type, at, task}`` (rendered once, then shared
+        by every watcher it is sent to)."""
+        if not self._json:
+            self._json.append(
+                b'{"seq":%d,"type":"%s","at":"%s","task":%s}'
+                % (self.seq, self.type.value.encode(), (iso(self.at) or "").encode(), self.task_json)
+            )
+        return self._json[0]
+
+    def sse(self) -> bytes:
+        """The event as one Server-Sent Events frame, its ``seq`` as the frame id."""
+        if len(self._json) < 2:
+            self.to_json()
+            self._json.append(
+                b"id: %d\nevent: %s\ndata: %s\n\n" % (self.seq, self.type.value.encode(), self._json[0])
+            )
+        return self._json[1]
 
 
 class Task(BaseModel):

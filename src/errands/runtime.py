@@ -76,7 +76,13 @@ class Runtime:
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not security
         self.store = open_store(settings, self.clock)
-        self.hub = Hub(self.store, poll_s=self.store.log_poll_s)
+        self.hub = Hub(
+            self.store,
+            poll_s=self.store.log_poll_s,
+            max_watches=settings.max_watches,
+            max_watches_per_owner=settings.max_watches_per_owner,
+            watch_buffer=settings.watch_buffer,
+        )
         self.service = Service(app, self.store, settings, self.clock)
         self.supervisor = Supervisor()
         self.worker: Worker | None = None
@@ -147,6 +153,7 @@ class Runtime:
     async def stop(self) -> None:
         """Stop claiming, let handlers finish within the grace period, then close everything."""
         self.app._bind(None)
+        self.hub.close_watches()
         if self.worker is not None:
             await self.worker.shutdown(self.settings.shutdown_grace_s)
         await self.supervisor.stop()

@@ -21,6 +21,7 @@ import uvicorn
 from errands.app import Errands
 from errands.config import Settings
 from errands.errors import ConfigError
+from errands.logs import protect
 from errands.runtime import Runtime
 
 log = logging.getLogger("errands.server")
@@ -66,6 +67,54 @@ def _on_signals(handler: Callable[[], None]) -> Callable[[], None]:
     return remove
 
 
+class ApiServer:
+    """The HTTP API of a started runtime, served by uvicorn on a bound socket in this loop."""
+
+    def __init__(self, runtime: Runtime, sock: socket.socket) -> None:
+        from errands.api import create_api
+
+        self.runtime = runtime
+        self._sock = sock
+        host, port = sock.getsockname()[:2]
+        self.url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+        config = uvicorn.Config(
+            create_api(runtime),
+            log_level=runtime.settings.log_level.lower(),
+            access_log=False,  # request URLs may carry ?access_token=
+            lifespan="off",
+            timeout_graceful_shutdown=5,
+            server_header=False,
+            proxy_headers=False,  # errands never uses the client's address
+            ws_max_size=64 * 1024,
+        )
+        self._server = _Uvicorn(config)
+        self._task: asyncio.Task[None] | None = None
+        protect()  # uvicorn configured its log handlers just now
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
+        # uvicorn only exposes a `started` flag; it turns true within milliseconds.
+        while not self._server.started and not self._task.done():  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        if self._task.done():
+            await self._task
+
+    def request_stop(self) -> None:
+        """Stop accepting requests; a second call drops open connections at once."""
+        if self._server.should_exit:
+            self._server.force_exit = True
+        self.runtime.hub.close_watches()  # open streams end, so the server can stop
+        self._server.should_exit = True
+
+    async def wait(self) -> None:
+        if self._task is not None:
+            await self._task
+
+    async def stop(self) -> None:
+        self.request_stop()
+        await self.wait()
+
+
 async def serve(
     app: Errands,
     settings: Settings,
@@ -74,44 +123,22 @@ async def serve(
     on_ready: Callable[[Runtime, str], None] | None = None,
 ) -> None:
     """Run the API, the workers and the sweeper until a signal arrives."""
-    from errands.api import create_api
-
     sock = bind(settings.host, settings.port)
     runtime = Runtime(app, settings)
     await runtime.start(workers=workers, sweeper=True, api=True)
-    port = sock.getsockname()[1]
-    url = f"http://{settings.host if ':' not in settings.host else f'[{settings.host}]'}:{port}"
-    config = uvicorn.Config(
-        create_api(runtime),
-        log_level=settings.log_level.lower(),
-        access_log=False,
-        lifespan="off",
-        timeout_graceful_shutdown=5,
-        server_header=False,
-        proxy_headers=False,  # errands never uses the client's address
-    )
-    server = _Uvicorn(config)
-    stopping = asyncio.Event()
+    api = ApiServer(runtime, sock)
 
     def request_stop() -> None:
-        if server.should_exit:
-            server.force_exit = True
-            if runtime.worker is not None:
-                runtime.worker.hurry()
-        server.should_exit = True
-        stopping.set()
+        if api._server.should_exit and runtime.worker is not None:
+            runtime.worker.hurry()
+        api.request_stop()
 
     remove = _on_signals(request_stop)
     try:
-        serving = asyncio.create_task(server.serve(sockets=[sock]))
-        # uvicorn only exposes a `started` flag; it turns true within milliseconds.
-        while not server.started and not serving.done():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-        if serving.done():
-            await serving
+        await api.start()
         if on_ready is not None:
-            on_ready(runtime, url)
-        await serving
+            on_ready(runtime, api.url)
+        await api.wait()
     finally:
         remove()
         sock.close()

@@ -106,8 +106,10 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
-    def serve(self, *args: str, env: dict[str, str] | None = None) -> tuple[Proc, httpx.Client]:
-        port = free_port()
+    def serve(
+        self, *args: str, env: dict[str, str] | None = None, port: int | None = None
+    ) -> tuple[Proc, httpx.Client]:
+        port = port or free_port()
         proc = self.start("serve", "--port", str(port), *args, name="serve", env=env)
         proc.wait_for(r"errands is serving")
         client = httpx.Client(

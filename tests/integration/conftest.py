@@ -151,3 +151,35 @@ async def until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
     async with asyncio.timeout(timeout_s):
         while not condition():  # noqa: ASYNC110 - the condition has no event to wait on
             await asyncio.sleep(0.005)
+
+
+LiveFactory = Callable[..., Awaitable[tuple[Runtime, str]]]
+
+
+@pytest.fixture
+async def live(runtime_factory: RuntimeFactory) -> AsyncIterator[LiveFactory]:
+    """Start a runtime and serve its API over real HTTP on a free loopback port."""
+    from errands.server import ApiServer, bind
+
+    servers: list[ApiServer] = []
+
+    async def start(app: Errands, **overrides: Any) -> tuple[Runtime, str]:
+        runtime = await runtime_factory(app, **overrides)
+        server = ApiServer(runtime, bind("127.0.0.1", 0))
+        await server.start()
+        servers.append(server)
+        return runtime, server.url
+
+    yield start
+    for server in servers:
+        await server.stop()
+
+
+async def sse(client: httpx.AsyncClient, path: str, **kwargs: Any) -> AsyncIterator[Any]:
+    """The SSE messages of one request, as the SDK parses them."""
+    from errands.client import parse_sse
+
+    async with client.stream("GET", path, **kwargs) as response:
+        assert response.status_code == 200, (await response.aread()).decode()
+        async for message in parse_sse(response.aiter_lines()):
+            yield message

@@ -91,3 +91,33 @@ def test_bad_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("ERRANDS_CONCURRENCY", "many")
     with pytest.raises(ConfigError, match="ERRANDS_CONCURRENCY"):
         load_settings()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        '127.0.0.1:5 - "WebSocket /v1/ws?access_token=eto_abc.def" [accepted]',
+        "GET /v1/tasks/x/watch?after=3&access_token=SECRET123 HTTP/1.1",
+        "Authorization: Bearer whatever-it-is",
+        "the key eka_Zm9vYmFy-_. was used",
+    ],
+)
+def test_credentials_are_redacted_from_log_lines(line: str) -> None:
+    from errands.logs import redact
+
+    cleaned = redact(line)
+    assert "[redacted]" in cleaned
+    for secret in ("eto_abc", "SECRET123", "whatever-it-is", "Zm9vYmFy"):
+        assert secret not in cleaned
+
+
+def test_the_log_filter_rewrites_records(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from errands.logs import RedactSecrets
+
+    record = logging.LogRecord(
+        "x", logging.INFO, __file__, 1, "%s - %s", ("ws", "/v1/ws?access_token=tok"), None
+    )
+    assert RedactSecrets().filter(record)
+    assert record.getMessage() == "ws - /v1/ws?access_token=[redacted]"

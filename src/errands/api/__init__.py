@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
-from errands.api import admin, errors, tasks
+from errands.api import admin, errors, tasks, watch
 from errands.api.middleware import GuardMiddleware
 
 if TYPE_CHECKING:
@@ -24,11 +25,22 @@ def create_api(runtime: Runtime) -> FastAPI:
     api.state.runtime = runtime
     errors.install(api)
     api.include_router(tasks.router)
+    api.include_router(watch.router)
     api.include_router(admin.router)
+    origins = [o.strip() for o in runtime.settings.cors_origins.split(",") if o.strip()]
     api.add_middleware(
         GuardMiddleware,
         authenticator=lambda: runtime.authenticator,
         clock=runtime.clock,
         max_bytes=runtime.settings.max_body_bytes,
     )
+    if origins:
+        # Outermost, so preflight requests (which carry no token) are answered before the guard.
+        api.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+            max_age=600,
+        )
     return api

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from typing import Any
 
 import orjson
@@ -40,6 +41,16 @@ class StatsOut(BaseModel):
 
 def _json(body: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+_CLIENT_JS = resources.files("errands").joinpath("static/errands.js").read_bytes()
+
+
+@router.get("/client/errands.js", tags=["clients"], summary="The JavaScript client (an ES module)")
+async def client_js() -> Response:
+    """``watchTask`` / ``watchTasks`` for browsers and mini-programs; no token needed."""
+    headers = {"Cache-Control": "public, max-age=300", "Access-Control-Allow-Origin": "*"}
+    return Response(_CLIENT_JS, media_type="text/javascript; charset=utf-8", headers=headers)
 
 
 @router.get("/healthz", tags=["health"], summary="The process is up")

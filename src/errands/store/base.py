@@ -188,6 +188,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def last_seq(self) -> int: ...
 
+    @abc.abstractmethod
+    async def owner_events(self, owner: str | None, *, after: int, until: int, limit: int) -> list[Event]:
+        """An owner's events (everyone's for ``None``) with ``after < seq <= until``, in order."""
+
+    @abc.abstractmethod
+    async def horizon(self) -> int:
+        """The highest seq whose event was purged; the log is complete only after it."""
+
     # -- sweeping -----------------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -591,6 +591,21 @@ class SqliteStore(Store):
     async def last_seq(self) -> int:
         return int(self._read("SELECT value FROM meta WHERE key = 'seq'")[0][0])
 
+    async def owner_events(self, owner: str | None, *, after: int, until: int, limit: int) -> list[Event]:
+        if owner is None:
+            sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?"
+            rows = self._read(sql, (after, until, limit))
+        else:
+            sql = (
+                f"SELECT {EVENT_COLUMNS} FROM events WHERE owner = ? AND seq > ? AND seq <= ? "
+                "ORDER BY seq LIMIT ?"
+            )
+            rows = self._read(sql, (owner, after, until, limit))
+        return [to_event(r) for r in rows]
+
+    async def horizon(self) -> int:
+        return int(self._read("SELECT value FROM meta WHERE key = 'horizon'")[0][0])
+
     # -- sweeping -----------------------------------------------------------------------------
 
     async def due(self, *, now: float, limit: int) -> DueTasks:
@@ -623,6 +638,14 @@ class SqliteStore(Store):
                 (finished_before, limit),
             ).fetchall()
             for task_id, owner in rows:
+                (top,) = tx.conn.execute(
+                    "SELECT max(seq) FROM events WHERE task_id = ?", (task_id,)
+                ).fetchone()
+                if top is not None:
+                    tx.conn.execute(
+                        "UPDATE meta SET value = ? WHERE key = 'horizon' AND CAST(value AS INTEGER) < ?",
+                        (str(top), top),
+                    )
                 tx.conn.execute("DELETE FROM events WHERE task_id = ?", (task_id,))
                 tx.conn.execute("DELETE FROM tasks WHERE id = ?", (task_id,))
                 tx.conn.execute(

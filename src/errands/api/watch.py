@@ -1,0 +1,432 @@
+"""Live watches: Server-Sent Events and WebSocket, with gap-free resume.
+
+Both transports stream the same items, built here:
+
+* a watch of one task starts with ``task.snapshot`` (or, when resuming after ``seq``, with every
+  later event of the task from the log), then every event as it commits, and ends after a
+  terminal one;
+* a watch of a set of tasks starts with ``tasks.snapshot`` (the matching unfinished tasks), or
+  resumes from the log, or sends ``reset`` and a fresh snapshot when the resume point is older
+  than what the log still holds.
+
+Ordering without gaps or duplicates: the watch is registered with the hub *before* anything is
+read, and ``until`` is the hub's delivered position at that moment. Everything up to ``until``
+is committed and is read from the log; everything after it arrives through the watch. Items
+already covered (by the snapshot or the replay) are skipped by ``seq``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import orjson
+from fastapi import APIRouter, Header, Path, Query, Request, WebSocket, WebSocketDisconnect
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.background import BackgroundTask
+from starlette.responses import StreamingResponse
+
+from errands.api.deps import principal_of
+from errands.api.errors import invalid
+from errands.auth import READ, Principal
+from errands.clock import iso
+from errands.errors import ApiError, BadRequest, Forbidden, NotFound
+from errands.hub import Watch, WatchClosed, WatchFilter
+from errands.model import Event, Status, TaskRecord
+from errands.runtime import Runtime
+from errands.service import TASK_ID_PATTERN, TYPE_PATTERN
+from errands.store.base import TaskQuery
+
+log = logging.getLogger("errands.watch")
+
+router = APIRouter(tags=["watch"])
+
+SNAPSHOT_LIMIT = 1000
+REPLAY_PAGE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """One thing a watch sends: an event, a snapshot, a reset, an overflow notice or a keep-alive."""
+
+    name: str  # the SSE event name; "" for a keep-alive
+    seq: int | None  # the SSE id (resume point); None when the item moves no position
+    data: bytes = b""
+    event: Event | None = None
+
+
+KEEPALIVE = Item("", None)
+
+
+def _event_item(event: Event) -> Item:
+    return Item(event.type.value, event.seq, event.to_json(), event)
+
+
+def _snapshot_item(record: TaskRecord) -> Item:
+    data = b'{"seq":%d,"type":"task.snapshot","at":"%s","task":%s}' % (
+        record.seq,
+        (iso(record.updated_at) or "").encode(),
+        record.public_json(),
+    )
+    return Item("task.snapshot", record.seq, data)
+
+
+def _overflow_item(last: int) -> Item:
+    return Item("overflow", last, b'{"type":"overflow","last_id":%d}' % last)
+
+
+def _owner_key(principal: Principal) -> str | None:
+    return None if principal.admin else principal.owner
+
+
+async def task_items(
+    runtime: Runtime, watch: Watch, task_id: str, after: int | None
+) -> AsyncGenerator[Item, None]:
+    """The items of a watch of one task (see the module docstring). Closes ``watch`` at the end."""
+    keepalive_s = runtime.settings.watch_keepalive_s
+    until = runtime.hub.last_seq
+    try:
+        found = await runtime.store.get(task_id)
+        if not isinstance(found, TaskRecord):
+            return
+        if after is None:
+            yield _snapshot_item(found)
+            last, done = found.seq, found.status.terminal
+        else:
+            last, done = after, False
+            while True:
+                page = await runtime.store.events(task_id, after=last, limit=REPLAY_PAGE)
+                page = [e for e in page if e.seq <= until]
+                for event in page:
+                    yield _event_item(event)
+                    last, done = event.seq, event.status.terminal
+                if len(page) < REPLAY_PAGE:
+                    break
+            # Nothing newer than the resume point and the task has ended: the stream is complete.
+            done = done or (found.status.terminal and found.seq <= last)
+        while not done:
+            try:
+                events = await watch.next(keepalive_s)
+            except WatchClosed:
+                if watch.overflowed:
+                    yield _overflow_item(last)
+                return
+            if not events:
+                yield KEEPALIVE
+                continue
+            for event in events:
+                if event.seq <= last:
+                    continue
+                yield _event_item(event)
+                last = event.seq
+                if event.status.terminal:
+                    done = True
+                    break
+    finally:
+        watch.close()
+
+
+async def _snapshot(runtime: Runtime, f: WatchFilter, until: int) -> tuple[Item, dict[str, int]]:
+    statuses = [f.status] if f.status is not None else [Status.PENDING, Status.PROCESSING]
+    tasks: list[TaskRecord] = []
+    for status in statuses:
+        if status.terminal:
+            continue
+        query = TaskQuery(owner=f.owner, status=status, type=f.type, limit=SNAPSHOT_LIMIT)
+        tasks.extend(await runtime.store.list_tasks(query))
+    tasks.sort(key=lambda r: (r.created_at, r.id), reverse=True)
+    truncated = len(tasks) > SNAPSHOT_LIMIT
+    tasks = tasks[:SNAPSHOT_LIMIT]
+    data = b'{"seq":%d,"type":"tasks.snapshot","truncated":%s,"tasks":[%s]}' % (
+        until,
+        b"true" if truncated else b"false",
+        b",".join(r.public_json() for r in tasks),
+    )
+    return Item("tasks.snapshot", until, data), {r.id: r.seq for r in tasks}
+
+
+async def set_items(runtime: Runtime, watch: Watch, after: int | None) -> AsyncGenerator[Item, None]:
+    """The items of a watch of a set of tasks (see the module docstring). Closes ``watch``."""
+    keepalive_s = runtime.settings.watch_keepalive_s
+    f = watch.filter
+    until = runtime.hub.last_seq
+    covered: dict[str, int] = {}
+    try:
+        if after is not None and after < await runtime.store.horizon():
+            yield Item("reset", None, b'{"type":"reset","reason":"the resume point is older than the log"}')
+            after = None
+        if after is None:
+            item, covered = await _snapshot(runtime, f, until)
+            yield item
+            last = until
+        else:
+            last = after
+            while last < until:
+                page = await runtime.store.owner_events(f.owner, after=last, until=until, limit=REPLAY_PAGE)
+                for event in page:
+                    if f.matches(event):
+                        yield _event_item(event)
+                    last = event.seq
+                if len(page) < REPLAY_PAGE:
+                    break
+            last = max(last, until)
+        while True:
+            try:
+                events = await watch.next(keepalive_s)
+            except WatchClosed:
+                if watch.overflowed:
+                    yield _overflow_item(last)
+                return
+            if not events:
+                yield KEEPALIVE
+                continue
+            for event in events:
+                if event.seq <= last or event.seq <= covered.get(event.task_id, 0):
+                    continue
+                yield _event_item(event)
+                last = event.seq
+    finally:
+        watch.close()
+
+
+def _resume_point(last_event_id: str | None, after: int | None) -> int | None:
+    if last_event_id is not None and last_event_id.strip():
+        try:
+            value = int(last_event_id)
+        except ValueError:
+            raise BadRequest("Last-Event-ID must be a seq (a whole number).") from None
+        if value < 0:
+            raise BadRequest("Last-Event-ID must not be negative.")
+        return value
+    return after
+
+
+async def open_task_watch(runtime: Runtime, principal: Principal, task_id: str) -> Watch:
+    """Check the caller may watch the task, then register the watch (before reading anything)."""
+    await runtime.service.get(task_id, principal)
+    return runtime.hub.watch(WatchFilter(task_id=task_id), key=_owner_key(principal))
+
+
+def open_set_watch(
+    runtime: Runtime, principal: Principal, *, type: str | None, status: Status | None, owner: str | None
+) -> Watch:
+    principal.require(READ)
+    if principal.task_id is not None:
+        raise Forbidden("A token scoped to one task can only watch that task.")
+    if principal.admin:
+        watch_owner = owner
+    elif owner is not None and owner != principal.owner:
+        raise Forbidden("Only an admin may watch another owner's tasks.")
+    else:
+        watch_owner = principal.owner
+    f = WatchFilter(owner=watch_owner, type=type, status=status)
+    return runtime.hub.watch(f, key=_owner_key(principal))
+
+
+# -- Server-Sent Events ---------------------------------------------------------------------------
+
+SSE_HEADERS = {
+    "Cache-Control": "no-cache, no-transform",
+    "X-Accel-Buffering": "no",  # nginx and friends must not buffer the stream
+    "Connection": "keep-alive",
+}
+
+
+async def _sse(items: AsyncIterator[Item]) -> AsyncIterator[bytes]:
+    yield b"retry: 2000\n\n"
+    async for item in items:
+        if item.event is not None:
+            yield item.event.sse()
+        elif not item.name:
+            yield b": keep-alive\n\n"
+        elif item.seq is None:
+            yield b"event: %s\ndata: %s\n\n" % (item.name.encode(), item.data)
+        else:
+            yield b"id: %d\nevent: %s\ndata: %s\n\n" % (item.seq, item.name.encode(), item.data)
+
+
+def _stream(items: AsyncIterator[Item], watch: Watch) -> StreamingResponse:
+    return StreamingResponse(
+        _sse(items),
+        media_type="text/event-stream",
+        headers=SSE_HEADERS,
+        background=BackgroundTask(watch.close),
+    )
+
+
+LastEventId = Annotated[str | None, Header(alias="Last-Event-ID", max_length=32)]
+After = Annotated[int | None, Query(ge=0, description="Resume after this seq (like Last-Event-ID).")]
+STREAM: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"text/event-stream": {}}, "description": "An event stream."}
+}
+
+
+@router.get("/v1/tasks/{task_id}/watch", summary="Watch one task (SSE)", responses=STREAM)
+async def watch_task(
+    request: Request,
+    task_id: Annotated[str, Path(pattern=TASK_ID_PATTERN)],
+    after: After = None,
+    last_event_id: LastEventId = None,
+) -> StreamingResponse:
+    """``task.snapshot``, then every change as it commits, each with ``id: <seq>``; the stream
+    ends after a terminal event. Reconnect with ``Last-Event-ID`` (or ``?after=``) to resume."""
+    runtime: Runtime = request.app.state.runtime
+    resume = _resume_point(last_event_id, after)
+    watch = await open_task_watch(runtime, principal_of(request), task_id)
+    return _stream(task_items(runtime, watch, task_id, resume), watch)
+
+
+@router.get("/v1/watch", summary="Watch a set of tasks (SSE)", responses=STREAM)
+async def watch_tasks(
+    request: Request,
+    type: Annotated[str | None, Query(pattern=TYPE_PATTERN)] = None,
+    status: Status | None = None,
+    owner: Annotated[str | None, Query(min_length=1, max_length=256, description="admins only")] = None,
+    after: After = None,
+    last_event_id: LastEventId = None,
+) -> StreamingResponse:
+    """``tasks.snapshot`` (the matching unfinished tasks), then every matching event. Resume as
+    for one task; a resume point older than the log gets ``reset`` and a fresh snapshot."""
+    runtime: Runtime = request.app.state.runtime
+    resume = _resume_point(last_event_id, after)
+    watch = open_set_watch(runtime, principal_of(request), type=type, status=status, owner=owner)
+    return _stream(set_items(runtime, watch, resume), watch)
+
+
+# -- WebSocket --------------------------------------------------------------------------------------
+
+
+class WsFilter(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Annotated[str, Field(pattern=TYPE_PATTERN)] | None = None
+    status: Status | None = None
+    owner: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+
+
+class WsMessage(BaseModel):
+    """``{"op": "subscribe", "task_id" | "filter", "after"?, "sub"?}`` or ``{"op": "unsubscribe", "sub"}``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    op: Literal["subscribe", "unsubscribe", "ping"]
+    sub: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")] | None = None
+    task_id: Annotated[str, Field(pattern=TASK_ID_PATTERN)] | None = None
+    filter: WsFilter | None = None
+    after: Annotated[int, Field(ge=0)] | None = None
+
+
+MAX_SUBSCRIPTIONS_PER_SOCKET = 100
+
+
+class _Socket:
+    """One WebSocket connection with its subscriptions; sends are serialised by a lock."""
+
+    def __init__(self, websocket: WebSocket, runtime: Runtime, principal: Principal) -> None:
+        self.ws = websocket
+        self.runtime = runtime
+        self.principal = principal
+        self.subs: dict[str, asyncio.Task[None]] = {}
+        self._lock = asyncio.Lock()
+        self._counter = 0
+
+    async def send(self, data: bytes) -> None:
+        async with self._lock:
+            await self.ws.send_text(data.decode())
+
+    async def error(self, sub: str | None, exc: ApiError) -> None:
+        body = {"op": "error", "sub": sub, "error": {"code": exc.code, "message": exc.message}}
+        await self.send(orjson.dumps(body))
+
+    async def run(self) -> None:
+        try:
+            while True:
+                raw = await self.ws.receive_text()
+                await self.handle(raw)
+        except WebSocketDisconnect:
+            pass
+        finally:
+            for task in self.subs.values():
+                task.cancel()
+            if self.subs:
+                await asyncio.wait(list(self.subs.values()), timeout=5)
+
+    async def handle(self, raw: str) -> None:
+        try:
+            message = WsMessage.model_validate_json(raw)
+        except ValidationError as exc:
+            await self.error(None, invalid(list(exc.errors())))
+            return
+        if message.op == "ping":
+            await self.send(b'{"op":"pong"}')
+        elif message.op == "unsubscribe":
+            task = self.subs.pop(message.sub or "", None)
+            if task is None:
+                await self.error(message.sub, NotFound("No such subscription."))
+                return
+            task.cancel()
+            await self.send(orjson.dumps({"op": "unsubscribed", "sub": message.sub}))
+        else:
+            await self.subscribe(message)
+
+    async def subscribe(self, message: WsMessage) -> None:
+        sub = message.sub or f"s{self._counter + 1}"
+        try:
+            if sub in self.subs:
+                raise BadRequest("A subscription with this name exists on this socket.")
+            if len(self.subs) >= MAX_SUBSCRIPTIONS_PER_SOCKET:
+                raise BadRequest(f"At most {MAX_SUBSCRIPTIONS_PER_SOCKET} subscriptions per socket.")
+            if (message.task_id is None) == (message.filter is None):
+                raise BadRequest("Subscribe to either a task_id or a filter.")
+            if message.task_id is not None:
+                watch = await open_task_watch(self.runtime, self.principal, message.task_id)
+                items = task_items(self.runtime, watch, message.task_id, message.after)
+            else:
+                f = message.filter or WsFilter()
+                watch = open_set_watch(
+                    self.runtime, self.principal, type=f.type, status=f.status, owner=f.owner
+                )
+                items = set_items(self.runtime, watch, message.after)
+        except ApiError as exc:
+            await self.error(sub, exc)
+            return
+        if message.sub is None:
+            self._counter += 1
+        await self.send(orjson.dumps({"op": "subscribed", "sub": sub}))
+        self.subs[sub] = asyncio.create_task(self._pump(sub, items, watch))
+
+    async def _pump(self, sub: str, items: AsyncGenerator[Item, None], watch: Watch) -> None:
+        tag = orjson.dumps(sub)
+        try:
+            async for item in items:
+                if not item.name:
+                    continue  # WebSocket has its own pings
+                seq = b"null" if item.seq is None else str(item.seq).encode()
+                await self.send(
+                    b'{"sub":%s,"id":%s,"event":"%s","data":%s}' % (tag, seq, item.name.encode(), item.data)
+                )
+            await self.send(b'{"op":"end","sub":%s}' % tag)
+        except (WebSocketDisconnect, RuntimeError):
+            pass  # the socket closed under us
+        finally:
+            watch.close()
+            with contextlib.suppress(Exception):
+                await items.aclose()
+            self.subs.pop(sub, None)
+
+
+@router.websocket("/v1/ws")
+async def websocket_watch(websocket: WebSocket) -> None:
+    """JSON messages: ``subscribe`` to a ``task_id`` or a ``filter`` (optionally ``after`` a seq);
+    every item comes back as ``{"sub", "id", "event", "data"}`` with ``data`` as on SSE."""
+    runtime: Runtime = websocket.app.state.runtime
+    principal = websocket.scope.get("errands.principal")
+    if not isinstance(principal, Principal):
+        await websocket.close(code=4401)
+        return
+    await websocket.accept()
+    await _Socket(websocket, runtime, principal).run()

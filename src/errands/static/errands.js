@@ -1,0 +1,265 @@
+// errands.js: watch errands tasks live from a browser or a WeChat mini-program.
+// One ES module, no dependencies. Served by every errands server at /client/errands.js.
+//
+//   import { watchTask } from "/client/errands.js";
+//   const handle = watchTask("order-42", {
+//     token,                                   // an owner token (eto_...), ideally task-scoped
+//     onChange: (event) => render(event.task), // event: {type, seq, task}
+//     onEnd: (task) => done(task),             // the task reached a final state
+//     onError: (error) => console.warn(error), // transport trouble; the client keeps trying
+//   });
+//   handle.close();
+//
+// Transports, tried in this order unless `transport` says otherwise: Server-Sent Events
+// (EventSource), WebSocket, then polling with backoff. Every transport resumes after the last
+// event it delivered, and events are de-duplicated by `seq`, so a switch loses nothing.
+
+const TASK_EVENTS = [
+  "task.snapshot", "task.created", "task.processing", "task.progress", "task.retrying",
+  "task.completed", "task.failed", "task.timeout", "task.cancelled",
+];
+const FINAL = new Set(["completed", "failed", "timeout", "cancelled"]);
+const OPEN_FAILURES_BEFORE_FALLBACK = 2;
+
+function query(params) {
+  const parts = [];
+  for (const [key, value] of Object.entries(params)) {
+    if (value !== undefined && value !== null && value !== "") {
+      parts.push(`${encodeURIComponent(key)}=${encodeURIComponent(value)}`);
+    }
+  }
+  return parts.length ? `?${parts.join("&")}` : "";
+}
+
+function browserAdapter() {
+  return {
+    eventSource: typeof EventSource === "function" ? (url) => new EventSource(url) : null,
+    connectSocket(url) {
+      const ws = new WebSocket(url);
+      return {
+        send: (text) => ws.send(text),
+        close: () => ws.close(),
+        onOpen: (fn) => ws.addEventListener("open", fn),
+        onMessage: (fn) => ws.addEventListener("message", (m) => fn(m.data)),
+        onClose: (fn) => ws.addEventListener("close", fn),
+        onError: (fn) => ws.addEventListener("error", fn),
+      };
+    },
+    async request(url, headers) {
+      const response = await fetch(url, { headers });
+      const text = await response.text();
+      return { status: response.status, data: text ? JSON.parse(text) : null };
+    },
+  };
+}
+
+/**
+ * An adapter for WeChat mini-programs, which have wx.connectSocket and wx.request but no
+ * EventSource:  watchTask(id, { token, baseUrl, adapter: wxAdapter(wx), onChange })
+ */
+export function wxAdapter(wx) {
+  return {
+    eventSource: null,
+    connectSocket(url) {
+      const task = wx.connectSocket({ url });
+      return {
+        send: (text) => task.send({ data: text }),
+        close: () => task.close({}),
+        onOpen: (fn) => task.onOpen(fn),
+        onMessage: (fn) => task.onMessage((m) => fn(m.data)),
+        onClose: (fn) => task.onClose(fn),
+        onError: (fn) => task.onError(fn),
+      };
+    },
+    request(url, headers) {
+      return new Promise((resolve, reject) => {
+        wx.request({
+          url, header: headers, method: "GET",
+          success: (r) => resolve({ status: r.statusCode, data: r.data }),
+          fail: (e) => reject(new Error(e && e.errMsg ? e.errMsg : "request failed")),
+        });
+      });
+    },
+  };
+}
+
+class Watcher {
+  constructor(kind, target, options) {
+    this.kind = kind; // "task" or "tasks"
+    this.target = target; // a task id, or a filter {type, status, owner}
+    this.baseUrl = (options.baseUrl || "").replace(/\/$/, "");
+    this.token = options.token || "";
+    this.onChange = options.onChange || (() => {});
+    this.onEnd = options.onEnd || (() => {});
+    this.onError = options.onError || (() => {});
+    this.onTransport = options.onTransport || (() => {});
+    this.pollMs = options.pollMs || 2000;
+    this.adapter = options.adapter || browserAdapter();
+    const wanted = options.transport || "auto";
+    this.transports = wanted === "auto" ? ["sse", "ws", "poll"] : [wanted];
+    if (!this.adapter.eventSource) this.transports = this.transports.filter((t) => t !== "sse");
+    this.lastSeq = options.after ?? null;
+    this.closed = false;
+    this.current = null;
+    this.timer = null;
+    this.seen = new Map(); // task id -> seq, for polling a set of tasks
+    this.next(0);
+  }
+
+  close() {
+    this.closed = true;
+    if (this.timer) clearTimeout(this.timer);
+    if (this.current) this.current();
+    this.current = null;
+  }
+
+  next(index) {
+    if (this.closed) return;
+    const transport = this.transports[Math.min(index, this.transports.length - 1)];
+    this.transportIndex = index;
+    this.onTransport(transport);
+    if (transport === "sse") this.sse();
+    else if (transport === "ws") this.ws();
+    else this.poll(0);
+  }
+
+  fallback(reason) {
+    this.onError(new Error(reason));
+    if (this.transportIndex < this.transports.length - 1) this.next(this.transportIndex + 1);
+    else this.timer = setTimeout(() => this.next(this.transportIndex), this.pollMs);
+  }
+
+  // Deliver one item; returns true once the watch is over.
+  deliver(type, data) {
+    if (type === "tasks.snapshot") {
+      for (const task of data.tasks) this.onChange({ type: "task.snapshot", seq: task.seq, task });
+      this.lastSeq = data.seq;
+      return false;
+    }
+    if (type === "reset" || type === "overflow") return false;
+    if (this.lastSeq !== null && data.seq <= this.lastSeq && type !== "task.snapshot") return false;
+    this.lastSeq = data.seq;
+    this.onChange({ type, seq: data.seq, task: data.task });
+    if (this.kind === "task" && FINAL.has(data.task.status)) {
+      this.closed = true;
+      if (this.current) this.current();
+      this.current = null;
+      this.onEnd(data.task);
+      return true;
+    }
+    return false;
+  }
+
+  path() {
+    return this.kind === "task" ? `/v1/tasks/${encodeURIComponent(this.target)}/watch` : "/v1/watch";
+  }
+
+  sse() {
+    const filter = this.kind === "tasks" ? this.target : {};
+    const url = this.baseUrl + this.path() + query({ ...filter, access_token: this.token, after: this.lastSeq });
+    const source = this.adapter.eventSource(url);
+    let opened = false;
+    this.current = () => source.close();
+    source.onopen = () => { opened = true; this.sseAttempts = 0; };
+    for (const name of [...TASK_EVENTS, "tasks.snapshot", "reset", "overflow"]) {
+      source.addEventListener(name, (message) => {
+        if (!this.closed) this.deliver(name, JSON.parse(message.data));
+      });
+    }
+    source.onerror = () => {
+      if (this.closed) return;
+      // After a dropped stream the browser reconnects by itself, sending Last-Event-ID.
+      if (opened && source.readyState !== 2) return;
+      source.close();
+      if (opened) {
+        this.timer = setTimeout(() => this.sse(), 1000); // the server refused a reconnect
+        return;
+      }
+      this.sseAttempts = (this.sseAttempts || 0) + 1;
+      if (this.sseAttempts >= OPEN_FAILURES_BEFORE_FALLBACK) this.fallback("event stream unavailable");
+      else this.timer = setTimeout(() => this.sse(), 500);
+    };
+  }
+
+  ws() {
+    const base = this.baseUrl || (typeof location !== "undefined" ? location.origin : "");
+    const url = base.replace(/^http/, "ws") + "/v1/ws" + query({ access_token: this.token });
+    const socket = this.adapter.connectSocket(url);
+    let opened = false;
+    this.current = () => socket.close();
+    socket.onOpen(() => {
+      opened = true;
+      this.wsAttempts = 0;
+      const message = { op: "subscribe", sub: "w" };
+      if (this.kind === "task") message.task_id = this.target;
+      else message.filter = this.target;
+      if (this.lastSeq !== null) message.after = this.lastSeq;
+      socket.send(JSON.stringify(message));
+    });
+    socket.onMessage((text) => {
+      if (this.closed) return;
+      const message = JSON.parse(text);
+      if (message.op === "error") {
+        this.onError(new Error(message.error.message));
+        return;
+      }
+      if (message.op === "end") return;
+      if (message.event) this.deliver(message.event, message.data);
+    });
+    socket.onClose(() => {
+      if (this.closed) return;
+      this.wsAttempts = (this.wsAttempts || 0) + 1;
+      if (!opened && this.wsAttempts >= OPEN_FAILURES_BEFORE_FALLBACK) this.fallback("websocket unavailable");
+      else this.timer = setTimeout(() => this.ws(), Math.min(10000, 500 * 2 ** this.wsAttempts));
+    });
+    socket.onError(() => {});
+  }
+
+  async poll(failures) {
+    if (this.closed) return;
+    const headers = { Authorization: `Bearer ${this.token}` };
+    let delay = this.pollMs;
+    try {
+      if (this.kind === "task") {
+        const id = encodeURIComponent(this.target);
+        if (this.lastSeq === null) {
+          const r = await this.adapter.request(`${this.baseUrl}/v1/tasks/${id}`, headers);
+          if (r.status !== 200) throw new Error(`HTTP ${r.status}`);
+          if (this.deliver("task.snapshot", { seq: r.data.seq, task: r.data })) return;
+        }
+        const r = await this.adapter.request(
+          `${this.baseUrl}/v1/tasks/${id}/events` + query({ after: this.lastSeq }), headers);
+        if (r.status !== 200) throw new Error(`HTTP ${r.status}`);
+        for (const event of r.data.events) {
+          if (this.deliver(event.type, event)) return;
+        }
+      } else {
+        const r = await this.adapter.request(
+          `${this.baseUrl}/v1/tasks` + query({ ...this.target, limit: 200 }), headers);
+        if (r.status !== 200) throw new Error(`HTTP ${r.status}`);
+        for (const task of r.data.tasks.slice().reverse()) {
+          if (this.seen.get(task.id) !== task.seq) {
+            this.seen.set(task.id, task.seq);
+            this.onChange({ type: "task.snapshot", seq: task.seq, task });
+          }
+        }
+      }
+      failures = 0;
+    } catch (error) {
+      failures += 1;
+      delay = Math.min(30000, this.pollMs * 2 ** failures);
+      this.onError(error);
+    }
+    if (!this.closed) this.timer = setTimeout(() => this.poll(failures), delay);
+  }
+}
+
+/** Watch one task until it ends. Returns a handle with close(). */
+export function watchTask(id, options = {}) {
+  return new Watcher("task", id, options);
+}
+
+/** Watch the caller's tasks that match `filter` ({type, status, owner}). Returns a handle with close(). */
+export function watchTasks(filter = {}, options = {}) {
+  return new Watcher("tasks", filter, options);
+}
