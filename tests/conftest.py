@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 
@@ -16,3 +17,71 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("ERRANDS_"):
             monkeypatch.delenv(name)
+
+
+PG_ADMIN_URL = os.environ.get("ERRANDS_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def pg_url(database: str) -> str:
+    """The URL of another database on the test PostgreSQL server."""
+    base, _, _ = PG_ADMIN_URL.rpartition("/")
+    return f"{base}/{database}"
+
+
+def postgres_unavailable() -> str | None:
+    """Why the PostgreSQL half of the suite cannot run here, or None when it can."""
+    try:
+        import asyncpg  # noqa: F401 - only checking that the driver is installed
+    except ImportError:
+        return "asyncpg is not installed"
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(PG_ADMIN_URL)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 5432), timeout=2):
+            return None
+    except OSError:
+        return f"no PostgreSQL server at {parsed.hostname}:{parsed.port or 5432}"
+
+
+def require_postgres() -> None:
+    reason = postgres_unavailable()
+    if reason is None:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"PostgreSQL must run under CI: {reason}")
+    pytest.skip(reason)
+
+
+def run_sync(coro: Any) -> Any:
+    """Run a coroutine to completion from sync code, even inside a running event loop."""
+    import asyncio
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+async def create_database(prefix: str) -> str:
+    import secrets
+
+    import asyncpg
+
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(3)}"
+    conn = await asyncpg.connect(PG_ADMIN_URL)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return name
+
+
+async def drop_database(name: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(PG_ADMIN_URL)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()

@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     # SQLite
     sqlite_synchronous: str = "NORMAL"
 
+    # PostgreSQL
+    pg_pool_size: int = Field(8, ge=2, le=100)
+    pg_write_lanes: int = Field(3, ge=1, le=32)
+
     @property
     def heartbeat_interval_s(self) -> float:
         return self.heartbeat_s if self.heartbeat_s is not None else self.lease_s / 3

@@ -55,7 +55,7 @@ class WatchClosed(Exception):
 class Watch:
     """One live subscription, fed by the hub, drained by one consumer."""
 
-    __slots__ = ("_buffer", "_hub", "_max_buffer", "_ready", "closed", "filter", "key", "overflowed")
+    __slots__ = ("_buffer", "_hub", "_max_buffer", "_waiter", "closed", "filter", "key", "overflowed")
 
     def __init__(self, hub: Hub, watch_filter: WatchFilter, key: str | None, max_buffer: int) -> None:
         self._hub = hub
@@ -63,9 +63,16 @@ class Watch:
         self.key = key
         self._max_buffer = max_buffer
         self._buffer: deque[Event] = deque()
-        self._ready = asyncio.Event()
+        # A bare future rather than an asyncio.Event and wait_for: this is paid per watcher per
+        # event, and wait_for creates a task on every call.
+        self._waiter: asyncio.Future[None] | None = None
         self.closed = False
         self.overflowed = False
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def offer(self, event: Event) -> None:
         if self.closed:
@@ -75,7 +82,7 @@ class Watch:
             self.close()
             return
         self._buffer.append(event)
-        self._ready.set()
+        self._wake()
 
     async def next(self, timeout_s: float) -> list[Event]:
         """The events offered since the last call; ``[]`` after ``timeout_s`` without any.
@@ -84,9 +91,14 @@ class Watch:
         its consumer must resume from the log anyway).
         """
         if not self._buffer and not self.closed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ready.wait(), timeout_s)
-        self._ready.clear()
+            loop = asyncio.get_running_loop()
+            self._waiter = loop.create_future()
+            timer = loop.call_later(timeout_s, self._wake)
+            try:
+                await self._waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
         if self.overflowed or (self.closed and not self._buffer):
             raise WatchClosed()
         events = list(self._buffer)
@@ -97,7 +109,7 @@ class Watch:
         if not self.closed:
             self.closed = True
             self._hub._forget(self)
-            self._ready.set()
+            self._wake()
 
 
 class Hub:

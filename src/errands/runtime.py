@@ -99,6 +99,7 @@ class Runtime:
         try:
             await self._credentials(generate_admin_key=api)
             await self.hub.start()
+            self.store.add_remote_listener(self.hub.wake)
             self.supervisor.spawn("hub", self.hub.run())
             if workers:
                 self.worker = Worker(

@@ -139,7 +139,8 @@ class Sweeper:
         """Sweep every ``sweep_interval_s`` until cancelled; errors are logged and reported."""
         while True:
             try:
-                await self.sweep()
+                if await self.store.hold_sweeper_lock():
+                    await self.sweep()
                 self.last_error = None
             except Exception as exc:
                 self.last_error = str(exc)

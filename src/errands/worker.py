@@ -306,7 +306,7 @@ class Worker:
             decide = await self._execute(held)
             if decide is not None:
                 held.finished = True
-                await self.store.apply(record.id, decide)
+                await self._write_outcome(record, decide)
         except LeaseLost:
             log.info("the outcome of task %s was refused: this worker lost its lease", record.id)
         except (NotFound, StoreError) as exc:
@@ -317,6 +317,22 @@ class Worker:
             held.finished = True
             self._held.pop(record.id, None)
             self._wake.set()
+
+    async def _write_outcome(self, record: TaskRecord, decide: Decision) -> None:
+        """Write an attempt's outcome, retrying while the database is unreachable (a restart):
+        for as long as the lease could still be ours, the result is worth keeping."""
+        deadline = time.monotonic() + max(self.settings.lease_s, 5.0)
+        delay = 0.1
+        while True:
+            try:
+                await self.store.apply(record.id, decide)
+                return
+            except StoreError:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("saving the outcome of task %s failed; retrying", record.id)
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
 
     async def _execute(self, held: _Held) -> Decision | None:
         record, task_type, ctx = held.record, held.task_type, held.ctx

@@ -89,9 +89,9 @@ class Proc:
 class Cluster:
     """Processes of one test sharing one database; all stopped at the end."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, db: str | None = None) -> None:
         self.workdir = workdir
-        self.db = f"sqlite:///{workdir / 'errands.db'}"
+        self.db = db or f"sqlite:///{workdir / 'errands.db'}"
         self.procs: list[Proc] = []
         self.clients: list[httpx.Client] = []
         self.env = {
@@ -153,3 +153,16 @@ def wait_status(
         what=f"{task_id} to be {statuses}",
     )
     return result
+
+
+@pytest.fixture
+def pg_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A cluster on a fresh PostgreSQL database of its own."""
+    from tests.conftest import create_database, drop_database, pg_url, require_postgres, run_sync
+
+    require_postgres()
+    name = run_sync(create_database("errands_acc"))
+    c = Cluster(tmp_path, pg_url(name))
+    yield c
+    c.close()
+    run_sync(drop_database(name))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +18,47 @@ from errands.config import Settings
 from errands.runtime import Runtime
 from errands.store import open_store
 from errands.store.base import NewTask, Store
-from tests.conftest import ADMIN_KEY, SECRET
+from tests.conftest import (
+    ADMIN_KEY,
+    SECRET,
+    create_database,
+    drop_database,
+    pg_url,
+    require_postgres,
+    run_sync,
+)
 
-STORES = ["sqlite"]
+STORES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+_TABLES = "errands_tasks, errands_events, errands_tombstones, errands_meta, errands_admin_keys"
 
 
-def db_url(kind: str, tmp_path: Path) -> str:
-    if kind == "sqlite":
-        return f"sqlite:///{tmp_path / 'errands.db'}"
-    raise AssertionError(kind)
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """One database for the session's PostgreSQL tests, migrated once, dropped at the end."""
+    require_postgres()
+    name = run_sync(create_database("errands_test"))
+    url = pg_url(name)
+
+    async def migrate() -> None:
+        from errands.clock import SystemClock
+
+        await open_store(Settings(db=url), SystemClock()).migrate()
+
+    run_sync(migrate())
+    yield url
+    run_sync(drop_database(name))
+
+
+async def _clean(url: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute(f"TRUNCATE {_TABLES}")
+        await conn.execute("UPDATE errands_seq SET value = 0")
+        await conn.execute("INSERT INTO errands_meta (key, value) VALUES ('horizon', '0')")
+    finally:
+        await conn.close()
 
 
 @pytest.fixture(params=STORES)
@@ -36,13 +68,24 @@ def store_kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+async def database_url(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """An empty database of this test's kind: a new SQLite file, or the session's PostgreSQL
+    database with every table emptied."""
+    if store_kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'errands.db'}"
+    url: str = request.getfixturevalue("postgres_database")
+    await _clean(url)
+    return url
+
+
+@pytest.fixture
 def clock() -> ManualClock:
     return ManualClock()
 
 
 @pytest.fixture
-async def store(store_kind: str, tmp_path: Path, clock: ManualClock) -> AsyncIterator[Store]:
-    s = open_store(Settings(db=db_url(store_kind, tmp_path)), clock)
+async def store(database_url: str, clock: ManualClock) -> AsyncIterator[Store]:
+    s = open_store(Settings(db=database_url), clock)
     await s.open()
     yield s
     await s.close()
@@ -85,7 +128,7 @@ RuntimeFactory = Callable[..., Awaitable[Runtime]]
 
 
 @pytest.fixture
-async def runtime_factory(store_kind: str, tmp_path: Path) -> AsyncIterator[RuntimeFactory]:
+async def runtime_factory(database_url: str) -> AsyncIterator[RuntimeFactory]:
     """Start runtimes of an app on this test's database; all are stopped at the end."""
     started: list[Runtime] = []
 
@@ -97,9 +140,7 @@ async def runtime_factory(store_kind: str, tmp_path: Path) -> AsyncIterator[Runt
         clock: Any = None,
         **overrides: Any,
     ) -> Runtime:
-        runtime = Runtime(
-            app, make_settings(db_url(store_kind, tmp_path), **overrides), clock=clock, rng=random.Random(7)
-        )
+        runtime = Runtime(app, make_settings(database_url, **overrides), clock=clock, rng=random.Random(7))
         await runtime.start(workers=workers, sweeper=sweeper, api=True)
         started.append(runtime)
         return runtime

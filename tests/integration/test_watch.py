@@ -246,16 +246,26 @@ async def test_a_rolled_back_change_is_never_seen(served: tuple[Runtime, str, Dr
     store: Any = runtime.store
     now = runtime.clock.now()
 
-    def write_then_fail(tx: Any) -> None:
-        tx.apply(
-            task_id, lambda r: model.report_progress(r, now=now, lease_token=token, progress=70, message="x")
-        )
-        raise RuntimeError("fails after writing: the savepoint rolls the change back")
+    def decide(r: Any) -> Any:
+        return model.report_progress(r, now=now, lease_token=token, progress=70, message="x")
+
+    # The same mishap in each store's own write path: a change is written, then its operation fails.
+    if store.dialect == "sqlite":
+
+        def write_then_fail(tx: Any) -> None:
+            tx.apply(task_id, decide)
+            raise RuntimeError("fails after writing: the savepoint rolls the change back")
+
+    else:
+
+        async def write_then_fail(tx: Any) -> None:
+            await tx.apply(task_id, decide)
+            raise RuntimeError("fails after writing: the transaction rolls the change back")
 
     async with httpx.AsyncClient(base_url=url, headers=auth()) as client:
         messages = sse(client, f"/v1/tasks/{task_id}/watch")
         assert (await anext(messages)).event == "task.snapshot"
-        with pytest.raises(RuntimeError):
+        with pytest.raises((RuntimeError, StoreError)):
             await store._write(write_then_fail)
         await d.complete(task_id, token)
         rest = [m async for m in messages]
@@ -270,9 +280,17 @@ async def test_a_failed_commit_publishes_nothing(served: tuple[Runtime, str, Dri
     runtime.hub.add_listener(lambda e: seen.append(e.seq))
     store: Any = runtime.store
 
-    def write_then_break_the_batch(tx: Any) -> None:
-        tx.apply(task_id, lambda r: model.cancel(r, now=0))
-        tx.conn.execute("SELECT * FROM no_such_table")  # a database error: the whole batch rolls back
+    if store.dialect == "sqlite":
+
+        def write_then_break_the_batch(tx: Any) -> None:
+            tx.apply(task_id, lambda r: model.cancel(r, now=0))
+            tx.conn.execute("SELECT * FROM no_such_table")  # a database error: the batch rolls back
+
+    else:
+
+        async def write_then_break_the_batch(tx: Any) -> None:
+            await tx.apply(task_id, lambda r: model.cancel(r, now=0))
+            await tx.conn.execute("SELECT * FROM no_such_table")
 
     with pytest.raises(StoreError):
         await store._write(write_then_break_the_batch)
@@ -587,3 +605,39 @@ async def test_sdk_falls_back_to_polling_when_streaming_is_blocked(runtime_facto
     finally:
         server.should_exit = True
         await serving
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "status", "code"),
+    [
+        ("/v1/watch?status=done", {}, 422, "invalid_request"),
+        ("/v1/watch?after=-1", {}, 422, "invalid_request"),
+        ("/v1/watch?after=soon", {}, 422, "invalid_request"),
+        ("/v1/watch?type=a%20b", {}, 422, "invalid_request"),
+        ("/v1/watch", {"Last-Event-ID": "abc"}, 400, "bad_request"),
+        ("/v1/tasks/a%20b/watch", {}, 422, "invalid_request"),
+        ("/v1/tasks/missing/watch", {}, 404, "not_found"),
+    ],
+)
+async def test_bad_watch_requests_get_a_clear_4xx(
+    served: tuple[Runtime, str, Driver], path: str, headers: dict[str, str], status: int, code: str
+) -> None:
+    runtime, url, _ = served
+    async with httpx.AsyncClient(base_url=url, headers=auth()) as client:
+        r = await client.get(path, headers=headers)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code
+    assert runtime.hub.watch_count == 0
+
+
+async def test_the_stream_endpoints_are_in_the_openapi_document(served: tuple[Runtime, str, Driver]) -> None:
+    _, url, _ = served
+    async with httpx.AsyncClient(base_url=url) as client:
+        paths = (await client.get("/openapi.json")).json()["paths"]
+    assert "text/event-stream" in paths["/v1/tasks/{task_id}/watch"]["get"]["responses"]["200"]["content"]
+    assert {p["name"] for p in paths["/v1/watch"]["get"]["parameters"]} >= {
+        "type",
+        "status",
+        "after",
+        "Last-Event-ID",
+    }

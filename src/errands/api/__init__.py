@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from errands.api import admin, errors, tasks, watch
 from errands.api.middleware import GuardMiddleware
+from errands.api.watch import OPENAPI_PATHS, SseRoutes
 
 if TYPE_CHECKING:
     from errands.runtime import Runtime
@@ -28,6 +29,8 @@ def create_api(runtime: Runtime) -> FastAPI:
     api.include_router(watch.router)
     api.include_router(admin.router)
     origins = [o.strip() for o in runtime.settings.cors_origins.split(",") if o.strip()]
+    # Innermost first: the SSE watch routes run after the guard authenticated the caller.
+    api.add_middleware(SseRoutes, runtime=runtime)
     api.add_middleware(
         GuardMiddleware,
         authenticator=lambda: runtime.authenticator,
@@ -43,4 +46,19 @@ def create_api(runtime: Runtime) -> FastAPI:
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
             max_age=600,
         )
+    _document_streams(api)
     return api
+
+
+def _document_streams(api: FastAPI) -> None:
+    """Add the SSE endpoints, which are served outside FastAPI's routing, to /openapi.json."""
+    build = api.openapi
+
+    def openapi() -> dict[str, Any]:
+        if api.openapi_schema is None:
+            schema = build()
+            schema["paths"].update(OPENAPI_PATHS)
+            api.openapi_schema = schema
+        return api.openapi_schema
+
+    api.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend it

@@ -20,21 +20,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+import re
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
+from urllib.parse import parse_qsl
 
 import orjson
-from fastapi import APIRouter, Header, Path, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.background import BackgroundTask
-from starlette.responses import StreamingResponse
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from errands.api.deps import principal_of
-from errands.api.errors import invalid
+from errands.api.errors import error_response, invalid
+from errands.api.middleware import PRINCIPAL
 from errands.auth import READ, Principal
 from errands.clock import iso
-from errands.errors import ApiError, BadRequest, Forbidden, NotFound
+from errands.errors import (
+    ApiError,
+    BadRequest,
+    Forbidden,
+    InvalidRequest,
+    NotFound,
+    StoreError,
+    TooManyRequests,
+    Unauthorized,
+)
 from errands.hub import Watch, WatchClosed, WatchFilter
 from errands.model import Event, Status, TaskRecord
 from errands.runtime import Runtime
@@ -83,10 +94,14 @@ def _owner_key(principal: Principal) -> str | None:
     return None if principal.admin else principal.owner
 
 
+Batch = list[Item]
+
+
 async def task_items(
     runtime: Runtime, watch: Watch, task_id: str, after: int | None
-) -> AsyncGenerator[Item, None]:
-    """The items of a watch of one task (see the module docstring). Closes ``watch`` at the end."""
+) -> AsyncGenerator[Batch, None]:
+    """The items of a watch of one task (see the module docstring), in batches: everything
+    ready at once goes out together. Closes ``watch`` at the end."""
     keepalive_s = runtime.settings.watch_keepalive_s
     until = runtime.hub.last_seq
     try:
@@ -94,16 +109,16 @@ async def task_items(
         if not isinstance(found, TaskRecord):
             return
         if after is None:
-            yield _snapshot_item(found)
+            yield [_snapshot_item(found)]
             last, done = found.seq, found.status.terminal
         else:
             last, done = after, False
             while True:
                 page = await runtime.store.events(task_id, after=last, limit=REPLAY_PAGE)
                 page = [e for e in page if e.seq <= until]
-                for event in page:
-                    yield _event_item(event)
-                    last, done = event.seq, event.status.terminal
+                if page:
+                    yield [_event_item(e) for e in page]
+                    last, done = page[-1].seq, page[-1].status.terminal
                 if len(page) < REPLAY_PAGE:
                     break
             # Nothing newer than the resume point and the task has ended: the stream is complete.
@@ -113,19 +128,22 @@ async def task_items(
                 events = await watch.next(keepalive_s)
             except WatchClosed:
                 if watch.overflowed:
-                    yield _overflow_item(last)
+                    yield [_overflow_item(last)]
                 return
             if not events:
-                yield KEEPALIVE
+                yield [KEEPALIVE]
                 continue
+            batch = []
             for event in events:
                 if event.seq <= last:
                     continue
-                yield _event_item(event)
+                batch.append(_event_item(event))
                 last = event.seq
                 if event.status.terminal:
                     done = True
                     break
+            if batch:
+                yield batch
     finally:
         watch.close()
 
@@ -149,28 +167,30 @@ async def _snapshot(runtime: Runtime, f: WatchFilter, until: int) -> tuple[Item,
     return Item("tasks.snapshot", until, data), {r.id: r.seq for r in tasks}
 
 
-async def set_items(runtime: Runtime, watch: Watch, after: int | None) -> AsyncGenerator[Item, None]:
+async def set_items(runtime: Runtime, watch: Watch, after: int | None) -> AsyncGenerator[Batch, None]:
     """The items of a watch of a set of tasks (see the module docstring). Closes ``watch``."""
     keepalive_s = runtime.settings.watch_keepalive_s
     f = watch.filter
     until = runtime.hub.last_seq
     covered: dict[str, int] = {}
     try:
+        reset = None
         if after is not None and after < await runtime.store.horizon():
-            yield Item("reset", None, b'{"type":"reset","reason":"the resume point is older than the log"}')
+            reset = Item("reset", None, b'{"type":"reset","reason":"the resume point is older than the log"}')
             after = None
         if after is None:
             item, covered = await _snapshot(runtime, f, until)
-            yield item
+            yield [item] if reset is None else [reset, item]
             last = until
         else:
             last = after
             while last < until:
                 page = await runtime.store.owner_events(f.owner, after=last, until=until, limit=REPLAY_PAGE)
-                for event in page:
-                    if f.matches(event):
-                        yield _event_item(event)
-                    last = event.seq
+                matching = [_event_item(e) for e in page if f.matches(e)]
+                if matching:
+                    yield matching
+                if page:
+                    last = page[-1].seq
                 if len(page) < REPLAY_PAGE:
                     break
             last = max(last, until)
@@ -179,16 +199,19 @@ async def set_items(runtime: Runtime, watch: Watch, after: int | None) -> AsyncG
                 events = await watch.next(keepalive_s)
             except WatchClosed:
                 if watch.overflowed:
-                    yield _overflow_item(last)
+                    yield [_overflow_item(last)]
                 return
             if not events:
-                yield KEEPALIVE
+                yield [KEEPALIVE]
                 continue
+            batch = []
             for event in events:
                 if event.seq <= last or event.seq <= covered.get(event.task_id, 0):
                     continue
-                yield _event_item(event)
+                batch.append(_event_item(event))
                 last = event.seq
+            if batch:
+                yield batch
     finally:
         watch.close()
 
@@ -236,65 +259,195 @@ SSE_HEADERS = {
 }
 
 
-async def _sse(items: AsyncIterator[Item]) -> AsyncIterator[bytes]:
-    yield b"retry: 2000\n\n"
-    async for item in items:
-        if item.event is not None:
-            yield item.event.sse()
-        elif not item.name:
-            yield b": keep-alive\n\n"
-        elif item.seq is None:
-            yield b"event: %s\ndata: %s\n\n" % (item.name.encode(), item.data)
-        else:
-            yield b"id: %d\nevent: %s\ndata: %s\n\n" % (item.seq, item.name.encode(), item.data)
+def _sse(item: Item) -> bytes:
+    if item.event is not None:
+        return item.event.sse()
+    if not item.name:
+        return b": keep-alive\n\n"
+    if item.seq is None:
+        return b"event: %s\ndata: %s\n\n" % (item.name.encode(), item.data)
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (item.seq, item.name.encode(), item.data)
 
 
-def _stream(items: AsyncIterator[Item], watch: Watch) -> StreamingResponse:
-    return StreamingResponse(
-        _sse(items),
-        media_type="text/event-stream",
-        headers=SSE_HEADERS,
-        background=BackgroundTask(watch.close),
-    )
+_SSE_START = [(b"content-type", b"text/event-stream; charset=utf-8")] + [
+    (k.lower().encode(), v.encode()) for k, v in SSE_HEADERS.items()
+]
 
 
-LastEventId = Annotated[str | None, Header(alias="Last-Event-ID", max_length=32)]
-After = Annotated[int | None, Query(ge=0, description="Resume after this seq (like Last-Event-ID).")]
-STREAM: dict[int | str, dict[str, Any]] = {
-    200: {"content": {"text/event-stream": {}}, "description": "An event stream."}
+class EventStream(Response):
+    """An ASGI response streaming a watch as Server-Sent Events.
+
+    Written directly against ASGI rather than with Starlette's ``StreamingResponse``: it is the
+    fan-out path, paid per watcher per event, so it sends each batch in one message with no
+    extra layers, and it ends the watch as soon as the client goes away.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, batches: AsyncGenerator[Batch, None], watch: Watch) -> None:
+        # Not Response.__init__: there is no body to render; the stream is written in __call__.
+        self.status_code = 200
+        self.background = None
+        self._batches = batches
+        self._watch = watch
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        listener = asyncio.create_task(self._listen(receive))
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE_START})
+            await send({"type": "http.response.body", "body": b"retry: 2000\n\n", "more_body": True})
+            async for batch in self._batches:
+                body = _sse(batch[0]) if len(batch) == 1 else b"".join(map(_sse, batch))
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            listener.cancel()
+            self._watch.close()
+            await self._batches.aclose()
+
+    async def _listen(self, receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self._watch.close()  # the generator sees WatchClosed and ends the response
+                return
+
+
+class WatchQuery(BaseModel):
+    """The query of the SSE watch endpoints (``access_token`` is read by the guard)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Annotated[str, Field(pattern=TYPE_PATTERN)] | None = None
+    status: Status | None = None
+    owner: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    after: Annotated[int, Field(ge=0)] | None = None
+
+
+_TASK_WATCH = re.compile(r"^/v1/tasks/([^/]*)/watch$")
+_TASK_ID = re.compile(TASK_ID_PATTERN)
+
+
+class SseRoutes:
+    """Serves ``GET /v1/tasks/{id}/watch`` and ``GET /v1/watch`` ahead of FastAPI's routing.
+
+    A watcher holds its request open for minutes or hours, so whatever a request allocates is
+    multiplied by every open watch: FastAPI's per-request machinery (dependency solving, exit
+    stacks, exception wrappers) costs about as much again as the connection itself, and sits on
+    every event's way out. Authentication has already happened (the guard runs first).
+    """
+
+    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
+        self.app = app
+        self.runtime = runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "GET":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        match = _TASK_WATCH.match(path)
+        if match is None and path != "/v1/watch":
+            await self.app(scope, receive, send)
+            return
+        try:
+            stream = await self._open(scope, match.group(1) if match else None)
+        except ApiError as exc:
+            retry = (
+                {"Retry-After": str(max(1, round(exc.retry_after_s)))}
+                if isinstance(exc, TooManyRequests)
+                else None
+            )
+            await error_response(exc.status_code, exc.code, exc.message, retry)(scope, receive, send)
+            return
+        except StoreError:
+            await error_response(503, "unavailable", "The task store is unavailable; try again shortly.")(
+                scope, receive, send
+            )
+            return
+        await stream(scope, receive, send)
+
+    async def _open(self, scope: Scope, task_id: str | None) -> EventStream:
+        principal = scope.get(PRINCIPAL)
+        if not isinstance(principal, Principal):
+            raise Unauthorized()
+        try:
+            query = WatchQuery.model_validate(dict(parse_qsl(scope["query_string"].decode("latin-1"))))
+        except ValidationError as exc:
+            raise invalid(list(exc.errors())) from None
+        last_event_id = next(
+            (v.decode("latin-1") for k, v in scope["headers"] if k == b"last-event-id"), None
+        )
+        resume = _resume_point(last_event_id, query.after)
+        runtime = self.runtime
+        if task_id is not None:
+            if not _TASK_ID.match(task_id):
+                raise InvalidRequest("task_id: the id must match [A-Za-z0-9_-]{1,64}")
+            watch = await open_task_watch(runtime, principal, task_id)
+            return EventStream(task_items(runtime, watch, task_id, resume), watch)
+        watch = open_set_watch(runtime, principal, type=query.type, status=query.status, owner=query.owner)
+        return EventStream(set_items(runtime, watch, resume), watch)
+
+
+def _param(name: str, where: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": where,
+        "required": where == "path",
+        "schema": schema,
+        "description": description,
+    }
+
+
+_RESUME = [
+    _param("after", "query", {"type": "integer", "minimum": 0}, "Resume after this seq."),
+    _param("Last-Event-ID", "header", {"type": "string"}, "Resume after this seq (sent by EventSource)."),
+    _param("access_token", "query", {"type": "string"}, "The token, for clients that cannot set headers."),
+]
+_STREAM_RESPONSES = {
+    "200": {
+        "description": "An event stream.",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    },
+    "401": {"description": "No valid token."},
+    "404": {"description": "No such task (or another owner's)."},
+    "429": {"description": "Too many open watches."},
 }
 
-
-@router.get("/v1/tasks/{task_id}/watch", summary="Watch one task (SSE)", responses=STREAM)
-async def watch_task(
-    request: Request,
-    task_id: Annotated[str, Path(pattern=TASK_ID_PATTERN)],
-    after: After = None,
-    last_event_id: LastEventId = None,
-) -> StreamingResponse:
-    """``task.snapshot``, then every change as it commits, each with ``id: <seq>``; the stream
-    ends after a terminal event. Reconnect with ``Last-Event-ID`` (or ``?after=``) to resume."""
-    runtime: Runtime = request.app.state.runtime
-    resume = _resume_point(last_event_id, after)
-    watch = await open_task_watch(runtime, principal_of(request), task_id)
-    return _stream(task_items(runtime, watch, task_id, resume), watch)
-
-
-@router.get("/v1/watch", summary="Watch a set of tasks (SSE)", responses=STREAM)
-async def watch_tasks(
-    request: Request,
-    type: Annotated[str | None, Query(pattern=TYPE_PATTERN)] = None,
-    status: Status | None = None,
-    owner: Annotated[str | None, Query(min_length=1, max_length=256, description="admins only")] = None,
-    after: After = None,
-    last_event_id: LastEventId = None,
-) -> StreamingResponse:
-    """``tasks.snapshot`` (the matching unfinished tasks), then every matching event. Resume as
-    for one task; a resume point older than the log gets ``reset`` and a fresh snapshot."""
-    runtime: Runtime = request.app.state.runtime
-    resume = _resume_point(last_event_id, after)
-    watch = open_set_watch(runtime, principal_of(request), type=type, status=status, owner=owner)
-    return _stream(set_items(runtime, watch, resume), watch)
+#: The SSE endpoints' entries in the OpenAPI document (they are not FastAPI routes).
+OPENAPI_PATHS: dict[str, Any] = {
+    "/v1/tasks/{task_id}/watch": {
+        "get": {
+            "tags": ["watch"],
+            "summary": "Watch one task (SSE)",
+            "description": "`task.snapshot`, then every change as it commits, each with `id: <seq>`; the "
+            "stream ends after a terminal event. Reconnect with `Last-Event-ID` (or `?after=`) to resume.",
+            "operationId": "watch_task",
+            "parameters": [
+                _param("task_id", "path", {"type": "string", "pattern": TASK_ID_PATTERN}, "The task id."),
+                *_RESUME,
+            ],
+            "responses": _STREAM_RESPONSES,
+        }
+    },
+    "/v1/watch": {
+        "get": {
+            "tags": ["watch"],
+            "summary": "Watch a set of tasks (SSE)",
+            "description": "`tasks.snapshot` (the matching unfinished tasks), then every matching event. "
+            "Resume as for one task; a resume point older than the log gets `reset` and a fresh snapshot.",
+            "operationId": "watch_tasks",
+            "parameters": [
+                _param("type", "query", {"type": "string", "pattern": TYPE_PATTERN}, "Only this task type."),
+                _param("status", "query", {"type": "string", "enum": [s.value for s in Status]},
+                       "Only events that leave a task in this status."),
+                _param("owner", "query", {"type": "string"}, "Admins only: this owner's tasks."),
+                *_RESUME,
+            ],
+            "responses": _STREAM_RESPONSES,
+        }
+    },
+}  # fmt: skip
 
 
 # -- WebSocket --------------------------------------------------------------------------------------
@@ -399,16 +552,18 @@ class _Socket:
         await self.send(orjson.dumps({"op": "subscribed", "sub": sub}))
         self.subs[sub] = asyncio.create_task(self._pump(sub, items, watch))
 
-    async def _pump(self, sub: str, items: AsyncGenerator[Item, None], watch: Watch) -> None:
+    async def _pump(self, sub: str, items: AsyncGenerator[Batch, None], watch: Watch) -> None:
         tag = orjson.dumps(sub)
         try:
-            async for item in items:
-                if not item.name:
-                    continue  # WebSocket has its own pings
-                seq = b"null" if item.seq is None else str(item.seq).encode()
-                await self.send(
-                    b'{"sub":%s,"id":%s,"event":"%s","data":%s}' % (tag, seq, item.name.encode(), item.data)
-                )
+            async for batch in items:
+                for item in batch:
+                    if not item.name:
+                        continue  # WebSocket has its own pings
+                    seq = b"null" if item.seq is None else str(item.seq).encode()
+                    name = item.name.encode()
+                    await self.send(
+                        b'{"sub":%s,"id":%s,"event":"%s","data":%s}' % (tag, seq, name, item.data)
+                    )
             await self.send(b'{"op":"end","sub":%s}' % tag)
         except (WebSocketDisconnect, RuntimeError):
             pass  # the socket closed under us

@@ -26,4 +26,12 @@ def open_store(settings: Settings, clock: Clock) -> Store:
         from errands.store.sqlite import SqliteStore
 
         return SqliteStore(path, clock, synchronous=settings.sqlite_synchronous)
-    raise ConfigError("The database URL must start with sqlite:///.")
+    if url.startswith(("postgresql://", "postgres://")):
+        try:
+            from errands.store.postgres import PostgresStore
+        except ImportError:
+            raise ConfigError(
+                "PostgreSQL support needs the asyncpg driver: pip install 'errands[postgres]'."
+            ) from None
+        return PostgresStore(url, clock, pool_size=settings.pg_pool_size, write_lanes=settings.pg_write_lanes)
+    raise ConfigError("The database URL must start with sqlite:/// or postgresql://.")

@@ -11,12 +11,15 @@ Both implementations (SQLite, PostgreSQL) raise only :mod:`errands.errors` excep
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from errands.clock import Clock
 from errands.model import Change, Event, Status, TaskRecord
+
+log = logging.getLogger("errands.store")
 
 Decision = Callable[[TaskRecord], Change | None]
 CommitListener = Callable[[Sequence[Event]], None]
@@ -99,6 +102,7 @@ class Store(abc.ABC):
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self._listeners: list[CommitListener] = []
+        self._remote: list[Callable[[], None]] = []
 
     def add_commit_listener(self, listener: CommitListener) -> None:
         """Called on the event loop with the events of each local commit, in ``seq`` order.
@@ -107,6 +111,23 @@ class Store(abc.ABC):
         :meth:`events_since`.
         """
         self._listeners.append(listener)
+
+    def add_remote_listener(self, callback: Callable[[], None]) -> None:
+        """``callback()`` runs when another process may have committed events. Stores that
+        cannot tell (SQLite) never call it; the hub reads their log every ``log_poll_s``."""
+        self._remote.append(callback)
+
+    def _remote_commit(self) -> None:
+        for callback in self._remote:
+            try:
+                callback()
+            except Exception:
+                log.exception("a remote commit listener failed")
+
+    async def hold_sweeper_lock(self) -> bool:
+        """Whether this process should sweep now: one sweeper at a time where that can be
+        arranged (PostgreSQL); every process where sweeps are cheap and serialised (SQLite)."""
+        return True
 
     def _committed(self, events: Sequence[Event]) -> None:
         for listener in self._listeners:

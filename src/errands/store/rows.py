@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 
 from errands.model import Event, EventType, Status, TaskError, TaskRecord
+from errands.store.base import NewTask
 
 #: Column order of every ``SELECT`` of a task row.
 COLUMNS = (
@@ -60,7 +61,8 @@ def load_json(text: str | bytes | None) -> Any:
     return None if text is None else orjson.loads(text)
 
 
-def to_record(v: Sequence[Any]) -> TaskRecord:
+def to_record(v: Any) -> TaskRecord:
+    """A record from a row of ``COLUMNS`` (a tuple from SQLite, an ``asyncpg.Record``)."""
     code, message = v[13], v[14]
     return TaskRecord(
         id=v[0],
@@ -115,7 +117,7 @@ def values(r: TaskRecord, columns: Sequence[str] = COLUMNS) -> list[Any]:
     return out
 
 
-def to_event(v: Sequence[Any]) -> Event:
+def to_event(v: Any) -> Event:
     """An event from ``EVENT_COLUMNS`` values."""
     task = v[7]
     return Event(
@@ -128,3 +130,31 @@ def to_event(v: Sequence[Any]) -> Event:
         status=Status(v[6]),
         task_json=task if isinstance(task, bytes) else task.encode(),
     )
+
+
+def new_record(new: NewTask, now: float) -> TaskRecord:
+    """The record of a task as it is created (``seq`` is set when its event is written)."""
+    return TaskRecord(
+        id=new.id,
+        type=new.type,
+        owner=new.owner,
+        status=Status.PENDING,
+        input=new.input,
+        priority=new.priority,
+        max_attempts=new.max_attempts,
+        timeout_s=new.timeout_s,
+        created_at=now,
+        updated_at=now,
+        expires_at=now + new.expires_in_s,
+        fingerprint=new.fingerprint,
+        run_after=now,
+        queued_at=now,
+    )
+
+
+def with_seq(task_json: bytes, seq: int) -> bytes:
+    """A serialised task with its ``seq`` field (always the last one) set to ``seq``."""
+    head, sep, _ = task_json.rpartition(b',"seq":')
+    if not sep:
+        raise ValueError("a task snapshot without a seq field")
+    return b'%s,"seq":%d}' % (head, seq)

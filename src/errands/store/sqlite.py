@@ -24,7 +24,6 @@ import secrets
 import sqlite3
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from importlib import resources
 from typing import Any, TypeVar
 
 from errands.clock import Clock
@@ -35,7 +34,7 @@ from errands.errors import (
     StoreError,
     TooManyRequests,
 )
-from errands.model import Change, Event, EventType, Status, TaskRecord, start_attempt
+from errands.model import Change, Event, EventType, TaskRecord, start_attempt
 from errands.store.base import (
     ClaimSpec,
     Decision,
@@ -47,7 +46,17 @@ from errands.store.base import (
     TaskQuery,
     Tombstone,
 )
-from errands.store.rows import COLUMNS, EVENT_COLUMNS, MUTABLE, SELECT_LIST, to_event, to_record, values
+from errands.store.migrations import fresh_schema, migrations
+from errands.store.rows import (
+    COLUMNS,
+    EVENT_COLUMNS,
+    MUTABLE,
+    SELECT_LIST,
+    new_record,
+    to_event,
+    to_record,
+    values,
+)
 
 log = logging.getLogger("errands.store")
 
@@ -60,17 +69,6 @@ _SELECT_TASK = f"SELECT {SELECT_LIST} FROM tasks WHERE id = ?"
 _MAX_BATCH = 512
 _CHECKPOINT_EVERY = 200  # commits; the WAL is copied back into the database from a thread
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
-
-
-def migrations(dialect: str) -> list[tuple[int, str, str]]:
-    """``(version, name, sql)`` of a store's migrations, in order."""
-    folder = resources.files(f"errands.store.migrations.{dialect}")
-    found = []
-    for entry in folder.iterdir():
-        if entry.name.endswith(".sql"):
-            version = int(entry.name.split("_", 1)[0])
-            found.append((version, entry.name, entry.read_text(encoding="utf-8")))
-    return sorted(found)
 
 
 def _statements(script: str) -> list[str]:
@@ -390,12 +388,18 @@ class SqliteStore(Store):
                 "(version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
             )
             applied = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
-            done = []
-            for version, name, sql in migrations("sqlite"):
-                if version in applied:
-                    continue
-                for statement in _statements(sql):
+            known = migrations("sqlite")
+            if not applied:  # a new database gets the current schema in one go
+                todo = known
+                for statement in _statements(fresh_schema("sqlite")):
                     conn.execute(statement)
+            else:
+                todo = [m for m in known if m[0] not in applied]
+                for _, _, sql in todo:
+                    for statement in _statements(sql):
+                        conn.execute(statement)
+            done = []
+            for version, name, _ in todo:
                 conn.execute(
                     "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
                     (version, name, self.clock.now()),
@@ -457,7 +461,7 @@ class SqliteStore(Store):
                         code="too_many_pending",
                         retry_after_s=5,
                     )
-            return tx.insert(_new_record(new, now)), True
+            return tx.insert(new_record(new, now)), True
 
         return await self._write(op)
 
@@ -708,25 +712,6 @@ class SqliteStore(Store):
 
     async def admin_key_hashes(self) -> set[str]:
         return {r[0] for r in self._read("SELECT hash FROM admin_keys")}
-
-
-def _new_record(new: NewTask, now: float) -> TaskRecord:
-    return TaskRecord(
-        id=new.id,
-        type=new.type,
-        owner=new.owner,
-        status=Status.PENDING,
-        input=new.input,
-        priority=new.priority,
-        max_attempts=new.max_attempts,
-        timeout_s=new.timeout_s,
-        created_at=now,
-        updated_at=now,
-        expires_at=now + new.expires_in_s,
-        fingerprint=new.fingerprint,
-        run_after=now,
-        queued_at=now,
-    )
 
 
 def _lease_token() -> str:

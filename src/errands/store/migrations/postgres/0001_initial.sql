@@ -1,0 +1,83 @@
+-- Tasks, the event log, tombstones of purged tasks and the service's own small state.
+-- Times are seconds since the epoch (double precision); JSON is stored as text, snapshots as bytea.
+-- Tables carry an errands_ prefix: the database may be shared with the application.
+
+CREATE TABLE errands_tasks (
+    id                text PRIMARY KEY,
+    type              text NOT NULL,
+    owner             text NOT NULL,
+    status            text NOT NULL,
+    input             text NOT NULL,
+    priority          integer NOT NULL,
+    max_attempts      integer NOT NULL,
+    timeout_s         double precision NOT NULL,
+    created_at        double precision NOT NULL,
+    updated_at        double precision NOT NULL,
+    expires_at        double precision NOT NULL,
+    fingerprint       text NOT NULL,
+    result            text,
+    error_code        text,
+    error_message     text,
+    progress          integer NOT NULL DEFAULT 0,
+    message           text,
+    attempt           integer NOT NULL DEFAULT 0,
+    external_id       text,
+    webhook_received  boolean NOT NULL DEFAULT false,
+    notification_sent boolean NOT NULL DEFAULT false,
+    started_at        double precision,
+    finished_at       double precision,
+    seq               bigint NOT NULL,
+    run_after         double precision NOT NULL,
+    queued_at         double precision NOT NULL,
+    lease_token       text,
+    lease_expires_at  double precision,
+    deadline_at       double precision,
+    worker_id         text,
+    manual_retries    integer NOT NULL DEFAULT 0
+);
+
+CREATE INDEX errands_tasks_queue ON errands_tasks (priority DESC, created_at, id) WHERE status = 'pending';
+CREATE INDEX errands_tasks_backoff ON errands_tasks (run_after) WHERE status = 'pending' AND run_after > created_at;
+CREATE INDEX errands_tasks_running ON errands_tasks (type, owner) WHERE status = 'processing';
+CREATE INDEX errands_tasks_pending_owner ON errands_tasks (owner) WHERE status = 'pending';
+CREATE INDEX errands_tasks_owner_created ON errands_tasks (owner, created_at DESC, id DESC);
+CREATE INDEX errands_tasks_created ON errands_tasks (created_at DESC, id DESC);
+CREATE INDEX errands_tasks_unfinished_expiry ON errands_tasks (expires_at) WHERE status IN ('pending', 'processing');
+CREATE INDEX errands_tasks_finished ON errands_tasks (finished_at) WHERE finished_at IS NOT NULL;
+
+CREATE TABLE errands_events (
+    seq       bigint PRIMARY KEY,
+    type      text NOT NULL,
+    at        double precision NOT NULL,
+    task_id   text NOT NULL,
+    owner     text NOT NULL,
+    task_type text NOT NULL,
+    status    text NOT NULL,
+    task      bytea NOT NULL
+);
+CREATE INDEX errands_events_task ON errands_events (task_id, seq);
+
+-- The event counter. Every write transaction takes its seqs from this one row in its last
+-- statement and holds the row lock until it commits, so seq order is commit order on every node.
+CREATE TABLE errands_seq (
+    id    integer PRIMARY KEY CHECK (id = 1),
+    value bigint NOT NULL
+) WITH (fillfactor = 10);
+INSERT INTO errands_seq (id, value) VALUES (1, 0);
+
+CREATE TABLE errands_tombstones (
+    id        text PRIMARY KEY,
+    owner     text NOT NULL,
+    purged_at double precision NOT NULL
+);
+CREATE INDEX errands_tombstones_purged ON errands_tombstones (purged_at);
+
+CREATE TABLE errands_meta (
+    key   text PRIMARY KEY,
+    value text NOT NULL
+);
+
+CREATE TABLE errands_admin_keys (
+    hash       text PRIMARY KEY,
+    created_at double precision NOT NULL
+);

@@ -1,0 +1,842 @@
+"""The distributed store: PostgreSQL through asyncpg, shared by any number of nodes and workers.
+
+Writes go through a small writer, as on SQLite, so concurrent changes share transactions; a few
+lanes (pooled connections) work in parallel. A transaction runs in two phases:
+
+1. the changes: each decision locks and reads its row (``SELECT … FOR UPDATE``; claims use
+   ``SKIP LOCKED``), decides, and buffers the new record; creates insert at once, so a concurrent
+   duplicate is detected by the primary key;
+2. one statement that takes the batch's seqs from the one-row counter ``errands_seq``, writes
+   every changed row, appends every event and notifies listeners, then ``COMMIT``.
+
+Because each transaction takes its seqs in its last statement and holds the counter's row lock
+until it commits, seq order is commit order across every node, seqs are dense, and a reader that
+follows ``seq > last`` never skips an event that commits late (the pitfall of sequences, whose
+numbers are handed out in call order, not commit order). Only that last statement and the commit
+are serialised cluster-wide; batching keeps them few.
+
+Other nodes learn of commits through ``LISTEN``/``NOTIFY`` (the payload is only the last seq; the
+hub reads the log itself), with a dedicated connection that reconnects by itself; the hub catches
+up from its last seq after every reconnect, so nothing is missed while it was away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from errands.clock import Clock
+from errands.errors import ConfigError, ErrandsError, IdConflict, NotFound, StoreError, TooManyRequests
+from errands.model import Change, Event, EventType, Status, TaskRecord, start_attempt
+from errands.store.base import (
+    ClaimSpec,
+    Decision,
+    DueTasks,
+    NewTask,
+    Outcome,
+    StatsRows,
+    Store,
+    TaskQuery,
+    Tombstone,
+)
+from errands.store.migrations import fresh_schema, migrations
+from errands.store.rows import (
+    COLUMNS,
+    EVENT_COLUMNS,
+    MUTABLE,
+    SELECT_LIST,
+    new_record,
+    to_record,
+    values,
+    with_seq,
+)
+
+log = logging.getLogger("errands.store")
+
+T = TypeVar("T")
+_MAX_BATCH = 256
+_CHANNEL = "errands_events"
+_SWEEPER_LOCK = 0x6572_7261_6E64_73  # "errands": the advisory lock one sweeper holds at a time
+_RETRYABLE = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+_CONNECTION_ERRORS = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+_PG_TYPES = {
+    "id": "text",
+    "type": "text",
+    "owner": "text",
+    "status": "text",
+    "input": "text",
+    "priority": "int4",
+    "max_attempts": "int4",
+    "timeout_s": "float8",
+    "created_at": "float8",
+    "updated_at": "float8",
+    "expires_at": "float8",
+    "fingerprint": "text",
+    "result": "text",
+    "error_code": "text",
+    "error_message": "text",
+    "progress": "int4",
+    "message": "text",
+    "attempt": "int4",
+    "external_id": "text",
+    "webhook_received": "bool",
+    "notification_sent": "bool",
+    "started_at": "float8",
+    "finished_at": "float8",
+    "seq": "int8",
+    "run_after": "float8",
+    "queued_at": "float8",
+    "lease_token": "text",
+    "lease_expires_at": "float8",
+    "deadline_at": "float8",
+    "worker_id": "text",
+    "manual_retries": "int4",
+}
+_WRITTEN = [c for c in MUTABLE if c != "seq"]
+
+
+def _commit_sql() -> str:
+    """The second phase: take seqs, write rows, append events, notify; one round trip."""
+    n_rows = len(_WRITTEN) + 2  # id, ord, then the columns
+    row_args = ", ".join(
+        f"${i + 2}::{t}[]" for i, t in enumerate(["text", "int4"] + [_PG_TYPES[c] for c in _WRITTEN])
+    )
+    row_names = ", ".join(["id", "ord", *_WRITTEN])
+    first_event = n_rows + 2
+    event_types = ["int4", "text", "float8", "text", "text", "text", "text", "bytea"]
+    event_args = ", ".join(f"${first_event + i}::{t}[]" for i, t in enumerate(event_types))
+    sets = ", ".join(f"{c} = r.{c}" for c in _WRITTEN)
+    return f"""
+WITH s AS (
+    UPDATE errands_seq SET value = value + $1 WHERE id = 1 RETURNING value - $1 AS base
+), written AS (
+    UPDATE errands_tasks t SET {sets}, seq = s.base + r.ord
+    FROM s, unnest({row_args}) AS r({row_names})
+    WHERE t.id = r.id
+), events AS (
+    INSERT INTO errands_events ({EVENT_COLUMNS})
+    SELECT s.base + e.ord, e.type, e.at, e.task_id, e.owner, e.task_type, e.status, e.task
+    FROM s, unnest({event_args}) AS e(ord, type, at, task_id, owner, task_type, status, task)
+)
+SELECT base, pg_notify('{_CHANNEL}', (base + $1)::text) FROM s
+"""
+
+
+_COMMIT = _commit_sql()
+_SELECT_TASK = f"SELECT {SELECT_LIST} FROM errands_tasks WHERE id = $1"
+_INSERT_TASK = (
+    f"INSERT INTO errands_tasks ({SELECT_LIST}) "
+    f"SELECT {', '.join(f'${i + 1}::{_PG_TYPES[c]}' for i, c in enumerate(COLUMNS))} "
+    f"WHERE NOT EXISTS (SELECT 1 FROM errands_tombstones WHERE id = $1) "
+    "ON CONFLICT (id) DO NOTHING RETURNING id"
+)
+
+
+class _Tx:
+    """One write transaction, as seen by the changes of a batch (see the module docstring)."""
+
+    def __init__(self, conn: PoolConnectionProxy[asyncpg.Record]) -> None:
+        self.conn = conn
+        self.pending: list[tuple[TaskRecord, EventType]] = []
+        self.overlay: dict[str, TaskRecord] = {}
+        # Tasks this transaction started, per (type, owner): not yet written, so not counted by
+        # a query, but they count against concurrency_per_owner for the next claim in the batch.
+        self.started: dict[tuple[str, str], int] = {}
+
+    def mark(self) -> int:
+        return len(self.pending)
+
+    def reset(self, mark: int) -> None:
+        del self.pending[mark:]
+        self.overlay = {record.id: record for record, _ in self.pending}
+
+    async def load(self, task_id: str) -> TaskRecord | None:
+        if task_id in self.overlay:
+            return self.overlay[task_id]
+        row = await self.conn.fetchrow(_SELECT_TASK + " FOR UPDATE", task_id)
+        return None if row is None else to_record(row)
+
+    def write(self, change: Change) -> TaskRecord:
+        self.pending.append((change.record, change.event))
+        self.overlay[change.record.id] = change.record
+        return change.record
+
+    async def insert(self, record: TaskRecord) -> bool:
+        """Insert a new task; ``False`` if its id is taken (or was, by a purged task)."""
+        inserted = await self.conn.fetchval(_INSERT_TASK, *values(record))
+        if inserted is None:
+            return False
+        self.pending.append((record, EventType.CREATED))
+        self.overlay[record.id] = record
+        return True
+
+    async def apply(self, task_id: str, decide: Decision) -> TaskRecord:
+        current = await self.load(task_id)
+        if current is None:
+            raise NotFound()
+        change = decide(current)
+        return current if change is None else self.write(change)
+
+    async def commit_changes(self) -> list[Event]:
+        """Phase 2: seqs, rows, events, notification. Sets each written record's seq."""
+        if not self.pending:
+            return []
+        last_ord: dict[str, int] = {}
+        for ord_, (record, _) in enumerate(self.pending, start=1):
+            last_ord[record.id] = ord_
+        finals = [self.pending[o - 1][0] for o in last_ord.values()]
+        row_arrays: list[list[Any]] = [[r.id for r in finals], list(last_ord.values())]
+        written = [values(r, _WRITTEN) for r in finals]
+        row_arrays.extend([row[i] for row in written] for i in range(len(_WRITTEN)))
+        snapshots = [record.public_json() for record, _ in self.pending]
+        event_arrays: list[list[Any]] = [
+            list(range(1, len(self.pending) + 1)),
+            [kind.value for _, kind in self.pending],
+            [record.updated_at for record, _ in self.pending],
+            [record.id for record, _ in self.pending],
+            [record.owner for record, _ in self.pending],
+            [record.type for record, _ in self.pending],
+            [record.status.value for record, _ in self.pending],
+            snapshots,
+        ]
+        base = await self.conn.fetchval(_COMMIT, len(self.pending), *row_arrays, *event_arrays)
+        events = []
+        for ord_, ((record, kind), snapshot) in enumerate(zip(self.pending, snapshots, strict=True), start=1):
+            seq = base + ord_
+            if last_ord[record.id] == ord_:
+                object.__setattr__(record, "seq", seq)  # fresh records, not shared yet
+            events.append(
+                Event(seq, kind, record.updated_at, record.id, record.owner, record.type, record.status,
+                      with_seq(snapshot, seq))
+            )  # fmt: skip
+        return events
+
+
+_Op = Callable[[_Tx], Awaitable[Any]]
+_Job = tuple[_Op, "asyncio.Future[Any]"]
+
+
+def _is_op_error(exc: BaseException) -> bool:
+    """An error a change raised on its own (refused, not found…), as opposed to a database error."""
+    return isinstance(exc, ErrandsError | ValueError) and not isinstance(exc, StoreError)
+
+
+class _Writer:
+    """Batches changes into transactions on a few lanes (connections) working in parallel."""
+
+    def __init__(self, pool: asyncpg.Pool, on_commit: Callable[[Sequence[Event]], None], lanes: int) -> None:
+        self._pool = pool
+        self._on_commit = on_commit
+        self._queue: deque[_Job] = deque()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._lanes = [asyncio.create_task(self._lane(), name=f"errands-pg-writer-{i}") for i in range(lanes)]
+
+    def alive(self) -> bool:
+        return all(not lane.done() for lane in self._lanes)
+
+    def submit(self, fn: _Op) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self._stopping:
+            future.set_exception(StoreError("The store is closed."))
+            return future
+        self._queue.append((fn, future))
+        self._wake.set()
+        return future
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        await asyncio.gather(*self._lanes, return_exceptions=True)
+        for _, future in self._queue:
+            if not future.done():
+                future.set_exception(StoreError("The store is closed."))
+
+    async def _lane(self) -> None:
+        while True:
+            if not self._queue:
+                if self._stopping:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = [self._queue.popleft() for _ in range(min(_MAX_BATCH, len(self._queue)))]
+            if self._queue:
+                self._wake.set()  # let another lane take the rest
+            try:
+                await self._run(batch)
+            except Exception as exc:  # never let a lane die; fail the batch instead
+                log.exception("postgres write lane failed")
+                self._settle(
+                    [(f, None, StoreError("The database could not save the change.")) for _, f in batch]
+                )
+                del exc
+
+    async def _run(self, batch: list[_Job]) -> None:
+        for attempt in range(3):
+            try:
+                results, events = await self._transaction(batch)
+            except _RETRYABLE:
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.01 * (attempt + 1))
+                continue
+            except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+                if len(batch) > 1 and not isinstance(exc, _CONNECTION_ERRORS):
+                    for job in batch:  # find the change that broke it; the others still land
+                        await self._run([job])
+                    return
+                log.error("postgres write failed: %s", exc)
+                error = StoreError("The database could not save the change.")
+                error.__cause__ = exc
+                self._settle([(f, None, error) for _, f in batch])
+                return
+            if events:
+                try:
+                    self._on_commit(events)
+                except Exception:
+                    log.exception("a commit listener failed")
+            self._settle(results)
+            return
+
+    async def _transaction(
+        self, batch: list[_Job]
+    ) -> tuple[list[tuple[asyncio.Future[Any], Any, BaseException | None]], list[Event]]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            tx = _Tx(conn)
+            results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+            for fn, future in batch:
+                mark = tx.mark()
+                try:
+                    result = await fn(tx)
+                except Exception as exc:
+                    if not _is_op_error(exc):
+                        raise
+                    tx.reset(mark)
+                    results.append((future, None, exc))
+                else:
+                    results.append((future, result, None))
+            events = await tx.commit_changes()
+        return results, events
+
+    @staticmethod
+    def _settle(results: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+        for future, result, error in results:
+            if future.done():
+                continue
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+
+
+class PostgresStore(Store):
+    """A :class:`Store` on PostgreSQL (see the module docstring)."""
+
+    dialect = "postgres"
+    #: NOTIFY wakes the hub at once; this is only the safety net.
+    log_poll_s = 1.0
+
+    def __init__(self, url: str, clock: Clock, *, pool_size: int = 8, write_lanes: int = 3) -> None:
+        super().__init__(clock)
+        self.url = url
+        self._pool_size = max(2, pool_size)
+        self._lanes = max(1, min(write_lanes, self._pool_size - 1))
+        self._pool: asyncpg.Pool | None = None
+        self._writer: _Writer | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._listen_conn: asyncpg.Connection | None = None
+        self._lock_conn: asyncpg.Connection | None = None
+        self.listening = asyncio.Event()
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    async def _connect(self) -> asyncpg.Connection:
+        try:
+            return await asyncpg.connect(self.url, timeout=10)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise ConfigError(f"Cannot connect to PostgreSQL at {_safe_url(self.url)}: {exc}.") from None
+
+    async def open(self, *, migrate: bool = True) -> None:
+        if migrate:
+            await self.migrate()
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url, min_size=1, max_size=self._pool_size, command_timeout=30, timeout=10
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise ConfigError(f"Cannot connect to PostgreSQL at {_safe_url(self.url)}: {exc}.") from None
+        if not migrate and await self._pending_migrations():
+            raise ConfigError("The database schema is not up to date; run `errands migrate`.")
+        self._writer = _Writer(self._pool, self._committed, self._lanes)
+        self._listener = asyncio.create_task(self._listen(), name="errands-pg-listen")
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        if self._writer is not None:
+            await self._writer.stop()
+            self._writer = None
+        for conn in (self._listen_conn, self._lock_conn):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close(timeout=2)
+        self._listen_conn = self._lock_conn = None
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pool.close(), 5)
+            self._pool = None
+
+    async def _listen(self) -> None:
+        """Keep a LISTEN connection; on every (re)connect, tell the listeners to catch up."""
+        delay = 0.2
+        while True:
+            try:
+                conn = await asyncpg.connect(self.url, timeout=10)
+                self._listen_conn = conn
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _, gone=lost: gone.set())
+                await conn.add_listener(_CHANNEL, lambda *_: self._remote_commit())
+                self.listening.set()
+                delay = 0.2
+                self._remote_commit()
+                while not lost.is_set() and not conn.is_closed():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), 5)
+                    if not lost.is_set():
+                        await conn.execute("SELECT 1")  # notice a silently dead connection
+                log.warning("listening for events failed: the connection was lost; reconnecting")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("listening for events failed (%s); reconnecting", type(exc).__name__)
+            self.listening.clear()
+            await asyncio.sleep(delay)
+            delay = min(5.0, delay * 2)
+
+    async def migrate(self) -> list[int]:
+        conn = await self._connect()
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _SWEEPER_LOCK + 1)
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS errands_schema_migrations "
+                    "(version integer PRIMARY KEY, name text NOT NULL, applied_at double precision NOT NULL)"
+                )
+                applied = {r[0] for r in await conn.fetch("SELECT version FROM errands_schema_migrations")}
+                known = migrations("postgres")
+                if not applied:
+                    await conn.execute(fresh_schema("postgres"))
+                    todo = known
+                else:
+                    todo = [m for m in known if m[0] not in applied]
+                    for _, _, sql in todo:
+                        await conn.execute(sql)
+                for version, name, _ in todo:
+                    await conn.execute(
+                        "INSERT INTO errands_schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+                        version,
+                        name,
+                        self.clock.now(),
+                    )
+                return [v for v, _, _ in todo]
+        except asyncpg.PostgresError as exc:
+            raise StoreError(f"Migrating the PostgreSQL database failed: {exc}.") from exc
+        finally:
+            await conn.close()
+
+    async def _pending_migrations(self) -> list[int]:
+        try:
+            applied = {r[0] for r in await self._fetch("SELECT version FROM errands_schema_migrations")}
+        except StoreError:
+            applied = set()
+        return [v for v, _, _ in migrations("postgres") if v not in applied]
+
+    async def ping(self) -> None:
+        if self._writer is None or not self._writer.alive():
+            raise StoreError("The PostgreSQL writer is not running.")
+        await self._fetch("SELECT 1")
+
+    async def hold_sweeper_lock(self) -> bool:
+        """Whether this process is the one sweeper (a session advisory lock, lost with its node)."""
+        try:
+            if self._lock_conn is None or self._lock_conn.is_closed():
+                self._lock_conn = await asyncpg.connect(self.url, timeout=10)
+                self._lock_held = False
+            if not getattr(self, "_lock_held", False):
+                self._lock_held = bool(
+                    await self._lock_conn.fetchval("SELECT pg_try_advisory_lock($1)", _SWEEPER_LOCK)
+                )
+            else:
+                await self._lock_conn.execute("SELECT 1")
+            return self._lock_held
+        except (*_CONNECTION_ERRORS, asyncpg.PostgresError):
+            self._lock_conn = None
+            self._lock_held = False
+            return False
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Any]:
+        if self._pool is None:
+            raise StoreError("The store is closed.")
+        try:
+            return list(await self._pool.fetch(sql, *args))
+        except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+            raise StoreError("The database could not be read.") from exc
+
+    async def _write(self, fn: Callable[[_Tx], Awaitable[T]]) -> T:
+        if self._writer is None:
+            raise StoreError("The store is closed.")
+        result: T = await self._writer.submit(fn)
+        return result
+
+    # -- tasks --------------------------------------------------------------------------------
+
+    async def create(
+        self, new: NewTask, *, max_pending_per_owner: int | None = None
+    ) -> tuple[TaskRecord, bool]:
+        record = new_record(new, self.clock.now())
+
+        async def op(tx: _Tx) -> tuple[TaskRecord, bool]:
+            if max_pending_per_owner is not None:
+                pending = await tx.conn.fetchval(
+                    "SELECT count(*) FROM (SELECT 1 FROM errands_tasks WHERE owner = $1 AND status = 'pending' "
+                    "LIMIT $2) p",
+                    new.owner,
+                    max_pending_per_owner,
+                )
+                if pending >= max_pending_per_owner:
+                    raise TooManyRequests(
+                        f"The owner already has {pending} pending tasks, the most allowed.",
+                        code="too_many_pending",
+                        retry_after_s=5,
+                    )
+            if await tx.insert(record):
+                return record, True
+            existing = await tx.load(new.id)
+            if existing is None:
+                raise IdConflict("This id belonged to a task that has been purged.")
+            if existing.fingerprint != new.fingerprint:
+                raise IdConflict()
+            return existing, False
+
+        return await self._write(op)
+
+    async def get(self, task_id: str) -> TaskRecord | Tombstone | None:
+        rows = await self._fetch(_SELECT_TASK, task_id)
+        if rows:
+            return to_record(rows[0])
+        rows = await self._fetch("SELECT id, owner, purged_at FROM errands_tombstones WHERE id = $1", task_id)
+        return Tombstone(*rows[0]) if rows else None
+
+    async def list_tasks(self, query: TaskQuery) -> list[TaskRecord]:
+        clauses: list[str] = []
+        args: list[Any] = []
+        for column, value in (
+            ("owner", query.owner),
+            ("id", query.task_id),
+            ("status", query.status.value if query.status else None),
+            ("type", query.type),
+        ):
+            if value is not None:
+                args.append(value)
+                clauses.append(f"{column} = ${len(args)}")
+        if query.before is not None:
+            args.extend(query.before)
+            clauses.append(f"(created_at, id) < (${len(args) - 1}, ${len(args)})")
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        args.append(query.limit)
+        sql = f"SELECT {SELECT_LIST} FROM errands_tasks {where} ORDER BY created_at DESC, id DESC LIMIT ${len(args)}"
+        return [to_record(r) for r in await self._fetch(sql, *args)]
+
+    async def apply(self, task_id: str, decide: Decision) -> TaskRecord:
+        async def op(tx: _Tx) -> TaskRecord:
+            return await tx.apply(task_id, decide)
+
+        return await self._write(op)
+
+    async def apply_many(self, decisions: Sequence[tuple[str, Decision]]) -> list[Outcome]:
+        async def op(tx: _Tx) -> list[Outcome]:
+            # Lock in id order: two batches touching the same tasks then never deadlock.
+            ids = sorted({task_id for task_id, _ in decisions})
+            rows = await tx.conn.fetch(
+                f"SELECT {SELECT_LIST} FROM errands_tasks WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
+                ids,
+            )
+            for row in rows:
+                record = to_record(row)
+                tx.overlay.setdefault(record.id, record)
+            outcomes = []
+            for task_id, decide in decisions:
+                mark = tx.mark()
+                try:
+                    outcomes.append(Outcome(await tx.apply(task_id, decide), None))
+                except Exception as exc:
+                    if not _is_op_error(exc):
+                        raise
+                    tx.reset(mark)
+                    outcomes.append(Outcome(None, exc))
+            return outcomes
+
+        return await self._write(op)
+
+    async def claim(
+        self, *, worker_id: str, specs: Sequence[ClaimSpec], limit: int, lease_s: float
+    ) -> list[TaskRecord]:
+        if limit <= 0 or not specs:
+            return []
+        by_type = {s.type: s for s in specs}
+        limited = [s.type for s in specs if s.concurrency_per_owner is not None]
+        window = limit * 4 + 32 if limited else limit
+
+        async def op(tx: _Tx) -> list[TaskRecord]:
+            now = self.clock.now()
+            rows = await tx.conn.fetch(
+                f"SELECT {SELECT_LIST} FROM errands_tasks WHERE status = 'pending' AND type = ANY($1::text[]) "
+                "AND run_after <= $2 ORDER BY priority DESC, created_at, id LIMIT $3 FOR UPDATE SKIP LOCKED",
+                list(by_type),
+                now,
+                window,
+            )
+            running: dict[tuple[str, str], int] = {}
+            locked: dict[tuple[str, str], bool] = {}
+            claimed: list[TaskRecord] = []
+            for row in rows:
+                record = to_record(row)
+                cap = by_type[record.type].concurrency_per_owner
+                key = (record.type, record.owner)
+                if cap is not None:
+                    if key not in locked:
+                        # One claimer per (type, owner) at a time, or two could each see room for one more.
+                        locked[key] = bool(
+                            await tx.conn.fetchval(
+                                "SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0))",
+                                f"{record.type} {record.owner}",  # type names have no spaces
+                            )
+                        )
+                        if locked[key]:
+                            running[key] = tx.started.get(key, 0) + await tx.conn.fetchval(
+                                "SELECT count(*) FROM errands_tasks WHERE status = 'processing' "
+                                "AND type = $1 AND owner = $2",
+                                record.type,
+                                record.owner,
+                            )
+                    if not locked[key] or running[key] >= cap:
+                        continue
+                    running[key] += 1
+                    tx.started[key] = tx.started.get(key, 0) + 1
+                change = start_attempt(
+                    record, now=now, worker_id=worker_id, lease_token=secrets.token_hex(12), lease_s=lease_s
+                )
+                claimed.append(tx.write(change))
+                if len(claimed) >= limit:
+                    break
+            return claimed
+
+        return await self._write(op)
+
+    async def renew(self, leases: Mapping[str, str], lease_s: float) -> set[str]:
+        if not leases:
+            return set()
+        rows = await self._fetch(
+            "UPDATE errands_tasks t SET lease_expires_at = $1 FROM unnest($2::text[], $3::text[]) AS l(id, token) "
+            "WHERE t.id = l.id AND t.status = 'processing' AND t.lease_token = l.token RETURNING t.id",
+            self.clock.now() + lease_s,
+            list(leases),
+            list(leases.values()),
+        )
+        return set(leases) - {r[0] for r in rows}
+
+    async def next_ready_at(self, types: Sequence[str]) -> float | None:
+        if not types:
+            return None
+        rows = await self._fetch(
+            "SELECT min(run_after) FROM errands_tasks WHERE status = 'pending' AND run_after > created_at "
+            "AND type = ANY($1::text[])",
+            list(types),
+        )
+        return rows[0][0] if rows else None
+
+    # -- the event log ------------------------------------------------------------------------
+
+    async def events(self, task_id: str, *, after: int = 0, limit: int = 1000) -> list[Event]:
+        rows = await self._fetch(
+            f"SELECT {EVENT_COLUMNS} FROM errands_events WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            task_id,
+            after,
+            limit,
+        )
+        return [_to_event(r) for r in rows]
+
+    async def events_since(self, after: int, *, limit: int = 1000) -> list[Event]:
+        rows = await self._fetch(
+            f"SELECT {EVENT_COLUMNS} FROM errands_events WHERE seq > $1 ORDER BY seq LIMIT $2", after, limit
+        )
+        return [_to_event(r) for r in rows]
+
+    async def last_seq(self) -> int:
+        rows = await self._fetch("SELECT value FROM errands_seq WHERE id = 1")
+        return int(rows[0][0])
+
+    async def owner_events(self, owner: str | None, *, after: int, until: int, limit: int) -> list[Event]:
+        if owner is None:
+            rows = await self._fetch(
+                f"SELECT {EVENT_COLUMNS} FROM errands_events WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3",
+                after,
+                until,
+                limit,
+            )
+        else:
+            rows = await self._fetch(
+                f"SELECT {EVENT_COLUMNS} FROM errands_events WHERE owner = $1 AND seq > $2 AND seq <= $3 "
+                "ORDER BY seq LIMIT $4",
+                owner,
+                after,
+                until,
+                limit,
+            )
+        return [_to_event(r) for r in rows]
+
+    async def horizon(self) -> int:
+        rows = await self._fetch("SELECT value FROM errands_meta WHERE key = 'horizon'")
+        return int(rows[0][0]) if rows else 0
+
+    # -- sweeping -----------------------------------------------------------------------------
+
+    async def due(self, *, now: float, limit: int) -> DueTasks:
+        leases = await self._fetch(
+            "SELECT id FROM errands_tasks WHERE status = 'processing' AND lease_token IS NOT NULL "
+            "AND lease_expires_at < $1 LIMIT $2",
+            now,
+            limit,
+        )
+        deadlines = await self._fetch(
+            "SELECT id FROM errands_tasks WHERE status = 'processing' AND lease_token IS NOT NULL "
+            "AND deadline_at < $1 LIMIT $2",
+            now,
+            limit,
+        )
+        expired = await self._fetch(
+            "SELECT id FROM errands_tasks WHERE status IN ('pending', 'processing') AND expires_at < $1 LIMIT $2",
+            now,
+            limit,
+        )
+        return DueTasks([r[0] for r in leases], [r[0] for r in deadlines], [r[0] for r in expired])
+
+    async def purge(self, *, finished_before: float, tombstones_before: float, limit: int) -> int:
+        now = self.clock.now()
+
+        async def op(tx: _Tx) -> int:
+            rows = await tx.conn.fetch(
+                "DELETE FROM errands_tasks WHERE id IN (SELECT id FROM errands_tasks WHERE finished_at IS NOT NULL "
+                "AND finished_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id, owner",
+                finished_before,
+                limit,
+            )
+            if rows:
+                ids = [r[0] for r in rows]
+                top = await tx.conn.fetchval(
+                    "WITH gone AS (DELETE FROM errands_events WHERE task_id = ANY($1::text[]) RETURNING seq) "
+                    "SELECT max(seq) FROM gone",
+                    ids,
+                )
+                if top is not None:
+                    await tx.conn.execute(
+                        "UPDATE errands_meta SET value = GREATEST(value::bigint, $1)::text WHERE key = 'horizon'",
+                        top,
+                    )
+                await tx.conn.execute(
+                    "INSERT INTO errands_tombstones (id, owner, purged_at) SELECT i, o, $3 "
+                    "FROM unnest($1::text[], $2::text[]) AS t(i, o) ON CONFLICT (id) DO UPDATE SET purged_at = $3",
+                    ids,
+                    [r[1] for r in rows],
+                    now,
+                )
+            await tx.conn.execute("DELETE FROM errands_tombstones WHERE purged_at < $1", tombstones_before)
+            return len(rows)
+
+        return await self._write(op)
+
+    async def stats(self, *, since: float, sample: int) -> StatsRows:
+        counts = await self._fetch("SELECT status, type, count(*) FROM errands_tasks GROUP BY status, type")
+        waits = await self._fetch(
+            "SELECT started_at - queued_at FROM errands_tasks WHERE started_at >= $1 ORDER BY started_at DESC LIMIT $2",
+            since,
+            sample,
+        )
+        runs = await self._fetch(
+            "SELECT finished_at - started_at FROM errands_tasks WHERE finished_at IS NOT NULL AND finished_at >= $1 "
+            "AND started_at IS NOT NULL AND status != 'cancelled' ORDER BY finished_at DESC LIMIT $2",
+            since,
+            sample,
+        )
+        return StatsRows(
+            counts=[(r[0], r[1], int(r[2])) for r in counts],
+            waits_s=[max(0.0, r[0]) for r in waits],
+            runs_s=[max(0.0, r[0]) for r in runs],
+        )
+
+    # -- service state ------------------------------------------------------------------------
+
+    async def meta_setdefault(self, key: str, value: str) -> str:
+        rows = await self._fetch(
+            "WITH ins AS (INSERT INTO errands_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING "
+            "RETURNING value) SELECT value FROM ins UNION ALL SELECT value FROM errands_meta WHERE key = $1 LIMIT 1",
+            key,
+            value,
+        )
+        return str(rows[0][0])
+
+    async def add_admin_key(self, key_hash: str) -> None:
+        await self._fetch(
+            "INSERT INTO errands_admin_keys (hash, created_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            key_hash,
+            self.clock.now(),
+        )
+
+    async def admin_key_hashes(self) -> set[str]:
+        return {r[0] for r in await self._fetch("SELECT hash FROM errands_admin_keys")}
+
+
+def _to_event(row: Any) -> Event:
+    """An event from the log; its snapshot was written before its seq was known."""
+    return Event(
+        seq=row[0],
+        type=EventType(row[1]),
+        at=row[2],
+        task_id=row[3],
+        owner=row[4],
+        task_type=row[5],
+        status=Status(row[6]),
+        task_json=with_seq(bytes(row[7]), row[0]),
+    )
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    head, sep, tail = url.partition("@")
+    if not sep:
+        return url
+    scheme, _, credentials = head.partition("://")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}@{tail}"
