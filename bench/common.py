@@ -94,12 +94,27 @@ class Server:
 
 
 class Worker:
-    """``errands worker`` in a subprocess, on a server's database."""
+    """``errands worker`` in a subprocess, on a server's database (or any database, with ``on``)."""
 
     def __init__(self, server: Server, *args: str) -> None:
+        self._start(server.env, args)
+
+    @classmethod
+    def on(cls, db: str, *args: str, env: dict[str, str] | None = None) -> Worker:
+        worker = cls.__new__(cls)
+        full_env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("ERRANDS_")},
+            "ERRANDS_DB": db,
+            "ERRANDS_LOG_LEVEL": "warning",
+            **(env or {}),
+        }
+        worker._start(full_env, args)
+        return worker
+
+    def _start(self, env: dict[str, str], args: tuple[str, ...]) -> None:
         self.proc = subprocess.Popen(
             [ERRANDS, "worker", *args],
-            env=server.env,
+            env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

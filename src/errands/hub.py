@@ -123,8 +123,12 @@ class Hub:
         max_watches: int = 20_000,
         max_watches_per_owner: int = 100,
         watch_buffer: int = 1000,
+        snapshots: bool = True,
     ) -> None:
+        """``snapshots=False``: a hub of a process without watches (a worker), whose listeners
+        only route events; it reads the log without the task snapshots."""
         self._store = store
+        self._snapshots = snapshots
         self._poll_s = poll_s
         self._listeners: list[Listener] = []
         self._wake = asyncio.Event()
@@ -133,6 +137,7 @@ class Hub:
         self.max_watches = max_watches
         self.max_watches_per_owner = max_watches_per_owner
         self.watch_buffer = watch_buffer
+        self._stopped = False
         self._by_task: dict[str, set[Watch]] = {}
         self._by_owner: dict[str, set[Watch]] = {}
         self._everything: set[Watch] = set()
@@ -151,6 +156,8 @@ class Hub:
         ``key`` names whom the watch counts against (an owner); ``None`` for admins. Raises
         :class:`TooManyRequests` beyond the per-owner or per-process limit.
         """
+        if not self._snapshots:
+            raise RuntimeError("this process's hub reads no snapshots: it cannot serve watches")
         if self._count >= self.max_watches:
             raise TooManyRequests("This server has too many open watches.", code="too_many_watches")
         if key is not None and self._per_key.get(key, 0) >= self.max_watches_per_owner:
@@ -248,24 +255,35 @@ class Hub:
     async def catch_up(self) -> None:
         """Deliver every committed event after :attr:`last_seq`."""
         while True:
-            events = await self._store.events_since(self.last_seq, limit=1000)
+            events = await self._store.events_since(self.last_seq, limit=1000, snapshots=self._snapshots)
             if not events:
                 return
             self._deliver(events)
             if len(events) < 1000:
                 return
 
+    def stop(self) -> None:
+        """Stop following the log (before the store closes) and end every watch."""
+        self._stopped = True
+        self.close_watches()
+        self._wake.set()
+
     async def run(self) -> None:
-        """Follow the log until cancelled; errors are logged and retried."""
+        """Follow the log until stopped or cancelled; errors are logged and retried."""
         failures = 0
-        while True:
+        while not self._stopped:
+            wait_s = 0.005 if self._store.behind else self._poll_s
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._poll_s)
+                await asyncio.wait_for(self._wake.wait(), wait_s)
             self._wake.clear()
+            if self._stopped:
+                return
             try:
                 await self.catch_up()
                 failures = 0
             except Exception:
+                if self._stopped:
+                    return
                 failures += 1
                 log.exception("reading the event log failed")
                 await asyncio.sleep(min(5.0, 0.1 * 2**failures))

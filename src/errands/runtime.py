@@ -70,7 +70,10 @@ class Runtime:
         clock: Clock | None = None,
         rng: random.Random | None = None,
         worker_id: str | None = None,
+        serves_watches: bool = True,
     ) -> None:
+        """``serves_watches=False`` for a process that will not serve the API (a worker): its
+        hub then reads the log without task snapshots."""
         self.app = app
         self.settings = settings
         self.clock = clock or SystemClock()
@@ -82,6 +85,7 @@ class Runtime:
             max_watches=settings.max_watches,
             max_watches_per_owner=settings.max_watches_per_owner,
             watch_buffer=settings.watch_buffer,
+            snapshots=serves_watches,
         )
         self.service = Service(app, self.store, settings, self.clock)
         self.supervisor = Supervisor()
@@ -157,6 +161,7 @@ class Runtime:
         self.hub.close_watches()
         if self.worker is not None:
             await self.worker.shutdown(self.settings.shutdown_grace_s)
+        self.hub.stop()
         await self.supervisor.stop()
         await self.store.close()
 

@@ -147,7 +147,7 @@ async def serve(
 
 async def work(app: Errands, settings: Settings, *, on_ready: Callable[[Runtime], Any] | None = None) -> None:
     """Run workers only (no API, no sweeper) until a signal arrives."""
-    runtime = Runtime(app, settings)
+    runtime = Runtime(app, settings, serves_watches=False)
     await runtime.start(workers=True, sweeper=False, api=False)
     stop = asyncio.Event()
 

@@ -205,7 +205,12 @@ class Worker:
 
     def _on_event(self, event: Event) -> None:
         held = self._held.get(event.task_id)
-        if held is not None and not held.finished and event.status is not Status.PROCESSING:
+        if (
+            held is not None
+            and not held.finished
+            and event.seq > held.record.seq  # older events (its creation) may arrive after our claim
+            and event.status is not Status.PROCESSING
+        ):
             # Someone else ended or requeued the task we run: our attempt no longer counts.
             self.stop_task(event.task_id, "cancelled" if event.status is Status.CANCELLED else "lost")
         if event.type in (EventType.CREATED, EventType.RETRYING) and event.task_type in self._types:

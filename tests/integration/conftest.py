@@ -55,7 +55,6 @@ async def _clean(url: str) -> None:
     conn = await asyncpg.connect(url)
     try:
         await conn.execute(f"TRUNCATE {_TABLES}")
-        await conn.execute("UPDATE errands_seq SET value = 0")
         await conn.execute("INSERT INTO errands_meta (key, value) VALUES ('horizon', '0')")
     finally:
         await conn.close()

@@ -93,7 +93,6 @@ async def _pg_schema(url: str) -> dict[str, Any]:
             "SELECT relname, reloptions FROM pg_class WHERE relname LIKE 'errands_%' AND relkind = 'r' ORDER BY relname"
         )
         data = await conn.fetch("SELECT key, value FROM errands_meta ORDER BY key")
-        seq = await conn.fetch("SELECT * FROM errands_seq")
     finally:
         await conn.close()
     return {
@@ -101,7 +100,7 @@ async def _pg_schema(url: str) -> dict[str, Any]:
         "indexes": [tuple(r) for r in indexes],
         "constraints": [tuple(r) for r in constraints],
         "options": [(r[0], r[1]) for r in options if r[0] != "errands_schema_migrations"],
-        "data": [tuple(r) for r in data] + [tuple(r) for r in seq],
+        "data": [tuple(r) for r in data],
     }
 
 

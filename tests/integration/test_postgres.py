@@ -31,21 +31,22 @@ def store_kind() -> str:
     return "postgres"
 
 
-async def test_seqs_follow_commit_order_even_when_transactions_race(runtime_factory: RuntimeFactory) -> None:
-    """Two transactions race for seq N and N+1, the second trying to finish first. It cannot: it
-    cannot even take its seq (let alone commit) until the first has committed. With a sequence
-    the second would commit N+1 first and a reader following ``seq > last`` would skip N; here a
-    watcher gets both, in order, exactly once."""
+async def test_an_event_that_commits_late_is_still_delivered_in_order(
+    runtime_factory: RuntimeFactory,
+) -> None:
+    """Two transactions take seq N and N+1 and commit in the reverse order: a watcher receives
+    both, in order, exactly once (N+1 waits until the transaction holding N has finished)."""
     runtime = await runtime_factory(app, workers=False)
     url = runtime.settings.db
     watch = runtime.hub.watch(WatchFilter(), key=None)
     template = orjson.loads(
         (await runtime.service.submit(SubmitRequest(type="work", id="t0"), SYSTEM))[0].public_json()
     )
-    first, second = await asyncpg.connect(url), await asyncpg.connect(url)
+    older, younger = await asyncpg.connect(url), await asyncpg.connect(url)
 
     async def append(conn: asyncpg.Connection, task_id: str) -> int:
-        seq: int = await conn.fetchval("UPDATE errands_seq SET value = value + 1 RETURNING value")
+        """What the store's commit statement does for one event, without committing."""
+        seq: int = await conn.fetchval("SELECT (pg_current_xact_id()::text::bigint << 16) + 1")
         snapshot = orjson.dumps({**template, "id": task_id, "seq": seq})
         await conn.execute(
             "INSERT INTO errands_events (seq, type, at, task_id, owner, task_type, status, task) "
@@ -57,26 +58,31 @@ async def test_seqs_follow_commit_order_even_when_transactions_race(runtime_fact
         await conn.execute("SELECT pg_notify('errands_events', $1)", str(seq))
         return seq
 
+    async def received(timeout_s: float) -> list[int]:
+        try:
+            return [e.seq for e in await watch.next(timeout_s) if e.task_id.startswith("racer")]
+        except TimeoutError:
+            return []
+
     try:
-        t1, t2 = first.transaction(), second.transaction()
-        await t1.start()
-        await t2.start()
-        n = await append(first, "racer-1")
-        later = asyncio.create_task(append(second, "racer-2"))
-        done, _ = await asyncio.wait({later}, timeout=0.5)
-        assert not done, "the second transaction waits for the first to commit"
-        await t1.commit()
-        n_plus_1 = await asyncio.wait_for(later, 5)
-        await t2.commit()
-        assert n_plus_1 == n + 1
-        received: list[int] = []
-        while len(received) < 2:
-            received.extend(e.seq for e in await watch.next(5) if e.task_id.startswith("racer"))
-        assert received == [n, n + 1]
+        first, second = older.transaction(), younger.transaction()
+        await first.start()
+        await second.start()
+        n = await append(older, "racer-n")
+        n_plus_1 = await append(younger, "racer-n+1")
+        assert n < n_plus_1
+        await second.commit()  # N+1 commits first...
+        assert await received(0.5) == [], "N+1 is held back while N's transaction runs"
+        await first.commit()  # ...then N
+        got: list[int] = []
+        while len(got) < 2:
+            got.extend(await received(5))
+        assert got == [n, n_plus_1]
+        assert await received(0.3) == []  # exactly once
     finally:
         watch.close()
-        await first.close()
-        await second.close()
+        await older.close()
+        await younger.close()
 
 
 async def test_events_committed_by_another_process_reach_this_hub(runtime_factory: RuntimeFactory) -> None:

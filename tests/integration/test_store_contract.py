@@ -24,7 +24,9 @@ async def event_count(store: Store) -> int:
 
 async def test_create_is_idempotent_per_request(store: Store) -> None:
     task, created = await store.create(new_task("t1"))
-    assert created and task.status is Status.PENDING and task.seq == 1
+    assert created and task.status is Status.PENDING and task.seq > 0
+    [event] = await store.events("t1")
+    assert event.seq == task.seq
     again, created_again = await store.create(new_task("t1"))
     assert not created_again and again == task
     with pytest.raises(IdConflict):
@@ -59,14 +61,15 @@ async def test_every_change_appends_exactly_one_event_in_order(store: Store, clo
         EventType.PROGRESS,
         EventType.COMPLETED,
     ]
-    assert [e.seq for e in events] == [1, 2, 3, 4]
-    assert done.seq == 4
+    seqs = [e.seq for e in events]
+    assert seqs == sorted(set(seqs))  # unique and increasing
+    assert done.seq == seqs[-1]
     for event in events:
         snapshot = orjson.loads(event.task_json)
         assert snapshot["seq"] == event.seq
         assert snapshot["status"] == event.status.value
     assert orjson.loads(events[-1].task_json)["result"] == [1]
-    assert await store.last_seq() == 4
+    assert await store.last_seq() >= seqs[-1]
 
 
 async def test_a_refused_decision_writes_nothing(store: Store) -> None:
@@ -241,7 +244,7 @@ async def test_commit_listeners_see_each_commit_in_seq_order(store: Store) -> No
     seen: list[int] = []
     store.add_commit_listener(lambda events: seen.extend(e.seq for e in events))
     await asyncio.gather(*(store.create(new_task(f"t{i}")) for i in range(30)))
-    assert seen == list(range(1, 31))
+    assert len(seen) == 30 and seen == sorted(set(seen))
 
 
 async def test_meta_setdefault_keeps_the_first_value(store: Store) -> None:
@@ -283,7 +286,7 @@ async def test_reopening_keeps_every_task_and_event(store: Store, clock: ManualC
     assert got is not None and not isinstance(got, Tombstone) and got.status is Status.CANCELLED
     assert [e.type for e in await store.events("t1")] == [EventType.CREATED, EventType.CANCELLED]
     created, _ = await store.create(new_task("t2"))
-    assert created.seq == 3
+    assert created.seq > max(e.seq for e in await store.events("t1"))
 
 
 async def test_events_since_pages_through_the_log(store: Store) -> None:
@@ -291,7 +294,8 @@ async def test_events_since_pages_through_the_log(store: Store) -> None:
         await store.create(new_task(f"t{i}"))
     first = await store.events_since(0, limit=3)
     rest = await store.events_since(first[-1].seq, limit=100)
-    assert [e.seq for e in first + rest] == list(range(1, 8))
+    seqs = [e.seq for e in first + rest]
+    assert len(seqs) == 7 and seqs == sorted(set(seqs))
 
 
 def test_records_are_immutable() -> None:

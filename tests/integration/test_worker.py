@@ -343,3 +343,33 @@ async def test_a_task_stopped_before_its_handler_started_does_not_run(
     await until(lambda: worker.running == 0, timeout_s=5)
     assert ran in ([], [task.id])
     await worker.shutdown(0)
+
+
+async def test_an_event_older_than_the_claim_does_not_stop_the_handler(
+    runtime_factory: RuntimeFactory,
+) -> None:
+    """The hub may deliver a task's creation after this worker claimed it (another process's
+    commit, read from the log later): that stale 'pending' must not look like a requeue."""
+    from errands.store.base import ClaimSpec
+    from errands.worker import Worker
+
+    app = Errands()
+    release = asyncio.Event()
+
+    @app.task("waits")
+    async def waits(ctx: TaskContext, input: dict[str, Any]) -> str:
+        await release.wait()
+        return "done"
+
+    runtime = await runtime_factory(app, workers=False)
+    worker = Worker(app, runtime.store, runtime.hub, runtime.settings, clock=runtime.clock, rng=runtime.rng)
+    task = await app.submit("waits")
+    [creation] = await runtime.store.events(task.id)
+    [record] = await runtime.store.claim(worker_id=worker.id, specs=[ClaimSpec("waits")], limit=1, lease_s=30)
+    worker._start(record)
+    worker._on_event(creation)  # late delivery of the task.created event
+    await asyncio.sleep(0)
+    release.set()
+    done = await wait_task(runtime, task.id)
+    assert (done.status, done.result) == (Status.COMPLETED, "done")
+    await worker.shutdown(1)

@@ -98,6 +98,9 @@ class Store(abc.ABC):
 
     #: How often the hub reads the log for other processes' events when nothing woke it.
     log_poll_s: float = 1.0
+    #: Set by :meth:`events_since` when committed events exist that it could not hand out yet
+    #: (they wait for an older transaction to finish): the hub then reads again soon.
+    behind: bool = False
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
@@ -203,8 +206,12 @@ class Store(abc.ABC):
     async def events(self, task_id: str, *, after: int = 0, limit: int = 1000) -> list[Event]: ...
 
     @abc.abstractmethod
-    async def events_since(self, after: int, *, limit: int = 1000) -> list[Event]:
-        """Committed events with ``seq > after``, in order, never skipping one that commits later."""
+    async def events_since(self, after: int, *, limit: int = 1000, snapshots: bool = True) -> list[Event]:
+        """Committed events with ``seq > after``, in order, never skipping one that commits later.
+
+        With ``snapshots=False`` the events carry no task snapshot (``task_json`` is empty): all
+        a worker process needs to route them, for a fraction of the reading.
+        """
 
     @abc.abstractmethod
     async def last_seq(self) -> int: ...

@@ -51,6 +51,8 @@ SELECT_LIST = ", ".join(COLUMNS)
 MUTABLE = tuple(c for c in COLUMNS if c not in {"id", "type", "owner", "input", "created_at", "fingerprint"})
 
 EVENT_COLUMNS = "seq, type, at, task_id, owner, task_type, status, task"
+#: The same without the task snapshot, for readers that only route events (worker processes).
+EVENT_HEADERS = "seq, type, at, task_id, owner, task_type, status, NULL"
 
 
 def dump_json(value: Any) -> str:
@@ -119,7 +121,7 @@ def values(r: TaskRecord, columns: Sequence[str] = COLUMNS) -> list[Any]:
 
 def to_event(v: Any) -> Event:
     """An event from ``EVENT_COLUMNS`` values."""
-    task = v[7]
+    task = v[7] if v[7] is not None else b""
     return Event(
         seq=v[0],
         type=EventType(v[1]),

@@ -50,6 +50,7 @@ from errands.store.migrations import fresh_schema, migrations
 from errands.store.rows import (
     COLUMNS,
     EVENT_COLUMNS,
+    EVENT_HEADERS,
     MUTABLE,
     SELECT_LIST,
     new_record,
@@ -585,9 +586,9 @@ class SqliteStore(Store):
         )
         return [to_event(r) for r in rows]
 
-    async def events_since(self, after: int, *, limit: int = 1000) -> list[Event]:
+    async def events_since(self, after: int, *, limit: int = 1000, snapshots: bool = True) -> list[Event]:
         rows = self._read(
-            f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+            f"SELECT {EVENT_COLUMNS if snapshots else EVENT_HEADERS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
             (after, limit),
         )
         return [to_event(r) for r in rows]

@@ -56,14 +56,8 @@ CREATE TABLE errands_events (
     task      bytea NOT NULL
 );
 CREATE INDEX errands_events_task ON errands_events (task_id, seq);
-
--- The event counter. Every write transaction takes its seqs from this one row in its last
--- statement and holds the row lock until it commits, so seq order is commit order on every node.
-CREATE TABLE errands_seq (
-    id    integer PRIMARY KEY CHECK (id = 1),
-    value bigint NOT NULL
-) WITH (fillfactor = 10);
-INSERT INTO errands_seq (id, value) VALUES (1, 0);
+-- seq = (id of the writing transaction) << 16 | (ordinal within it). Readers only read below the
+-- oldest transaction still running, so an event is never skipped because it committed late.
 
 CREATE TABLE errands_tombstones (
     id        text PRIMARY KEY,
