@@ -19,6 +19,7 @@ from errands.service import TYPE_PATTERN, SubmitRequest
 
 if TYPE_CHECKING:
     from errands.context import TaskContext
+    from errands.providers import Provider
     from errands.runtime import Runtime
 
 Handler = Callable[["TaskContext", Any], Awaitable[Any]] | Callable[["TaskContext", Any], Any]
@@ -27,14 +28,21 @@ H = TypeVar("H", bound=Callable[..., Any])
 
 @dataclass(frozen=True, slots=True)
 class TaskType:
-    """A registered task type and the limits that apply to its tasks."""
+    """A registered task type and the limits that apply to its tasks.
+
+    A local type has a ``handler``; an external type has a ``provider`` instead, and the
+    polling schedule used when its webhooks do not come.
+    """
 
     name: str
-    handler: Handler
+    handler: Handler | None
     is_async: bool
     timeout_s: float | None = None
     max_attempts: int | None = None
     concurrency_per_owner: int | None = None
+    provider: Provider | None = None
+    poll_after_s: float = 60.0
+    poll_every_s: float = 10.0
 
 
 class Errands:
@@ -55,17 +63,12 @@ class Errands:
 
     def __init__(self) -> None:
         self.task_types: dict[str, TaskType] = {}
+        self.providers: dict[str, Provider] = {}
         self._runtime: Runtime | None = None
 
-    def task(
-        self,
-        name: str,
-        *,
-        timeout_s: float | None = None,
-        max_attempts: int | None = None,
-        concurrency_per_owner: int | None = None,
-    ) -> Callable[[H], H]:
-        """Register a handler for ``name``; sync handlers run in a thread pool."""
+    def _check(
+        self, name: str, timeout_s: float | None, max_attempts: int | None, concurrency_per_owner: int | None
+    ) -> None:
         if not re.fullmatch(TYPE_PATTERN, name):
             raise ConfigError(f"'{name}' is not a valid task type name (letters, digits, _ . : -).")
         if name in self.task_types:
@@ -76,6 +79,53 @@ class Errands:
             raise ConfigError("max_attempts must be at least 1.")
         if concurrency_per_owner is not None and concurrency_per_owner < 1:
             raise ConfigError("concurrency_per_owner must be at least 1.")
+
+    def external(
+        self,
+        name: str,
+        *,
+        provider: Provider,
+        timeout_s: float | None = None,
+        max_attempts: int | None = None,
+        poll_after_s: float = 60.0,
+        poll_every_s: float = 10.0,
+        concurrency_per_owner: int | None = None,
+    ) -> None:
+        """Register a task type that ``provider`` performs (see :mod:`errands.providers`).
+
+        A worker submits each task to the provider (retrying with backoff if it cannot); the
+        provider's webhooks complete it; without a final webhook ``poll_after_s`` after
+        submission, the sweeper polls every ``poll_every_s`` until the task ends or times out.
+        """
+        self._check(name, timeout_s, max_attempts, concurrency_per_owner)
+        if poll_after_s < 0 or poll_every_s <= 0:
+            raise ConfigError("poll_after_s must not be negative and poll_every_s must be positive.")
+        known = self.providers.get(provider.name)
+        if known is not None and known is not provider:
+            raise ConfigError(f"Two different providers are named '{provider.name}'.")
+        self.providers[provider.name] = provider
+        self.task_types[name] = TaskType(
+            name=name,
+            handler=None,
+            is_async=True,
+            timeout_s=timeout_s,
+            max_attempts=max_attempts,
+            concurrency_per_owner=concurrency_per_owner,
+            provider=provider,
+            poll_after_s=poll_after_s,
+            poll_every_s=poll_every_s,
+        )
+
+    def task(
+        self,
+        name: str,
+        *,
+        timeout_s: float | None = None,
+        max_attempts: int | None = None,
+        concurrency_per_owner: int | None = None,
+    ) -> Callable[[H], H]:
+        """Register a handler for ``name``; sync handlers run in a thread pool."""
+        self._check(name, timeout_s, max_attempts, concurrency_per_owner)
 
         def register(handler: H) -> H:
             self.task_types[name] = TaskType(

@@ -109,6 +109,40 @@ class TokenSigner:
         return Principal(admin=False, owner=owner, scopes=scopes & SCOPES, task_id=task_id)
 
 
+class CapabilitySigner:
+    """Capability tokens: the secret path segment of a task's callback URL.
+
+    ``{task_id}.{attempt}.{mac}`` where the MAC covers the task, the attempt and the attempt's
+    random nonce (stored with the task): a token proves nothing about another task, and stops
+    working when the task moves to another attempt.
+    """
+
+    def __init__(self, secret: str) -> None:
+        self._key = hashlib.sha256(b"errands-capability:" + secret.encode()).digest()
+
+    def _mac(self, task_id: str, attempt: int, nonce: str) -> str:
+        message = f"{task_id}:{attempt}:{nonce}".encode()
+        return _b64(hmac.new(self._key, message, hashlib.sha256).digest())
+
+    def token(self, task_id: str, attempt: int, nonce: str) -> str:
+        return f"{task_id}.{attempt}.{self._mac(task_id, attempt, nonce)}"
+
+    @staticmethod
+    def parse(token: str) -> tuple[str, int, str]:
+        """``(task_id, attempt, mac)`` of a token; :class:`Unauthorized` if malformed."""
+        try:
+            task_id, attempt, mac = token.split(".", 2)
+            return task_id, int(attempt), mac
+        except ValueError:
+            raise Unauthorized("The callback URL is not valid.") from None
+
+    def check(self, mac: str, *, task_id: str, attempt: int, nonce: str | None, current_attempt: int) -> None:
+        if nonce is None or attempt != current_attempt:
+            raise Unauthorized("The callback URL is not valid for the task's current attempt.")
+        if not hmac.compare_digest(mac.encode(), self._mac(task_id, attempt, nonce).encode()):
+            raise Unauthorized("The callback URL is not valid.")
+
+
 class Authenticator:
     """Turns a presented credential into a :class:`Principal`, or raises :class:`Unauthorized`."""
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Annotated, Any, TypeVar
 
 import orjson
@@ -123,14 +125,18 @@ def serve(
     workers: Annotated[bool, typer.Option(help="Run workers in this process too.")] = True,
 ) -> None:
     """Run the HTTP API, workers and the sweeper."""
+    from errands.clock import SystemClock
     from errands.runtime import Runtime
     from errands.server import serve as serve_forever
+    from errands.store import open_store
 
     settings = _settings(app=app, db=db, host=host, port=port, concurrency=concurrency)
 
     def ready(runtime: Runtime, url: str) -> None:
         name = settings.app or "the built-in demo app"
         typer.echo(f"errands is serving {name} at {url} (database: {settings.db})")
+        if dev_provider_url:
+            typer.echo(f"The demo's fake_ai tasks run on a development provider at {dev_provider_url}")
         if runtime.generated_admin_key:
             typer.echo("A new admin key was generated. It is shown only once; keep it:")
             typer.echo(f"  export ERRANDS_URL={url} ERRANDS_ADMIN_KEY={runtime.generated_admin_key}")
@@ -141,9 +147,87 @@ def serve(
 
     try:
         errands_app = load_app(settings.app)
+        open_store(settings, SystemClock())  # a bad database URL stops us before anything starts
     except ConfigError as exc:
         fail(exc.message, 2)
-    run(serve_forever(errands_app, settings, workers=workers, on_ready=ready))
+    dev_provider_url = ""
+
+    async def main() -> None:
+        nonlocal dev_provider_url
+        async with _demo_dev_provider(settings) as dev_provider_url:
+            await serve_forever(errands_app, settings, workers=workers, on_ready=ready)
+
+    run(main())
+
+
+@contextlib.asynccontextmanager
+async def _demo_dev_provider(settings: Settings) -> AsyncIterator[str]:
+    """Serving the demo without a dev provider configured: run one in this process (its URL)."""
+    from errands import demo
+
+    if settings.app is not None or demo.DEV_PROVIDER_URL:
+        yield ""
+        return
+    from errands.devprovider import DevProvider
+    from errands.server import bind, serve_asgi
+
+    sock = bind("127.0.0.1", 0)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    demo.use_dev_provider(url)
+    provider = DevProvider()
+    async with serve_asgi(provider.app, sock):
+        yield url
+
+
+@cli.command("dev-provider")
+def dev_provider(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="ERRANDS_DEV_PROVIDER_PORT", help="Port to listen on.")] = 8001,
+    secret: Annotated[
+        str | None,
+        typer.Option(envvar="ERRANDS_DEV_PROVIDER_SECRET", help="Webhook signing secret (whsec_…)."),
+    ] = None,
+    delay_s: Annotated[float, typer.Option(help="How long a job runs.")] = 1.0,
+    steps: Annotated[int, typer.Option(help="Progress reports per job.")] = 3,
+    jitter_s: Annotated[float, typer.Option(help="Random extra delay per webhook.")] = 0.0,
+    drop: Annotated[float, typer.Option(help="Probability a webhook is never sent.")] = 0.0,
+    duplicate: Annotated[float, typer.Option(help="Probability a webhook is sent twice.")] = 0.0,
+    bad_signature: Annotated[float, typer.Option(help="Probability a webhook is signed badly.")] = 0.0,
+    reorder: Annotated[float, typer.Option(help="Probability a stale report follows the final one.")] = 0.0,
+    fail_rate: Annotated[float, typer.Option("--fail", help="Probability a job fails.")] = 0.0,
+    seed: Annotated[int | None, typer.Option(help="Seed for the misbehaviour, for repeatable runs.")] = None,
+) -> None:
+    """Run a fake AI service that reports by signed webhook (for development and tests)."""
+    from errands.devprovider import DEV_SECRET, Chaos, DevProvider
+    from errands.server import bind, serve_asgi
+
+    chaos = Chaos(
+        delay_s=delay_s,
+        steps=steps,
+        jitter_s=jitter_s,
+        drop=drop,
+        duplicate=duplicate,
+        bad_signature=bad_signature,
+        reorder=reorder,
+        fail=fail_rate,
+    )
+    try:
+        provider = DevProvider(secret or DEV_SECRET, chaos, seed=seed)
+        sock = bind(host, port)
+    except ConfigError as exc:
+        fail(exc.message, 2)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with serve_asgi(provider.app, sock):
+            typer.echo(f"errands dev-provider is listening at http://{host}:{sock.getsockname()[1]}")
+            sys.stdout.flush()
+            await stop.wait()
+
+    run(main())
 
 
 @cli.command()

@@ -20,6 +20,7 @@ class Settings(BaseSettings):
     app: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    public_url: str | None = None
     log_level: str = "info"
 
     # credentials
@@ -43,6 +44,10 @@ class Settings(BaseSettings):
     default_expires_in_s: float = Field(86_400.0, gt=0)
     max_manual_retries: int = Field(2, ge=0)
     max_pending_per_owner: int | None = Field(None, ge=1)
+
+    # external providers
+    provider_timeout_s: float = Field(30.0, gt=0)
+    poll_concurrency: int = Field(8, ge=1)
 
     # sweeper
     sweep_interval_s: float = Field(5.0, gt=0)

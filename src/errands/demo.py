@@ -7,19 +7,36 @@ Task types:
 * ``fail`` ``{"message": "…"}`` — ends ``failed`` with code ``demo_failure``;
 * ``flaky`` ``{"failures": 1}`` — raises on its first attempts, then succeeds (shows retries);
 * ``noop`` — does nothing (what the benchmarks run);
-* ``sync_sleep`` ``{"seconds": 2}`` — a plain function run in a thread.
+* ``sync_sleep`` ``{"seconds": 2}`` — a plain function run in a thread;
+* ``fake_ai`` — run by an external provider, ``errands dev-provider``, which reports by signed
+  webhook: the whole webhook path, offline. ``errands serve`` starts one in its own process for
+  the demo unless ``ERRANDS_DEV_PROVIDER_URL`` points at one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
 from errands.app import Errands
 from errands.context import Fail, TaskContext
+from errands.devprovider import dev_standard_provider
 
 app = Errands()
+
+DEV_PROVIDER_URL = os.environ.get("ERRANDS_DEV_PROVIDER_URL")
+dev_provider = dev_standard_provider(DEV_PROVIDER_URL or "http://127.0.0.1:8001")
+app.external("fake_ai", provider=dev_provider, timeout_s=300, poll_after_s=5, poll_every_s=2, max_attempts=3)
+
+
+def use_dev_provider(url: str) -> None:
+    """Point ``fake_ai`` at a dev provider running at ``url``."""
+    base = url.rstrip("/")
+    dev_provider.submit_url = f"{base}/jobs"
+    dev_provider.status_url = f"{base}/jobs/{{id}}"
+    dev_provider.cancel_url = f"{base}/jobs/{{id}}/cancel"
 
 
 def _seconds(input: dict[str, Any], default: float) -> float:

@@ -128,6 +128,8 @@ class TaskRecord:
     deadline_at: float | None = None
     worker_id: str | None = None
     manual_retries: int = 0
+    poll_at: float | None = None  # when to ask the provider next (external tasks)
+    callback_nonce: str | None = None  # makes this attempt's capability URL unguessable
 
     def public(self) -> dict[str, Any]:
         """The task object of the API, in its documented field order."""
@@ -279,11 +281,18 @@ _NO_LEASE: dict[str, Any] = {
     "lease_expires_at": None,
     "deadline_at": None,
     "worker_id": None,
+    "poll_at": None,
 }
 
 
 def start_attempt(
-    record: TaskRecord, *, now: float, worker_id: str, lease_token: str, lease_s: float
+    record: TaskRecord,
+    *,
+    now: float,
+    worker_id: str,
+    lease_token: str,
+    lease_s: float,
+    callback_nonce: str | None = None,
 ) -> Change:
     """pending → processing under a new lease; the attempt counter goes up by one."""
     if record.status is not Status.PENDING or record.run_after > now:
@@ -301,6 +310,9 @@ def start_attempt(
         lease_expires_at=now + lease_s,
         deadline_at=now + record.timeout_s,
         worker_id=worker_id,
+        external_id=None,
+        poll_at=None,
+        callback_nonce=callback_nonce,
     )
     return Change(new, EventType.PROCESSING)
 
@@ -386,6 +398,64 @@ def fail_attempt(
         raise ValueError("an attempt can only end failed or timeout")
     new = _move(record, final_status, now, error=error, finished_at=now, **kept, **_NO_LEASE)
     return Change(new, _TERMINAL_EVENT[final_status])
+
+
+def hand_off(record: TaskRecord, *, now: float, lease_token: str, external_id: str, poll_at: float) -> Change:
+    """A provider accepted the task: it stays processing, now without a lease, until the
+    provider reports back (or is polled at ``poll_at``). The attempt's deadline still holds."""
+    _require_lease(record, lease_token)
+    new = _move(
+        record,
+        Status.PROCESSING,
+        now,
+        external_id=external_id,
+        message=record.message or "submitted to the provider",
+        lease_token=None,
+        lease_expires_at=None,
+        worker_id=None,
+        poll_at=poll_at,
+    )
+    return Change(new, EventType.PROGRESS)
+
+
+def external_report(
+    record: TaskRecord,
+    *,
+    now: float,
+    external_id: str | None,
+    status: str,
+    progress: int | None = None,
+    message: str | None = None,
+    result: Any = None,
+    error: TaskError | None = None,
+    by_webhook: bool = False,
+) -> Change | None:
+    """A provider's report (``status``: running, completed or failed) on the job of a task.
+
+    Only a processing task moves, and only for its current job (``external_id``, when given):
+    a late report (after the task ended) or one for an older job raises and changes nothing.
+    ``None`` when a running report brings nothing new.
+    """
+    if record.status is not Status.PROCESSING:
+        raise InvalidTransition(f"The task is already {record.status.value}.")
+    if external_id is not None and record.external_id != external_id:
+        raise InvalidTransition("The report is about another job than the task's current one.")
+    flag = {"webhook_received": True} if by_webhook and not record.webhook_received else {}
+    if status == "running":
+        new_progress = record.progress if progress is None else max(record.progress, progress)
+        new_message = record.message if message is None else message
+        if new_progress == record.progress and new_message == record.message and not flag:
+            return None
+        new = _move(record, Status.PROCESSING, now, progress=new_progress, message=new_message, **flag)
+        return Change(new, EventType.PROGRESS)
+    if status == "completed":
+        change = complete(record, now=now, lease_token=None, result=result, message=message)
+    elif status == "failed":
+        failure = error or TaskError("provider_failed", "The provider reported a failure.")
+        change = fail_attempt(record, now=now, lease_token=None, error=failure, retry=False, retry_delay_s=0)
+    else:
+        raise ValueError(f"unknown report status {status!r}")
+    return Change(change.record.evolve(**flag), change.event) if flag else change
 
 
 def release(record: TaskRecord, *, now: float, lease_token: str) -> Change:

@@ -11,11 +11,12 @@ from collections.abc import Coroutine
 from typing import Any
 
 from errands.app import Errands
-from errands.auth import Authenticator, TokenSigner, hash_key, new_admin_key
+from errands.auth import Authenticator, CapabilitySigner, TokenSigner, hash_key, new_admin_key
 from errands.clock import Clock, SystemClock
 from errands.config import Settings
 from errands.errors import StoreError
 from errands.hub import Hub
+from errands.providers import Callbacks
 from errands.service import Service
 from errands.store import open_store
 from errands.sweeper import Sweeper
@@ -29,8 +30,22 @@ class Supervisor:
 
     def __init__(self) -> None:
         self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self._transient: set[asyncio.Task[Any]] = set()
         self.failures: dict[str, str] = {}
         self._stopping = False
+
+    def run_soon(self, name: str, coro: Coroutine[Any, Any, Any]) -> None:
+        """A one-off background job (calling a provider, say): kept, logged if it fails,
+        cancelled at shutdown."""
+        task = asyncio.create_task(coro, name=f"errands-{name}")
+        self._transient.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._transient.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("background job %s failed: %s", name, t.exception())
+
+        task.add_done_callback(done)
 
     def spawn(self, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=f"errands-{name}")
@@ -53,10 +68,11 @@ class Supervisor:
 
     async def stop(self) -> None:
         self._stopping = True
-        for task in self._tasks.values():
+        everything = [*self._tasks.values(), *self._transient]
+        for task in everything:
             task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks.values()), timeout=10)
+        if everything:
+            await asyncio.wait(everything, timeout=10)
 
 
 class Runtime:
@@ -89,9 +105,12 @@ class Runtime:
         )
         self.service = Service(app, self.store, settings, self.clock)
         self.supervisor = Supervisor()
+        self.service.run_soon = self.supervisor.run_soon
         self.worker: Worker | None = None
         self.sweeper: Sweeper | None = None
         self.authenticator: Authenticator | None = None
+        self.capabilities: CapabilitySigner | None = None
+        self.callbacks: Callbacks | None = None
         self.generated_admin_key: str | None = None
         self._worker_id = worker_id
 
@@ -114,10 +133,18 @@ class Runtime:
                     clock=self.clock,
                     rng=self.rng,
                     worker_id=self._worker_id,
+                    callbacks=self.callbacks,
                 )
                 self.supervisor.spawn("worker", self.worker.run())
             if sweeper:
-                self.sweeper = Sweeper(self.store, self.settings, clock=self.clock, rng=self.rng)
+                self.sweeper = Sweeper(
+                    self.store,
+                    self.settings,
+                    clock=self.clock,
+                    rng=self.rng,
+                    app=self.app,
+                    supervisor=self.supervisor,
+                )
                 self.supervisor.spawn("sweeper", self.sweeper.run())
             if api and self.settings.admin_key is None:
                 self.supervisor.spawn("admin-keys", self._refresh_admin_keys())
@@ -145,6 +172,9 @@ class Runtime:
         signer = TokenSigner(secret)
         self.authenticator = Authenticator(signer, hashes)
         self.service.signer = signer
+        self.capabilities = CapabilitySigner(secret)
+        base = self.settings.public_url or f"http://{self.settings.host}:{self.settings.port}"
+        self.callbacks = Callbacks(base, self.capabilities)
 
     async def _refresh_admin_keys(self) -> None:
         """Pick up admin keys another node generated after this one started."""
@@ -163,6 +193,9 @@ class Runtime:
             await self.worker.shutdown(self.settings.shutdown_grace_s)
         self.hub.stop()
         await self.supervisor.stop()
+        for provider in self.app.providers.values():
+            with contextlib.suppress(Exception):
+                await provider.aclose()
         await self.store.close()
 
     async def health(self) -> dict[str, Any]:

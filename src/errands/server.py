@@ -13,7 +13,7 @@ import errno
 import logging
 import signal
 import socket
-from collections.abc import Callable, Generator
+from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any
 
 import uvicorn
@@ -115,6 +115,23 @@ class ApiServer:
         await self.wait()
 
 
+@contextlib.asynccontextmanager
+async def serve_asgi(app: Any, sock: socket.socket, *, log_level: str = "warning") -> AsyncIterator[None]:
+    """Serve another ASGI app (the dev provider) on ``sock`` for the duration of the block."""
+    server = _Uvicorn(uvicorn.Config(app, log_level=log_level.lower(), access_log=False, lifespan="on"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        while not server.started and not task.done():  # noqa: ASYNC110 - uvicorn only has a flag
+            await asyncio.sleep(0.005)
+        if task.done():
+            await task
+        yield
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
 async def serve(
     app: Errands,
     settings: Settings,
@@ -127,6 +144,8 @@ async def serve(
     runtime = Runtime(app, settings)
     await runtime.start(workers=workers, sweeper=True, api=True)
     api = ApiServer(runtime, sock)
+    if settings.public_url is None and runtime.callbacks is not None:
+        runtime.callbacks.base_url = api.url  # providers call back where this process listens
 
     def request_stop() -> None:
         if api._server.should_exit and runtime.worker is not None:

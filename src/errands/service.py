@@ -6,11 +6,12 @@ rules. Owner isolation lives here too: a task of another owner is reported as no
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -128,6 +129,8 @@ class Service:
         self.settings = settings
         self.clock = clock
         self.signer: TokenSigner | None = None
+        #: Runs a background job (set by the runtime): how a cancel reaches a provider.
+        self.run_soon: Callable[[str, Coroutine[Any, Any, Any]], None] | None = None
 
     # -- tasks --------------------------------------------------------------------------------
 
@@ -206,8 +209,17 @@ class Service:
         return await self.store.apply(task_id, decide)
 
     async def cancel(self, task_id: str, principal: Principal) -> TaskRecord:
+        """Cancel a task; one an external provider runs is cancelled there too (best effort)."""
         now = self.clock.now()
-        return await self._change(task_id, principal, lambda r: model.cancel(r, now=now))
+        record = await self._change(task_id, principal, lambda r: model.cancel(r, now=now))
+        task_type = self.app.task_types.get(record.type)
+        if record.external_id and task_type is not None and task_type.provider is not None and self.run_soon:
+            timeout_s = self.settings.provider_timeout_s
+            self.run_soon(
+                f"cancel-{record.id}",
+                asyncio.wait_for(task_type.provider.cancel(record.external_id), timeout_s),
+            )
+        return record
 
     async def retry(self, task_id: str, principal: Principal) -> TaskRecord:
         now, limit = self.clock.now(), self.settings.max_manual_retries

@@ -8,7 +8,9 @@ Each pass looks for
   sync handler): the same, ending ``timeout``;
 * unfinished tasks past ``expires_at``: ``timeout`` with code ``expired``;
 * finished tasks older than the retention period: purged with their events, leaving a tombstone
-  so their owner gets ``410 Gone``.
+  so their owner gets ``410 Gone``;
+* external tasks whose provider has not reported in time: polled (every ``poll_every_s`` of their
+  type, backing off while the provider fails to answer), and told to stop when they time out.
 
 Every change is re-checked when it is applied, so a sweeper racing a worker (or another sweeper)
 changes nothing twice. Backoff needs no sweeping: a requeued task is claimable once its
@@ -20,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from errands import model
 from errands.clock import Clock
@@ -28,6 +32,11 @@ from errands.config import Settings
 from errands.errors import InvalidTransition, LeaseLost, NotFound
 from errands.model import Change, Status, TaskError, TaskRecord
 from errands.store.base import Decision, Store
+
+if TYPE_CHECKING:
+    from errands.app import Errands
+    from errands.providers import Provider
+    from errands.runtime import Supervisor
 
 log = logging.getLogger("errands.sweeper")
 
@@ -40,18 +49,31 @@ class SweepReport:
     timed_out: int = 0
     expired: int = 0
     purged: int = 0
+    polled: int = 0
 
     @property
     def total(self) -> int:
-        return self.requeued_or_failed + self.timed_out + self.expired + self.purged
+        return self.requeued_or_failed + self.timed_out + self.expired + self.purged + self.polled
 
 
 class Sweeper:
-    def __init__(self, store: Store, settings: Settings, *, clock: Clock, rng: random.Random) -> None:
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        *,
+        clock: Clock,
+        rng: random.Random,
+        app: Errands | None = None,
+        supervisor: Supervisor | None = None,
+    ) -> None:
         self.store = store
         self.settings = settings
         self.clock = clock
         self._rng = rng
+        self._app = app
+        self._supervisor = supervisor
+        self._poll_failures: dict[str, int] = {}
         self.last_error: str | None = None
 
     def _delay(self, record: TaskRecord) -> float:
@@ -118,22 +140,98 @@ class Sweeper:
                 for outcome in outcomes:
                     if outcome.record is not None and outcome.record.updated_at == now:
                         changed += 1
+                        if outcome.record.external_id and outcome.record.lease_token is None:
+                            self._cancel_at_provider(outcome.record)
                     elif outcome.error is not None and not isinstance(
                         outcome.error, InvalidTransition | LeaseLost | NotFound
                     ):
                         log.error("sweeping a task failed: %s", outcome.error)
             counts.append(changed)
+        polled = await self._poll(due.to_poll, now) if due.to_poll else 0
         purged = await self.store.purge(
             finished_before=now - self.settings.retention_s,
             tombstones_before=now - self.settings.tombstone_s,
             limit=self.settings.sweep_batch,
         )
         report = SweepReport(
-            expired=counts[0], timed_out=counts[1], requeued_or_failed=counts[2], purged=purged
+            expired=counts[0], timed_out=counts[1], requeued_or_failed=counts[2], purged=purged, polled=polled
         )
         if report.total:
             log.info("sweep: %s", report)
         return report
+
+    # -- external providers -------------------------------------------------------------------
+
+    def _provider_of(self, record: TaskRecord) -> tuple[Provider, float] | None:
+        task_type = self._app.task_types.get(record.type) if self._app is not None else None
+        if task_type is None or task_type.provider is None:
+            return None
+        return task_type.provider, task_type.poll_every_s
+
+    def _cancel_at_provider(self, record: TaskRecord) -> None:
+        """A timed-out external attempt: ask the provider to stop its job (best effort)."""
+        found = self._provider_of(record)
+        if found is None or self._supervisor is None or record.external_id is None:
+            return
+        provider, external_id = found[0], record.external_id
+        self._supervisor.run_soon(
+            f"cancel-{record.id}",
+            asyncio.wait_for(provider.cancel(external_id), self.settings.provider_timeout_s),
+        )
+
+    async def _poll(self, ids: Sequence[str], now: float) -> int:
+        """Ask the providers of handed-off tasks whose webhook has not come; apply the answers."""
+        gate = asyncio.Semaphore(self.settings.poll_concurrency)
+
+        async def poll_one(task_id: str) -> bool:
+            async with gate:
+                found = await self.store.get(task_id)
+                if not isinstance(found, TaskRecord) or found.external_id is None or found.poll_at is None:
+                    return False
+                provider_and_pace = self._provider_of(found)
+                if provider_and_pace is None:
+                    return False
+                provider, every_s = provider_and_pace
+                external_id = found.external_id
+                try:
+                    update = await asyncio.wait_for(
+                        provider.poll(external_id), self.settings.provider_timeout_s
+                    )
+                except Exception as exc:
+                    failures = self._poll_failures.get(task_id, 0) + 1
+                    self._poll_failures[task_id] = failures
+                    log.warning("polling task %s at %s failed: %s", task_id, provider.name, exc)
+                    await self.store.set_poll_at(task_id, now + min(300.0, every_s * 2**failures))
+                    return False
+                self._poll_failures.pop(task_id, None)
+                error = None
+                if update.status == "failed":
+                    error = TaskError(update.error_code or "provider_failed", update.error_message or "")
+                try:
+                    record = await self.store.apply(
+                        task_id,
+                        lambda r: model.external_report(
+                            r,
+                            now=self.clock.now(),
+                            external_id=external_id,
+                            status=update.status,
+                            progress=update.progress,
+                            message=update.message,
+                            result=update.result,
+                            error=error,
+                        ),
+                    )
+                except (InvalidTransition, LeaseLost, NotFound):
+                    return False
+                if record.status is Status.PROCESSING:
+                    await self.store.set_poll_at(task_id, self.clock.now() + every_s)
+                return True
+
+        results = await asyncio.gather(*(poll_one(task_id) for task_id in ids), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                log.error("polling failed: %s", result)
+        return sum(1 for r in results if r is True)
 
     async def run(self) -> None:
         """Sweep every ``sweep_interval_s`` until cancelled; errors are logged and reported."""

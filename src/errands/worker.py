@@ -33,11 +33,18 @@ from errands.context import Fail, Retry, TaskContext
 from errands.errors import LeaseLost, NotFound, StoreError
 from errands.hub import Hub
 from errands.model import Event, EventType, Status, TaskError, TaskRecord
+from errands.providers import Callbacks, ProviderError, Submission
 from errands.store.base import ClaimSpec, Decision, Store
 
 log = logging.getLogger("errands.worker")
 
 INTERNAL_ERROR = TaskError("internal_error", "The task failed because of an internal error.")
+
+
+def _provider_error(provider: str, reason: str) -> TaskError:
+    return TaskError(
+        "provider_unavailable", f"The provider '{provider}' did not take the task: {reason}"[:500]
+    )
 
 
 def default_worker_id() -> str:
@@ -173,8 +180,10 @@ class Worker:
         clock: Clock,
         rng: random.Random,
         worker_id: str | None = None,
+        callbacks: Callbacks | None = None,
     ) -> None:
         self.app = app
+        self.callbacks = callbacks
         self.store = store
         self.clock = clock
         self.settings = settings
@@ -339,17 +348,41 @@ class Worker:
                 await asyncio.sleep(delay)
                 delay = min(2.0, delay * 2)
 
+    def _begin(self, held: _Held) -> asyncio.Future[Any]:
+        """Start the attempt: the handler, or for an external type the submission to its provider."""
+        record, task_type, ctx = held.record, held.task_type, held.ctx
+        if task_type.provider is not None:
+            if self.callbacks is None:
+                raise RuntimeError("external task types need the runtime's callback URLs")
+            job = Submission(
+                task_id=record.id,
+                type=record.type,
+                owner=record.owner,
+                input=record.input,
+                attempt=record.attempt,
+                callback_url=self.callbacks.signed(task_type.provider.name),
+                capability_url=self.callbacks.capability(
+                    record.id, record.attempt, record.callback_nonce or ""
+                ),
+            )
+            return asyncio.ensure_future(task_type.provider.submit(job))
+        if task_type.handler is None:  # pragma: no cover - a TaskType has one or the other
+            raise RuntimeError(f"task type {task_type.name} has neither a handler nor a provider")
+        if task_type.is_async:
+            return asyncio.ensure_future(task_type.handler(ctx, record.input))
+        return _in_thread(task_type.handler, ctx, record.input)
+
     async def _execute(self, held: _Held) -> Decision | None:
         record, task_type, ctx = held.record, held.task_type, held.ctx
-        if task_type.is_async:
-            handler: asyncio.Future[Any] = asyncio.ensure_future(task_type.handler(ctx, record.input))
-        else:
-            handler = _in_thread(task_type.handler, ctx, record.input)
+        handler = self._begin(held)
         held.handler = handler
         if held.stop_reason is not None:  # stopped between the claim and this first step
             handler.cancel()
+        limit_s = record.timeout_s
+        if task_type.provider is not None:
+            limit_s = min(limit_s, self.settings.provider_timeout_s)
         try:
-            await asyncio.wait({handler}, timeout=record.timeout_s)
+            await asyncio.wait({handler}, timeout=limit_s)
         except asyncio.CancelledError:
             # The worker itself is being torn down: give the task back if we still hold it.
             held.stop_reason = held.stop_reason or "shutdown"
@@ -364,6 +397,9 @@ class Worker:
             ctx._cancel()
             if not task_type.is_async:
                 log.warning("sync handler of task %s still running after its timeout", record.id)
+            if task_type.provider is not None:
+                error = _provider_error(task_type.provider.name, f"no answer within {limit_s:g} s")
+                return self._retry_or_end(record, error, progress, message)
             error = TaskError("timeout", f"The attempt did not finish within {record.timeout_s:g} s.")
             return self._retry_or_end(record, error, progress, message, final=Status.TIMEOUT)
         if handler.cancelled():
@@ -373,6 +409,8 @@ class Worker:
                 return lambda r: model.release(r, now=now, lease_token=token or "")
             return self._retry_or_end(record, INTERNAL_ERROR, progress, message)
         error_raised = handler.exception()
+        if task_type.provider is not None:
+            return self._after_submission(record, task_type, handler, error_raised, now)
         if error_raised is None:
             result = handler.result()
             try:
@@ -401,6 +439,34 @@ class Worker:
             exc_info=error_raised,
         )
         return self._retry_or_end(record, INTERNAL_ERROR, progress, message)
+
+    def _after_submission(
+        self,
+        record: TaskRecord,
+        task_type: TaskType,
+        handler: asyncio.Future[Any],
+        error_raised: BaseException | None,
+        now: float,
+    ) -> Decision:
+        provider = task_type.provider
+        assert provider is not None
+        token = record.lease_token or ""
+        if error_raised is None and isinstance(handler.result(), str) and handler.result():
+            external_id: str = handler.result()
+            poll_at = now + task_type.poll_after_s
+            return lambda r: model.hand_off(
+                r, now=now, lease_token=token, external_id=external_id, poll_at=poll_at
+            )
+        if isinstance(error_raised, ProviderError):
+            reason = error_raised.message
+        elif error_raised is None:
+            reason = "it returned no job id"
+        else:
+            log.error(
+                "submitting task %s to provider %s failed", record.id, provider.name, exc_info=error_raised
+            )
+            reason = type(error_raised).__name__
+        return self._retry_or_end(record, _provider_error(provider.name, reason), None, None)
 
     def _retry_or_end(
         self,

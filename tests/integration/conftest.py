@@ -206,6 +206,8 @@ async def live(runtime_factory: RuntimeFactory) -> AsyncIterator[LiveFactory]:
     async def start(app: Errands, **overrides: Any) -> tuple[Runtime, str]:
         runtime = await runtime_factory(app, **overrides)
         server = ApiServer(runtime, bind("127.0.0.1", 0))
+        if runtime.callbacks is not None:
+            runtime.callbacks.base_url = server.url  # providers call back here
         await server.start()
         servers.append(server)
         return runtime, server.url

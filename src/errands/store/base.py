@@ -76,6 +76,20 @@ class DueTasks:
     lease_expired: Sequence[str]
     past_deadline: Sequence[str]
     expired: Sequence[str]
+    to_poll: Sequence[str] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One inbound webhook and what became of it (``outcome``)."""
+
+    provider: str
+    delivery_id: str | None
+    task_id: str | None
+    outcome: str  # applied, unchanged, duplicate, late, unauthorized, unknown_task, malformed
+    status_code: int
+    received_at: float
+    detail: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +213,30 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def next_ready_at(self, types: Sequence[str]) -> float | None:
         """When the earliest pending task of these types becomes claimable, if there is one."""
+
+    # -- external providers -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def find_external(self, types: Sequence[str], external_id: str) -> TaskRecord | None:
+        """The task of one of these types whose provider job is ``external_id``."""
+
+    @abc.abstractmethod
+    async def set_poll_at(self, task_id: str, when: float) -> None:
+        """When to poll a handed-off task next (bookkeeping, like a lease: no event)."""
+
+    @abc.abstractmethod
+    async def apply_webhook(self, delivery: Delivery, decide: Decision) -> tuple[str, TaskRecord | None]:
+        """In one transaction: refuse a delivery id seen before (``duplicate``), else remember it
+        and apply ``decide`` to ``delivery.task_id`` (``applied``, ``unchanged``, or ``late`` when
+        the state machine refuses it); record the delivery with that outcome."""
+
+    @abc.abstractmethod
+    async def record_delivery(self, delivery: Delivery) -> None:
+        """Record a delivery that was refused before reaching a task."""
+
+    @abc.abstractmethod
+    async def deliveries(self, *, task_id: str | None, limit: int) -> list[Delivery]:
+        """Recorded deliveries, newest first (one task's, or all)."""
 
     # -- the event log ------------------------------------------------------------------------
 

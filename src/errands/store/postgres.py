@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import secrets
@@ -41,11 +42,21 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from errands.clock import Clock
-from errands.errors import ConfigError, ErrandsError, IdConflict, NotFound, StoreError, TooManyRequests
+from errands.errors import (
+    ConfigError,
+    ErrandsError,
+    IdConflict,
+    InvalidTransition,
+    LeaseLost,
+    NotFound,
+    StoreError,
+    TooManyRequests,
+)
 from errands.model import Change, Event, EventType, Status, TaskRecord, start_attempt
 from errands.store.base import (
     ClaimSpec,
     Decision,
+    Delivery,
     DueTasks,
     NewTask,
     Outcome,
@@ -118,6 +129,8 @@ _PG_TYPES = {
     "deadline_at": "float8",
     "worker_id": "text",
     "manual_retries": "int4",
+    "poll_at": "float8",
+    "callback_nonce": "text",
 }
 _WRITTEN = [c for c in MUTABLE if c != "seq"]
 _INSERTED = [c for c in COLUMNS if c != "seq"]
@@ -713,7 +726,12 @@ class PostgresStore(Store):
                     running[key] += 1
                     tx.started[key] = tx.started.get(key, 0) + 1
                 change = start_attempt(
-                    record, now=now, worker_id=worker_id, lease_token=secrets.token_hex(12), lease_s=lease_s
+                    record,
+                    now=now,
+                    worker_id=worker_id,
+                    lease_token=secrets.token_hex(12),
+                    lease_s=lease_s,
+                    callback_nonce=secrets.token_urlsafe(12),
                 )
                 claimed.append(tx.write(change))
                 if len(claimed) >= limit:
@@ -743,6 +761,77 @@ class PostgresStore(Store):
             list(types),
         )
         return rows[0][0] if rows else None
+
+    # -- external providers -------------------------------------------------------------------
+
+    async def find_external(self, types: Sequence[str], external_id: str) -> TaskRecord | None:
+        rows = await self._fetch(
+            f"SELECT {SELECT_LIST} FROM errands_tasks WHERE external_id = $1 AND type = ANY($2::text[]) "
+            "ORDER BY created_at DESC LIMIT 1",
+            external_id,
+            list(types),
+        )
+        return to_record(rows[0]) if rows else None
+
+    async def set_poll_at(self, task_id: str, when: float) -> None:
+        await self._fetch(
+            "UPDATE errands_tasks SET poll_at = $1 WHERE id = $2 AND status = 'processing' AND poll_at IS NOT NULL",
+            when,
+            task_id,
+        )
+
+    async def apply_webhook(self, delivery: Delivery, decide: Decision) -> tuple[str, TaskRecord | None]:
+        async def op(tx: _Tx) -> tuple[str, TaskRecord | None]:
+            if delivery.delivery_id is not None:
+                fresh = await tx.conn.fetchval(
+                    "INSERT INTO errands_webhook_ids (provider, delivery_id, received_at) VALUES ($1, $2, $3) "
+                    "ON CONFLICT DO NOTHING RETURNING 1",
+                    delivery.provider,
+                    delivery.delivery_id,
+                    delivery.received_at,
+                )
+                if fresh is None:
+                    await _insert_delivery(tx.conn, dataclasses.replace(delivery, outcome="duplicate"))
+                    return "duplicate", None
+            changed = False
+
+            def decide_and_note(record: TaskRecord) -> Change | None:
+                nonlocal changed
+                change = decide(record)
+                changed = change is not None
+                return change
+
+            try:
+                record: TaskRecord | None = await tx.apply(delivery.task_id or "", decide_and_note)
+                outcome = "applied" if changed else "unchanged"
+            except (InvalidTransition, LeaseLost):
+                record, outcome = None, "late"
+            except NotFound:
+                record, outcome = None, "unknown_task"
+            await _insert_delivery(tx.conn, dataclasses.replace(delivery, outcome=outcome))
+            return outcome, record
+
+        return await self._write(op)
+
+    async def record_delivery(self, delivery: Delivery) -> None:
+        async def op(tx: _Tx) -> None:
+            await _insert_delivery(tx.conn, delivery)
+
+        await self._write(op, alone=True)
+
+    async def deliveries(self, *, task_id: str | None, limit: int) -> list[Delivery]:
+        columns = "provider, delivery_id, task_id, outcome, status_code, received_at, detail"
+        if task_id is None:
+            rows = await self._fetch(
+                f"SELECT {columns} FROM errands_webhook_deliveries ORDER BY id DESC LIMIT $1", limit
+            )
+        else:
+            rows = await self._fetch(
+                f"SELECT {columns} FROM errands_webhook_deliveries WHERE task_id = $1 ORDER BY id DESC LIMIT $2",
+                task_id,
+                limit,
+            )
+        return [Delivery(*r) for r in rows]
 
     # -- the event log ------------------------------------------------------------------------
 
@@ -808,8 +897,12 @@ class PostgresStore(Store):
             limit,
         )
         deadlines = await self._fetch(
-            "SELECT id FROM errands_tasks WHERE status = 'processing' AND lease_token IS NOT NULL "
-            "AND deadline_at < $1 LIMIT $2",
+            "SELECT id FROM errands_tasks WHERE status = 'processing' AND deadline_at < $1 LIMIT $2",
+            now,
+            limit,
+        )
+        polls = await self._fetch(
+            "SELECT id FROM errands_tasks WHERE status = 'processing' AND poll_at IS NOT NULL AND poll_at <= $1 LIMIT $2",
             now,
             limit,
         )
@@ -818,7 +911,9 @@ class PostgresStore(Store):
             now,
             limit,
         )
-        return DueTasks([r[0] for r in leases], [r[0] for r in deadlines], [r[0] for r in expired])
+        return DueTasks(
+            [r[0] for r in leases], [r[0] for r in deadlines], [r[0] for r in expired], [r[0] for r in polls]
+        )
 
     async def purge(self, *, finished_before: float, tombstones_before: float, limit: int) -> int:
         now = self.clock.now()
@@ -850,6 +945,10 @@ class PostgresStore(Store):
                     now,
                 )
             await tx.conn.execute("DELETE FROM errands_tombstones WHERE purged_at < $1", tombstones_before)
+            await tx.conn.execute("DELETE FROM errands_webhook_ids WHERE received_at < $1", finished_before)
+            await tx.conn.execute(
+                "DELETE FROM errands_webhook_deliveries WHERE received_at < $1", finished_before
+            )
             return len(rows)
 
         return await self._write(op)
@@ -893,6 +992,20 @@ class PostgresStore(Store):
 
     async def admin_key_hashes(self) -> set[str]:
         return {r[0] for r in await self._fetch("SELECT hash FROM errands_admin_keys")}
+
+
+async def _insert_delivery(conn: PoolConnectionProxy[asyncpg.Record], d: Delivery) -> None:
+    await conn.execute(
+        "INSERT INTO errands_webhook_deliveries (provider, delivery_id, task_id, outcome, status_code, received_at, "
+        "detail) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        d.provider,
+        d.delivery_id,
+        d.task_id,
+        d.outcome,
+        d.status_code,
+        d.received_at,
+        d.detail,
+    )
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

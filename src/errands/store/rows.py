@@ -43,6 +43,8 @@ COLUMNS = (
     "deadline_at",
     "worker_id",
     "manual_retries",
+    "poll_at",
+    "callback_nonce",
 )
 SELECT_LIST = ", ".join(COLUMNS)
 
@@ -97,6 +99,8 @@ def to_record(v: Any) -> TaskRecord:
         deadline_at=v[28],
         worker_id=v[29],
         manual_retries=v[30],
+        poll_at=v[31],
+        callback_nonce=v[32],
     )
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import sqlite3
@@ -30,6 +31,8 @@ from errands.clock import Clock
 from errands.errors import (
     ConfigError,
     IdConflict,
+    InvalidTransition,
+    LeaseLost,
     NotFound,
     StoreError,
     TooManyRequests,
@@ -38,6 +41,7 @@ from errands.model import Change, Event, EventType, TaskRecord, start_attempt
 from errands.store.base import (
     ClaimSpec,
     Decision,
+    Delivery,
     DueTasks,
     NewTask,
     Outcome,
@@ -536,9 +540,13 @@ class SqliteStore(Store):
                     if running.get(key, 0) >= cap:
                         continue
                     running[key] = running.get(key, 0) + 1
-                token = _lease_token()
                 change = start_attempt(
-                    record, now=now, worker_id=worker_id, lease_token=token, lease_s=lease_s
+                    record,
+                    now=now,
+                    worker_id=worker_id,
+                    lease_token=_lease_token(),
+                    lease_s=lease_s,
+                    callback_nonce=secrets.token_urlsafe(12),
                 )
                 claimed.append(tx.write(change))
                 if len(claimed) >= limit:
@@ -576,6 +584,72 @@ class SqliteStore(Store):
             list(types),
         )
         return rows[0][0] if rows else None
+
+    # -- external providers -------------------------------------------------------------------
+
+    async def find_external(self, types: Sequence[str], external_id: str) -> TaskRecord | None:
+        if not types:
+            return None
+        marks = ", ".join("?" * len(types))
+        rows = self._read(
+            f"SELECT {SELECT_LIST} FROM tasks WHERE external_id = ? AND type IN ({marks}) "
+            "ORDER BY created_at DESC LIMIT 1",
+            [external_id, *types],
+        )
+        return to_record(rows[0]) if rows else None
+
+    async def set_poll_at(self, task_id: str, when: float) -> None:
+        def op(tx: _Tx) -> None:
+            tx.conn.execute(
+                "UPDATE tasks SET poll_at = ? WHERE id = ? AND status = 'processing' AND poll_at IS NOT NULL",
+                (when, task_id),
+            )
+
+        await self._write(op)
+
+    async def apply_webhook(self, delivery: Delivery, decide: Decision) -> tuple[str, TaskRecord | None]:
+        def op(tx: _Tx) -> tuple[str, TaskRecord | None]:
+            if delivery.delivery_id is not None:
+                seen = tx.conn.execute(
+                    "INSERT OR IGNORE INTO webhook_ids (provider, delivery_id, received_at) VALUES (?, ?, ?)",
+                    (delivery.provider, delivery.delivery_id, delivery.received_at),
+                )
+                if seen.rowcount == 0:
+                    _insert_delivery(tx.conn, dataclasses.replace(delivery, outcome="duplicate"))
+                    return "duplicate", None
+            changed = False
+
+            def decide_and_note(record: TaskRecord) -> Change | None:
+                nonlocal changed
+                change = decide(record)
+                changed = change is not None
+                return change
+
+            try:
+                record: TaskRecord | None = tx.apply(delivery.task_id or "", decide_and_note)
+                outcome = "applied" if changed else "unchanged"
+            except (InvalidTransition, LeaseLost):
+                record, outcome = None, "late"
+            except NotFound:
+                record, outcome = None, "unknown_task"
+            _insert_delivery(tx.conn, dataclasses.replace(delivery, outcome=outcome))
+            return outcome, record
+
+        return await self._write(op)
+
+    async def record_delivery(self, delivery: Delivery) -> None:
+        await self._write(lambda tx: _insert_delivery(tx.conn, delivery))
+
+    async def deliveries(self, *, task_id: str | None, limit: int) -> list[Delivery]:
+        columns = "provider, delivery_id, task_id, outcome, status_code, received_at, detail"
+        if task_id is None:
+            rows = self._read(f"SELECT {columns} FROM webhook_deliveries ORDER BY id DESC LIMIT ?", (limit,))
+        else:
+            rows = self._read(
+                f"SELECT {columns} FROM webhook_deliveries WHERE task_id = ? ORDER BY id DESC LIMIT ?",
+                (task_id, limit),
+            )
+        return [Delivery(*r) for r in rows]
 
     # -- the event log ------------------------------------------------------------------------
 
@@ -620,8 +694,11 @@ class SqliteStore(Store):
             (now, limit),
         )
         deadlines = self._read(
-            "SELECT id FROM tasks WHERE status = 'processing' AND lease_token IS NOT NULL "
-            "AND deadline_at < ? LIMIT ?",
+            "SELECT id FROM tasks WHERE status = 'processing' AND deadline_at < ? LIMIT ?",
+            (now, limit),
+        )
+        polls = self._read(
+            "SELECT id FROM tasks WHERE status = 'processing' AND poll_at IS NOT NULL AND poll_at <= ? LIMIT ?",
             (now, limit),
         )
         expired = self._read(
@@ -632,6 +709,7 @@ class SqliteStore(Store):
             lease_expired=[r[0] for r in leases],
             past_deadline=[r[0] for r in deadlines],
             expired=[r[0] for r in expired],
+            to_poll=[r[0] for r in polls],
         )
 
     async def purge(self, *, finished_before: float, tombstones_before: float, limit: int) -> int:
@@ -658,6 +736,8 @@ class SqliteStore(Store):
                     (task_id, owner, now),
                 )
             tx.conn.execute("DELETE FROM tombstones WHERE purged_at < ?", (tombstones_before,))
+            tx.conn.execute("DELETE FROM webhook_ids WHERE received_at < ?", (finished_before,))
+            tx.conn.execute("DELETE FROM webhook_deliveries WHERE received_at < ?", (finished_before,))
             return len(rows)
 
         return await self._write(op)
@@ -713,6 +793,14 @@ class SqliteStore(Store):
 
     async def admin_key_hashes(self) -> set[str]:
         return {r[0] for r in self._read("SELECT hash FROM admin_keys")}
+
+
+def _insert_delivery(conn: sqlite3.Connection, d: Delivery) -> None:
+    conn.execute(
+        "INSERT INTO webhook_deliveries (provider, delivery_id, task_id, outcome, status_code, received_at, detail) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (d.provider, d.delivery_id, d.task_id, d.outcome, d.status_code, d.received_at, d.detail),
+    )
 
 
 def _lease_token() -> str:

@@ -1,8 +1,7 @@
 -- The whole current schema, for fresh installs. The numbered migrations must build exactly this
 -- (tests/integration/test_migrations.py checks it); change both together.
+-- (SQLite keeps ALTER TABLE results as edited CREATE TABLE text, hence the layout.)
 
--- Tasks, the event log, tombstones of purged tasks and the service's own small state.
--- Times are seconds since the epoch (REAL); JSON is stored as text, events' task snapshots as blobs.
 
 CREATE TABLE tasks (
     id                TEXT PRIMARY KEY,
@@ -36,21 +35,22 @@ CREATE TABLE tasks (
     deadline_at       REAL,
     worker_id         TEXT,
     manual_retries    INTEGER NOT NULL DEFAULT 0
-);
+, poll_at REAL, callback_nonce TEXT);
 
--- The queue: claim by priority, then age.
 CREATE INDEX tasks_queue ON tasks (priority DESC, created_at, id) WHERE status = 'pending';
--- Tasks waiting out a retry backoff (fresh tasks are ready at once: run_after = created_at).
+
 CREATE INDEX tasks_backoff ON tasks (run_after) WHERE status = 'pending' AND run_after > created_at;
--- Running tasks: leases, deadlines and per-owner concurrency.
+
 CREATE INDEX tasks_running ON tasks (type, owner) WHERE status = 'processing';
--- Pending tasks per owner (max_pending_per_owner).
+
 CREATE INDEX tasks_pending_owner ON tasks (owner) WHERE status = 'pending';
--- Listing, newest first, per owner and for admins.
+
 CREATE INDEX tasks_owner_created ON tasks (owner, created_at DESC, id DESC);
+
 CREATE INDEX tasks_created ON tasks (created_at DESC, id DESC);
--- Sweeping: unfinished tasks by expiry, finished tasks by age.
+
 CREATE INDEX tasks_unfinished_expiry ON tasks (expires_at) WHERE status IN ('pending', 'processing');
+
 CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
 
 CREATE TABLE events (
@@ -63,6 +63,7 @@ CREATE TABLE events (
     status    TEXT NOT NULL,
     task      BLOB NOT NULL
 );
+
 CREATE INDEX events_task ON events (task_id, seq);
 
 CREATE TABLE tombstones (
@@ -70,21 +71,49 @@ CREATE TABLE tombstones (
     owner     TEXT NOT NULL,
     purged_at REAL NOT NULL
 );
+
 CREATE INDEX tombstones_purged ON tombstones (purged_at);
 
--- Key/value state: the event counter ('seq'), the token-signing secret.
 CREATE TABLE meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
-INSERT INTO meta (key, value) VALUES ('seq', '0');
 
 CREATE TABLE admin_keys (
     hash       TEXT PRIMARY KEY,
     created_at REAL NOT NULL
 );
 
--- Resuming a watch of an owner's tasks reads that owner's events after a seq.
 CREATE INDEX events_owner ON events (owner, seq);
--- The highest seq whose event was purged: a watch resuming from before it may have missed events.
+
+CREATE INDEX tasks_external ON tasks (external_id) WHERE external_id IS NOT NULL;
+
+CREATE INDEX tasks_polls ON tasks (poll_at) WHERE status = 'processing' AND poll_at IS NOT NULL;
+
+CREATE TABLE webhook_ids (
+    provider    TEXT NOT NULL,
+    delivery_id TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (provider, delivery_id)
+);
+
+CREATE INDEX webhook_ids_received ON webhook_ids (received_at);
+
+CREATE TABLE webhook_deliveries (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    provider    TEXT NOT NULL,
+    delivery_id TEXT,
+    task_id     TEXT,
+    outcome     TEXT NOT NULL,
+    status_code INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    detail      TEXT
+);
+
+CREATE INDEX webhook_deliveries_task ON webhook_deliveries (task_id, id);
+
+CREATE INDEX webhook_deliveries_received ON webhook_deliveries (received_at);
+
 INSERT INTO meta (key, value) VALUES ('horizon', '0');
+
+INSERT INTO meta (key, value) VALUES ('seq', '0');

@@ -1,0 +1,173 @@
+"""Inbound webhooks: providers report on the tasks they run.
+
+* ``POST /v1/hooks/{provider}``: a signed webhook (Standard Webhooks by default), tied to its
+  task by the provider's job id;
+* ``POST /v1/hooks/callback/{token}``: a task's capability URL, for services that cannot sign;
+  the token is valid for that task's current attempt only.
+
+Answers: ``200`` when the report was applied, changed nothing, was a duplicate (its delivery id
+was seen before) or came late (the task had moved on) — in each case the provider must stop
+retrying; ``401`` forged, stale or unsigned; ``404`` unknown provider or task; ``400`` malformed.
+Every delivery is recorded with its outcome. Bearer tokens play no part here.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import orjson
+from fastapi import APIRouter, Query, Request
+from starlette.responses import Response
+
+from errands import model
+from errands.api.deps import PrincipalDep, RuntimeDep
+from errands.api.errors import error_response
+from errands.api.tasks import ERRORS
+from errands.auth import CapabilitySigner
+from errands.errors import ApiError, BadRequest, Forbidden, NotFound, Unauthorized
+from errands.model import TaskError, TaskRecord
+from errands.providers import Inbound, Provider, Update
+from errands.runtime import Runtime
+from errands.service import TASK_ID_PATTERN
+from errands.store.base import Delivery
+
+router = APIRouter(tags=["webhooks"])
+
+_OUTCOME_BODIES = {o: orjson.dumps({"outcome": o}) for o in ("applied", "unchanged", "duplicate", "late")}
+
+
+def _inbound(request: Request, body: bytes) -> Inbound:
+    return Inbound({k.lower(): v for k, v in request.headers.items()}, body)
+
+
+async def _refuse(runtime: Runtime, delivery: Delivery, exc: ApiError) -> Response:
+    await runtime.store.record_delivery(delivery)
+    return error_response(exc.status_code, exc.code, exc.message)
+
+
+async def _apply(runtime: Runtime, delivery: Delivery, update: Update, external_id: str | None) -> Response:
+    now = delivery.received_at
+    error = None
+    if update.status == "failed":
+        error = TaskError(update.error_code or "provider_failed", update.error_message or "")
+    outcome, _ = await runtime.store.apply_webhook(
+        delivery,
+        lambda r: model.external_report(
+            r,
+            now=now,
+            external_id=external_id,
+            status=update.status,
+            progress=update.progress,
+            message=update.message,
+            result=update.result,
+            error=error,
+            by_webhook=True,
+        ),
+    )
+    if outcome == "unknown_task":
+        return error_response(404, "not_found", "No such task.")
+    return Response(_OUTCOME_BODIES[outcome], media_type="application/json")
+
+
+@router.post("/v1/hooks/callback/{token}", summary="A task's capability callback URL", responses=ERRORS)
+async def capability_hook(token: str, request: Request) -> Response:
+    """For services that cannot sign: the URL itself is the secret, for one task and attempt."""
+    runtime: Runtime = request.app.state.runtime
+    now = runtime.clock.now()
+    body = await request.body()
+    inbound = _inbound(request, body)
+    base = Delivery("callback", None, None, "", 0, now)
+    try:
+        task_id, attempt, mac = CapabilitySigner.parse(token)
+    except Unauthorized as exc:
+        return await _refuse(runtime, _with(base, "unauthorized", 401, exc.message), exc)
+    found = await runtime.store.get(task_id) if len(task_id) <= 64 else None
+    if not isinstance(found, TaskRecord):
+        return await _refuse(runtime, _with(base, "unknown_task", 404, "no such task", task_id), NotFound())
+    task_type = runtime.app.task_types.get(found.type)
+    provider = task_type.provider if task_type is not None else None
+    try:
+        assert runtime.capabilities is not None
+        runtime.capabilities.check(
+            mac, task_id=task_id, attempt=attempt, nonce=found.callback_nonce, current_attempt=found.attempt
+        )
+        if provider is None:
+            raise NotFound("This task is not run by a provider.")
+        update = provider.parse_callback(inbound)
+    except ApiError as exc:
+        outcome = {401: "unauthorized", 404: "unknown_task"}.get(exc.status_code, "malformed")
+        return await _refuse(runtime, _with(base, outcome, exc.status_code, exc.message, task_id), exc)
+    delivery_id = inbound.headers.get("webhook-id") or inbound.headers.get("idempotency-key")
+    delivery = Delivery(f"callback:{provider.name}", delivery_id, task_id, "", 200, now)
+    return await _apply(runtime, delivery, update, update.external_id)
+
+
+@router.post("/v1/hooks/{provider}", summary="A provider's signed webhook", responses=ERRORS)
+async def signed_hook(provider: str, request: Request) -> Response:
+    """A webhook signed by the provider (Standard Webhooks by default)."""
+    runtime: Runtime = request.app.state.runtime
+    now = runtime.clock.now()
+    body = await request.body()
+    inbound = _inbound(request, body)
+    base = Delivery(provider[:64], None, None, "", 0, now)
+    adapter: Provider | None = runtime.app.providers.get(provider)
+    if adapter is None:
+        return error_response(404, "not_found", "No such provider.")
+    try:
+        delivery_id = adapter.verify(inbound, now=now)
+    except ApiError as exc:
+        return await _refuse(runtime, _with(base, "unauthorized", exc.status_code, exc.message), exc)
+    try:
+        update = adapter.parse(inbound)
+        if not update.external_id:
+            raise BadRequest("The webhook does not say which job it is about.")
+    except ApiError as exc:
+        return await _refuse(
+            runtime, _with(base, "malformed", exc.status_code, exc.message, None, delivery_id), exc
+        )
+    types = [t.name for t in runtime.app.task_types.values() if t.provider is adapter]
+    record = await runtime.store.find_external(types, update.external_id)
+    if record is None:
+        missing = NotFound("No task has this job.")
+        return await _refuse(
+            runtime, _with(base, "unknown_task", 404, "unknown job", None, delivery_id), missing
+        )
+    delivery = Delivery(adapter.name, delivery_id, record.id, "", 200, now)
+    return await _apply(runtime, delivery, update, update.external_id)
+
+
+def _with(
+    base: Delivery,
+    outcome: str,
+    status: int,
+    detail: str,
+    task_id: str | None = None,
+    delivery_id: str | None = None,
+) -> Delivery:
+    return Delivery(base.provider, delivery_id, task_id, outcome, status, base.received_at, detail[:200])
+
+
+@router.get("/v1/webhook-deliveries", tags=["admin"], summary="Recorded inbound webhooks (admin)")
+async def deliveries(
+    runtime: RuntimeDep,
+    principal: PrincipalDep,
+    task_id: Annotated[str | None, Query(pattern=TASK_ID_PATTERN)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> Response:
+    """Every inbound webhook with its outcome, newest first; one task's with ``task_id``."""
+    if not principal.admin:
+        raise Forbidden("Only an admin may read webhook deliveries.")
+    rows = await runtime.store.deliveries(task_id=task_id, limit=limit)
+    body = [
+        {
+            "provider": d.provider,
+            "delivery_id": d.delivery_id,
+            "task_id": d.task_id,
+            "outcome": d.outcome,
+            "status_code": d.status_code,
+            "received_at": d.received_at,
+            "detail": d.detail,
+        }
+        for d in rows
+    ]
+    return Response(orjson.dumps({"deliveries": body}), media_type="application/json")

@@ -1,0 +1,250 @@
+"""External providers: services that run a task and report back by webhook (or answer polls).
+
+A provider adapter implements :class:`Provider`: ``submit`` hands a task over and returns the
+service's id for it; ``verify`` and ``parse`` check and read a webhook; ``poll`` asks for the
+state; ``cancel`` stops the job where the service allows it. Declare a task type with one::
+
+    app.external("extract_text", provider=ReplicateProvider(...), timeout_s=600, poll_after_s=60)
+
+Submission runs on a worker under the normal lease; afterwards the task stays ``processing`` with
+its ``external_id`` and no lease, until a webhook or a poll reports the end (or its deadline
+passes). Every report goes through the same state machine as a local handler's, so a late,
+duplicated or forged report can never move a task backwards.
+
+Adapters: :mod:`errands.providers.standard` (any service speaking Standard Webhooks),
+:mod:`errands.providers.replicate`, :mod:`errands.providers.coze`.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import httpx
+import orjson
+
+from errands.auth import CapabilitySigner
+from errands.errors import BadRequest, ErrandsError
+
+UpdateStatus = Literal["running", "completed", "failed"]
+
+
+class ProviderError(ErrandsError):
+    """The provider could not be reached or refused the request."""
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """What a provider is given: the task, and where to report."""
+
+    task_id: str
+    type: str
+    owner: str
+    input: Any
+    attempt: int
+    callback_url: str  # POST /v1/hooks/{provider}: for services that sign their webhooks
+    capability_url: str  # a secret URL for this task and attempt only: for services that cannot sign
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """A provider's report on a job."""
+
+    status: UpdateStatus
+    external_id: str | None = None
+    progress: int | None = None
+    message: str | None = None
+    result: Any = None
+    error_code: str | None = None
+    error_message: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.status != "running"
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A webhook as received: lower-case header names and the raw body."""
+
+    headers: Mapping[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        try:
+            return orjson.loads(self.body)
+        except orjson.JSONDecodeError:
+            raise BadRequest("The webhook body is not JSON.") from None
+
+
+class Callbacks:
+    """Where providers report for a task: the signed endpoint and the task's capability URL."""
+
+    def __init__(self, base_url: str, signer: CapabilitySigner) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._signer = signer
+
+    def signed(self, provider: str) -> str:
+        return f"{self.base_url}/v1/hooks/{provider}"
+
+    def capability(self, task_id: str, attempt: int, nonce: str) -> str:
+        return f"{self.base_url}/v1/hooks/callback/{self._signer.token(task_id, attempt, nonce)}"
+
+
+class RateLimiter:
+    """At most ``per_s`` calls per second (a token bucket with a burst of one second's worth)."""
+
+    def __init__(self, per_s: float) -> None:
+        self.per_s = per_s
+        self._tokens = per_s
+        self._at = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def __aenter__(self) -> None:
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                self._tokens = min(self.per_s, self._tokens + (now - self._at) * self.per_s)
+                self._at = now
+                if self._tokens >= 1:
+                    self._tokens -= 1
+                    return
+                await asyncio.sleep((1 - self._tokens) / self.per_s)
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+class Provider(abc.ABC):
+    """An external service that performs tasks (see the module docstring)."""
+
+    #: The path segment of the signed webhook endpoint: ``POST /v1/hooks/{name}``.
+    name: str
+
+    @abc.abstractmethod
+    async def submit(self, job: Submission) -> str:
+        """Hand the job to the service; return its id for it. Raise :class:`ProviderError`."""
+
+    @abc.abstractmethod
+    def verify(self, inbound: Inbound, *, now: float) -> str:
+        """Check a webhook's signature and freshness; return its delivery id (for
+        de-duplication). Raise :class:`errands.errors.Unauthorized`."""
+
+    @abc.abstractmethod
+    def parse(self, inbound: Inbound) -> Update:
+        """Read a verified webhook. Raise :class:`errands.errors.BadRequest` if malformed."""
+
+    def parse_callback(self, inbound: Inbound) -> Update:
+        """Read a report sent to a task's capability URL; the generic format by default."""
+        return parse_generic(inbound.json())
+
+    @abc.abstractmethod
+    async def poll(self, external_id: str) -> Update:
+        """Ask the service for the job's state. Raise :class:`ProviderError`."""
+
+    async def cancel(self, external_id: str) -> bool:
+        """Stop the job if the service can; ``False`` when it cannot."""
+        return False
+
+    async def aclose(self) -> None:  # noqa: B027 - a default; adapters with connections override it
+        """Release connections."""
+
+
+class HttpProvider(Provider):
+    """A provider reached over HTTP with httpx: one client, an optional rate limit, and
+    errors turned into :class:`ProviderError` whose message is safe to show (no body, no secret)."""
+
+    def __init__(self, *, headers: Mapping[str, str] | None = None, rate_per_s: float | None = None) -> None:
+        self._headers = dict(headers or {})
+        self._limiter = RateLimiter(rate_per_s) if rate_per_s else None
+        self._client: httpx.AsyncClient | None = None
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(headers=self._headers, timeout=httpx.Timeout(20.0, connect=5.0))
+        return self._client
+
+    async def _request(self, method: str, url: str, *, json: Any = None) -> Any:
+        """The JSON answer of a successful request (``None`` for an empty body)."""
+        try:
+            if self._limiter is not None:
+                async with self._limiter:
+                    response = await self._http().request(method, url, json=json)
+            else:
+                response = await self._http().request(method, url, json=json)
+        except httpx.HTTPError as exc:
+            raise ProviderError(f"{type(exc).__name__} while calling {self.name}") from exc
+        if response.status_code >= 400:
+            raise ProviderError(f"{self.name} answered HTTP {response.status_code}")
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            raise ProviderError(f"{self.name} answered something that is not JSON") from None
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+_STATUS: dict[str, UpdateStatus] = {
+    "queued": "running",
+    "starting": "running",
+    "running": "running",
+    "processing": "running",
+    "succeeded": "completed",
+    "completed": "completed",
+    "success": "completed",
+    "failed": "failed",
+    "fail": "failed",
+    "error": "failed",
+    "canceled": "failed",
+    "cancelled": "failed",
+    "aborted": "failed",
+}
+
+
+def parse_generic(data: Any) -> Update:
+    """The generic report: ``{"id"?, "status", "progress"?, "message"?, "output"?, "error"?}``.
+
+    ``status`` is one of queued, running, succeeded, failed or canceled (and a few synonyms);
+    ``error`` is a string or ``{"code", "message"}``.
+    """
+    if not isinstance(data, dict):
+        raise BadRequest("The report must be a JSON object.")
+    status = _STATUS.get(str(data.get("status", "")).lower())
+    if status is None:
+        raise BadRequest("The report has no known status.")
+    progress = data.get("progress")
+    if progress is not None and (isinstance(progress, bool) or not isinstance(progress, int | float)):
+        raise BadRequest("progress must be a number.")
+    message = data.get("message")
+    error = data.get("error")
+    code, text = None, None
+    if status == "failed":
+        raw_status = str(data.get("status", "")).lower()
+        code = (
+            "provider_cancelled" if raw_status in ("canceled", "cancelled", "aborted") else "provider_failed"
+        )
+        if isinstance(error, dict):
+            code = str(error.get("code") or code)[:64]
+            text = str(error.get("message") or "")
+        elif error is not None:
+            text = str(error)
+        text = (text or "The provider reported a failure.")[:500]
+    external_id = data.get("id")
+    return Update(
+        status=status,
+        external_id=None if external_id is None else str(external_id),
+        progress=None if progress is None else max(0, min(100, int(progress))),
+        message=None if message is None else str(message)[:1000],
+        result=data.get("output"),
+        error_code=code,
+        error_message=text,
+    )
