@@ -45,7 +45,13 @@ async def _refuse(runtime: Runtime, delivery: Delivery, exc: ApiError) -> Respon
     return error_response(exc.status_code, exc.code, exc.message)
 
 
-async def _apply(runtime: Runtime, delivery: Delivery, update: Update, external_id: str | None) -> Response:
+async def _apply(
+    runtime: Runtime,
+    delivery: Delivery,
+    update: Update,
+    external_id: str | None,
+    job: tuple[list[str], str] | None = None,
+) -> Response:
     now = delivery.received_at
     error = None
     if update.status == "failed":
@@ -63,6 +69,7 @@ async def _apply(runtime: Runtime, delivery: Delivery, update: Update, external_
             error=error,
             by_webhook=True,
         ),
+        job=job,
     )
     if outcome == "unknown_task":
         return error_response(404, "not_found", "No such task.")
@@ -126,14 +133,8 @@ async def signed_hook(provider: str, request: Request) -> Response:
             runtime, _with(base, "malformed", exc.status_code, exc.message, None, delivery_id), exc
         )
     types = [t.name for t in runtime.app.task_types.values() if t.provider is adapter]
-    record = await runtime.store.find_external(types, update.external_id)
-    if record is None:
-        missing = NotFound("No task has this job.")
-        return await _refuse(
-            runtime, _with(base, "unknown_task", 404, "unknown job", None, delivery_id), missing
-        )
-    delivery = Delivery(adapter.name, delivery_id, record.id, "", 200, now)
-    return await _apply(runtime, delivery, update, update.external_id)
+    delivery = Delivery(adapter.name, delivery_id, None, "", 200, now)
+    return await _apply(runtime, delivery, update, update.external_id, (types, update.external_id))
 
 
 def _with(

@@ -225,10 +225,15 @@ class Store(abc.ABC):
         """When to poll a handed-off task next (bookkeeping, like a lease: no event)."""
 
     @abc.abstractmethod
-    async def apply_webhook(self, delivery: Delivery, decide: Decision) -> tuple[str, TaskRecord | None]:
+    async def apply_webhook(
+        self, delivery: Delivery, decide: Decision, *, job: tuple[Sequence[str], str] | None = None
+    ) -> tuple[str, TaskRecord | None]:
         """In one transaction: refuse a delivery id seen before (``duplicate``), else remember it
-        and apply ``decide`` to ``delivery.task_id`` (``applied``, ``unchanged``, or ``late`` when
-        the state machine refuses it); record the delivery with that outcome."""
+        and apply ``decide`` to the task (``applied``, ``unchanged``, ``late`` when the state
+        machine refuses it, ``unknown_task``); record the delivery with that outcome.
+
+        The task is ``delivery.task_id``, or with ``job=(types, external_id)`` the task of one of
+        these types whose provider job that is (``delivery.task_id`` is then filled in)."""
 
     @abc.abstractmethod
     async def record_delivery(self, delivery: Delivery) -> None:

@@ -198,6 +198,7 @@ class _Tx:
         self.overlay: dict[str, TaskRecord] = {}
         self.ordinal = 0  # events numbered so far in this transaction (the low bits of their seqs)
         self.written: list[Event] = []  # events already written (creates)
+        self.deliveries: list[Delivery] = []  # inbound webhooks to record, with the batch
         self.created: dict[str, TaskRecord] = {}
         # Tasks this transaction started, per (type, owner): not yet written, so not counted by
         # a query, but they count against concurrency_per_owner for the next claim in the batch.
@@ -248,6 +249,9 @@ class _Tx:
 
     async def commit_changes(self) -> list[Event]:
         """Phase 2: rows, events, notification. Sets each written record's seq."""
+        if self.deliveries:
+            await _insert_deliveries(self.conn, self.deliveries)
+            self.deliveries = []
         if not self.pending:
             return self.written
         if self.ordinal + len(self.pending) >= 1 << 16:
@@ -780,42 +784,50 @@ class PostgresStore(Store):
             task_id,
         )
 
-    async def apply_webhook(self, delivery: Delivery, decide: Decision) -> tuple[str, TaskRecord | None]:
+    async def apply_webhook(
+        self, delivery: Delivery, decide: Decision, *, job: tuple[Sequence[str], str] | None = None
+    ) -> tuple[str, TaskRecord | None]:
         async def op(tx: _Tx) -> tuple[str, TaskRecord | None]:
-            if delivery.delivery_id is not None:
-                fresh = await tx.conn.fetchval(
-                    "INSERT INTO errands_webhook_ids (provider, delivery_id, received_at) VALUES ($1, $2, $3) "
-                    "ON CONFLICT DO NOTHING RETURNING 1",
-                    delivery.provider,
-                    delivery.delivery_id,
-                    delivery.received_at,
-                )
-                if fresh is None:
-                    await _insert_delivery(tx.conn, dataclasses.replace(delivery, outcome="duplicate"))
-                    return "duplicate", None
-            changed = False
-
-            def decide_and_note(record: TaskRecord) -> Change | None:
-                nonlocal changed
-                change = decide(record)
-                changed = change is not None
-                return change
-
+            # One round trip: remember the delivery id, find the task, lock it (NOWAIT).
+            key: list[Any]
+            if job is None:
+                where, key = "id = $4", [delivery.task_id or ""]
+            else:
+                where, key = "external_id = $4 AND type = ANY($5::text[])", [job[1], list(job[0])]
+            row = await tx.conn.fetchrow(
+                "WITH seen AS (INSERT INTO errands_webhook_ids (provider, delivery_id, received_at) "
+                "SELECT $1, $2, $3 WHERE $2::text IS NOT NULL ON CONFLICT DO NOTHING RETURNING 1) "
+                f"SELECT (SELECT count(*) FROM seen) AS fresh, {SELECT_LIST} FROM errands_tasks WHERE {where} "
+                "ORDER BY created_at DESC LIMIT 1 FOR UPDATE NOWAIT",
+                delivery.provider,
+                delivery.delivery_id,
+                delivery.received_at,
+                *key,
+            )
+            if row is None:
+                tx.deliveries.append(dataclasses.replace(delivery, outcome="unknown_task", status_code=404))
+                return "unknown_task", None
+            record = to_record(list(row)[1:])
+            delivered = dataclasses.replace(delivery, task_id=record.id)
+            if delivery.delivery_id is not None and row[0] == 0:
+                tx.deliveries.append(dataclasses.replace(delivered, outcome="duplicate"))
+                return "duplicate", None
+            tx.overlay.setdefault(record.id, record)
             try:
-                record: TaskRecord | None = await tx.apply(delivery.task_id or "", decide_and_note)
-                outcome = "applied" if changed else "unchanged"
+                change = decide(tx.overlay[record.id])
             except (InvalidTransition, LeaseLost):
-                record, outcome = None, "late"
-            except NotFound:
-                record, outcome = None, "unknown_task"
-            await _insert_delivery(tx.conn, dataclasses.replace(delivery, outcome=outcome))
-            return outcome, record
+                tx.deliveries.append(dataclasses.replace(delivered, outcome="late"))
+                return "late", None
+            outcome = "unchanged" if change is None else "applied"
+            written = tx.overlay[record.id] if change is None else tx.write(change)
+            tx.deliveries.append(dataclasses.replace(delivered, outcome=outcome))
+            return outcome, written
 
         return await self._write(op)
 
     async def record_delivery(self, delivery: Delivery) -> None:
         async def op(tx: _Tx) -> None:
-            await _insert_delivery(tx.conn, delivery)
+            tx.deliveries.append(delivery)
 
         await self._write(op, alone=True)
 
@@ -994,17 +1006,18 @@ class PostgresStore(Store):
         return {r[0] for r in await self._fetch("SELECT hash FROM errands_admin_keys")}
 
 
-async def _insert_delivery(conn: PoolConnectionProxy[asyncpg.Record], d: Delivery) -> None:
+async def _insert_deliveries(conn: PoolConnectionProxy[asyncpg.Record], rows: Sequence[Delivery]) -> None:
     await conn.execute(
         "INSERT INTO errands_webhook_deliveries (provider, delivery_id, task_id, outcome, status_code, received_at, "
-        "detail) VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        d.provider,
-        d.delivery_id,
-        d.task_id,
-        d.outcome,
-        d.status_code,
-        d.received_at,
-        d.detail,
+        "detail) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::float8[], "
+        "$7::text[])",
+        [d.provider for d in rows],
+        [d.delivery_id for d in rows],
+        [d.task_id for d in rows],
+        [d.outcome for d in rows],
+        [d.status_code for d in rows],
+        [d.received_at for d in rows],
+        [d.detail for d in rows],
     )
 
 

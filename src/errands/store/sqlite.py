@@ -607,8 +607,24 @@ class SqliteStore(Store):
 
         await self._write(op)
 
-    async def apply_webhook(self, delivery: Delivery, decide: Decision) -> tuple[str, TaskRecord | None]:
+    async def apply_webhook(
+        self, delivery: Delivery, decide: Decision, *, job: tuple[Sequence[str], str] | None = None
+    ) -> tuple[str, TaskRecord | None]:
         def op(tx: _Tx) -> tuple[str, TaskRecord | None]:
+            nonlocal delivery
+            if job is not None:
+                types, external_id = job
+                marks = ", ".join("?" * len(types))
+                row = tx.conn.execute(
+                    f"SELECT id FROM tasks WHERE external_id = ? AND type IN ({marks}) ORDER BY created_at DESC LIMIT 1",
+                    [external_id, *types],
+                ).fetchone()
+                if row is None:
+                    _insert_delivery(
+                        tx.conn, dataclasses.replace(delivery, outcome="unknown_task", status_code=404)
+                    )
+                    return "unknown_task", None
+                delivery = dataclasses.replace(delivery, task_id=row[0])
             if delivery.delivery_id is not None:
                 seen = tx.conn.execute(
                     "INSERT OR IGNORE INTO webhook_ids (provider, delivery_id, received_at) VALUES (?, ?, ?)",
