@@ -19,6 +19,8 @@ from errands.service import TYPE_PATTERN, SubmitRequest
 
 if TYPE_CHECKING:
     from errands.context import TaskContext
+    from errands.notify.hooks import Hook
+    from errands.notify.wechat import WeChat, WeChatTemplate
     from errands.providers import Provider
     from errands.runtime import Runtime
 
@@ -64,6 +66,8 @@ class Errands:
     def __init__(self) -> None:
         self.task_types: dict[str, TaskType] = {}
         self.providers: dict[str, Provider] = {}
+        self.hooks: dict[str, Hook] = {}
+        self.wechat_channel: WeChat | None = None
         self._runtime: Runtime | None = None
 
     def _check(
@@ -140,6 +144,72 @@ class Errands:
 
         return register
 
+    # -- notifications ------------------------------------------------------------------------
+
+    def on(
+        self, *events: str, types: list[str] | None = None, timeout_s: float | None = None
+    ) -> Callable[[H], H]:
+        """Register a lifecycle hook: ``fn(event: HookEvent)`` runs after each committed event
+        of these types (``task.failed``, ``task.*``…), at least once, with retries, outside the
+        workers. ``types`` limits it to tasks of those types. See :mod:`errands.notify.hooks`."""
+        from errands.notify.hooks import Hook
+        from errands.notify.policy import valid_pattern
+
+        if not events:
+            raise ConfigError("app.on() needs at least one event type, such as 'task.failed'.")
+        unknown = [e for e in events if not valid_pattern(e)]
+        if unknown:
+            raise ConfigError(f"Unknown event type {unknown[0]!r}.")
+        if timeout_s is not None and timeout_s <= 0:
+            raise ConfigError("timeout_s must be positive.")
+
+        def register(fn: H) -> H:
+            name = f"{fn.__module__}:{fn.__qualname__}"
+            if name in self.hooks:
+                raise ConfigError(f"The hook {name} is registered twice.")
+            self.hooks[name] = Hook(
+                name=name,
+                events=tuple(events),
+                types=None if types is None else tuple(types),
+                fn=fn,
+                is_async=inspect.iscoroutinefunction(fn),
+                timeout_s=timeout_s,
+            )
+            return fn
+
+        return register
+
+    def wechat(
+        self,
+        templates: list[WeChatTemplate],
+        *,
+        appid: str | None = None,
+        secret: str | None = None,
+        base_url: str | None = None,
+        miniprogram_state: str = "formal",
+        timezone: str = "Asia/Shanghai",
+        outcomes: dict[str, str] | None = None,
+    ) -> WeChat:
+        """Send WeChat subscribe messages to task owners (openids) when their tasks end.
+
+        ``appid``, ``secret`` and ``base_url`` default to ``ERRANDS_WECHAT_APPID``,
+        ``ERRANDS_WECHAT_SECRET`` and ``ERRANDS_WECHAT_BASE_URL``. See :mod:`errands.notify.wechat`.
+        """
+        from errands.notify.wechat import DEFAULT_OUTCOMES, WeChat
+
+        if self.wechat_channel is not None:
+            raise ConfigError("The WeChat channel is configured twice.")
+        self.wechat_channel = WeChat(
+            templates=templates,
+            appid=appid,
+            secret=secret,
+            base_url=base_url,
+            miniprogram_state=miniprogram_state,
+            timezone=timezone,
+            outcomes={**DEFAULT_OUTCOMES, **(outcomes or {})},
+        )
+        return self.wechat_channel
+
     # -- running in-process -------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
@@ -149,14 +219,16 @@ class Errands:
         *,
         workers: bool = True,
         sweeper: bool = True,
+        notifier: bool | None = None,
         clock: Clock | None = None,
         rng: random.Random | None = None,
     ) -> AsyncIterator[Runtime]:
-        """Run the store, workers and sweeper in this process for the duration of the block."""
+        """Run the store, workers, sweeper and notifier in this process for the duration of the
+        block (the notifier runs where the sweeper does unless ``notifier`` says otherwise)."""
         from errands.runtime import Runtime
 
         runtime = Runtime(self, settings or load_settings(), clock=clock, rng=rng)
-        await runtime.start(workers=workers, sweeper=sweeper)
+        await runtime.start(workers=workers, sweeper=sweeper, notifier=notifier)
         try:
             yield runtime
         finally:
@@ -176,6 +248,7 @@ class Errands:
         timeout_s: float | None = None,
         max_attempts: int | None = None,
         expires_in_s: float | None = None,
+        notify_url: str | None = None,
     ) -> Task:
         """Submit a task from code living next to the service; returns at once with the task.
 
@@ -193,6 +266,7 @@ class Errands:
                 "timeout_s": None if timeout_s is None else float(timeout_s),
                 "max_attempts": max_attempts,
                 "expires_in_s": None if expires_in_s is None else float(expires_in_s),
+                "notify_url": notify_url,
             }
         )
         record, _ = await self._runtime.service.submit(request, SYSTEM)

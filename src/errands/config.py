@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from errands.errors import ConfigError
@@ -70,9 +70,48 @@ class Settings(BaseSettings):
     # SQLite
     sqlite_synchronous: str = "NORMAL"
 
+    # notifications
+    notify_schedule: str = "0s,5s,5m,30m,2h,5h,10h,10h"
+    notify_jitter: float = Field(0.1, ge=0, le=0.5)
+    notify_timeout_s: float = Field(15.0, gt=0, le=300)
+    notify_disable_after_s: float = Field(5 * 86_400.0, gt=0)
+    notify_secret: SecretStr | None = None
+    notify_secret_grace_s: float = Field(86_400.0, ge=0)
+    notify_allow_networks: str = ""
+    notify_https_only: bool = False
+    notify_concurrency: int = Field(32, ge=1, le=1000)
+    notify_lease_s: float | None = Field(None, gt=0)
+    notify_poll_s: float = Field(1.0, gt=0)
+    hook_timeout_s: float = Field(60.0, gt=0)
+    wechat_appid: str | None = None
+    wechat_secret: SecretStr | None = None
+    wechat_base_url: str = "https://api.weixin.qq.com"
+
     # PostgreSQL
     pg_pool_size: int = Field(8, ge=2, le=100)
     pg_write_lanes: int = Field(3, ge=1, le=32)
+
+    @field_validator("notify_schedule")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        from errands.notify.policy import parse_schedule
+
+        try:
+            parse_schedule(value)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+        return value
+
+    @field_validator("notify_allow_networks")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        from errands.notify.guard import parse_networks
+
+        try:
+            parse_networks(value)
+        except ConfigError as exc:
+            raise ValueError(exc.message) from None
+        return value
 
     @property
     def heartbeat_interval_s(self) -> float:
@@ -87,6 +126,5 @@ def load_settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         first = exc.errors()[0]
         name = str(first["loc"][0]) if first["loc"] else "a setting"
-        raise ConfigError(
-            f"The setting {name} (ERRANDS_{name.upper()}) is not valid: {first['msg']}."
-        ) from None
+        reason = str(first["msg"]).removeprefix("Value error, ").rstrip(".")
+        raise ConfigError(f"The setting {name} (ERRANDS_{name.upper()}) is not valid: {reason}.") from None

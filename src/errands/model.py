@@ -49,6 +49,8 @@ class EventType(enum.StrEnum):
     FAILED = "task.failed"
     TIMEOUT = "task.timeout"
     CANCELLED = "task.cancelled"
+    #: The task's notifications (webhooks, WeChat messages) about its end were all delivered.
+    NOTIFIED = "task.notified"
 
 
 #: Every allowed move. ``processing → processing`` is a progress report; ``processing → pending``
@@ -130,6 +132,7 @@ class TaskRecord:
     manual_retries: int = 0
     poll_at: float | None = None  # when to ask the provider next (external tasks)
     callback_nonce: str | None = None  # makes this attempt's capability URL unguessable
+    notify_url: str | None = None  # told of the task's end, signed with the default secret
 
     def public(self) -> dict[str, Any]:
         """The task object of the API, in its documented field order."""
@@ -154,6 +157,7 @@ class TaskRecord:
             "started_at": iso(self.started_at),
             "finished_at": iso(self.finished_at),
             "expires_at": iso(self.expires_at),
+            "notify_url": self.notify_url,
             "seq": self.seq,
         }
 
@@ -253,6 +257,7 @@ class Task(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     expires_at: datetime | None = None
+    notify_url: str | None = None
     seq: int = 0
 
     @property
@@ -505,12 +510,24 @@ def manual_retry(record: TaskRecord, *, now: float, max_manual_retries: int) -> 
         now,
         manual_retries=record.manual_retries + 1,
         max_attempts=max(record.max_attempts, record.attempt + 1),
+        notification_sent=False,
         run_after=now,
         queued_at=now,
         finished_at=None,
         **_NO_LEASE,
     )
     return Change(new, EventType.RETRYING)
+
+
+def mark_notified(record: TaskRecord, *, now: float, seq: int) -> Change | None:
+    """Every notification of the end whose event is ``seq`` was delivered: ``notification_sent``.
+
+    ``None`` when there is nothing to mark: already marked, or the task moved on since that end
+    (a manual retry), whose own end will be notified in turn.
+    """
+    if record.notification_sent or not record.status.terminal or record.seq != seq:
+        return None
+    return Change(record.evolve(notification_sent=True, updated_at=now), EventType.NOTIFIED)
 
 
 def expire(record: TaskRecord, *, now: float) -> Change:

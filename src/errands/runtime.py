@@ -10,12 +10,15 @@ import secrets
 from collections.abc import Coroutine
 from typing import Any
 
+from errands import signing
 from errands.app import Errands
 from errands.auth import Authenticator, CapabilitySigner, TokenSigner, hash_key, new_admin_key
 from errands.clock import Clock, SystemClock
 from errands.config import Settings
 from errands.errors import StoreError
 from errands.hub import Hub
+from errands.notify.endpoints import NotifyAdmin
+from errands.notify.notifier import Notifier
 from errands.providers import Callbacks
 from errands.service import Service
 from errands.store import open_store
@@ -104,10 +107,13 @@ class Runtime:
             snapshots=serves_watches,
         )
         self.service = Service(app, self.store, settings, self.clock)
+        self.notify_admin = NotifyAdmin(self.store, settings, self.clock)
         self.supervisor = Supervisor()
         self.service.run_soon = self.supervisor.run_soon
         self.worker: Worker | None = None
         self.sweeper: Sweeper | None = None
+        self.notifier: Notifier | None = None
+        self.notify_secret: str | None = None
         self.authenticator: Authenticator | None = None
         self.capabilities: CapabilitySigner | None = None
         self.callbacks: Callbacks | None = None
@@ -115,9 +121,16 @@ class Runtime:
         self._worker_id = worker_id
 
     async def start(
-        self, *, workers: bool = True, sweeper: bool = True, api: bool = False, migrate: bool = True
+        self,
+        *,
+        workers: bool = True,
+        sweeper: bool = True,
+        api: bool = False,
+        migrate: bool = True,
+        notifier: bool | None = None,
     ) -> None:
-        """Open the store and start the loops. With ``api``, make sure an admin key exists."""
+        """Open the store and start the loops. With ``api``, make sure an admin key exists.
+        The notifier runs where the sweeper does unless ``notifier`` says otherwise."""
         await self.store.open(migrate=migrate)
         try:
             await self._credentials(generate_admin_key=api)
@@ -146,6 +159,17 @@ class Runtime:
                     supervisor=self.supervisor,
                 )
                 self.supervisor.spawn("sweeper", self.sweeper.run())
+            if sweeper if notifier is None else notifier:
+                assert self.notify_secret is not None
+                self.notifier = Notifier(
+                    self.app,
+                    self.store,
+                    self.settings,
+                    clock=self.clock,
+                    rng=self.rng,
+                    default_secret=self.notify_secret,
+                )
+                self.supervisor.spawn("notifier", self.notifier.run())
             if api and self.settings.admin_key is None:
                 self.supervisor.spawn("admin-keys", self._refresh_admin_keys())
         except BaseException:
@@ -169,6 +193,11 @@ class Runtime:
                 await self.store.add_admin_key(hash_key(key))
                 self.generated_admin_key = key
                 hashes = {hash_key(key)}
+        if self.settings.notify_secret is not None:
+            self.notify_secret = self.settings.notify_secret.get_secret_value()
+            signing.secret_key(self.notify_secret)  # a clear error now rather than at the first delivery
+        else:
+            self.notify_secret = await self.store.meta_setdefault("notify_secret", signing.new_secret())
         signer = TokenSigner(secret)
         self.authenticator = Authenticator(signer, hashes)
         self.service.signer = signer
@@ -192,6 +221,8 @@ class Runtime:
         if self.worker is not None:
             await self.worker.shutdown(self.settings.shutdown_grace_s)
         self.hub.stop()
+        if self.notifier is not None:
+            await self.notifier.stop(min(5.0, self.settings.shutdown_grace_s))
         await self.supervisor.stop()
         for provider in self.app.providers.values():
             with contextlib.suppress(Exception):
@@ -208,4 +239,6 @@ class Runtime:
         problems.extend(f"{name}: {state}" for name, state in self.supervisor.failures.items())
         if self.sweeper is not None and self.sweeper.last_error is not None:
             problems.append("sweeper: the last sweep failed")
+        if self.notifier is not None and self.notifier.last_error is not None:
+            problems.append(f"notifier: {self.notifier.last_error}")
         return {"ready": not problems, "problems": problems, "loops": self.supervisor.alive()}

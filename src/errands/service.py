@@ -24,6 +24,7 @@ from errands.clock import Clock, iso
 from errands.config import Settings
 from errands.errors import Forbidden, Gone, InvalidCursor, InvalidRequest, NotFound, UnknownTaskType
 from errands.model import Event, Status, TaskRecord
+from errands.notify.guard import AddressPolicy, Refused, parse_networks
 from errands.store.base import NewTask, Store, TaskQuery, Tombstone
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ class SubmitRequest(BaseModel):
     timeout_s: float | None = Field(None, gt=0, le=7 * 86_400)
     max_attempts: int | None = Field(None, ge=1, le=100)
     expires_in_s: float | None = Field(None, gt=0, le=30 * 86_400)
+    notify_url: str | None = Field(None, min_length=1, max_length=2048)
 
 
 class TokenRequest(BaseModel):
@@ -129,6 +131,9 @@ class Service:
         self.settings = settings
         self.clock = clock
         self.signer: TokenSigner | None = None
+        self.address_policy = AddressPolicy(
+            allow=parse_networks(settings.notify_allow_networks), https_only=settings.notify_https_only
+        )
         #: Runs a background job (set by the runtime): how a cancel reaches a provider.
         self.run_soon: Callable[[str, Coroutine[Any, Any, Any]], None] | None = None
 
@@ -148,6 +153,13 @@ class Service:
             if principal.task_id is not None:
                 raise Forbidden("A token scoped to one task cannot create tasks.")
             owner = principal.owner or self.settings.default_owner
+        if request.notify_url is not None:
+            if not principal.admin:
+                raise Forbidden("Only an admin key may set notify_url.")
+            try:
+                self.address_policy.check_url(request.notify_url)
+            except Refused as exc:
+                raise InvalidRequest(f"notify_url: {exc.reason}") from None
         if json_depth(request.input) > self.settings.max_json_depth:
             raise InvalidRequest(f"input is nested deeper than {self.settings.max_json_depth} levels.")
         fingerprint = hashlib.sha256(
@@ -163,6 +175,7 @@ class Service:
             timeout_s=request.timeout_s or task_type.timeout_s or self.settings.default_timeout_s,
             expires_in_s=request.expires_in_s or self.settings.default_expires_in_s,
             fingerprint=fingerprint,
+            notify_url=request.notify_url,
         )
         return await self.store.create(new, max_pending_per_owner=self.settings.max_pending_per_owner)
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
 from errands import Errands, TaskContext
+from errands.notify.hooks import HookEvent
 
 app = Errands()
 
@@ -27,3 +29,16 @@ async def hold(ctx: TaskContext, input: dict[str, Any]) -> dict[str, Any]:
 @app.task("quick")
 async def quick(ctx: TaskContext, input: dict[str, Any]) -> dict[str, Any]:
     return {"pid": os.getpid()}
+
+
+@app.on("task.completed", types=["quick"])
+def remember(event: HookEvent) -> None:
+    """Writes each call to $SAMPLE_HOOK_LOG; with $SAMPLE_HOOK_CRASH the first call kills the
+    process before the hook could be recorded as done."""
+    log = os.environ.get("SAMPLE_HOOK_LOG")
+    if not log:
+        return
+    with Path(log).open("a") as out:
+        out.write(f"{event.message_id} {event.attempt} {event.task.id}\n")
+    if event.attempt == 1 and os.environ.get("SAMPLE_HOOK_CRASH"):
+        os.kill(os.getpid(), signal.SIGKILL)

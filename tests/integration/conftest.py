@@ -29,7 +29,11 @@ from tests.conftest import (
 )
 
 STORES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
-_TABLES = "errands_tasks, errands_events, errands_tombstones, errands_meta, errands_admin_keys"
+_TABLES = (
+    "errands_tasks, errands_events, errands_tombstones, errands_meta, errands_admin_keys, "
+    "errands_webhook_ids, errands_webhook_deliveries, errands_endpoints, errands_messages, "
+    "errands_message_attempts"
+)
 
 
 @pytest.fixture(scope="session")
@@ -136,11 +140,12 @@ async def runtime_factory(database_url: str) -> AsyncIterator[RuntimeFactory]:
         *,
         workers: bool = True,
         sweeper: bool = False,
+        notifier: bool | None = None,
         clock: Any = None,
         **overrides: Any,
     ) -> Runtime:
         runtime = Runtime(app, make_settings(database_url, **overrides), clock=clock, rng=random.Random(7))
-        await runtime.start(workers=workers, sweeper=sweeper, api=True)
+        await runtime.start(workers=workers, sweeper=sweeper, api=True, notifier=notifier)
         started.append(runtime)
         return runtime
 

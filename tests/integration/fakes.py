@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 import time
 from typing import Any
@@ -171,3 +172,99 @@ class FakeCoze:
         if run is None or request.path_params["wid"] != self.workflow_id:
             return _json({"code": 4200, "msg": "not found"})
         return _json({"code": 0, "msg": "", "data": [run]})
+
+
+class Receiver:
+    """A webhook receiver on a real local server: records every request and answers with the
+    scripted ``(status, headers)`` in order, then ``200``; ``hold`` keeps requests waiting."""
+
+    def __init__(self) -> None:
+        self.url = ""  # set by whoever serves it
+        self.requests: list[tuple[str, dict[str, str], bytes]] = []
+        self.script: list[tuple[int, dict[str, str]]] = []
+        self.hold: asyncio.Event | None = None
+        self.app = Starlette(routes=[Route("/{path:path}", self._receive, methods=["POST"])])
+
+    async def _receive(self, request: Request) -> Response:
+        body = await request.body()
+        self.requests.append((request.url.path, dict(request.headers), body))
+        if self.hold is not None:
+            await self.hold.wait()
+        if self.script:
+            status, headers = self.script.pop(0)
+            return Response(b"not now", status_code=status, headers=headers)
+        return Response(b"ok thanks", status_code=200)
+
+    def bodies(self, path: str | None = None) -> list[dict[str, Any]]:
+        return [orjson.loads(b) for p, _, b in self.requests if path is None or p == path]
+
+    def ids(self) -> list[str]:
+        return [h["webhook-id"] for _, h, _ in self.requests]
+
+
+#: WeChat's documented limits, as the fake enforces them (errcode 47003 when broken).
+_WECHAT_CHECKS = {
+    "thing": lambda v: len(v) <= 20,
+    "phrase": lambda v: len(v) <= 5 and all("\u4e00" <= c <= "\u9fff" for c in v),
+    "name": lambda v: len(v) <= 10,
+    "character_string": lambda v: len(v) <= 32 and v.isascii(),
+    "number": lambda v: len(v) <= 32 and v.replace(".", "", 1).isdigit(),
+    "time": lambda v: bool(re.fullmatch(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}", v)),
+}
+
+
+class FakeWeChat:
+    """WeChat's server API for subscribe messages: ``POST /cgi-bin/stable_token`` and
+    ``POST /cgi-bin/message/subscribe/send?access_token=…``, with its error codes: 40013 (bad
+    appid or secret), 40001 (the token is not valid), 47003 (data breaks a field's limits),
+    43101 (the user has no subscription left), -1 (system busy)."""
+
+    def __init__(self, appid: str, secret: str, templates: set[str]) -> None:
+        self.appid = appid
+        self.secret = secret
+        self.templates = templates
+        self.refused: set[str] = set()  # openids with no subscription left
+        self.busy = 0  # answer -1 to this many sends first
+        self.token_fetches = 0
+        self.sends: list[dict[str, Any]] = []  # every send request, accepted or not
+        self.delivered: list[dict[str, Any]] = []
+        self._token: str | None = None
+        self.app = Starlette(
+            routes=[
+                Route("/cgi-bin/stable_token", self._stable_token, methods=["POST"]),
+                Route("/cgi-bin/message/subscribe/send", self._send, methods=["POST"]),
+            ]
+        )
+
+    def expire_token(self) -> None:
+        """The current token stops working (it expired, or was force-refreshed elsewhere)."""
+        self._token = None
+
+    async def _stable_token(self, request: Request) -> Response:
+        body = orjson.loads(await request.body())
+        self.token_fetches += 1
+        if body.get("appid") != self.appid or body.get("secret") != self.secret:
+            return _json({"errcode": 40013, "errmsg": "invalid appid"})
+        if self._token is None or body.get("force_refresh"):
+            self._token = f"tok-{self.token_fetches}-{secrets.token_hex(4)}"
+        return _json({"access_token": self._token, "expires_in": 7200})
+
+    async def _send(self, request: Request) -> Response:
+        body = orjson.loads(await request.body())
+        self.sends.append(body)
+        if self._token is None or request.query_params.get("access_token") != self._token:
+            return _json({"errcode": 40001, "errmsg": "invalid credential, access_token is invalid"})
+        if self.busy > 0:
+            self.busy -= 1
+            return _json({"errcode": -1, "errmsg": "system error"})
+        if body.get("template_id") not in self.templates:
+            return _json({"errcode": 40037, "errmsg": "invalid template_id"})
+        for key, item in (body.get("data") or {}).items():
+            kind = re.sub(r"\d+$", "", key)
+            check = _WECHAT_CHECKS.get(kind)
+            if check is not None and not check(str(item.get("value", ""))):
+                return _json({"errcode": 47003, "errmsg": f"argument invalid! data.{key}.value invalid"})
+        if body.get("touser") in self.refused:
+            return _json({"errcode": 43101, "errmsg": "user refuse to accept the msg"})
+        self.delivered.append(body)
+        return _json({"errcode": 0, "errmsg": "ok", "msgid": len(self.delivered)})

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from errands.api import admin, errors, hooks, tasks, watch
+from errands.api import admin, errors, hooks, notify, tasks, watch
 from errands.api.middleware import GuardMiddleware
 from errands.api.watch import OPENAPI_PATHS, SseRoutes
 
@@ -28,6 +28,7 @@ def create_api(runtime: Runtime) -> FastAPI:
     api.include_router(tasks.router)
     api.include_router(watch.router)
     api.include_router(hooks.router)
+    api.include_router(notify.router)
     api.include_router(admin.router)
     origins = [o.strip() for o in runtime.settings.cors_origins.split(",") if o.strip()]
     # Innermost first: the SSE watch routes run after the guard authenticated the caller.

@@ -16,7 +16,7 @@
 
 const TASK_EVENTS = [
   "task.snapshot", "task.created", "task.processing", "task.progress", "task.retrying",
-  "task.completed", "task.failed", "task.timeout", "task.cancelled",
+  "task.completed", "task.failed", "task.timeout", "task.cancelled", "task.notified",
 ];
 const FINAL = new Set(["completed", "failed", "timeout", "cancelled"]);
 const OPEN_FAILURES_BEFORE_FALLBACK = 2;

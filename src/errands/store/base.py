@@ -38,6 +38,7 @@ class NewTask:
     timeout_s: float
     expires_in_s: float
     fingerprint: str
+    notify_url: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +99,100 @@ class Outcome:
 
     record: TaskRecord | None
     error: Exception | None
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where an admin asked task events to be sent (outbound webhooks)."""
+
+    id: str
+    url: str
+    description: str | None
+    events: tuple[str, ...]  # event types, or patterns: ``task.*``
+    types: tuple[str, ...] | None  # only tasks of these types (None: every type)
+    owners: tuple[str, ...] | None  # only tasks of these owners (None: every owner)
+    secret: str
+    previous_secret: str | None  # still signed with, until ``previous_secret_until``
+    previous_secret_until: float | None
+    enabled: bool
+    disabled_reason: str | None
+    failing_since: float | None  # the first failure since the last success
+    throttled_until: float | None  # the receiver asked to be left alone until then
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One notification of one event to one destination, delivered at least once.
+
+    ``channel`` says how (``endpoint``, ``url``: a task's own ``notify_url``, ``hook``: app code,
+    ``wechat``) and ``target`` to whom (the endpoint id, the URL, the hook's or template's name).
+    ``id`` is the ``webhook-id``: the same on every attempt. ``state`` is ``pending`` (waiting for
+    ``next_at``, or being sent under ``lease_token`` until then), ``delivered`` or ``failed``.
+    """
+
+    id: str
+    seq: int
+    event_type: str
+    task_id: str
+    owner: str
+    task_type: str
+    channel: str
+    target: str
+    payload: bytes
+    final: bool  # about the task's end: counts for ``notification_sent``
+    state: str
+    attempts: int
+    next_at: float
+    created_at: float
+    updated_at: float
+    last_status: int | None = None
+    last_error: str | None = None
+    lease_token: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One try at delivering a message, as the delivery log keeps it."""
+
+    message_id: str
+    channel: str
+    target: str
+    task_id: str
+    event_type: str
+    attempted_at: float
+    succeeded: bool
+    status_code: int | None
+    latency_ms: float
+    response: str | None = None  # the start of the receiver's answer
+    error: str | None = None  # why it failed, when not an HTTP status
+    id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    """What an attempt leads to, decided by :mod:`errands.notify.policy`, written at once.
+
+    ``lease_token`` fences the write: a sender that lost its claim only adds to the log.
+    ``endpoint_*`` apply to the message's endpoint, if it has one.
+    """
+
+    attempt: Attempt
+    lease_token: str
+    state: str  # pending (retry at next_at), delivered, failed
+    next_at: float
+    endpoint_ok: bool | None = None  # True: it answered 2xx, False: it failed
+    throttled_until: float | None = None
+    disable_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MessageQuery:
+    task_id: str | None = None
+    endpoint_id: str | None = None
+    state: str | None = None
+    limit: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +373,89 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def stats(self, *, since: float, sample: int) -> StatsRows: ...
+
+    # -- notifications ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_endpoint(self, endpoint: Endpoint) -> None: ...
+
+    @abc.abstractmethod
+    async def get_endpoint(self, endpoint_id: str) -> Endpoint | None: ...
+
+    @abc.abstractmethod
+    async def list_endpoints(self) -> list[Endpoint]: ...
+
+    @abc.abstractmethod
+    async def update_endpoint(self, endpoint_id: str, change: Callable[[Endpoint], Endpoint]) -> Endpoint:
+        """Apply ``change`` to the endpoint under the write lock (:class:`NotFound` if it is gone).
+
+        Disabling it fails its pending messages (``recover`` sends them again later)."""
+
+    @abc.abstractmethod
+    async def delete_endpoint(self, endpoint_id: str) -> bool:
+        """Delete the endpoint and fail its pending messages; ``False`` if there was none."""
+
+    @abc.abstractmethod
+    async def notify_cursor(self) -> int:
+        """The seq up to which events were turned into messages."""
+
+    @abc.abstractmethod
+    async def notify_urls_after(self, seq: int) -> bool:
+        """Whether a task with a ``notify_url`` has an event after ``seq`` (so the fan-out can
+        skip reading the log when nothing else wants events)."""
+
+    @abc.abstractmethod
+    async def add_messages(self, after: int, upto: int, messages: Sequence[Message]) -> bool:
+        """Move the cursor from ``after`` to ``upto`` and store ``messages``, in one transaction;
+        ``False`` (nothing stored) if another process moved the cursor first. A message for an
+        event and destination that already has one is skipped."""
+
+    @abc.abstractmethod
+    async def claim_messages(
+        self, *, now: float, limit: int, lease_s: float, channels: Sequence[str], hooks: Sequence[str]
+    ) -> list[tuple[Message, Endpoint | None]]:
+        """Take up to ``limit`` due messages of these channels (hook messages only of these
+        hooks): each gets a new lease token, one more attempt and ``next_at = now + lease_s``.
+
+        A message waits while an earlier message of the same task to the same destination is
+        pending (order per task), and while its endpoint is disabled or throttled."""
+
+    @abc.abstractmethod
+    async def finish_message(self, result: AttemptResult) -> None:
+        """Log the attempt and, if the lease still holds, apply its result to the message and its
+        endpoint; when the last notification of a task's end is delivered, mark the task
+        (``notification_sent``, event ``task.notified``), all in one transaction."""
+
+    @abc.abstractmethod
+    async def next_message_at(self, *, channels: Sequence[str], hooks: Sequence[str]) -> float | None:
+        """When the earliest pending message of these channels is due."""
+
+    @abc.abstractmethod
+    async def get_message(self, message_id: str) -> Message | None: ...
+
+    @abc.abstractmethod
+    async def list_messages(self, query: MessageQuery) -> list[Message]:
+        """Messages, newest first."""
+
+    @abc.abstractmethod
+    async def attempts(
+        self,
+        *,
+        target: str | None = None,
+        message_id: str | None = None,
+        succeeded: bool | None = None,
+        before: int | None = None,
+        limit: int = 100,
+    ) -> list[Attempt]:
+        """Logged attempts, newest first (``before``: only older than that attempt id)."""
+
+    @abc.abstractmethod
+    async def resend_message(self, message_id: str, *, now: float) -> Message:
+        """Send a message again now, with a fresh retry schedule (:class:`NotFound` if unknown)."""
+
+    @abc.abstractmethod
+    async def recover_endpoint(self, endpoint_id: str, *, since: float, now: float) -> int:
+        """Send again every failed message of the endpoint created since ``since``; the count."""
 
     # -- service state ------------------------------------------------------------------------
 

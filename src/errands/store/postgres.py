@@ -35,7 +35,7 @@ import logging
 import random
 import secrets
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
@@ -52,12 +52,17 @@ from errands.errors import (
     StoreError,
     TooManyRequests,
 )
-from errands.model import Change, Event, EventType, Status, TaskRecord, start_attempt
+from errands.model import Change, Event, EventType, Status, TaskRecord, mark_notified, start_attempt
 from errands.store.base import (
+    Attempt,
+    AttemptResult,
     ClaimSpec,
     Decision,
     Delivery,
     DueTasks,
+    Endpoint,
+    Message,
+    MessageQuery,
     NewTask,
     Outcome,
     StatsRows,
@@ -67,12 +72,21 @@ from errands.store.base import (
 )
 from errands.store.migrations import fresh_schema, migrations
 from errands.store.rows import (
+    ATTEMPT_COLUMNS,
     COLUMNS,
+    ENDPOINT_COLUMNS,
     EVENT_COLUMNS,
     EVENT_HEADERS,
+    MESSAGE_COLUMNS,
     MUTABLE,
     SELECT_LIST,
+    attempt_values,
+    endpoint_values,
+    message_values,
     new_record,
+    to_attempt,
+    to_endpoint,
+    to_message,
     to_record,
     values,
     with_seq,
@@ -131,8 +145,30 @@ _PG_TYPES = {
     "manual_retries": "int4",
     "poll_at": "float8",
     "callback_nonce": "text",
+    "notify_url": "text",
 }
 _WRITTEN = [c for c in MUTABLE if c != "seq"]
+_MESSAGE_TYPES = [
+    "text",
+    "int8",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "bytea",
+    "bool",
+    "text",
+    "int4",
+    "float8",
+    "float8",
+    "float8",
+    "int4",
+    "text",
+    "text",
+]
+_MESSAGE_ARRAYS = ", ".join(f"${i}::{t}[]" for i, t in enumerate(_MESSAGE_TYPES, start=1))
 _INSERTED = [c for c in COLUMNS if c != "seq"]
 
 
@@ -961,6 +997,12 @@ class PostgresStore(Store):
             await tx.conn.execute(
                 "DELETE FROM errands_webhook_deliveries WHERE received_at < $1", finished_before
             )
+            await tx.conn.execute(
+                "DELETE FROM errands_messages WHERE state != 'pending' AND updated_at < $1", finished_before
+            )
+            await tx.conn.execute(
+                "DELETE FROM errands_message_attempts WHERE attempted_at < $1", finished_before
+            )
             return len(rows)
 
         return await self._write(op)
@@ -983,6 +1025,253 @@ class PostgresStore(Store):
             waits_s=[max(0.0, r[0]) for r in waits],
             runs_s=[max(0.0, r[0]) for r in runs],
         )
+
+    # -- notifications ------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[PoolConnectionProxy[asyncpg.Record]]:
+        """A transaction of its own, outside the writer: for changes that touch no task."""
+        if self._pool is None:
+            raise StoreError("The store is closed.")
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                yield conn
+        except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
+            raise StoreError("The database could not save the change.") from exc
+
+    async def create_endpoint(self, endpoint: Endpoint) -> None:
+        marks = ", ".join(f"${i}" for i in range(1, 16))
+        async with self._transaction() as conn:
+            await conn.execute(
+                f"INSERT INTO errands_endpoints ({ENDPOINT_COLUMNS}) VALUES ({marks})",
+                *endpoint_values(endpoint),
+            )
+
+    async def get_endpoint(self, endpoint_id: str) -> Endpoint | None:
+        rows = await self._fetch(
+            f"SELECT {ENDPOINT_COLUMNS} FROM errands_endpoints WHERE id = $1", endpoint_id
+        )
+        return to_endpoint(rows[0]) if rows else None
+
+    async def list_endpoints(self) -> list[Endpoint]:
+        rows = await self._fetch(f"SELECT {ENDPOINT_COLUMNS} FROM errands_endpoints ORDER BY id")
+        return [to_endpoint(r) for r in rows]
+
+    async def update_endpoint(self, endpoint_id: str, change: Callable[[Endpoint], Endpoint]) -> Endpoint:
+        columns = ENDPOINT_COLUMNS.split(", ")
+        assignments = ", ".join(f"{c} = ${i}" for i, c in enumerate(columns[1:], start=2))
+        async with self._transaction() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {ENDPOINT_COLUMNS} FROM errands_endpoints WHERE id = $1 FOR UPDATE", endpoint_id
+            )
+            if row is None:
+                raise NotFound("No such endpoint.")
+            old = to_endpoint(row)
+            new = change(old)
+            await conn.execute(
+                f"UPDATE errands_endpoints SET {assignments} WHERE id = $1",
+                endpoint_id,
+                *endpoint_values(new)[1:],
+            )
+            if old.enabled and not new.enabled:
+                await _fail_pending(conn, endpoint_id, "the endpoint was disabled", new.updated_at)
+            return new
+
+    async def delete_endpoint(self, endpoint_id: str) -> bool:
+        async with self._transaction() as conn:
+            gone = await conn.fetchval("DELETE FROM errands_endpoints WHERE id = $1 RETURNING 1", endpoint_id)
+            if gone is None:
+                return False
+            await _fail_pending(conn, endpoint_id, "the endpoint was deleted", self.clock.now())
+            return True
+
+    async def notify_cursor(self) -> int:
+        rows = await self._fetch("SELECT value FROM errands_meta WHERE key = 'notify_cursor'")
+        return int(rows[0][0]) if rows else 0
+
+    async def notify_urls_after(self, seq: int) -> bool:
+        rows = await self._fetch(
+            "SELECT 1 FROM errands_tasks WHERE notify_url IS NOT NULL AND seq > $1 LIMIT 1", seq
+        )
+        return bool(rows)
+
+    async def add_messages(self, after: int, upto: int, messages: Sequence[Message]) -> bool:
+        async with self._transaction() as conn:
+            await conn.execute(
+                "INSERT INTO errands_meta (key, value) VALUES ('notify_cursor', '0') ON CONFLICT DO NOTHING"
+            )
+            moved = await conn.fetchval(
+                "UPDATE errands_meta SET value = $1 WHERE key = 'notify_cursor' AND value = $2 RETURNING 1",
+                str(upto),
+                str(after),
+            )
+            if moved is None:
+                return False
+            if messages:
+                rows = [message_values(m) for m in messages]
+                await conn.execute(
+                    f"INSERT INTO errands_messages ({MESSAGE_COLUMNS}) SELECT * FROM unnest({_MESSAGE_ARRAYS}) "
+                    "ON CONFLICT DO NOTHING",
+                    *([row[i] for row in rows] for i in range(len(_MESSAGE_TYPES))),
+                )
+            return True
+
+    async def claim_messages(
+        self, *, now: float, limit: int, lease_s: float, channels: Sequence[str], hooks: Sequence[str]
+    ) -> list[tuple[Message, Endpoint | None]]:
+        if limit <= 0 or not (channels or hooks):
+            return []
+        m_columns = ", ".join(f"m.{c}" for c in MESSAGE_COLUMNS.split(", "))
+        async with self._transaction() as conn:
+            rows = await conn.fetch(
+                "WITH due AS (SELECT m.id FROM errands_messages m "
+                "LEFT JOIN errands_endpoints e ON m.channel = 'endpoint' AND e.id = m.target "
+                "WHERE m.state = 'pending' AND m.next_at <= $1 "
+                "AND (m.channel = ANY($3::text[]) OR (m.channel = 'hook' AND m.target = ANY($4::text[]))) "
+                "AND (m.channel != 'endpoint' OR (e.enabled AND coalesce(e.throttled_until, 0) <= $1)) "
+                "AND NOT EXISTS (SELECT 1 FROM errands_messages p WHERE p.state = 'pending' "
+                "AND p.task_id = m.task_id AND p.channel = m.channel AND p.target = m.target AND p.seq < m.seq) "
+                "ORDER BY m.next_at LIMIT $2 FOR UPDATE OF m SKIP LOCKED) "
+                "UPDATE errands_messages m SET attempts = m.attempts + 1, next_at = $1 + $5, updated_at = $1, "
+                "lease_token = md5(random()::text || clock_timestamp()::text || m.id) "
+                f"FROM due WHERE m.id = due.id RETURNING {m_columns}",
+                now,
+                limit,
+                list(channels),
+                list(hooks),
+                lease_s,
+            )
+            messages = [to_message(r) for r in rows]
+            ids = sorted({m.target for m in messages if m.channel == "endpoint"})
+            endpoints = {}
+            if ids:
+                found = await conn.fetch(
+                    f"SELECT {ENDPOINT_COLUMNS} FROM errands_endpoints WHERE id = ANY($1::text[])", ids
+                )
+                endpoints = {e.id: e for e in map(to_endpoint, found)}
+        messages.sort(key=lambda m: m.next_at)
+        return [(m, endpoints.get(m.target) if m.channel == "endpoint" else None) for m in messages]
+
+    async def finish_message(self, result: AttemptResult) -> None:
+        attempt = result.attempt
+        now = attempt.attempted_at
+
+        async def op(tx: _Tx) -> None:
+            found = await tx.conn.fetchrow(
+                "SELECT task_id, seq, final FROM errands_messages WHERE id = $1", attempt.message_id
+            )
+            if found is None:
+                return
+            task_id, seq, final = found
+            ends = result.state == "delivered" and final and attempt.channel != "hook"
+            if ends:
+                # Lock the task first: two last messages finishing at once must not both see the
+                # other still pending (a locked row makes this transaction retry, younger).
+                await tx.load(task_id)
+            await tx.conn.execute(
+                f"INSERT INTO errands_message_attempts ({ATTEMPT_COLUMNS}) VALUES "
+                f"({', '.join(f'${i}' for i in range(1, 12))})",
+                *attempt_values(attempt),
+            )
+            moved = await tx.conn.fetchval(
+                "UPDATE errands_messages SET state = $1, next_at = $2, last_status = $3, last_error = $4, "
+                "updated_at = $5, lease_token = NULL WHERE id = $6 AND lease_token = $7 RETURNING 1",
+                result.state,
+                result.next_at,
+                attempt.status_code,
+                attempt.error,
+                now,
+                attempt.message_id,
+                result.lease_token,
+            )
+            if moved is None:
+                return  # the lease ran out and another sender took over: only the log keeps this
+            if attempt.channel == "endpoint" and result.endpoint_ok is not None:
+                await _endpoint_outcome(tx.conn, attempt.target, result, now)
+            if ends:
+                left = await tx.conn.fetchval(
+                    "SELECT count(*) FROM errands_messages WHERE task_id = $1 AND seq = $2 AND final "
+                    "AND channel != 'hook' AND state != 'delivered'",
+                    task_id,
+                    seq,
+                )
+                if left == 0:
+                    with contextlib.suppress(NotFound):
+                        await tx.apply(task_id, lambda r: mark_notified(r, now=now, seq=seq))
+
+        await self._write(op)
+
+    async def next_message_at(self, *, channels: Sequence[str], hooks: Sequence[str]) -> float | None:
+        if not (channels or hooks):
+            return None
+        rows = await self._fetch(
+            "SELECT min(next_at) FROM errands_messages WHERE state = 'pending' "
+            "AND (channel = ANY($1::text[]) OR (channel = 'hook' AND target = ANY($2::text[])))",
+            list(channels),
+            list(hooks),
+        )
+        return rows[0][0] if rows else None
+
+    async def get_message(self, message_id: str) -> Message | None:
+        rows = await self._fetch(f"SELECT {MESSAGE_COLUMNS} FROM errands_messages WHERE id = $1", message_id)
+        return to_message(rows[0]) if rows else None
+
+    async def list_messages(self, query: MessageQuery) -> list[Message]:
+        rows = await self._fetch(
+            f"SELECT {MESSAGE_COLUMNS} FROM errands_messages WHERE ($1::text IS NULL OR task_id = $1) "
+            "AND ($2::text IS NULL OR target = $2) AND ($3::text IS NULL OR state = $3) "
+            "ORDER BY created_at DESC, id DESC LIMIT $4",
+            query.task_id,
+            query.endpoint_id,
+            query.state,
+            query.limit,
+        )
+        return [to_message(r) for r in rows]
+
+    async def attempts(
+        self,
+        *,
+        target: str | None = None,
+        message_id: str | None = None,
+        succeeded: bool | None = None,
+        before: int | None = None,
+        limit: int = 100,
+    ) -> list[Attempt]:
+        rows = await self._fetch(
+            f"SELECT {ATTEMPT_COLUMNS}, id FROM errands_message_attempts WHERE ($1::text IS NULL OR target = $1) "
+            "AND ($2::text IS NULL OR message_id = $2) AND ($3::bool IS NULL OR succeeded = $3) "
+            "AND ($4::int8 IS NULL OR id < $4) ORDER BY id DESC LIMIT $5",
+            target,
+            message_id,
+            succeeded,
+            before,
+            limit,
+        )
+        return [to_attempt(r) for r in rows]
+
+    async def resend_message(self, message_id: str, *, now: float) -> Message:
+        async with self._transaction() as conn:
+            row = await conn.fetchrow(
+                "UPDATE errands_messages SET state = 'pending', attempts = 0, next_at = $1, lease_token = NULL, "
+                f"updated_at = $1 WHERE id = $2 RETURNING {MESSAGE_COLUMNS}",
+                now,
+                message_id,
+            )
+        if row is None:
+            raise NotFound("No such message.")
+        return to_message(row)
+
+    async def recover_endpoint(self, endpoint_id: str, *, since: float, now: float) -> int:
+        async with self._transaction() as conn:
+            rows = await conn.fetch(
+                "UPDATE errands_messages SET state = 'pending', attempts = 0, next_at = $1, lease_token = NULL, "
+                "updated_at = $1 WHERE channel = 'endpoint' AND target = $2 AND state = 'failed' "
+                "AND created_at >= $3 RETURNING 1",
+                now,
+                endpoint_id,
+                since,
+            )
+        return len(rows)
 
     # -- service state ------------------------------------------------------------------------
 
@@ -1019,6 +1308,41 @@ async def _insert_deliveries(conn: PoolConnectionProxy[asyncpg.Record], rows: Se
         [d.received_at for d in rows],
         [d.detail for d in rows],
     )
+
+
+async def _fail_pending(
+    conn: PoolConnectionProxy[asyncpg.Record], endpoint_id: str, why: str, now: float
+) -> None:
+    await conn.execute(
+        "UPDATE errands_messages SET state = 'failed', last_error = $1, lease_token = NULL, updated_at = $2 "
+        "WHERE channel = 'endpoint' AND target = $3 AND state = 'pending'",
+        why,
+        now,
+        endpoint_id,
+    )
+
+
+async def _endpoint_outcome(
+    conn: PoolConnectionProxy[asyncpg.Record], endpoint_id: str, result: AttemptResult, now: float
+) -> None:
+    """An endpoint's health after an attempt: failing since when, throttled until when, disabled."""
+    disabled = await conn.fetchval(
+        "UPDATE errands_endpoints SET "
+        "failing_since = CASE WHEN $2 THEN NULL ELSE coalesce(failing_since, $3) END, "
+        "throttled_until = CASE WHEN $4::float8 IS NULL THEN throttled_until "
+        "ELSE greatest(coalesce(throttled_until, 0), $4) END, "
+        "enabled = enabled AND $5::text IS NULL, "
+        "disabled_reason = CASE WHEN enabled AND $5::text IS NOT NULL THEN $5 ELSE disabled_reason END, "
+        "updated_at = CASE WHEN enabled AND $5::text IS NOT NULL THEN $3 ELSE updated_at END "
+        "WHERE id = $1 RETURNING (disabled_reason = $5)",
+        endpoint_id,
+        bool(result.endpoint_ok),
+        now,
+        result.throttled_until,
+        result.disable_reason,
+    )
+    if disabled:
+        await _fail_pending(conn, endpoint_id, "the endpoint was disabled", now)
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 
 from errands.model import Event, EventType, Status, TaskError, TaskRecord
-from errands.store.base import NewTask
+from errands.store.base import Attempt, Endpoint, Message, NewTask
 
 #: Column order of every ``SELECT`` of a task row.
 COLUMNS = (
@@ -45,12 +45,15 @@ COLUMNS = (
     "manual_retries",
     "poll_at",
     "callback_nonce",
+    "notify_url",
 )
 SELECT_LIST = ", ".join(COLUMNS)
 
-#: Columns an update may change (``id``, ``type``, ``owner``, ``input``, ``created_at`` and
-#: ``fingerprint`` never change after creation).
-MUTABLE = tuple(c for c in COLUMNS if c not in {"id", "type", "owner", "input", "created_at", "fingerprint"})
+#: Columns an update may change (``id``, ``type``, ``owner``, ``input``, ``created_at``,
+#: ``fingerprint`` and ``notify_url`` never change after creation).
+MUTABLE = tuple(
+    c for c in COLUMNS if c not in {"id", "type", "owner", "input", "created_at", "fingerprint", "notify_url"}
+)
 
 EVENT_COLUMNS = "seq, type, at, task_id, owner, task_type, status, task"
 #: The same without the task snapshot, for readers that only route events (worker processes).
@@ -101,6 +104,7 @@ def to_record(v: Any) -> TaskRecord:
         manual_retries=v[30],
         poll_at=v[31],
         callback_nonce=v[32],
+        notify_url=v[33],
     )
 
 
@@ -155,6 +159,7 @@ def new_record(new: NewTask, now: float) -> TaskRecord:
         fingerprint=new.fingerprint,
         run_after=now,
         queued_at=now,
+        notify_url=new.notify_url,
     )
 
 
@@ -164,3 +169,111 @@ def with_seq(task_json: bytes, seq: int) -> bytes:
     if not sep:
         raise ValueError("a task snapshot without a seq field")
     return b'%s,"seq":%d}' % (head, seq)
+
+
+# -- notifications ----------------------------------------------------------------------------
+
+ENDPOINT_COLUMNS = (
+    "id, url, description, events, types, owners, secret, previous_secret, previous_secret_until, "
+    "enabled, disabled_reason, failing_since, throttled_until, created_at, updated_at"
+)
+MESSAGE_COLUMNS = (
+    "id, seq, event_type, task_id, owner, task_type, channel, target, payload, final, state, "
+    "attempts, next_at, created_at, updated_at, last_status, last_error, lease_token"
+)
+ATTEMPT_COLUMNS = (
+    "message_id, channel, target, task_id, event_type, attempted_at, succeeded, status_code, "
+    "latency_ms, response, error"
+)
+
+
+def _names(value: tuple[str, ...] | None) -> str | None:
+    return None if value is None else dump_json(list(value))
+
+
+def _load_names(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(load_json(text))
+
+
+def endpoint_values(e: Endpoint) -> list[Any]:
+    return [
+        e.id, e.url, e.description, dump_json(list(e.events)), _names(e.types), _names(e.owners),
+        e.secret, e.previous_secret, e.previous_secret_until, e.enabled, e.disabled_reason,
+        e.failing_since, e.throttled_until, e.created_at, e.updated_at,
+    ]  # fmt: skip
+
+
+def to_endpoint(v: Any) -> Endpoint:
+    return Endpoint(
+        id=v[0],
+        url=v[1],
+        description=v[2],
+        events=tuple(load_json(v[3])),
+        types=_load_names(v[4]),
+        owners=_load_names(v[5]),
+        secret=v[6],
+        previous_secret=v[7],
+        previous_secret_until=v[8],
+        enabled=bool(v[9]),
+        disabled_reason=v[10],
+        failing_since=v[11],
+        throttled_until=v[12],
+        created_at=v[13],
+        updated_at=v[14],
+    )
+
+
+def message_values(m: Message) -> list[Any]:
+    return [
+        m.id, m.seq, m.event_type, m.task_id, m.owner, m.task_type, m.channel, m.target, m.payload,
+        m.final, m.state, m.attempts, m.next_at, m.created_at, m.updated_at, m.last_status,
+        m.last_error, m.lease_token,
+    ]  # fmt: skip
+
+
+def to_message(v: Any) -> Message:
+    return Message(
+        id=v[0],
+        seq=v[1],
+        event_type=v[2],
+        task_id=v[3],
+        owner=v[4],
+        task_type=v[5],
+        channel=v[6],
+        target=v[7],
+        payload=bytes(v[8]),
+        final=bool(v[9]),
+        state=v[10],
+        attempts=v[11],
+        next_at=v[12],
+        created_at=v[13],
+        updated_at=v[14],
+        last_status=v[15],
+        last_error=v[16],
+        lease_token=v[17],
+    )
+
+
+def attempt_values(a: Attempt) -> list[Any]:
+    return [
+        a.message_id, a.channel, a.target, a.task_id, a.event_type, a.attempted_at, a.succeeded,
+        a.status_code, a.latency_ms, a.response, a.error,
+    ]  # fmt: skip
+
+
+def to_attempt(v: Any) -> Attempt:
+    """An attempt from ``ATTEMPT_COLUMNS`` followed by ``id``."""
+    return Attempt(
+        message_id=v[0],
+        channel=v[1],
+        target=v[2],
+        task_id=v[3],
+        event_type=v[4],
+        attempted_at=v[5],
+        succeeded=bool(v[6]),
+        status_code=v[7],
+        latency_ms=v[8],
+        response=v[9],
+        error=v[10],
+        id=v[11],
+    )

@@ -37,12 +37,17 @@ from errands.errors import (
     StoreError,
     TooManyRequests,
 )
-from errands.model import Change, Event, EventType, TaskRecord, start_attempt
+from errands.model import Change, Event, EventType, TaskRecord, mark_notified, start_attempt
 from errands.store.base import (
+    Attempt,
+    AttemptResult,
     ClaimSpec,
     Decision,
     Delivery,
     DueTasks,
+    Endpoint,
+    Message,
+    MessageQuery,
     NewTask,
     Outcome,
     StatsRows,
@@ -52,13 +57,22 @@ from errands.store.base import (
 )
 from errands.store.migrations import fresh_schema, migrations
 from errands.store.rows import (
+    ATTEMPT_COLUMNS,
     COLUMNS,
+    ENDPOINT_COLUMNS,
     EVENT_COLUMNS,
     EVENT_HEADERS,
+    MESSAGE_COLUMNS,
     MUTABLE,
     SELECT_LIST,
+    attempt_values,
+    endpoint_values,
+    message_values,
     new_record,
+    to_attempt,
+    to_endpoint,
     to_event,
+    to_message,
     to_record,
     values,
 )
@@ -754,6 +768,10 @@ class SqliteStore(Store):
             tx.conn.execute("DELETE FROM tombstones WHERE purged_at < ?", (tombstones_before,))
             tx.conn.execute("DELETE FROM webhook_ids WHERE received_at < ?", (finished_before,))
             tx.conn.execute("DELETE FROM webhook_deliveries WHERE received_at < ?", (finished_before,))
+            tx.conn.execute(
+                "DELETE FROM messages WHERE state != 'pending' AND updated_at < ?", (finished_before,)
+            )
+            tx.conn.execute("DELETE FROM message_attempts WHERE attempted_at < ?", (finished_before,))
             return len(rows)
 
         return await self._write(op)
@@ -788,6 +806,237 @@ class SqliteStore(Store):
 
         return await asyncio.to_thread(query)
 
+    # -- notifications ------------------------------------------------------------------------
+
+    async def create_endpoint(self, endpoint: Endpoint) -> None:
+        marks = ", ".join("?" * 15)
+        await self._write(
+            lambda tx: tx.conn.execute(
+                f"INSERT INTO endpoints ({ENDPOINT_COLUMNS}) VALUES ({marks})", endpoint_values(endpoint)
+            )
+        )
+
+    async def get_endpoint(self, endpoint_id: str) -> Endpoint | None:
+        rows = self._read(f"SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE id = ?", (endpoint_id,))
+        return to_endpoint(rows[0]) if rows else None
+
+    async def list_endpoints(self) -> list[Endpoint]:
+        return [to_endpoint(r) for r in self._read(f"SELECT {ENDPOINT_COLUMNS} FROM endpoints ORDER BY id")]
+
+    async def update_endpoint(self, endpoint_id: str, change: Callable[[Endpoint], Endpoint]) -> Endpoint:
+        def op(tx: _Tx) -> Endpoint:
+            row = tx.conn.execute(
+                f"SELECT {ENDPOINT_COLUMNS} FROM endpoints WHERE id = ?", (endpoint_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFound("No such endpoint.")
+            old = to_endpoint(row)
+            new = change(old)
+            columns = ENDPOINT_COLUMNS.split(", ")
+            tx.conn.execute(
+                f"UPDATE endpoints SET {', '.join(f'{c} = ?' for c in columns[1:])} WHERE id = ?",
+                [*endpoint_values(new)[1:], endpoint_id],
+            )
+            if old.enabled and not new.enabled:
+                _fail_pending(tx.conn, endpoint_id, "the endpoint was disabled", new.updated_at)
+            return new
+
+        return await self._write(op)
+
+    async def delete_endpoint(self, endpoint_id: str) -> bool:
+        now = self.clock.now()
+
+        def op(tx: _Tx) -> bool:
+            if tx.conn.execute("DELETE FROM endpoints WHERE id = ?", (endpoint_id,)).rowcount == 0:
+                return False
+            _fail_pending(tx.conn, endpoint_id, "the endpoint was deleted", now)
+            return True
+
+        return await self._write(op)
+
+    async def notify_cursor(self) -> int:
+        rows = self._read("SELECT value FROM meta WHERE key = 'notify_cursor'")
+        return int(rows[0][0]) if rows else 0
+
+    async def notify_urls_after(self, seq: int) -> bool:
+        return bool(
+            self._read("SELECT 1 FROM tasks WHERE notify_url IS NOT NULL AND seq > ? LIMIT 1", (seq,))
+        )
+
+    async def add_messages(self, after: int, upto: int, messages: Sequence[Message]) -> bool:
+        marks = ", ".join("?" * 18)
+
+        def op(tx: _Tx) -> bool:
+            tx.conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('notify_cursor', '0')")
+            moved = tx.conn.execute(
+                "UPDATE meta SET value = ? WHERE key = 'notify_cursor' AND value = ?", (str(upto), str(after))
+            )
+            if moved.rowcount == 0:
+                return False
+            tx.conn.executemany(
+                f"INSERT OR IGNORE INTO messages ({MESSAGE_COLUMNS}) VALUES ({marks})",
+                [message_values(m) for m in messages],
+            )
+            return True
+
+        return await self._write(op)
+
+    async def claim_messages(
+        self, *, now: float, limit: int, lease_s: float, channels: Sequence[str], hooks: Sequence[str]
+    ) -> list[tuple[Message, Endpoint | None]]:
+        if limit <= 0 or not (channels or hooks):
+            return []
+        which, params = _channel_filter(channels, hooks)
+        m_columns = ", ".join(f"m.{c}" for c in MESSAGE_COLUMNS.split(", "))
+        e_columns = ", ".join(f"e.{c}" for c in ENDPOINT_COLUMNS.split(", "))
+        sql = (
+            f"SELECT {m_columns}, {e_columns} FROM messages m "
+            "LEFT JOIN endpoints e ON m.channel = 'endpoint' AND e.id = m.target "
+            f"WHERE m.state = 'pending' AND m.next_at <= ? AND {which} "
+            "AND (m.channel != 'endpoint' OR (e.enabled = 1 AND coalesce(e.throttled_until, 0) <= ?)) "
+            "AND NOT EXISTS (SELECT 1 FROM messages p WHERE p.state = 'pending' AND p.task_id = m.task_id "
+            "AND p.channel = m.channel AND p.target = m.target AND p.seq < m.seq) "
+            "ORDER BY m.next_at LIMIT ?"
+        )
+
+        def op(tx: _Tx) -> list[tuple[Message, Endpoint | None]]:
+            claimed = []
+            for row in tx.conn.execute(sql, [now, *params, now, limit]).fetchall():
+                message = to_message(row[:18])
+                token = _lease_token()
+                message = dataclasses.replace(
+                    message,
+                    attempts=message.attempts + 1,
+                    next_at=now + lease_s,
+                    lease_token=token,
+                    updated_at=now,
+                )
+                tx.conn.execute(
+                    "UPDATE messages SET attempts = ?, next_at = ?, lease_token = ?, updated_at = ? WHERE id = ?",
+                    (message.attempts, message.next_at, token, now, message.id),
+                )
+                claimed.append((message, to_endpoint(row[18:]) if row[18] is not None else None))
+            return claimed
+
+        return await self._write(op)
+
+    async def finish_message(self, result: AttemptResult) -> None:
+        attempt = result.attempt
+        now = attempt.attempted_at
+
+        def op(tx: _Tx) -> None:
+            tx.conn.execute(
+                f"INSERT INTO message_attempts ({ATTEMPT_COLUMNS}) VALUES ({', '.join('?' * 11)})",
+                attempt_values(attempt),
+            )
+            moved = tx.conn.execute(
+                "UPDATE messages SET state = ?, next_at = ?, last_status = ?, last_error = ?, updated_at = ?, "
+                "lease_token = NULL WHERE id = ? AND lease_token = ?",
+                (result.state, result.next_at, attempt.status_code, attempt.error, now, attempt.message_id,
+                 result.lease_token),
+            )  # fmt: skip
+            if moved.rowcount == 0:
+                return  # the lease ran out and another sender took over: only the log keeps this
+            if attempt.channel == "endpoint" and result.endpoint_ok is not None:
+                _endpoint_outcome(tx.conn, attempt.target, result, now)
+            if result.state == "delivered" and attempt.channel != "hook":
+                task_id, seq, final = tx.conn.execute(
+                    "SELECT task_id, seq, final FROM messages WHERE id = ?", (attempt.message_id,)
+                ).fetchone()
+                left = tx.conn.execute(
+                    "SELECT 1 FROM messages WHERE task_id = ? AND seq = ? AND final = 1 "
+                    "AND channel != 'hook' AND state != 'delivered' LIMIT 1",
+                    (task_id, seq),
+                ).fetchone()
+                if final and left is None:
+                    with contextlib.suppress(NotFound):
+                        tx.apply(task_id, lambda r: mark_notified(r, now=now, seq=seq))
+
+        await self._write(op)
+
+    async def next_message_at(self, *, channels: Sequence[str], hooks: Sequence[str]) -> float | None:
+        if not (channels or hooks):
+            return None
+        which, params = _channel_filter(channels, hooks)
+        rows = self._read(
+            f"SELECT min(m.next_at) FROM messages m WHERE m.state = 'pending' AND {which}", params
+        )
+        return rows[0][0] if rows else None
+
+    async def get_message(self, message_id: str) -> Message | None:
+        rows = self._read(f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,))
+        return to_message(rows[0]) if rows else None
+
+    async def list_messages(self, query: MessageQuery) -> list[Message]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, value in (
+            ("task_id", query.task_id),
+            ("target", query.endpoint_id),
+            ("state", query.state),
+        ):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        rows = self._read(
+            f"SELECT {MESSAGE_COLUMNS} FROM messages {where} ORDER BY created_at DESC, id DESC LIMIT ?",
+            [*params, query.limit],
+        )
+        return [to_message(r) for r in rows]
+
+    async def attempts(
+        self,
+        *,
+        target: str | None = None,
+        message_id: str | None = None,
+        succeeded: bool | None = None,
+        before: int | None = None,
+        limit: int = 100,
+    ) -> list[Attempt]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, value in (("target", target), ("message_id", message_id), ("succeeded", succeeded)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if before is not None:
+            clauses.append("id < ?")
+            params.append(before)
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        rows = self._read(
+            f"SELECT {ATTEMPT_COLUMNS}, id FROM message_attempts {where} ORDER BY id DESC LIMIT ?",
+            [*params, limit],
+        )
+        return [to_attempt(r) for r in rows]
+
+    async def resend_message(self, message_id: str, *, now: float) -> Message:
+        def op(tx: _Tx) -> Message:
+            tx.conn.execute(
+                "UPDATE messages SET state = 'pending', attempts = 0, next_at = ?, lease_token = NULL, "
+                "updated_at = ? WHERE id = ?",
+                (now, now, message_id),
+            )
+            row = tx.conn.execute(
+                f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?", (message_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFound("No such message.")
+            return to_message(row)
+
+        return await self._write(op)
+
+    async def recover_endpoint(self, endpoint_id: str, *, since: float, now: float) -> int:
+        def op(tx: _Tx) -> int:
+            cur = tx.conn.execute(
+                "UPDATE messages SET state = 'pending', attempts = 0, next_at = ?, lease_token = NULL, "
+                "updated_at = ? WHERE channel = 'endpoint' AND target = ? AND state = 'failed' AND created_at >= ?",
+                (now, now, endpoint_id, since),
+            )
+            return int(cur.rowcount)
+
+        return await self._write(op)
+
     # -- service state ------------------------------------------------------------------------
 
     async def meta_setdefault(self, key: str, value: str) -> str:
@@ -817,6 +1066,49 @@ def _insert_delivery(conn: sqlite3.Connection, d: Delivery) -> None:
         "VALUES (?, ?, ?, ?, ?, ?, ?)",
         (d.provider, d.delivery_id, d.task_id, d.outcome, d.status_code, d.received_at, d.detail),
     )
+
+
+def _fail_pending(conn: sqlite3.Connection, endpoint_id: str, why: str, now: float) -> None:
+    conn.execute(
+        "UPDATE messages SET state = 'failed', last_error = ?, lease_token = NULL, updated_at = ? "
+        "WHERE channel = 'endpoint' AND target = ? AND state = 'pending'",
+        (why, now, endpoint_id),
+    )
+
+
+def _endpoint_outcome(conn: sqlite3.Connection, endpoint_id: str, result: AttemptResult, now: float) -> None:
+    """An endpoint's health after an attempt: failing since when, throttled until when, disabled."""
+    if result.endpoint_ok:
+        conn.execute("UPDATE endpoints SET failing_since = NULL WHERE id = ?", (endpoint_id,))
+    else:
+        conn.execute(
+            "UPDATE endpoints SET failing_since = coalesce(failing_since, ?) WHERE id = ?", (now, endpoint_id)
+        )
+    if result.throttled_until is not None:
+        conn.execute(
+            "UPDATE endpoints SET throttled_until = max(coalesce(throttled_until, 0), ?) WHERE id = ?",
+            (result.throttled_until, endpoint_id),
+        )
+    if result.disable_reason is not None:
+        disabled = conn.execute(
+            "UPDATE endpoints SET enabled = 0, disabled_reason = ?, updated_at = ? WHERE id = ? AND enabled = 1",
+            (result.disable_reason, now, endpoint_id),
+        )
+        if disabled.rowcount:
+            _fail_pending(conn, endpoint_id, "the endpoint was disabled", now)
+
+
+def _channel_filter(channels: Sequence[str], hooks: Sequence[str]) -> tuple[str, list[Any]]:
+    """SQL for "a message of one of these channels, or of one of these hooks"."""
+    parts: list[str] = []
+    params: list[Any] = []
+    if channels:
+        parts.append(f"m.channel IN ({', '.join('?' * len(channels))})")
+        params.extend(channels)
+    if hooks:
+        parts.append(f"(m.channel = 'hook' AND m.target IN ({', '.join('?' * len(hooks))}))")
+        params.extend(hooks)
+    return "(" + " OR ".join(parts) + ")", params
 
 
 def _lease_token() -> str:

@@ -1,0 +1,295 @@
+"""The notifier: from the event log to messages, and from messages to their receivers.
+
+Two loops. **Fan-out** reads the event log after a durable cursor, turns each event into one
+message per destination that wants it (endpoints, the task's own ``notify_url``, lifecycle hooks,
+WeChat templates) and stores them while moving the cursor, in one transaction: an event is
+turned into messages exactly once, even with several processes, and none is lost if the process
+dies. **Delivery** claims due messages under a lease (a process that dies mid-delivery loses its
+claim when the lease runs out, and the message is sent again), sends each, and records the attempt
+and what follows from it (see :mod:`errands.notify.policy`).
+
+Both loops wake on local commits, on other processes' commits (PostgreSQL), when a retry falls
+due, and every ``notify_poll_s`` in any case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from errands.clock import Clock
+from errands.config import Settings
+from errands.errors import StoreError
+from errands.model import Event
+from errands.notify.guard import AddressPolicy, parse_networks
+from errands.notify.hooks import Hook, run_hook
+from errands.notify.policy import Route, Sent, after_attempt, endpoint_route, parse_schedule, plan
+from errands.notify.webhooks import WebhookSender
+from errands.store.base import Endpoint, Message, Store
+
+if TYPE_CHECKING:
+    from errands.app import Errands
+    from errands.notify.wechat import WeChat
+
+log = logging.getLogger("errands.notify")
+
+FAN_OUT_BATCH = 500
+#: At most one fan-out pass per this many seconds: under load each pass takes many events at
+#: once instead of one pass per commit; when idle, an event is picked up at once.
+FAN_OUT_EVERY_S = 0.05
+_LEASE_MARGIN_S = 30.0
+
+
+def new_message_id() -> str:
+    from errands.service import new_task_id
+
+    return "msg_" + new_task_id()
+
+
+class Notifier:
+    """Fan-out and delivery for one process (see the module docstring)."""
+
+    def __init__(
+        self,
+        app: Errands,
+        store: Store,
+        settings: Settings,
+        *,
+        clock: Clock,
+        rng: random.Random,
+        default_secret: str,
+    ) -> None:
+        self.app = app
+        self.store = store
+        self.settings = settings
+        self.clock = clock
+        self._rng = rng
+        self.default_secret = default_secret
+        self.schedule = parse_schedule(settings.notify_schedule)
+        self.policy = AddressPolicy(
+            allow=parse_networks(settings.notify_allow_networks), https_only=settings.notify_https_only
+        )
+        self.sender = WebhookSender(self.policy, clock, timeout_s=settings.notify_timeout_s)
+        self.hooks: dict[str, Hook] = dict(app.hooks)
+        self.wechat: WeChat | None = app.wechat_channel
+        if self.wechat is not None:
+            self.wechat.clock = clock
+            self.wechat.appid = self.wechat.appid or settings.wechat_appid
+            if self.wechat.secret is None and settings.wechat_secret is not None:
+                self.wechat.secret = settings.wechat_secret.get_secret_value()
+            self.wechat.base_url = self.wechat.base_url or settings.wechat_base_url
+        self.channels = ("endpoint", "url", *(("wechat",) if self.wechat is not None else ()))
+        longest = max(
+            [settings.notify_timeout_s, settings.hook_timeout_s]
+            + [h.timeout_s for h in self.hooks.values() if h.timeout_s is not None]
+            + ([self.wechat.timeout_s * 3] if self.wechat is not None else [])
+        )
+        self.lease_s = settings.notify_lease_s or longest + _LEASE_MARGIN_S
+        self._fan_out_wake = asyncio.Event()
+        self._deliver_wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(settings.notify_concurrency)
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self.last_error: str | None = None
+        self._skipped_at = 0.0
+
+    def wake(self) -> None:
+        """Something may have changed: look at the log and at due messages."""
+        self._fan_out_wake.set()
+        self._deliver_wake.set()
+
+    def on_commit(self, events: Sequence[Event]) -> None:
+        del events
+        self._fan_out_wake.set()
+
+    # -- fan-out ------------------------------------------------------------------------------
+
+    async def _routes(self) -> list[Route]:
+        endpoints = await self.store.list_endpoints()
+        routes = [endpoint_route(e) for e in endpoints if e.enabled]
+        routes.extend(h.route() for h in self.hooks.values())
+        return routes
+
+    async def fan_out(self) -> int:
+        """Turn the events after the cursor into messages until the log is caught up; returns the
+        number of messages stored by this call."""
+        stored = 0
+        while True:
+            cursor = await self.store.notify_cursor()
+            routes = await self._routes()
+            if not routes and self.wechat is None and await self._skip(cursor):
+                return stored
+            events = await self.store.events_since(cursor, limit=FAN_OUT_BATCH)
+            if not events:
+                return stored
+            pick = self.wechat.pick if self.wechat is not None else None
+            messages = plan(events, routes, now=self.clock.now(), new_id=new_message_id, pick=pick)
+            if await self.store.add_messages(cursor, events[-1].seq, messages):
+                stored += len(messages)
+                if messages:
+                    self._deliver_wake.set()
+            if len(events) < FAN_OUT_BATCH:
+                return stored
+
+    async def _skip(self, cursor: int) -> bool:
+        """With no endpoint, hook or WeChat template, only tasks' own ``notify_url`` can want an
+        event: when no such task changed after the cursor, move past the log without reading
+        it (persisting that at most once a second: redoing it after a restart costs nothing)."""
+        upto = await self.store.last_seq()  # first: a task changed later has a higher seq
+        if upto <= cursor:
+            return True
+        if await self.store.notify_urls_after(cursor):
+            return False
+        now = asyncio.get_running_loop().time()
+        if now - self._skipped_at >= 1.0:
+            self._skipped_at = now
+            await self.store.add_messages(cursor, upto, [])
+        return True
+
+    async def _fan_out_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        last = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.notify_poll_s):
+                    await self._fan_out_wake.wait()
+            pause = last + FAN_OUT_EVERY_S - loop.time()
+            if pause > 0:
+                await asyncio.sleep(pause)
+            self._fan_out_wake.clear()
+            last = loop.time()
+            try:
+                await self.fan_out()
+                self.last_error = None
+            except StoreError as exc:
+                self._failed("fan-out", exc)
+                await asyncio.sleep(min(5.0, self.settings.notify_poll_s))
+
+    # -- delivery -----------------------------------------------------------------------------
+
+    async def deliver_due(self) -> int:
+        """Claim what is due (as many as free slots) and start sending; the number started."""
+        free = self.settings.notify_concurrency - len(self._in_flight)
+        if free <= 0:
+            return 0
+        claimed = await self.store.claim_messages(
+            now=self.clock.now(),
+            limit=free,
+            lease_s=self.lease_s,
+            channels=self.channels,
+            hooks=list(self.hooks),
+        )
+        for message, endpoint in claimed:
+            task = asyncio.create_task(self._deliver(message, endpoint), name=f"errands-notify-{message.id}")
+            self._in_flight.add(task)
+            task.add_done_callback(self._sent)
+        return len(claimed)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._deliver_wake.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a delivery failed unexpectedly", exc_info=task.exception())
+
+    async def drain(self) -> None:
+        """Wait for the sends under way (tests, shutdown)."""
+        while self._in_flight:
+            await asyncio.wait(set(self._in_flight))
+
+    async def _deliver(self, message: Message, endpoint: Endpoint | None) -> None:
+        async with self._slots:
+            sent = await self._send(message, endpoint)
+        result = after_attempt(
+            message,
+            endpoint,
+            sent,
+            now=self.clock.now(),
+            schedule=self.schedule,
+            jitter=self.settings.notify_jitter,
+            rnd=self._rng.random(),
+            disable_after_s=self.settings.notify_disable_after_s,
+        )
+        if result.state == "failed":
+            log.warning(
+                "gave up on message %s (%s of task %s) after %d attempts: %s",
+                message.id, message.event_type, message.task_id, message.attempts, sent.error,
+            )  # fmt: skip
+        for attempt in range(3):
+            try:
+                await self.store.finish_message(result)
+                return
+            except StoreError as exc:
+                if attempt == 2:
+                    # The lease will run out and the message be sent again: at least once.
+                    self._failed("recording a delivery", exc)
+                    return
+                await asyncio.sleep(0.2 * (attempt + 1))
+
+    async def _send(self, message: Message, endpoint: Endpoint | None) -> Sent:
+        if message.channel == "endpoint":
+            if endpoint is None:
+                return Sent(False, error="the endpoint no longer exists", final=True)
+            return await self.sender.send(endpoint.url, self._secrets(endpoint), message.id, message.payload)
+        if message.channel == "url":
+            return await self.sender.send(message.target, [self.default_secret], message.id, message.payload)
+        if message.channel == "hook":
+            hook = self.hooks.get(message.target)
+            if hook is None:
+                return Sent(False, error=f"no hook named {message.target} in this process")
+            return await run_hook(hook, message, timeout_s=self.settings.hook_timeout_s)
+        if message.channel == "wechat" and self.wechat is not None:
+            return await self.wechat.send(message)
+        return Sent(False, error=f"this process cannot send {message.channel} messages")
+
+    def _secrets(self, endpoint: Endpoint) -> list[str]:
+        secrets = [endpoint.secret]
+        until = endpoint.previous_secret_until
+        if endpoint.previous_secret and until is not None and until > self.clock.now():
+            secrets.append(endpoint.previous_secret)
+        return secrets
+
+    async def _deliver_loop(self) -> None:
+        while True:
+            try:
+                started = await self.deliver_due()
+                if started:
+                    continue
+                wait = self.settings.notify_poll_s
+                if len(self._in_flight) < self.settings.notify_concurrency:
+                    due = await self.store.next_message_at(channels=self.channels, hooks=list(self.hooks))
+                    if due is not None:
+                        wait = min(wait, max(0.005, due - self.clock.now()))
+            except StoreError as exc:
+                self._failed("delivery", exc)
+                wait = min(5.0, self.settings.notify_poll_s)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._deliver_wake.wait()
+            self._deliver_wake.clear()
+
+    def _failed(self, what: str, exc: StoreError) -> None:
+        self.last_error = f"{what}: {exc.message}"
+        log.warning("notifications: %s failed: %s", what, exc.message)
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    async def stop(self, grace_s: float) -> None:
+        """Give the sends under way ``grace_s`` to finish; the rest are sent again after their
+        lease runs out."""
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight), timeout=grace_s)
+
+    async def run(self) -> None:
+        self.store.add_commit_listener(self.on_commit)
+        self.store.add_remote_listener(self.wake)
+        try:
+            await asyncio.gather(self._fan_out_loop(), self._deliver_loop())
+        finally:
+            for task in list(self._in_flight):
+                task.cancel()
+            await self.sender.aclose()
+            if self.wechat is not None:
+                await self.wechat.aclose()

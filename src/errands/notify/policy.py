@@ -1,0 +1,274 @@
+"""The decisions of notification delivery, without I/O.
+
+Which events become which messages (:func:`plan`), what a receiver's answer means
+(:func:`http_outcome`), and what follows an attempt (:func:`after_attempt`): delivered, tried
+again later on the retry schedule (or later still if the receiver asked with ``Retry-After``), or
+given up on; and whether the endpoint is throttled or disabled meanwhile.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+
+import orjson
+
+from errands.clock import iso
+from errands.errors import ConfigError
+from errands.model import TERMINAL, Event, EventType
+from errands.store.base import Attempt, AttemptResult, Endpoint, Message
+
+#: Svix's and Standard Webhooks' schedule: at once, then 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
+DEFAULT_SCHEDULE = "0s,5s,5m,30m,2h,5h,10h,10h"
+#: Events of a task's end: what a task's own ``notify_url`` hears about.
+END_EVENTS = frozenset({EventType.COMPLETED, EventType.FAILED, EventType.TIMEOUT, EventType.CANCELLED})
+#: Patterns match every event type but this one, which is about notifications themselves.
+_NOT_BY_PATTERN = frozenset({EventType.NOTIFIED.value})
+EVENT_TYPES = frozenset(e.value for e in EventType)
+MAX_RETRY_AFTER_S = 86_400.0
+EXCERPT_CHARS = 200
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``"90"``, ``"5s"``, ``"5m"``, ``"2h"``, ``"1d"``."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ConfigError(f"'{text}' is not a duration (such as 30s, 5m, 2h).")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+def parse_schedule(text: str) -> tuple[float, ...]:
+    """The delays before each attempt: ``"0s,5s,5m"`` is three attempts, the first at once."""
+    delays = tuple(parse_duration(part) for part in text.split(",") if part.strip())
+    if not delays:
+        raise ConfigError("A retry schedule needs at least one attempt.")
+    return delays
+
+
+def valid_pattern(pattern: str) -> bool:
+    return pattern in EVENT_TYPES or pattern in ("*", "task.*")
+
+
+def matches(patterns: Sequence[str], event_type: str) -> bool:
+    """Whether an event type is one of ``patterns`` (exact types, or ``task.*`` / ``*`` for all
+    but ``task.notified``, which only an exact subscription receives)."""
+    for pattern in patterns:
+        if pattern == event_type:
+            return True
+        if pattern in ("*", "task.*") and event_type not in _NOT_BY_PATTERN:
+            return True
+    return False
+
+
+# -- from events to messages -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A destination and the events it wants: an endpoint, a lifecycle hook, a WeChat template."""
+
+    channel: str
+    target: str
+    events: tuple[str, ...]
+    types: tuple[str, ...] | None = None
+    owners: tuple[str, ...] | None = None
+    since: float = 0.0  # only events from then on (an endpoint hears nothing from before it)
+
+    def wants(self, event: Event) -> bool:
+        return (
+            event.at >= self.since
+            and matches(self.events, event.type.value)
+            and (self.types is None or event.task_type in self.types)
+            and (self.owners is None or event.owner in self.owners)
+        )
+
+
+def endpoint_route(endpoint: Endpoint) -> Route:
+    return Route(
+        "endpoint", endpoint.id, endpoint.events, endpoint.types, endpoint.owners, endpoint.created_at
+    )
+
+
+def payload(event: Event) -> bytes:
+    """The body of every notification of ``event``: ``{type, timestamp, data: {task}}``."""
+    return b'{"type":"%s","timestamp":"%s","data":{"task":%s}}' % (
+        event.type.value.encode(),
+        (iso(event.at) or "").encode(),
+        event.task_json,
+    )
+
+
+def notify_url_of(event: Event) -> str | None:
+    """The task's own ``notify_url``, if the event is about its end and it has one."""
+    if event.type not in END_EVENTS or b'"notify_url":"' not in event.task_json:
+        return None
+    url = orjson.loads(event.task_json).get("notify_url")
+    return url if isinstance(url, str) else None
+
+
+def plan(
+    events: Sequence[Event],
+    routes: Sequence[Route],
+    *,
+    now: float,
+    new_id: Callable[[], str],
+    pick: Callable[[Event], Sequence[Route]] | None = None,
+) -> list[Message]:
+    """The messages ``events`` give rise to: one per event and destination that wants it.
+
+    ``pick`` chooses further routes per event (the WeChat template that fits it best)."""
+    messages: list[Message] = []
+    for event in events:
+        chosen = [r for r in routes if r.wants(event)]
+        if pick is not None:
+            chosen.extend(pick(event))
+        url = notify_url_of(event)
+        if url is not None:
+            chosen.append(Route("url", url, ()))
+        if not chosen:
+            continue
+        body = payload(event)
+        final = event.status in TERMINAL and event.type in END_EVENTS
+        for route in chosen:
+            messages.append(
+                Message(
+                    id=new_id(),
+                    seq=event.seq,
+                    event_type=event.type.value,
+                    task_id=event.task_id,
+                    owner=event.owner,
+                    task_type=event.task_type,
+                    channel=route.channel,
+                    target=route.target,
+                    payload=body,
+                    final=final,
+                    state="pending",
+                    attempts=0,
+                    next_at=now,
+                    created_at=now,
+                    updated_at=now,
+                )
+            )
+    return messages
+
+
+# -- after an attempt --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sent:
+    """What a channel reports about one attempt."""
+
+    ok: bool
+    status_code: int | None = None
+    latency_ms: float = 0.0
+    response: str | None = None  # the start of the answer, for the delivery log
+    error: str | None = None
+    final: bool = False  # trying again cannot help (410, a refused address, WeChat's 43101…)
+    gone: bool = False  # 410 Gone: the endpoint asked to be removed
+    throttle: bool = False  # 429/502/503/504: the receiver is overloaded
+    retry_after_s: float | None = None
+
+
+def parse_retry_after(value: str | None, *, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date), if any."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER_S)
+    try:
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return min(max(0.0, when - now), MAX_RETRY_AFTER_S)
+
+
+def http_outcome(
+    status: int, headers: Mapping[str, str], *, latency_ms: float, excerpt: str | None, now: float
+) -> Sent:
+    """What an HTTP answer means: only ``2xx`` delivers; ``410`` disables the endpoint;
+    ``429``/``502``/``503``/``504`` slow it down; ``Retry-After`` is honoured on any failure."""
+    if 200 <= status < 300:
+        return Sent(True, status, latency_ms, excerpt)
+    retry_after = parse_retry_after(headers.get("retry-after"), now=now)
+    if status == 410:
+        gone = "the receiver answered 410 Gone"
+        return Sent(False, status, latency_ms, excerpt, gone, final=True, gone=True)
+    return Sent(
+        False,
+        status,
+        latency_ms,
+        excerpt,
+        f"the receiver answered {status}",
+        throttle=status in (429, 502, 503, 504),
+        retry_after_s=retry_after,
+    )
+
+
+def retry_delay_s(attempt: int, schedule: Sequence[float], *, jitter: float, rnd: float) -> float | None:
+    """The wait after failed attempt number ``attempt`` (1-based), spread by ``±jitter`` with
+    ``rnd`` in [0, 1); ``None`` once the schedule is used up."""
+    if attempt >= len(schedule):
+        return None
+    return schedule[attempt] * (1.0 + jitter * (2.0 * rnd - 1.0))
+
+
+def after_attempt(
+    message: Message,
+    endpoint: Endpoint | None,
+    sent: Sent,
+    *,
+    now: float,
+    schedule: Sequence[float],
+    jitter: float,
+    rnd: float,
+    disable_after_s: float,
+) -> AttemptResult:
+    """Delivered, pending again at ``next_at``, or failed; and what happens to the endpoint."""
+    attempt = Attempt(
+        message_id=message.id,
+        channel=message.channel,
+        target=message.target,
+        task_id=message.task_id,
+        event_type=message.event_type,
+        attempted_at=now,
+        succeeded=sent.ok,
+        status_code=sent.status_code,
+        latency_ms=round(sent.latency_ms, 3),
+        response=None if sent.response is None else sent.response[:EXCERPT_CHARS],
+        error=None if sent.error is None else sent.error[:EXCERPT_CHARS],
+    )
+    token = message.lease_token or ""
+    has_endpoint = endpoint is not None
+    if sent.ok:
+        return AttemptResult(attempt, token, "delivered", now, endpoint_ok=True if has_endpoint else None)
+    delay = None if sent.final else retry_delay_s(message.attempts, schedule, jitter=jitter, rnd=rnd)
+    if delay is not None and sent.retry_after_s is not None:
+        delay = max(delay, sent.retry_after_s)
+    state, next_at = ("failed", now) if delay is None else ("pending", now + delay)
+    throttled_until = None
+    disable_reason = None
+    if endpoint is not None:
+        if sent.throttle or sent.retry_after_s is not None:
+            wait = sent.retry_after_s if sent.retry_after_s is not None else (delay or 0.0)
+            throttled_until = now + wait
+        failing_since = endpoint.failing_since if endpoint.failing_since is not None else now
+        if sent.gone:
+            disable_reason = "The endpoint answered 410 Gone."
+        elif now - failing_since >= disable_after_s:
+            disable_reason = f"Every delivery failed since {iso(failing_since)}."
+    return AttemptResult(
+        attempt,
+        token,
+        state,
+        next_at,
+        endpoint_ok=False if has_endpoint else None,
+        throttled_until=throttled_until,
+        disable_reason=disable_reason,
+    )
