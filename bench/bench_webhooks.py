@@ -1,6 +1,6 @@
 """Issue 5 benchmark: signed webhooks accepted and applied per second, and webhook-to-watcher latency.
 
-    .venv/bin/python -m bench.bench_webhooks [--tasks 5000] [--connections 8] [--stores sqlite,postgres]
+    .venv/bin/python -m bench.bench_webhooks [--tasks 5000] [--connections 16] [--stores sqlite,postgres]
 
 N external tasks are handed off (their job ids known), then each gets two signed webhooks (a
 progress report and its end), sent over ``--connections`` keep-alive connections: every webhook is
@@ -158,7 +158,7 @@ async def run(store: str, db: str, tasks: int, connections: int) -> list[dict[st
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tasks", type=int, default=5000)
-    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--stores", default="sqlite,postgres")
     args = parser.parse_args()
     for store in args.stores.split(","):

@@ -671,3 +671,31 @@ async def test_the_fake_wechat_refuses_what_breaks_the_limits(wechat: FakeWeChat
         body = {"touser": "o", "template_id": "TPL_DONE", "data": {"thing1": {"value": "x" * 21}}}
         r = await client.post("/cgi-bin/message/subscribe/send", params=token, content=orjson.dumps(body))
     assert r.json()["errcode"] == 47003
+
+
+async def test_a_name_resolving_inside_is_refused_when_sending_too(
+    runtime_factory: RuntimeFactory, receiver: Receiver
+) -> None:
+    """The check at sending time is what holds against a name that changes its answer."""
+    runtime = await runtime_factory(tasks_app(), notifier=True, notify_poll_s=0.05)  # loopback refused
+    port = receiver.url.rsplit(":", 1)[1]
+    task = await runtime.app.submit("echo", {}, notify_url=f"http://localhost:{port}/cb")
+    (message,) = await settle(lambda: _state_of_task(runtime, task.id, lambda m: m.state == "failed"))
+    assert message.attempts == 1 and "inside the network" in (message.last_error or "")
+    assert receiver.requests == []
+
+
+async def test_two_processes_deliver_each_message_once(
+    runtime_factory: RuntimeFactory, receiver: Receiver
+) -> None:
+    one = await start(runtime_factory)
+    two = await start(runtime_factory, workers=False)
+    await add_endpoint(one, receiver.url, events=["task.*"])
+    tasks = [await one.app.submit("echo", {"i": i}, owner="alice") for i in range(20)]
+    for task in tasks:
+        await wait_task(one, task.id, lambda t: t.notification_sent)
+    assert len(receiver.requests) == 60 and len(set(receiver.ids())) == 60
+    for task in tasks:
+        kinds = [b["type"] for b in receiver.bodies() if b["data"]["task"]["id"] == task.id]
+        assert kinds == ["task.created", "task.processing", "task.completed"]
+    del two
