@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from errands.errors import ConfigError
@@ -91,24 +91,15 @@ class Settings(BaseSettings):
     pg_pool_size: int = Field(8, ge=2, le=100)
     pg_write_lanes: int = Field(3, ge=1, le=32)
 
-    @field_validator("notify_schedule")
+    @field_validator("notify_schedule", "notify_allow_networks")
     @classmethod
-    def _schedule(cls, value: str) -> str:
+    def _parses(cls, value: str, info: ValidationInfo) -> str:
+        from errands.notify.guard import parse_networks
         from errands.notify.policy import parse_schedule
 
+        parse = parse_schedule if info.field_name == "notify_schedule" else parse_networks
         try:
-            parse_schedule(value)
-        except ConfigError as exc:
-            raise ValueError(exc.message) from None
-        return value
-
-    @field_validator("notify_allow_networks")
-    @classmethod
-    def _networks(cls, value: str) -> str:
-        from errands.notify.guard import parse_networks
-
-        try:
-            parse_networks(value)
+            parse(value)
         except ConfigError as exc:
             raise ValueError(exc.message) from None
         return value
