@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import operator
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -165,11 +164,8 @@ class TaskRecord:
         return orjson.dumps(self.public())
 
     def evolve(self, **changes: Any) -> TaskRecord:
-        """A copy with ``changes`` applied (``dataclasses.replace`` without its per-call overhead)."""
-        new = object.__new__(TaskRecord)
-        for name, value in zip(_FIELD_NAMES, _get_fields(self), strict=True):
-            object.__setattr__(new, name, changes.get(name, value) if changes else value)
-        return new
+        """A copy with ``changes`` applied, like ``dataclasses.replace`` at half its cost."""
+        return _evolve(self, changes)
 
     def to_task(self) -> Task:
         """The public :class:`Task` (what ``app.submit`` returns)."""
@@ -182,8 +178,21 @@ class TaskRecord:
         return Task.model_construct(**data)
 
 
-_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TaskRecord))
-_get_fields = operator.attrgetter(*_FIELD_NAMES)
+def _make_evolve() -> Callable[[TaskRecord, dict[str, Any]], TaskRecord]:
+    """Build ``evolve`` as straight-line code, one line per field, the way ``dataclasses``
+    builds ``__init__``: every change of a task makes a record, so a loop over the fields
+    showed up in profiles."""
+    lines = ["def evolve(self, changes):", "    new = _new(TaskRecord)", "    get = changes.get"]
+    for field in dataclasses.fields(TaskRecord):
+        lines.append(f"    _set(new, {field.name!r}, get({field.name!r}, self.{field.name}))")
+    lines.append("    return new")
+    scope: dict[str, Any] = {"_new": object.__new__, "_set": object.__setattr__, "TaskRecord": TaskRecord}
+    exec("\n".join(lines), scope)  # noqa: S102 - the code is built from the dataclass's own field names
+    evolve: Callable[[TaskRecord, dict[str, Any]], TaskRecord] = scope["evolve"]
+    return evolve
+
+
+_evolve = _make_evolve()
 
 
 @dataclass(frozen=True, slots=True)

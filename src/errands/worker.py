@@ -191,6 +191,9 @@ class Worker:
         self._rng = rng
         self._types = dict(app.task_types)
         self._specs = [ClaimSpec(t.name, t.concurrency_per_owner) for t in self._types.values()]
+        self._limited = {t.name for t in self._types.values() if t.concurrency_per_owner is not None}
+        self._ready_at: float | None = None  # when the next task in backoff becomes claimable
+        self._ready_stale = True
         self._held: dict[str, _Held] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._runs: set[asyncio.Task[Any]] = set()
@@ -222,7 +225,13 @@ class Worker:
         ):
             # Someone else ended or requeued the task we run: our attempt no longer counts.
             self.stop_task(event.task_id, "cancelled" if event.status is Status.CANCELLED else "lost")
-        if event.type in (EventType.CREATED, EventType.RETRYING) and event.task_type in self._types:
+        if event.task_type not in self._types:
+            return
+        if event.type is EventType.RETRYING:
+            self._ready_stale = True
+            self._wake.set()
+        elif event.type is EventType.CREATED or (event.task_type in self._limited and event.status.terminal):
+            # A finished task of a type with concurrency_per_owner may free its owner's turn.
             self._wake.set()
 
     def stop_task(self, task_id: str, reason: str) -> None:
@@ -269,13 +278,20 @@ class Worker:
             heartbeat.cancel()
 
     async def _idle(self) -> None:
+        """Wait for a wake-up (a new or requeued task, a free slot), the next backoff to run
+        out, or ``poll_s`` at most (for what no event announced)."""
         timeout = self.settings.poll_s
-        try:
-            ready_at = await self.store.next_ready_at(list(self._types))
-        except StoreError:
-            ready_at = None
-        if ready_at is not None:
-            timeout = min(timeout, max(0.001, ready_at - self.clock.now()))
+        now = self.clock.now()
+        # Only a task.retrying event puts a task in backoff, so the next ready time is read
+        # again only after one, or once it has passed.
+        if self._ready_stale or (self._ready_at is not None and self._ready_at <= now):
+            try:
+                self._ready_at = await self.store.next_ready_at(list(self._types), after=now)
+                self._ready_stale = False
+            except StoreError:
+                self._ready_at = None
+        if self._ready_at is not None:
+            timeout = min(timeout, max(0.001, self._ready_at - now))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 

@@ -133,8 +133,12 @@ async def test_claim_only_handled_types_and_ready_tasks(store: Store, clock: Man
         ),
     )  # fmt: skip
     assert await store.claim(worker_id="w", specs=SPEC, limit=5, lease_s=30) == []
-    assert await store.next_ready_at(["work"]) == clock.now() + 10
+    assert await store.next_ready_at(["work"], after=clock.now()) == clock.now() + 10
+    assert await store.next_ready_at(["other"], after=clock.now()) is None
     clock.advance(10)
+    # Due now: a claim takes it (or, held back by concurrency_per_owner, a finish wakes the
+    # worker), so it is no reason to wake up again.
+    assert await store.next_ready_at(["work"], after=clock.now()) is None
     assert [t.id for t in await store.claim(worker_id="w", specs=SPEC, limit=5, lease_s=30)] == ["t1"]
 
 

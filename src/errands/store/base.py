@@ -306,8 +306,9 @@ class Store(abc.ABC):
         """Extend the leases ``{task_id: lease_token}``; return the ids whose lease was lost."""
 
     @abc.abstractmethod
-    async def next_ready_at(self, types: Sequence[str]) -> float | None:
-        """When the earliest pending task of these types becomes claimable, if there is one."""
+    async def next_ready_at(self, types: Sequence[str], *, after: float) -> float | None:
+        """When the next pending task of these types waiting out a backoff becomes claimable,
+        if one becomes claimable later than ``after``."""
 
     # -- external providers -------------------------------------------------------------------
 

@@ -147,7 +147,7 @@ _PG_TYPES = {
     "callback_nonce": "text",
     "notify_url": "text",
 }
-_WRITTEN = [c for c in MUTABLE if c != "seq"]
+_WRITTEN = tuple(c for c in MUTABLE if c != "seq")
 _MESSAGE_TYPES = [
     "text",
     "int8",
@@ -169,7 +169,7 @@ _MESSAGE_TYPES = [
     "text",
 ]
 _MESSAGE_ARRAYS = ", ".join(f"${i}::{t}[]" for i, t in enumerate(_MESSAGE_TYPES, start=1))
-_INSERTED = [c for c in COLUMNS if c != "seq"]
+_INSERTED = tuple(c for c in COLUMNS if c != "seq")
 
 
 def _commit_sql() -> str:
@@ -792,13 +792,14 @@ class PostgresStore(Store):
         )
         return set(leases) - {r[0] for r in rows}
 
-    async def next_ready_at(self, types: Sequence[str]) -> float | None:
+    async def next_ready_at(self, types: Sequence[str], *, after: float) -> float | None:
         if not types:
             return None
         rows = await self._fetch(
             "SELECT min(run_after) FROM errands_tasks WHERE status = 'pending' AND run_after > created_at "
-            "AND type = ANY($1::text[])",
+            "AND run_after > $2 AND type = ANY($1::text[])",
             list(types),
+            after,
         )
         return rows[0][0] if rows else None
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import orjson
@@ -54,6 +55,27 @@ SELECT_LIST = ", ".join(COLUMNS)
 MUTABLE = tuple(
     c for c in COLUMNS if c not in {"id", "type", "owner", "input", "created_at", "fingerprint", "notify_url"}
 )
+
+#: The record field behind each mutable column (``error`` is stored as two columns).
+_MUTABLE_FIELDS = tuple(dict.fromkeys("error" if c.startswith("error_") else c for c in MUTABLE))
+_get_mutable = operator.attrgetter(*_MUTABLE_FIELDS)
+_FIELD_COLUMNS = {f: ("error_code", "error_message") if f == "error" else (f,) for f in _MUTABLE_FIELDS}
+
+
+def changed_columns(before: TaskRecord, after: TaskRecord) -> tuple[str, ...]:
+    """The mutable columns whose values differ between two versions of a record.
+
+    Identity is enough: a decision builds the new record from the old one, so a field it did
+    not change holds the very same object (a field set to an equal value is written again,
+    which is harmless).
+    """
+    return tuple(
+        column
+        for name, old, new in zip(_MUTABLE_FIELDS, _get_mutable(before), _get_mutable(after), strict=True)
+        if old is not new
+        for column in _FIELD_COLUMNS[name]
+    )
+
 
 EVENT_COLUMNS = "seq, type, at, task_id, owner, task_type, status, task"
 #: The same without the task snapshot, for readers that only route events (worker processes).
@@ -108,23 +130,30 @@ def to_record(v: Any) -> TaskRecord:
     )
 
 
+def _getter(column: str) -> Callable[[TaskRecord], Any]:
+    if column == "input":
+        return lambda r: dump_json(r.input)
+    if column == "result":
+        return lambda r: None if r.result is None else dump_json(r.result)
+    if column == "error_code":
+        return lambda r: None if r.error is None else r.error.code
+    if column == "error_message":
+        return lambda r: None if r.error is None else r.error.message
+    if column == "status":
+        return lambda r: r.status.value
+    return operator.attrgetter(column)
+
+
+_GETTERS: dict[Sequence[str], tuple[Callable[[TaskRecord], Any], ...]] = {}
+
+
 def values(r: TaskRecord, columns: Sequence[str] = COLUMNS) -> list[Any]:
-    """The values of ``columns`` for a record, ready to bind."""
-    out: list[Any] = []
-    for column in columns:
-        if column == "input":
-            out.append(dump_json(r.input))
-        elif column == "result":
-            out.append(None if r.result is None else dump_json(r.result))
-        elif column == "error_code":
-            out.append(None if r.error is None else r.error.code)
-        elif column == "error_message":
-            out.append(None if r.error is None else r.error.message)
-        elif column == "status":
-            out.append(r.status.value)
-        else:
-            out.append(getattr(r, column))
-    return out
+    """The values of ``columns`` for a record, ready to bind (called for every row written, so
+    the accessors of each column list are built once)."""
+    getters = _GETTERS.get(columns)
+    if getters is None:
+        getters = _GETTERS[columns] = tuple(_getter(c) for c in columns)
+    return [get(r) for get in getters]
 
 
 def to_event(v: Any) -> Event:

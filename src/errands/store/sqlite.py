@@ -63,9 +63,9 @@ from errands.store.rows import (
     EVENT_COLUMNS,
     EVENT_HEADERS,
     MESSAGE_COLUMNS,
-    MUTABLE,
     SELECT_LIST,
     attempt_values,
+    changed_columns,
     endpoint_values,
     message_values,
     new_record,
@@ -81,10 +81,22 @@ log = logging.getLogger("errands.store")
 
 T = TypeVar("T")
 
-_INSERT_TASK = f"INSERT INTO tasks ({SELECT_LIST}) VALUES ({', '.join('?' * len(COLUMNS))})"
-_UPDATE_TASK = f"UPDATE tasks SET {', '.join(f'{c} = ?' for c in MUTABLE)} WHERE id = ?"
+_INSERT_NEW_TASK = (
+    f"INSERT INTO tasks ({SELECT_LIST}) SELECT {', '.join('?' * len(COLUMNS))} "
+    "WHERE NOT EXISTS (SELECT 1 FROM tombstones WHERE id = ?) ON CONFLICT (id) DO NOTHING"
+)
+_UPDATES: dict[tuple[str, ...], str] = {}
 _INSERT_EVENT = f"INSERT INTO events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 _SELECT_TASK = f"SELECT {SELECT_LIST} FROM tasks WHERE id = ?"
+#: The seq of the latest event ever written. Events are only deleted by a purge, which first
+#: raises the horizon to the highest seq it deletes, so the newest event left or the horizon
+#: holds it; no counter is written per commit (it would cost one more page per commit). The
+#: 'seq' counter that errands 0.1.0 wrote per commit stays a floor, for databases it wrote.
+_LAST_SEQ = (
+    "SELECT max(coalesce((SELECT max(seq) FROM events), 0), "
+    "(SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'horizon'), "
+    "(SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'seq'))"
+)
 _MAX_BATCH = 512
 _CHECKPOINT_EVERY = 200  # commits; the WAL is copied back into the database from a thread
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -117,7 +129,6 @@ class _Tx:
     def __init__(self, conn: sqlite3.Connection, seq: int) -> None:
         self.conn = conn
         self.seq = seq
-        self.start_seq = seq
         self.events: list[Event] = []
 
     def mark(self) -> tuple[int, int]:
@@ -131,18 +142,29 @@ class _Tx:
         row = self.conn.execute(_SELECT_TASK, (task_id,)).fetchone()
         return None if row is None else to_record(row)
 
-    def insert(self, record: TaskRecord) -> TaskRecord:
+    def insert(self, record: TaskRecord) -> bool:
+        """Insert a new task with its event; ``False`` (and nothing written) if its id is taken,
+        or was taken by a task since purged. One statement for the common case of a new id."""
+        _set_seq(record, self.seq + 1)
+        if self.conn.execute(_INSERT_NEW_TASK, [*values(record), record.id]).rowcount == 0:
+            return False
         self.seq += 1
-        _set_seq(record, self.seq)
-        self.conn.execute(_INSERT_TASK, values(record))
         self._event(record, EventType.CREATED)
-        return record
+        return True
 
-    def write(self, change: Change) -> TaskRecord:
+    def write(self, change: Change, before: TaskRecord) -> TaskRecord:
+        """Write a decided change of ``before`` (the row as read in this transaction): only
+        the columns it changed, so indexes on the others are left alone."""
         self.seq += 1
         record = change.record
         _set_seq(record, self.seq)
-        self.conn.execute(_UPDATE_TASK, [*values(record, MUTABLE), record.id])
+        columns = changed_columns(before, record)
+        sql = _UPDATES.get(columns)
+        if sql is None:
+            sql = _UPDATES[columns] = (
+                f"UPDATE tasks SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?"
+            )
+        self.conn.execute(sql, [*values(record, columns), record.id])
         self._event(record, change.event)
         return record
 
@@ -163,7 +185,7 @@ class _Tx:
         if current is None:
             raise NotFound()
         change = decide(current)
-        return current if change is None else self.write(change)
+        return current if change is None else self.write(change, current)
 
 
 _Job = tuple[Callable[[_Tx], Any], "asyncio.Future[Any]"]
@@ -263,25 +285,30 @@ class _Writer:
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         events: list[Event] = []
         try:
-            seq = int(conn.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0])
+            (seq,) = conn.execute(_LAST_SEQ).fetchone()
             tx = _Tx(conn, seq)
+            # Each change of a batch runs in a savepoint, so a refused one undoes only itself;
+            # a change alone in its batch needs none (the whole transaction is its savepoint).
+            alone = len(batch) == 1
             for fn, future in batch:
                 mark = tx.mark()
-                conn.execute("SAVEPOINT change")
+                if not alone:
+                    conn.execute("SAVEPOINT change")
                 try:
                     result = fn(tx)
                 except Exception as exc:
-                    conn.execute("ROLLBACK TO change")
-                    conn.execute("RELEASE change")
+                    conn.execute("ROLLBACK" if alone else "ROLLBACK TO change")
+                    if not alone:
+                        conn.execute("RELEASE change")
                     tx.reset(mark)
                     results.append((future, None, _translate(exc)))
                 else:
-                    conn.execute("RELEASE change")
+                    if not alone:
+                        conn.execute("RELEASE change")
                     results.append((future, result, None))
-            if tx.seq != tx.start_seq:
-                conn.execute("UPDATE meta SET value = ? WHERE key = 'seq'", (str(tx.seq),))
-            conn.execute("COMMIT")
-            events = tx.events
+            if conn.in_transaction:
+                conn.execute("COMMIT")
+                events = tx.events
         except sqlite3.Error as exc:
             log.error("sqlite write failed: %s", exc)
             if conn.in_transaction:
@@ -460,15 +487,17 @@ class SqliteStore(Store):
     ) -> tuple[TaskRecord, bool]:
         now = self.clock.now()
 
+        def same_request(existing: TaskRecord) -> tuple[TaskRecord, bool]:
+            if existing.fingerprint != new.fingerprint:
+                raise IdConflict()
+            return existing, False
+
         def op(tx: _Tx) -> tuple[TaskRecord, bool]:
-            existing = tx.load(new.id)
-            if existing is not None:
-                if existing.fingerprint != new.fingerprint:
-                    raise IdConflict()
-                return existing, False
-            if tx.conn.execute("SELECT 1 FROM tombstones WHERE id = ?", (new.id,)).fetchone():
-                raise IdConflict("This id belonged to a task that has been purged.")
             if max_pending_per_owner is not None:
+                # A repeated request is answered before the limit is checked: it adds nothing.
+                existing = tx.load(new.id)
+                if existing is not None:
+                    return same_request(existing)
                 (pending,) = tx.conn.execute(
                     "SELECT count(*) FROM (SELECT 1 FROM tasks WHERE owner = ? AND status = 'pending' "
                     "LIMIT ?)",
@@ -480,7 +509,13 @@ class SqliteStore(Store):
                         code="too_many_pending",
                         retry_after_s=5,
                     )
-            return tx.insert(new_record(new, now)), True
+            record = new_record(new, now)
+            if tx.insert(record):
+                return record, True
+            existing = tx.load(new.id)
+            if existing is None:
+                raise IdConflict("This id belonged to a task that has been purged.")
+            return same_request(existing)
 
         return await self._write(op)
 
@@ -562,7 +597,7 @@ class SqliteStore(Store):
                     lease_s=lease_s,
                     callback_nonce=secrets.token_urlsafe(12),
                 )
-                claimed.append(tx.write(change))
+                claimed.append(tx.write(change, record))
                 if len(claimed) >= limit:
                     break
             return claimed
@@ -588,14 +623,14 @@ class SqliteStore(Store):
 
         return await self._write(op)
 
-    async def next_ready_at(self, types: Sequence[str]) -> float | None:
+    async def next_ready_at(self, types: Sequence[str], *, after: float) -> float | None:
         if not types:
             return None
         marks = ", ".join("?" * len(types))
         rows = self._read(
             "SELECT min(run_after) FROM tasks WHERE status = 'pending' AND run_after > created_at "
-            f"AND type IN ({marks})",
-            list(types),
+            f"AND run_after > ? AND type IN ({marks})",
+            [after, *types],
         )
         return rows[0][0] if rows else None
 
@@ -698,7 +733,7 @@ class SqliteStore(Store):
         return [to_event(r) for r in rows]
 
     async def last_seq(self) -> int:
-        return int(self._read("SELECT value FROM meta WHERE key = 'seq'")[0][0])
+        return int(self._read(_LAST_SEQ)[0][0])
 
     async def owner_events(self, owner: str | None, *, after: int, until: int, limit: int) -> list[Event]:
         if owner is None:

@@ -43,8 +43,8 @@ CREATE INDEX errands_tasks_queue ON errands_tasks (priority DESC, created_at, id
 CREATE INDEX errands_tasks_backoff ON errands_tasks (run_after) WHERE status = 'pending' AND run_after > created_at;
 CREATE INDEX errands_tasks_running ON errands_tasks (type, owner) WHERE status = 'processing';
 CREATE INDEX errands_tasks_pending_owner ON errands_tasks (owner) WHERE status = 'pending';
-CREATE INDEX errands_tasks_owner_created ON errands_tasks (owner, created_at DESC, id DESC);
-CREATE INDEX errands_tasks_created ON errands_tasks (created_at DESC, id DESC);
+CREATE INDEX errands_tasks_owner_created ON errands_tasks (owner, created_at, id);
+CREATE INDEX errands_tasks_created ON errands_tasks (created_at, id);
 CREATE INDEX errands_tasks_unfinished_expiry ON errands_tasks (expires_at) WHERE status IN ('pending', 'processing');
 CREATE INDEX errands_tasks_finished ON errands_tasks (finished_at) WHERE finished_at IS NOT NULL;
 

@@ -45,9 +45,9 @@ CREATE INDEX tasks_running ON tasks (type, owner) WHERE status = 'processing';
 
 CREATE INDEX tasks_pending_owner ON tasks (owner) WHERE status = 'pending';
 
-CREATE INDEX tasks_owner_created ON tasks (owner, created_at DESC, id DESC);
+CREATE INDEX tasks_owner_created ON tasks (owner, created_at, id);
 
-CREATE INDEX tasks_created ON tasks (created_at DESC, id DESC);
+CREATE INDEX tasks_created ON tasks (created_at, id);
 
 CREATE INDEX tasks_unfinished_expiry ON tasks (expires_at) WHERE status IN ('pending', 'processing');
 
