@@ -8,8 +8,8 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
 from errands.api import admin, errors, hooks, notify, tasks, watch
+from errands.api.direct import OPENAPI_PATHS, DirectRoutes
 from errands.api.middleware import GuardMiddleware
-from errands.api.watch import OPENAPI_PATHS, SseRoutes
 
 if TYPE_CHECKING:
     from errands.runtime import Runtime
@@ -31,8 +31,8 @@ def create_api(runtime: Runtime) -> FastAPI:
     api.include_router(notify.router)
     api.include_router(admin.router)
     origins = [o.strip() for o in runtime.settings.cors_origins.split(",") if o.strip()]
-    # Innermost first: the SSE watch routes run after the guard authenticated the caller.
-    api.add_middleware(SseRoutes, runtime=runtime)
+    # Innermost first: the direct routes (submit, SSE watches) run after the guard.
+    api.add_middleware(DirectRoutes, runtime=runtime)
     api.add_middleware(
         GuardMiddleware,
         authenticator=lambda: runtime.authenticator,

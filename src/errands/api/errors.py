@@ -67,47 +67,48 @@ def parse(model: type[M], body: bytes) -> M:
         raise invalid(list(exc.errors())) from None
 
 
-def install(api: FastAPI) -> None:
-    async def on_api_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, ApiError)
+def http_error_response(exc: HTTPException) -> Response:
+    """The answer to one of Starlette's own HTTP errors (no route, unreadable body…)."""
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    if exc.status_code == 404:
+        message = "No such route."
+    elif exc.status_code == 400:
+        message = "The body could not be read as JSON."
+    elif exc.status_code == 413:
+        message = "The request body is too large."
+    else:
+        message = str(exc.detail)
+    return error_response(exc.status_code, code, message, dict(exc.headers or {}))
+
+
+def response_for(exc: Exception) -> Response:
+    """The answer to an exception raised while serving a request, wherever it is served."""
+    if isinstance(exc, ApiError):
         headers = None
         if isinstance(exc, TooManyRequests):
             headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
         if exc.status_code == 401:
             headers = {"WWW-Authenticate": "Bearer"}
         return error_response(exc.status_code, exc.code, exc.message, headers)
-
-    async def on_validation_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)
-        return await on_api_error(request, invalid(list(exc.errors())))
-
-    async def on_http_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        code = _HTTP_CODES.get(exc.status_code, "http_error")
-        if exc.status_code == 404:
-            message = "No such route."
-        elif exc.status_code == 400:
-            message = "The body could not be read as JSON."
-        elif exc.status_code == 413:
-            message = "The request body is too large."
-        else:
-            message = str(exc.detail)
-        return error_response(exc.status_code, code, message, dict(exc.headers or {}))
-
-    async def on_store_error(_: Request, exc: Exception) -> Response:
+    if isinstance(exc, HTTPException):
+        return http_error_response(exc)
+    if isinstance(exc, StoreError):
         log.error("store error while serving a request: %s", exc, exc_info=exc.__cause__)
         return error_response(503, "unavailable", "The task store is unavailable; try again shortly.")
-
-    async def on_lease_lost(_: Request, exc: Exception) -> Response:
+    if isinstance(exc, LeaseLost):
         return error_response(409, "invalid_state", "The task changed meanwhile; try again.")
+    log.error("unexpected error while serving a request", exc_info=exc)
+    return error_response(500, "internal_error", "Something went wrong on our side.")
 
-    async def on_unexpected(_: Request, exc: Exception) -> Response:
-        log.error("unexpected error while serving a request", exc_info=exc)
-        return error_response(500, "internal_error", "Something went wrong on our side.")
 
-    api.add_exception_handler(ApiError, on_api_error)
+def install(api: FastAPI) -> None:
+    async def on_error(_: Request, exc: Exception) -> Response:
+        return response_for(exc)
+
+    async def on_validation_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return response_for(invalid(list(exc.errors())))
+
     api.add_exception_handler(RequestValidationError, on_validation_error)
-    api.add_exception_handler(HTTPException, on_http_error)
-    api.add_exception_handler(StoreError, on_store_error)
-    api.add_exception_handler(LeaseLost, on_lease_lost)
-    api.add_exception_handler(Exception, on_unexpected)
+    for kind in (ApiError, HTTPException, StoreError, LeaseLost, Exception):
+        api.add_exception_handler(kind, on_error)

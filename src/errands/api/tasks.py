@@ -11,6 +11,7 @@ from starlette.responses import Response
 
 from errands.api.deps import PrincipalDep, RuntimeDep, principal_of
 from errands.api.errors import parse
+from errands.auth import Principal
 from errands.model import Status, Task
 from errands.runtime import Runtime
 from errands.service import TASK_ID_PATTERN, TYPE_PATTERN, SubmitRequest
@@ -70,11 +71,16 @@ def json(body: bytes, status: int = 200) -> Response:
 async def submit(request: Request) -> Response:
     """Store the task and answer at once: ``202`` when created, ``200`` when this exact request
     (same id, same body) was already accepted, ``409`` when the id is taken by another request."""
-    # The hottest route parses its body with pydantic-core directly rather than through
-    # FastAPI's dependency machinery, which costs more than the rest of the request.
-    body = parse(SubmitRequest, await request.body())
+    # Served by errands.api.direct ahead of FastAPI's routing; declared here for the OpenAPI
+    # document (and for an app mounted without that middleware).
     runtime: Runtime = request.app.state.runtime
-    record, created = await runtime.service.submit(body, principal_of(request))
+    return await submit_response(runtime, principal_of(request), await request.body())
+
+
+async def submit_response(runtime: Runtime, principal: Principal, body: bytes) -> Response:
+    """``POST /v1/tasks``: the body is parsed with pydantic-core directly (strict, unknown
+    fields refused), not through FastAPI's dependency machinery."""
+    record, created = await runtime.service.submit(parse(SubmitRequest, body), principal)
     return json(record.public_json(), 202 if created else 200)
 
 

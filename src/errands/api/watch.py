@@ -23,16 +23,16 @@ import logging
 import re
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 from urllib.parse import parse_qsl
 
 import orjson
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
-from errands.api.errors import error_response, invalid
+from errands.api.errors import invalid
 from errands.api.middleware import PRINCIPAL
 from errands.auth import READ, Principal
 from errands.clock import iso
@@ -42,8 +42,6 @@ from errands.errors import (
     Forbidden,
     InvalidRequest,
     NotFound,
-    StoreError,
-    TooManyRequests,
     Unauthorized,
 )
 from errands.hub import Watch, WatchClosed, WatchFilter
@@ -324,130 +322,28 @@ class WatchQuery(BaseModel):
     after: Annotated[int, Field(ge=0)] | None = None
 
 
-_TASK_WATCH = re.compile(r"^/v1/tasks/([^/]*)/watch$")
 _TASK_ID = re.compile(TASK_ID_PATTERN)
 
 
-class SseRoutes:
-    """Serves ``GET /v1/tasks/{id}/watch`` and ``GET /v1/watch`` ahead of FastAPI's routing.
-
-    A watcher holds its request open for minutes or hours, so whatever a request allocates is
-    multiplied by every open watch: FastAPI's per-request machinery (dependency solving, exit
-    stacks, exception wrappers) costs about as much again as the connection itself, and sits on
-    every event's way out. Authentication has already happened (the guard runs first).
-    """
-
-    def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
-        self.app = app
-        self.runtime = runtime
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "GET":
-            await self.app(scope, receive, send)
-            return
-        path: str = scope["path"]
-        match = _TASK_WATCH.match(path)
-        if match is None and path != "/v1/watch":
-            await self.app(scope, receive, send)
-            return
-        try:
-            stream = await self._open(scope, match.group(1) if match else None)
-        except ApiError as exc:
-            retry = (
-                {"Retry-After": str(max(1, round(exc.retry_after_s)))}
-                if isinstance(exc, TooManyRequests)
-                else None
-            )
-            await error_response(exc.status_code, exc.code, exc.message, retry)(scope, receive, send)
-            return
-        except StoreError:
-            await error_response(503, "unavailable", "The task store is unavailable; try again shortly.")(
-                scope, receive, send
-            )
-            return
-        await stream(scope, receive, send)
-
-    async def _open(self, scope: Scope, task_id: str | None) -> EventStream:
-        principal = scope.get(PRINCIPAL)
-        if not isinstance(principal, Principal):
-            raise Unauthorized()
-        try:
-            query = WatchQuery.model_validate(dict(parse_qsl(scope["query_string"].decode("latin-1"))))
-        except ValidationError as exc:
-            raise invalid(list(exc.errors())) from None
-        last_event_id = next(
-            (v.decode("latin-1") for k, v in scope["headers"] if k == b"last-event-id"), None
-        )
-        resume = _resume_point(last_event_id, query.after)
-        runtime = self.runtime
-        if task_id is not None:
-            if not _TASK_ID.match(task_id):
-                raise InvalidRequest("task_id: the id must match [A-Za-z0-9_-]{1,64}")
-            watch = await open_task_watch(runtime, principal, task_id)
-            return EventStream(task_items(runtime, watch, task_id, resume), watch)
-        watch = open_set_watch(runtime, principal, type=query.type, status=query.status, owner=query.owner)
-        return EventStream(set_items(runtime, watch, resume), watch)
-
-
-def _param(name: str, where: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "in": where,
-        "required": where == "path",
-        "schema": schema,
-        "description": description,
-    }
-
-
-_RESUME = [
-    _param("after", "query", {"type": "integer", "minimum": 0}, "Resume after this seq."),
-    _param("Last-Event-ID", "header", {"type": "string"}, "Resume after this seq (sent by EventSource)."),
-    _param("access_token", "query", {"type": "string"}, "The token, for clients that cannot set headers."),
-]
-_STREAM_RESPONSES = {
-    "200": {
-        "description": "An event stream.",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
-    },
-    "401": {"description": "No valid token."},
-    "404": {"description": "No such task (or another owner's)."},
-    "429": {"description": "Too many open watches."},
-}
-
-#: The SSE endpoints' entries in the OpenAPI document (they are not FastAPI routes).
-OPENAPI_PATHS: dict[str, Any] = {
-    "/v1/tasks/{task_id}/watch": {
-        "get": {
-            "tags": ["watch"],
-            "summary": "Watch one task (SSE)",
-            "description": "`task.snapshot`, then every change as it commits, each with `id: <seq>`; the "
-            "stream ends after a terminal event. Reconnect with `Last-Event-ID` (or `?after=`) to resume.",
-            "operationId": "watch_task",
-            "parameters": [
-                _param("task_id", "path", {"type": "string", "pattern": TASK_ID_PATTERN}, "The task id."),
-                *_RESUME,
-            ],
-            "responses": _STREAM_RESPONSES,
-        }
-    },
-    "/v1/watch": {
-        "get": {
-            "tags": ["watch"],
-            "summary": "Watch a set of tasks (SSE)",
-            "description": "`tasks.snapshot` (the matching unfinished tasks), then every matching event. "
-            "Resume as for one task; a resume point older than the log gets `reset` and a fresh snapshot.",
-            "operationId": "watch_tasks",
-            "parameters": [
-                _param("type", "query", {"type": "string", "pattern": TYPE_PATTERN}, "Only this task type."),
-                _param("status", "query", {"type": "string", "enum": [s.value for s in Status]},
-                       "Only events that leave a task in this status."),
-                _param("owner", "query", {"type": "string"}, "Admins only: this owner's tasks."),
-                *_RESUME,
-            ],
-            "responses": _STREAM_RESPONSES,
-        }
-    },
-}  # fmt: skip
+async def open_stream(runtime: Runtime, scope: Scope, task_id: str | None) -> EventStream:
+    """The SSE response of ``GET /v1/tasks/{task_id}/watch`` (or of ``GET /v1/watch`` without a
+    ``task_id``) for an authenticated request; raises an :class:`ApiError` to refuse it."""
+    principal = scope.get(PRINCIPAL)
+    if not isinstance(principal, Principal):
+        raise Unauthorized()
+    try:
+        query = WatchQuery.model_validate(dict(parse_qsl(scope["query_string"].decode("latin-1"))))
+    except ValidationError as exc:
+        raise invalid(list(exc.errors())) from None
+    last_event_id = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"last-event-id"), None)
+    resume = _resume_point(last_event_id, query.after)
+    if task_id is not None:
+        if not _TASK_ID.match(task_id):
+            raise InvalidRequest("task_id: the id must match [A-Za-z0-9_-]{1,64}")
+        watch = await open_task_watch(runtime, principal, task_id)
+        return EventStream(task_items(runtime, watch, task_id, resume), watch)
+    watch = open_set_watch(runtime, principal, type=query.type, status=query.status, owner=query.owner)
+    return EventStream(set_items(runtime, watch, resume), watch)
 
 
 # -- WebSocket --------------------------------------------------------------------------------------
