@@ -181,7 +181,7 @@ def test_a_postgres_restart_mid_run_loses_nothing(pg_cluster: Cluster) -> None:
         what="every task to complete after the restart",
     )
     ready = client.get("/readyz")
-    assert ready.status_code == 200, ready.text
+    assert ready.status_code == 200, f"{ready.text}\n{node.output()[-4000:]}"
     log = all_events(client)
     expected = [e["seq"] for e in log if e["seq"] > (watcher.snapshot_seq or 0)]
     eventually(

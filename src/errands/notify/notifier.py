@@ -167,6 +167,11 @@ class Notifier:
             except StoreError as exc:
                 self._failed("fan-out", exc)
                 await asyncio.sleep(min(5.0, self.settings.notify_poll_s))
+            except Exception:
+                # A bug must not end notifications for the life of the process: report, go on.
+                log.exception("notifications: fan-out failed unexpectedly")
+                self.last_error = "fan-out: failed unexpectedly"
+                await asyncio.sleep(5.0)
 
     # -- delivery -----------------------------------------------------------------------------
 
@@ -265,6 +270,10 @@ class Notifier:
             except StoreError as exc:
                 self._failed("delivery", exc)
                 wait = min(5.0, self.settings.notify_poll_s)
+            except Exception:
+                log.exception("notifications: claiming deliveries failed unexpectedly")
+                self.last_error = "delivery: failed unexpectedly"
+                wait = 5.0
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._deliver_wake.wait()

@@ -105,6 +105,9 @@ _SAFE = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16)"
 _CONNECTION_ERRORS = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    # "cannot switch to state …; another operation is in progress": a pooled connection whose
+    # server went away in the middle of an operation (seen while PostgreSQL restarts).
+    asyncpg.InternalClientError,
     asyncpg.CannotConnectNowError,
     ConnectionError,
     OSError,
