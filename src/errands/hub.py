@@ -124,10 +124,14 @@ class Hub:
         max_watches_per_owner: int = 100,
         watch_buffer: int = 1000,
         snapshots: bool = True,
+        read_gap_s: float = 0.0,
     ) -> None:
         """``snapshots=False``: a hub of a process without watches (a worker), whose listeners
-        only route events; it reads the log without the task snapshots."""
+        only route events; it reads the log without the task snapshots. ``read_gap_s``: the
+        shortest time between two reads of the log (under load, one read a few milliseconds
+        later takes the commits of all of them)."""
         self._store = store
+        self._read_gap_s = read_gap_s
         self._snapshots = snapshots
         self._poll_s = poll_s
         self._listeners: list[Listener] = []
@@ -271,13 +275,20 @@ class Hub:
     async def run(self) -> None:
         """Follow the log until stopped or cancelled; errors are logged and retried."""
         failures = 0
+        loop = asyncio.get_running_loop()
+        last_read = -1e9
         while not self._stopped:
             wait_s = 0.005 if self._store.behind else self._poll_s
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait_s)
+            pause = last_read + self._read_gap_s - loop.time()
+            if pause > 0:
+                await asyncio.sleep(pause)  # the commits of the next few ms share this read
+            # Cleared just before reading: a commit notified during the read wakes us again.
             self._wake.clear()
             if self._stopped:
                 return
+            last_read = loop.time()
             try:
                 await self.catch_up()
                 failures = 0

@@ -105,6 +105,8 @@ class Runtime:
             max_watches_per_owner=settings.max_watches_per_owner,
             watch_buffer=settings.watch_buffer,
             snapshots=serves_watches,
+            # A worker reads the log only to route work (wake-ups, cancellations): less often.
+            read_gap_s=self.store.log_read_gap_s * (1 if serves_watches else 4),
         )
         self.service = Service(app, self.store, settings, self.clock)
         self.notify_admin = NotifyAdmin(self.store, settings, self.clock)

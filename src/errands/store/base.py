@@ -207,6 +207,9 @@ class Store(abc.ABC):
 
     #: How often the hub reads the log for other processes' events when nothing woke it.
     log_poll_s: float = 1.0
+    #: The shortest time between two reads of the log by a hub that serves watches (see
+    #: :class:`~errands.hub.Hub`).
+    log_read_gap_s: float = 0.0
     #: Set by :meth:`events_since` when committed events exist that it could not hand out yet
     #: (they wait for an older transaction to finish): the hub then reads again soon.
     behind: bool = False

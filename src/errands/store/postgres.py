@@ -203,6 +203,24 @@ SELECT base, pg_notify('{_CHANNEL}', (base + $1::int4)::text) FROM s
 
 
 _COMMIT = _commit_sql()
+
+
+def _since_sql(columns: str) -> str:
+    """Committed events after a seq, below the safe bound, and whether any event lies above it
+    (one round trip, at least one row: the hubs of every process run it after every commit).
+    ``max(seq)`` is one step down the primary key whatever the statistics say; a range probe
+    gets planned as a sequential scan while the table grows faster than ANALYZE."""
+    return f"""
+WITH s AS MATERIALIZED (SELECT {_SAFE} AS safe)
+SELECT e.*, (SELECT max(seq) FROM errands_events) >= s.safe
+FROM s LEFT JOIN LATERAL (
+    SELECT {columns} FROM errands_events WHERE seq > $1 AND seq < s.safe ORDER BY seq LIMIT $2
+) e ON true
+"""
+
+
+_EVENTS_SINCE = _since_sql(EVENT_COLUMNS)
+_HEADERS_SINCE = _since_sql(EVENT_HEADERS.replace("NULL", "NULL::bytea AS task"))
 _SELECT_TASK = f"SELECT {SELECT_LIST} FROM errands_tasks WHERE id = $1"
 
 
@@ -467,6 +485,9 @@ class PostgresStore(Store):
     dialect = "postgres"
     #: NOTIFY wakes the hub at once; this is only the safety net.
     log_poll_s = 1.0
+    #: Every commit of every process notifies every hub; reading once per notification cost
+    #: more than a query per task per process under load.
+    log_read_gap_s = 0.003
 
     def __init__(self, url: str, clock: Clock, *, pool_size: int = 8, write_lanes: int = 3) -> None:
         super().__init__(clock)
@@ -897,20 +918,10 @@ class PostgresStore(Store):
         return [_to_event(r) for r in rows]
 
     async def events_since(self, after: int, *, limit: int = 1000, snapshots: bool = True) -> list[Event]:
-        columns = EVENT_COLUMNS if snapshots else EVENT_HEADERS
-        rows = await self._fetch(
-            f"SELECT {columns} FROM errands_events WHERE seq > $1 AND seq < {_SAFE} ORDER BY seq LIMIT $2",
-            after,
-            limit,
-        )
-        events = [_to_event(r) for r in rows]
-        if len(events) < limit:
-            # Events above the safe bound wait for older transactions; come back for them soon.
-            # max(seq) is one step down the primary key whatever the statistics say; a range
-            # probe gets planned as a sequential scan while the table grows faster than ANALYZE.
-            rows = await self._fetch(f"SELECT max(seq) >= {_SAFE} FROM errands_events")
-            self.behind = bool(rows[0][0])
-        return events
+        rows = await self._fetch(_EVENTS_SINCE if snapshots else _HEADERS_SINCE, after, limit)
+        # Events above the safe bound wait for older transactions: come back for them soon.
+        self.behind = bool(rows[0][8])
+        return [] if rows[0][0] is None else [_to_event(r) for r in rows]
 
     async def last_seq(self) -> int:
         rows = await self._fetch(f"SELECT {_SAFE} - 1")
