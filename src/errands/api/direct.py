@@ -1,8 +1,9 @@
-"""The routes served ahead of FastAPI's routing: the SSE watches and task submission.
+"""The routes served ahead of FastAPI's routing: the SSE watches, task submission, webhooks.
 
-Both are paid for far more often than the rest. A watcher holds its request open for minutes or
+They are paid for far more often than the rest. A watcher holds its request open for minutes or
 hours, so whatever a request allocates is multiplied by every open watch and sits on every
-event's way out; submission is the call every client makes for every task. FastAPI's
+event's way out; submission is the call every client makes for every task, and a provider
+sends a webhook or two per task. FastAPI's
 per-request machinery (routing through the included routers, exit stacks, exception wrappers)
 cost about as much again as the work itself on both. The routes stay declared in FastAPI for
 the OpenAPI document (the watches are added to it here), and answer errors exactly as the
@@ -19,6 +20,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from errands.api.errors import response_for
+from errands.api.hooks import capability_response, inbound_of, signed_response
 from errands.api.middleware import PRINCIPAL
 from errands.api.tasks import submit_response
 from errands.api.watch import open_stream
@@ -29,11 +31,14 @@ from errands.runtime import Runtime
 from errands.service import TASK_ID_PATTERN, TYPE_PATTERN
 
 _TASK_WATCH = re.compile(r"^/v1/tasks/([^/]*)/watch$")
+#: ``/v1/hooks/{provider}`` and ``/v1/hooks/callback/{token}`` (one path segment each, as routed).
+_HOOK = re.compile(r"^/v1/hooks/(callback/)?[^/]+$")
 
 
 class DirectRoutes:
-    """ASGI middleware answering ``POST /v1/tasks``, ``GET /v1/tasks/{id}/watch`` and
-    ``GET /v1/watch`` itself, and passing everything else on to FastAPI."""
+    """ASGI middleware answering ``POST /v1/tasks``, ``POST /v1/hooks/…``,
+    ``GET /v1/tasks/{id}/watch`` and ``GET /v1/watch`` itself, and passing everything else on
+    to FastAPI."""
 
     def __init__(self, app: ASGIApp, runtime: Runtime) -> None:
         self.app = app
@@ -42,10 +47,9 @@ class DirectRoutes:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             method, path = scope["method"], scope["path"]
-            if method == "POST" and path == "/v1/tasks":
+            if method == "POST" and (path == "/v1/tasks" or _HOOK.match(path)):
                 try:
-                    body = await _read_body(receive)
-                    response = await submit_response(self.runtime, _principal(scope), body)
+                    response = await self._post(scope, path, await _read_body(receive))
                 except Exception as exc:
                     response = response_for(exc)
                 await response(scope, receive, send)
@@ -60,6 +64,16 @@ class DirectRoutes:
                 await stream(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+    async def _post(self, scope: Scope, path: str, body: bytes) -> Response:
+        if path == "/v1/tasks":
+            return await submit_response(self.runtime, _principal(scope), body)
+        target = path.removeprefix("/v1/hooks/")
+        if target.startswith("callback/"):
+            return await capability_response(
+                self.runtime, target.removeprefix("callback/"), inbound_of(scope, body)
+            )
+        return await signed_response(self.runtime, target, inbound_of(scope, body))
 
 
 def _principal(scope: Scope) -> Principal:

@@ -18,6 +18,7 @@ from typing import Annotated
 import orjson
 from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
+from starlette.types import Scope
 
 from errands import model
 from errands.api.deps import PrincipalDep, RuntimeDep
@@ -36,8 +37,9 @@ router = APIRouter(tags=["webhooks"])
 _OUTCOME_BODIES = {o: orjson.dumps({"outcome": o}) for o in ("applied", "unchanged", "duplicate", "late")}
 
 
-def _inbound(request: Request, body: bytes) -> Inbound:
-    return Inbound({k.lower(): v for k, v in request.headers.items()}, body)
+def inbound_of(scope: Scope, body: bytes) -> Inbound:
+    """A request's headers (lower-case names) and body, as providers read them."""
+    return Inbound({k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}, body)
 
 
 async def _refuse(runtime: Runtime, delivery: Delivery, exc: ApiError) -> Response:
@@ -79,10 +81,22 @@ async def _apply(
 @router.post("/v1/hooks/callback/{token}", summary="A task's capability callback URL", responses=ERRORS)
 async def capability_hook(token: str, request: Request) -> Response:
     """For services that cannot sign: the URL itself is the secret, for one task and attempt."""
+    # Served by errands.api.direct ahead of FastAPI's routing; declared here for the OpenAPI
+    # document (and for an app mounted without that middleware).
     runtime: Runtime = request.app.state.runtime
+    return await capability_response(runtime, token, inbound_of(request.scope, await request.body()))
+
+
+@router.post("/v1/hooks/{provider}", summary="A provider's signed webhook", responses=ERRORS)
+async def signed_hook(provider: str, request: Request) -> Response:
+    """A webhook signed by the provider (Standard Webhooks by default)."""
+    runtime: Runtime = request.app.state.runtime
+    return await signed_response(runtime, provider, inbound_of(request.scope, await request.body()))
+
+
+async def capability_response(runtime: Runtime, token: str, inbound: Inbound) -> Response:
+    """``POST /v1/hooks/callback/{token}``."""
     now = runtime.clock.now()
-    body = await request.body()
-    inbound = _inbound(request, body)
     base = Delivery("callback", None, None, "", 0, now)
     try:
         task_id, attempt, mac = CapabilitySigner.parse(token)
@@ -109,13 +123,9 @@ async def capability_hook(token: str, request: Request) -> Response:
     return await _apply(runtime, delivery, update, update.external_id)
 
 
-@router.post("/v1/hooks/{provider}", summary="A provider's signed webhook", responses=ERRORS)
-async def signed_hook(provider: str, request: Request) -> Response:
-    """A webhook signed by the provider (Standard Webhooks by default)."""
-    runtime: Runtime = request.app.state.runtime
+async def signed_response(runtime: Runtime, provider: str, inbound: Inbound) -> Response:
+    """``POST /v1/hooks/{provider}``."""
     now = runtime.clock.now()
-    body = await request.body()
-    inbound = _inbound(request, body)
     base = Delivery(provider[:64], None, None, "", 0, now)
     adapter: Provider | None = runtime.app.providers.get(provider)
     if adapter is None:

@@ -105,6 +105,12 @@ class Notifier:
         del events
         self._fan_out_wake.set()
 
+    def _remote_commit(self) -> None:
+        # Another process committed: there may be events to fan out. Its messages, if any, are
+        # delivered by the node that stored them (at once) or found here by the next poll:
+        # claiming after every commit of every node would cost a query per commit.
+        self._fan_out_wake.set()
+
     # -- fan-out ------------------------------------------------------------------------------
 
     async def _routes(self) -> list[Route]:
@@ -293,7 +299,7 @@ class Notifier:
 
     async def run(self) -> None:
         self.store.add_commit_listener(self.on_commit)
-        self.store.add_remote_listener(self.wake)
+        self.store.add_remote_listener(self._remote_commit)
         try:
             await asyncio.gather(self._fan_out_loop(), self._deliver_loop())
         finally:
