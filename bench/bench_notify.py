@@ -36,8 +36,18 @@ class Receiver:
         self.arrivals: dict[str, tuple[float, float]] = {}  # webhook-id -> (arrived, finished_at)
         self.done = asyncio.Event()
         self.expect = 0
+        self.handlers: set[asyncio.Task[Any]] = set()
+
+    async def close(self) -> None:
+        """End the connections still open (Python 3.11 logs handlers cancelled at loop exit)."""
+        for task in self.handlers:
+            task.cancel()
+        await asyncio.gather(*self.handlers, return_exceptions=True)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.handlers.add(task)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -55,8 +65,10 @@ class Receiver:
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
                 if len(self.arrivals) >= self.expect:
                     self.done.set()
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             writer.close()
+        finally:
+            self.handlers.discard(task)
 
 
 async def submit(server: Server, n: int, *, rate: float | None = None, connections: int = 8) -> float:
@@ -152,6 +164,7 @@ async def run(store: str, tasks: int, paced: int, rate: float) -> list[dict[str,
         finally:
             server.stop()
             listener.close()
+            await receiver.close()
     return results
 
 

@@ -38,6 +38,9 @@ from errands.store.base import ClaimSpec, Decision, Store
 
 log = logging.getLogger("errands.worker")
 
+#: The shortest time between a claim that emptied the queue and the next one (see _idle).
+_CLAIM_GAP_S = 0.004
+
 INTERNAL_ERROR = TaskError("internal_error", "The task failed because of an internal error.")
 
 
@@ -194,6 +197,7 @@ class Worker:
         self._limited = {t.name for t in self._types.values() if t.concurrency_per_owner is not None}
         self._ready_at: float | None = None  # when the next task in backoff becomes claimable
         self._ready_stale = True
+        self._last_claim = -1e9  # loop time of the last claim
         self._held: dict[str, _Held] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._runs: set[asyncio.Task[Any]] = set()
@@ -201,6 +205,7 @@ class Worker:
         self._hurry = asyncio.Event()
         self._stopping = False
         hub.add_listener(self._on_event)
+        store.add_work_listener(self._on_work)
 
     @property
     def running(self) -> int:
@@ -234,6 +239,13 @@ class Worker:
             # A finished task of a type with concurrency_per_owner may free its owner's turn.
             self._wake.set()
 
+    def _on_work(self) -> None:
+        # An idle worker claims at once; a busy one hears of new work from the hub, which
+        # gathers the announcements of several commits into one wake-up (under load, every
+        # worker claiming per announcement mostly claims nothing).
+        if not self._held:
+            self._wake.set()
+
     def stop_task(self, task_id: str, reason: str) -> None:
         """Stop a handler whose attempt no longer counts; it writes nothing afterwards."""
         held = self._held.get(task_id)
@@ -261,6 +273,7 @@ class Worker:
                     await self._wake.wait()
                     continue
                 try:
+                    self._last_claim = asyncio.get_running_loop().time()
                     claimed = await self.store.claim(
                         worker_id=self.id, specs=self._specs, limit=free, lease_s=self.settings.lease_s
                     )
@@ -294,6 +307,12 @@ class Worker:
             timeout = min(timeout, max(0.001, self._ready_at - now))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
+        # The queue was empty a moment ago. When work arrives as fast as it is taken, every new
+        # task wakes every worker: wait out a short gap since the last claim, so the next claim
+        # takes what came meanwhile instead of each worker claiming (mostly nothing) per task.
+        pause = self._last_claim + _CLAIM_GAP_S - asyncio.get_running_loop().time()
+        if pause > 0:
+            await asyncio.sleep(pause)
 
     async def _heartbeat(self) -> None:
         while True:

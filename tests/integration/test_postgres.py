@@ -101,6 +101,25 @@ async def test_events_committed_by_another_process_reach_this_hub(runtime_factor
         watch.close()
 
 
+async def test_a_commit_that_makes_work_wakes_the_workers_of_other_nodes(
+    runtime_factory: RuntimeFactory,
+) -> None:
+    """The notification of a commit says whether it made a task claimable, so a worker on
+    another node can claim at once rather than after its hub's next read of the log."""
+    node_a = await runtime_factory(app, workers=False)
+    node_b = await runtime_factory(app, workers=False)
+    remote, work = asyncio.Event(), asyncio.Event()
+    node_b.store.add_remote_listener(remote.set)
+    node_b.store.add_work_listener(work.set)
+    await node_a.service.submit(SubmitRequest(type="work", id="w1"), SYSTEM)
+    await asyncio.wait_for(work.wait(), 10)
+    remote.clear()
+    work.clear()
+    await node_a.service.cancel("w1", SYSTEM)
+    await asyncio.wait_for(remote.wait(), 10)
+    assert not work.is_set(), "a cancel makes nothing claimable"
+
+
 async def test_only_one_sweeper_at_a_time_and_another_takes_over(runtime_factory: RuntimeFactory) -> None:
     node_a = await runtime_factory(app, workers=False)
     node_b = await runtime_factory(app, workers=False)

@@ -251,6 +251,42 @@ async def test_commit_listeners_see_each_commit_in_seq_order(store: Store) -> No
     assert len(seen) == 30 and seen == sorted(set(seen))
 
 
+async def test_work_listeners_hear_of_commits_that_make_a_task_claimable(
+    store: Store, clock: ManualClock
+) -> None:
+    """A create or a retry wakes the listeners."""
+    heard = asyncio.Event()
+    store.add_work_listener(heard.set)
+    await store.create(new_task("t1"))
+    await asyncio.wait_for(heard.wait(), 10)
+    [claimed] = await store.claim(worker_id="w", specs=SPEC, limit=1, lease_s=30)
+    heard.clear()
+    await store.apply(
+        "t1",
+        lambda r: model.fail_attempt(
+            r, now=clock.now(), lease_token=claimed.lease_token, error=TaskError("x", "y"),
+            retry=True, retry_delay_s=0,
+        ),
+    )  # fmt: skip
+    await asyncio.wait_for(heard.wait(), 10)
+
+
+async def test_claims_and_progress_wake_no_work_listener(store: Store, clock: ManualClock) -> None:
+    if store.dialect != "sqlite":
+        pytest.skip("PostgreSQL listeners also hear the store's own notifications, at any time; "
+                    "test_postgres.py shows which commits are flagged as work, across nodes")  # fmt: skip
+    await store.create(new_task("t1"))
+    heard: list[int] = []
+    store.add_work_listener(lambda: heard.append(1))
+    [claimed] = await store.claim(worker_id="w", specs=SPEC, limit=1, lease_s=30)
+    token = claimed.lease_token
+    await store.apply(
+        "t1", lambda r: model.report_progress(r, now=clock.now(), lease_token=token, progress=5, message=None)
+    )
+    await store.apply("t1", lambda r: model.complete(r, now=clock.now(), lease_token=token, result=1))
+    assert heard == []
+
+
 async def test_meta_setdefault_keeps_the_first_value(store: Store) -> None:
     assert await store.meta_setdefault("k", "one") == "one"
     assert await store.meta_setdefault("k", "two") == "one"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from errands.clock import Clock
-from errands.model import Change, Event, Status, TaskRecord
+from errands.model import Change, Event, EventType, Status, TaskRecord
 
 log = logging.getLogger("errands.store")
 
@@ -202,6 +202,10 @@ class StatsRows:
     runs_s: Sequence[float]
 
 
+#: Events that make a task claimable.
+WORK_EVENTS = frozenset({EventType.CREATED, EventType.RETRYING})
+
+
 class Store(abc.ABC):
     """Persistence for tasks, events and the service's own small state."""
 
@@ -218,6 +222,7 @@ class Store(abc.ABC):
         self.clock = clock
         self._listeners: list[CommitListener] = []
         self._remote: list[Callable[[], None]] = []
+        self._work: list[Callable[[], None]] = []
 
     def add_commit_listener(self, listener: CommitListener) -> None:
         """Called on the event loop with the events of each local commit, in ``seq`` order.
@@ -232,8 +237,14 @@ class Store(abc.ABC):
         cannot tell (SQLite) never call it; the hub reads their log every ``log_poll_s``."""
         self._remote.append(callback)
 
-    def _remote_commit(self) -> None:
-        for callback in self._remote:
+    def add_work_listener(self, callback: Callable[[], None]) -> None:
+        """``callback()`` runs when a commit may have made a task claimable (a task created or
+        sent back to the queue), here or, where the store can tell, in another process: a
+        worker tries to claim at once instead of waiting for the hub's next read of the log."""
+        self._work.append(callback)
+
+    def _remote_commit(self, *, work: bool = True) -> None:
+        for callback in [*self._remote, *(self._work if work else ())]:
             try:
                 callback()
             except Exception:
@@ -247,6 +258,9 @@ class Store(abc.ABC):
     def _committed(self, events: Sequence[Event]) -> None:
         for listener in self._listeners:
             listener(events)
+        if self._work and any(e.type in WORK_EVENTS for e in events):
+            for callback in self._work:
+                callback()
 
     # -- life cycle ---------------------------------------------------------------------------
 

@@ -54,6 +54,7 @@ from errands.errors import (
 )
 from errands.model import Change, Event, EventType, Status, TaskRecord, mark_notified, start_attempt
 from errands.store.base import (
+    WORK_EVENTS,
     Attempt,
     AttemptResult,
     ClaimSpec,
@@ -97,6 +98,8 @@ log = logging.getLogger("errands.store")
 T = TypeVar("T")
 _MAX_BATCH = 256
 _CHANNEL = "errands_events"
+#: Ends a notification's payload (the commit's last seq) when the commit made a task claimable.
+_WORK = "+"
 _SWEEPER_LOCK = 0x6572_7261_6E64_73  # "errands": the advisory lock one sweeper holds at a time
 _RETRYABLE = (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 _ATTEMPTS = 12
@@ -198,7 +201,7 @@ WITH s AS (
     SELECT s.base + e.ord, e.type, e.at, e.task_id, e.owner, e.task_type, e.status, e.task
     FROM s, unnest({event_args}) AS e(ord, type, at, task_id, owner, task_type, status, task)
 )
-SELECT base, pg_notify('{_CHANNEL}', (base + $1::int4)::text) FROM s
+SELECT base, pg_notify('{_CHANNEL}', (base + $1::int4)::text || ${first_event + len(event_types)}::text) FROM s
 """
 
 
@@ -239,7 +242,7 @@ WITH ins AS (
     INSERT INTO errands_events ({EVENT_COLUMNS})
     SELECT seq, 'task.created', updated_at, id, owner, type, 'pending', ${n + 2} FROM ins
 )
-SELECT seq, pg_notify('{_CHANNEL}', seq::text) FROM ins
+SELECT seq, pg_notify('{_CHANNEL}', seq::text || '{_WORK}') FROM ins
 """
 
 
@@ -332,7 +335,10 @@ class _Tx:
             [record.status.value for record, _ in self.pending],
             snapshots,
         ]
-        base = await self.conn.fetchval(_COMMIT, first + len(self.pending) - 1, *row_arrays, *event_arrays)
+        work = _WORK if any(kind in WORK_EVENTS for _, kind in self.pending) else ""
+        base = await self.conn.fetchval(
+            _COMMIT, first + len(self.pending) - 1, *row_arrays, *event_arrays, work
+        )
         events = list(self.written)
         for ord_, ((record, kind), snapshot) in enumerate(
             zip(self.pending, snapshots, strict=True), start=first
@@ -557,7 +563,9 @@ class PostgresStore(Store):
                 self._listen_conn = conn
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _, gone=lost: gone.set())
-                await conn.add_listener(_CHANNEL, lambda *_: self._remote_commit())
+                await conn.add_listener(
+                    _CHANNEL, lambda _c, _p, _n, payload: self._remote_commit(work=payload.endswith(_WORK))
+                )
                 self.listening.set()
                 delay = 0.2
                 self._remote_commit()

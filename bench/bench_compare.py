@@ -1,0 +1,131 @@
+"""errands on PostgreSQL beside established task queues, measured in one run on this machine.
+
+    .venv/bin/python -m bench.bench_compare --anchors DIR --anchors-python PY [--systems …]
+
+``DIR`` is a copy of ``shared/anchors/anchors`` (the scripts that measure Celery, Procrastinate,
+Dramatiq… the same way) and ``PY`` the Python of a virtualenv with its ``requirements.txt``;
+``docs/benchmarks.md`` says how to set them up. Nothing of theirs is part of errands.
+
+The workload is the anchors' one: 10,000 no-op tasks submitted one call at a time by one
+process while the workers run, timed from the first submit until all are seen done; and 200
+round trips one at a time (submit, then wait for the result) with idle workers. errands runs it
+with ``errands worker`` processes on one fresh database, through the in-process Python API
+(``app.submit``), every change written to the event log; it runs before and after the others,
+so a drift of the machine shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.bench_postgres import drain, fresh_database
+from bench.common import ADMIN_KEY, Worker, machine, pct
+from errands.config import Settings
+from errands.demo import app
+from errands.model import EventType
+
+#: What each anchor system's script is called; its results land in ``DIR/../results``.
+SCRIPTS = {
+    "celery": ("bench_celery.py", {}),
+    "procrastinate": ("bench_procrastinate.py", {}),
+    "dramatiq": ("bench_dramatiq.py", {}),
+    "arq-poll0.01": ("bench_arq.py", {"ARQ_POLL": "0.01"}),
+    "rq-SimpleWorker": ("bench_rq.py", {"RQ_WORKER": "rq.worker.SimpleWorker"}),
+}
+
+
+async def round_trips(url: str, n: int) -> dict[str, Any]:
+    """``n`` tasks one at a time: submit, then wait for its ``task.completed`` (idle workers)."""
+    settings = Settings(db=url, admin_key=ADMIN_KEY, log_level="warning")
+    async with app.running(settings, workers=False, sweeper=False) as runtime:
+        done: dict[str, asyncio.Event] = {}
+
+        def on_event(event: Any) -> None:
+            if event.type is EventType.COMPLETED and event.task_id in done:
+                done[event.task_id].set()
+
+        runtime.hub.add_listener(on_event)
+        worker = Worker.on(url, "--app", "errands.demo:app", env={"ERRANDS_LOG_LEVEL": "warning"})
+        try:
+            samples = []
+            for i in range(n + 5):  # the first few warm the connections up
+                task_id = f"rt-{i}"
+                done[task_id] = asyncio.Event()
+                t0 = time.perf_counter()
+                await app.submit("noop", id=task_id, owner="bench")
+                await asyncio.wait_for(done[task_id].wait(), 30)
+                if i >= 5:
+                    samples.append((time.perf_counter() - t0) * 1000)
+        finally:
+            worker.stop()
+    return {"p50_ms": pct(samples, 50), "p95_ms": pct(samples, 95), "p99_ms": pct(samples, 99)}
+
+
+async def errands_pass(label: str, n: int, workers: list[int], latency_n: int) -> dict[str, Any]:
+    row: dict[str, Any] = {"system": f"errands ({label})"}
+    for count in workers:
+        url = await fresh_database("errands_bench")
+        result = await drain(url, n, count, concurrency=20, submitters=1)
+        row[f"drain_per_s_{count}_workers"] = round(result["end_to_end_per_s"])
+        row.setdefault("enqueue_per_s", round(result["enqueue_per_s"]))
+    url = await fresh_database("errands_bench")
+    row["latency"] = await round_trips(url, latency_n)
+    return row
+
+
+def anchor(system: str, directory: Path, python: str, n: int, latency_n: int, runs: int) -> dict[str, Any]:
+    script, extra = SCRIPTS[system]
+    env = {**os.environ, **extra, "BENCH_N": str(n), "BENCH_LAT_N": str(latency_n), "BENCH_RUNS": str(runs)}
+    log = directory.parent / "results" / f"{system}.log"
+    log.parent.mkdir(exist_ok=True)
+    with log.open("w") as out:
+        subprocess.run(
+            [python, script], cwd=directory, env=env, stdout=out, stderr=subprocess.STDOUT, check=True
+        )
+    data = json.loads((directory.parent / "results" / f"{system}.json").read_text())
+    latency = data["latency_summary"]
+    return {
+        "system": system,
+        "enqueue_per_s": round(data["enqueue_rate"]["median"]),
+        "drain_per_s": round(data["drain_rate"]["median"]),
+        "drain_per_s_runs": [round(n / s) for s in data["drain_s"]],
+        "latency": {k: latency[k]["median"] for k in ("p50_ms", "p95_ms", "p99_ms")},
+        "versions": data["versions"],
+        "settings": data["settings"],
+    }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--anchors", type=Path, required=True, help="a copy of shared/anchors/anchors")
+    parser.add_argument("--anchors-python", required=True, help="the Python of the anchors' virtualenv")
+    parser.add_argument("--systems", default="celery,procrastinate,dramatiq")
+    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--latency-n", type=int, default=200)
+    parser.add_argument("--runs", type=int, default=3, help="repetitions of each anchor measurement")
+    parser.add_argument("--workers", default="1,2,4")
+    args = parser.parse_args()
+    workers = [int(w) for w in args.workers.split(",")]
+    rows = [await errands_pass("before", args.n, workers, args.latency_n)]
+    print(json.dumps(rows[-1]), flush=True)
+    for system in args.systems.split(","):
+        rows.append(
+            anchor(system, args.anchors.resolve(), args.anchors_python, args.n, args.latency_n, args.runs)
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    rows.append(await errands_pass("after", args.n, workers, args.latency_n))
+    print(json.dumps(rows[-1]), flush=True)
+    print(json.dumps({"machine": machine()}))
+
+
+if __name__ == "__main__":
+    import uvloop
+
+    uvloop.run(main())
