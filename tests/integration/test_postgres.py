@@ -85,6 +85,34 @@ async def test_an_event_that_commits_late_is_still_delivered_in_order(
         await younger.close()
 
 
+async def test_a_transaction_never_writes_a_task_after_a_younger_one(runtime_factory: RuntimeFactory) -> None:
+    """A batch that got its transaction id early must not change a task that a younger
+    transaction wrote since: its event would get a smaller seq than the younger one's, and the
+    task's events would be out of order (a worker once took a task's own task.created for a
+    sign that it had lost the task). Such a batch runs again, younger."""
+    from errands import model
+    from errands.store.postgres import PostgresStore
+
+    runtime = await runtime_factory(app, workers=False)
+    store = runtime.store
+    assert isinstance(store, PostgresStore)
+    runs = 0
+
+    async def op(tx: Any) -> Any:
+        nonlocal runs
+        runs += 1
+        await tx.conn.execute("SELECT pg_current_xact_id()")  # this transaction has its id now
+        if runs == 1:  # meanwhile a younger transaction creates the task (on another lane)
+            await runtime.service.submit(SubmitRequest(type="work", id="late"), SYSTEM)
+        return await tx.apply("late", lambda r: model.cancel(r, now=runtime.clock.now()))
+
+    await store._write(op)
+    events = await store.events("late")
+    assert [e.type for e in events] == [EventType.CREATED, EventType.CANCELLED]
+    assert events[0].seq < events[1].seq
+    assert runs == 2
+
+
 async def test_events_committed_by_another_process_reach_this_hub(runtime_factory: RuntimeFactory) -> None:
     """Two runtimes on one database stand in for two nodes: each sees the other's commits."""
     node_a = await runtime_factory(app, workers=False)

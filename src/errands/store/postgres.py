@@ -19,7 +19,11 @@ commit works), and each event is delivered once the transactions older than it a
 in the order they commit. A transaction gets its id with its first lock or write; if it then
 waited for a row held by a younger one, it would commit after it with a smaller id. So row locks
 are taken with ``NOWAIT`` and a batch that meets a locked row is rolled back and run again, with
-a new, younger id. (Claims use ``SKIP LOCKED`` and never wait.)
+a new, younger id. Each statement of a batch sees what committed before it (READ COMMITTED),
+so a batch that has its id may also read a row that a younger transaction wrote and committed
+since: every row it locks to change is read with the batch's seq base, and a row whose latest
+event is not older makes the batch run again, younger. Claims run first in a transaction of
+their own (``SKIP LOCKED``, never waiting), so they take their id as they lock what they claim.
 
 Other nodes learn of commits through ``LISTEN``/``NOTIFY`` (the payload is only the last seq; the
 hub reads the log itself), with a dedicated connection that reconnects by itself; the hub catches
@@ -101,7 +105,32 @@ _CHANNEL = "errands_events"
 #: Ends a notification's payload (the commit's last seq) when the commit made a task claimable.
 _WORK = "+"
 _SWEEPER_LOCK = 0x6572_7261_6E64_73  # "errands": the advisory lock one sweeper holds at a time
-_RETRYABLE = (asyncpg.LockNotAvailableError, asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+
+
+class _YoungerWrite(Exception):
+    """A row this transaction read was last written by a younger transaction (see the module
+    docstring): run again, younger."""
+
+
+#: The seq base of the transaction (assigning its id if it has none yet), read beside a row.
+_BASE = "(pg_current_xact_id()::text::bigint << 16)"
+_SEQ = COLUMNS.index("seq")
+
+
+def _older(row: Any) -> Any:
+    """``row`` (whose last column is ``_BASE``) if its task's latest event is older than this
+    transaction, so that the event this transaction writes comes after it."""
+    if row[_SEQ] >= row[-1]:
+        raise _YoungerWrite()
+    return row
+
+
+_RETRYABLE = (
+    asyncpg.LockNotAvailableError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    _YoungerWrite,
+)
 _ATTEMPTS = 12
 #: Highest seq a reader may read: below the oldest transaction still running (see the docstring).
 _SAFE = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16)"
@@ -225,6 +254,7 @@ FROM s LEFT JOIN LATERAL (
 _EVENTS_SINCE = _since_sql(EVENT_COLUMNS)
 _HEADERS_SINCE = _since_sql(EVENT_HEADERS.replace("NULL", "NULL::bytea AS task"))
 _SELECT_TASK = f"SELECT {SELECT_LIST} FROM errands_tasks WHERE id = $1"
+_LOCK_TASK = f"SELECT {SELECT_LIST}, {_BASE} FROM errands_tasks WHERE id = $1 FOR UPDATE NOWAIT"
 
 
 def _insert_sql() -> str:
@@ -276,8 +306,8 @@ class _Tx:
     async def load(self, task_id: str) -> TaskRecord | None:
         if task_id in self.overlay:
             return self.overlay[task_id]
-        row = await self.conn.fetchrow(_SELECT_TASK + " FOR UPDATE NOWAIT", task_id)
-        return None if row is None else to_record(row)
+        row = await self.conn.fetchrow(_LOCK_TASK, task_id)
+        return None if row is None else to_record(_older(row))
 
     def write(self, change: Change) -> TaskRecord:
         self.pending.append((change.record, change.event))
@@ -354,7 +384,9 @@ class _Tx:
 
 
 _Op = Callable[[_Tx], Awaitable[Any]]
-_Job = tuple[_Op, "asyncio.Future[Any]", bool]  # the change, its caller, whether it may run alone
+#: The change, its caller, and how it may run: "batch" (with whatever is queued), "alone" (one
+#: statement: in autocommit when nothing else is queued) or "own" (in a transaction of its own).
+_Job = tuple[_Op, "asyncio.Future[Any]", str]
 
 
 def _is_op_error(exc: BaseException) -> bool:
@@ -376,14 +408,13 @@ class _Writer:
     def alive(self) -> bool:
         return all(not lane.done() for lane in self._lanes)
 
-    def submit(self, fn: _Op, *, alone: bool = False) -> asyncio.Future[Any]:
-        """Queue a change. ``alone``: it writes with one statement, so when nothing else is
-        queued it may run in autocommit, one round trip instead of three."""
+    def submit(self, fn: _Op, *, mode: str = "batch") -> asyncio.Future[Any]:
+        """Queue a change (``mode``: see ``_Job``)."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self._stopping:
             future.set_exception(StoreError("The store is closed."))
             return future
-        self._queue.append((fn, future, alone))
+        self._queue.append((fn, future, mode))
         self._wake.set()
         return future
 
@@ -403,7 +434,10 @@ class _Writer:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            batch = [self._queue.popleft() for _ in range(min(_MAX_BATCH, len(self._queue)))]
+            batch = [self._queue.popleft()]
+            if batch[0][2] != "own":
+                while self._queue and len(batch) < _MAX_BATCH and self._queue[0][2] != "own":
+                    batch.append(self._queue.popleft())
             if self._queue:
                 self._wake.set()  # let another lane take the rest
             try:
@@ -446,7 +480,7 @@ class _Writer:
     async def _transaction(
         self, batch: list[_Job]
     ) -> tuple[list[tuple[asyncio.Future[Any], Any, BaseException | None]], list[Event]]:
-        if len(batch) == 1 and batch[0][2]:
+        if len(batch) == 1 and batch[0][2] == "alone":
             fn, future, _ = batch[0]
             async with self._pool.acquire() as conn:
                 tx = _Tx(conn)
@@ -654,10 +688,10 @@ class PostgresStore(Store):
         except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
             raise StoreError("The database could not be read.") from exc
 
-    async def _write(self, fn: Callable[[_Tx], Awaitable[T]], *, alone: bool = False) -> T:
+    async def _write(self, fn: Callable[[_Tx], Awaitable[T]], *, mode: str = "batch") -> T:
         if self._writer is None:
             raise StoreError("The store is closed.")
-        result: T = await self._writer.submit(fn, alone=alone)
+        result: T = await self._writer.submit(fn, mode=mode)
         return result
 
     # -- tasks --------------------------------------------------------------------------------
@@ -692,7 +726,7 @@ class PostgresStore(Store):
 
         # Alone, the insert is one atomic statement (row, event, notification): it needs no
         # transaction around it. The count for max_pending_per_owner is then a soft limit.
-        return await self._write(op, alone=True)
+        return await self._write(op, mode="alone")
 
     async def get(self, task_id: str) -> TaskRecord | Tombstone | None:
         rows = await self._fetch(_SELECT_TASK, task_id)
@@ -732,11 +766,12 @@ class PostgresStore(Store):
             # All rows at once, NOWAIT like every lock here (see the module docstring).
             ids = sorted({task_id for task_id, _ in decisions})
             rows = await tx.conn.fetch(
-                f"SELECT {SELECT_LIST} FROM errands_tasks WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
+                f"SELECT {SELECT_LIST}, {_BASE} FROM errands_tasks WHERE id = ANY($1::text[]) "
+                "ORDER BY id FOR UPDATE NOWAIT",
                 ids,
             )
             for row in rows:
-                record = to_record(row)
+                record = to_record(_older(row))
                 tx.overlay.setdefault(record.id, record)
             outcomes = []
             for task_id, decide in decisions:
@@ -764,12 +799,14 @@ class PostgresStore(Store):
         async def op(tx: _Tx) -> list[TaskRecord]:
             now = self.clock.now()
             rows = await tx.conn.fetch(
-                f"SELECT {SELECT_LIST} FROM errands_tasks WHERE status = 'pending' AND type = ANY($1::text[]) "
-                "AND run_after <= $2 ORDER BY priority DESC, created_at, id LIMIT $3 FOR UPDATE SKIP LOCKED",
+                f"SELECT {SELECT_LIST}, {_BASE} FROM errands_tasks WHERE status = 'pending' "
+                "AND type = ANY($1::text[]) AND run_after <= $2 ORDER BY priority DESC, created_at, id "
+                "LIMIT $3 FOR UPDATE SKIP LOCKED",
                 list(by_type),
                 now,
                 window,
             )
+            rows = [_older(row) for row in rows]
             running: dict[tuple[str, str], int] = {}
             locked: dict[tuple[str, str], bool] = {}
             claimed: list[TaskRecord] = []
@@ -810,7 +847,11 @@ class PostgresStore(Store):
                     break
             return claimed
 
-        return await self._write(op)
+        # First in a transaction of its own: it gets its id as it locks the rows it claims, so
+        # every task it can see was last written by an older transaction. Batched after other
+        # changes it would have an id already, and could claim a task created since by a
+        # younger one (whose task.created would then come after this task.processing).
+        return await self._write(op, mode="own")
 
     async def renew(self, leases: Mapping[str, str], lease_s: float) -> set[str]:
         if not leases:
@@ -866,8 +907,8 @@ class PostgresStore(Store):
             row = await tx.conn.fetchrow(
                 "WITH seen AS (INSERT INTO errands_webhook_ids (provider, delivery_id, received_at) "
                 "SELECT $1, $2, $3 WHERE $2::text IS NOT NULL ON CONFLICT DO NOTHING RETURNING 1) "
-                f"SELECT (SELECT count(*) FROM seen) AS fresh, {SELECT_LIST} FROM errands_tasks WHERE {where} "
-                "ORDER BY created_at DESC LIMIT 1 FOR UPDATE NOWAIT",
+                f"SELECT (SELECT count(*) FROM seen) AS fresh, {SELECT_LIST}, {_BASE} FROM errands_tasks "
+                f"WHERE {where} ORDER BY created_at DESC LIMIT 1 FOR UPDATE NOWAIT",
                 delivery.provider,
                 delivery.delivery_id,
                 delivery.received_at,
@@ -876,7 +917,7 @@ class PostgresStore(Store):
             if row is None:
                 tx.deliveries.append(dataclasses.replace(delivery, outcome="unknown_task", status_code=404))
                 return "unknown_task", None
-            record = to_record(list(row)[1:])
+            record = to_record(_older(list(row)[1:]))
             delivered = dataclasses.replace(delivery, task_id=record.id)
             if delivery.delivery_id is not None and row[0] == 0:
                 tx.deliveries.append(dataclasses.replace(delivered, outcome="duplicate"))
@@ -898,7 +939,7 @@ class PostgresStore(Store):
         async def op(tx: _Tx) -> None:
             tx.deliveries.append(delivery)
 
-        await self._write(op, alone=True)
+        await self._write(op, mode="alone")
 
     async def deliveries(self, *, task_id: str | None, limit: int) -> list[Delivery]:
         columns = "provider, delivery_id, task_id, outcome, status_code, received_at, detail"
