@@ -798,15 +798,15 @@ class PostgresStore(Store):
 
         async def op(tx: _Tx) -> list[TaskRecord]:
             now = self.clock.now()
+            # No seq check here (see below), and none could be made without taking a
+            # transaction id, which would make every empty claim a commit to flush.
             rows = await tx.conn.fetch(
-                f"SELECT {SELECT_LIST}, {_BASE} FROM errands_tasks WHERE status = 'pending' "
-                "AND type = ANY($1::text[]) AND run_after <= $2 ORDER BY priority DESC, created_at, id "
-                "LIMIT $3 FOR UPDATE SKIP LOCKED",
+                f"SELECT {SELECT_LIST} FROM errands_tasks WHERE status = 'pending' AND type = ANY($1::text[]) "
+                "AND run_after <= $2 ORDER BY priority DESC, created_at, id LIMIT $3 FOR UPDATE SKIP LOCKED",
                 list(by_type),
                 now,
                 window,
             )
-            rows = [_older(row) for row in rows]
             running: dict[tuple[str, str], int] = {}
             locked: dict[tuple[str, str], bool] = {}
             claimed: list[TaskRecord] = []
@@ -848,9 +848,10 @@ class PostgresStore(Store):
             return claimed
 
         # First in a transaction of its own: it gets its id as it locks the rows it claims, so
-        # every task it can see was last written by an older transaction. Batched after other
-        # changes it would have an id already, and could claim a task created since by a
-        # younger one (whose task.created would then come after this task.processing).
+        # every task it can see was last written by an older transaction (and a pending task
+        # changed since by another one is no longer pending, so it is not claimed). Batched
+        # after other changes it would have an id already, and could claim a task created since
+        # by a younger one (whose task.created would then come after this task.processing).
         return await self._write(op, mode="own")
 
     async def renew(self, leases: Mapping[str, str], lease_s: float) -> set[str]:
