@@ -22,8 +22,8 @@ are taken with ``NOWAIT`` and a batch that meets a locked row is rolled back and
 a new, younger id. Each statement of a batch sees what committed before it (READ COMMITTED),
 so a batch that has its id may also read a row that a younger transaction wrote and committed
 since: every row it locks to change is read with the batch's seq base, and a row whose latest
-event is not older makes the batch run again, younger. Claims run first in a transaction of
-their own (``SKIP LOCKED``, never waiting), so they take their id as they lock what they claim.
+event is not older makes the batch run again, younger. A claim (``SKIP LOCKED``, never waiting)
+always comes first in its transaction, so that takes its id as it locks what it claims.
 
 Other nodes learn of commits through ``LISTEN``/``NOTIFY`` (the payload is only the last seq; the
 hub reads the log itself), with a dedicated connection that reconnects by itself; the hub catches
@@ -385,7 +385,7 @@ class _Tx:
 
 _Op = Callable[[_Tx], Awaitable[Any]]
 #: The change, its caller, and how it may run: "batch" (with whatever is queued), "alone" (one
-#: statement: in autocommit when nothing else is queued) or "own" (in a transaction of its own).
+#: statement: in autocommit when nothing else is queued) or "first" (first in its transaction).
 _Job = tuple[_Op, "asyncio.Future[Any]", str]
 
 
@@ -435,9 +435,8 @@ class _Writer:
                 await self._wake.wait()
                 continue
             batch = [self._queue.popleft()]
-            if batch[0][2] != "own":
-                while self._queue and len(batch) < _MAX_BATCH and self._queue[0][2] != "own":
-                    batch.append(self._queue.popleft())
+            while self._queue and len(batch) < _MAX_BATCH and self._queue[0][2] != "first":
+                batch.append(self._queue.popleft())
             if self._queue:
                 self._wake.set()  # let another lane take the rest
             try:
@@ -847,12 +846,13 @@ class PostgresStore(Store):
                     break
             return claimed
 
-        # First in a transaction of its own: it gets its id as it locks the rows it claims, so
-        # every task it can see was last written by an older transaction (and a pending task
-        # changed since by another one is no longer pending, so it is not claimed). Batched
-        # after other changes it would have an id already, and could claim a task created since
-        # by a younger one (whose task.created would then come after this task.processing).
-        return await self._write(op, mode="own")
+        # First in its transaction: it gets the transaction's id as it locks the rows it claims,
+        # so every task it can see was last written by an older transaction (and a pending task
+        # changed since by another one is no longer pending, so it is not claimed). After other
+        # changes the transaction would have its id already, and could claim a task created
+        # since by a younger one (whose task.created would then come after this
+        # task.processing). Changes after it in the batch check what they lock, as always.
+        return await self._write(op, mode="first")
 
     async def renew(self, leases: Mapping[str, str], lease_s: float) -> set[str]:
         if not leases:
