@@ -256,15 +256,15 @@ class Hub:
                         if watch.filter.matches(event):
                             watch.offer(event)
 
-    async def catch_up(self) -> None:
-        """Deliver every committed event after :attr:`last_seq`."""
+    async def catch_up(self) -> int:
+        """Deliver every committed event after :attr:`last_seq`; return how many there were."""
+        delivered = 0
         while True:
             events = await self._store.events_since(self.last_seq, limit=1000, snapshots=self._snapshots)
-            if not events:
-                return
             self._deliver(events)
+            delivered += len(events)
             if len(events) < 1000:
-                return
+                return delivered
 
     def stop(self) -> None:
         """Stop following the log (before the store closes) and end every watch."""
@@ -276,12 +276,12 @@ class Hub:
         """Follow the log until stopped or cancelled; errors are logged and retried."""
         failures = 0
         loop = asyncio.get_running_loop()
-        last_read = -1e9
+        last_read, gap_s = -1e9, 0.0
         while not self._stopped:
             wait_s = 0.005 if self._store.behind else self._poll_s
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait_s)
-            pause = last_read + self._read_gap_s - loop.time()
+            pause = last_read + gap_s - loop.time()
             if pause > 0:
                 await asyncio.sleep(pause)  # the commits of the next few ms share this read
             # Cleared just before reading: a commit notified during the read wakes us again.
@@ -290,7 +290,9 @@ class Hub:
                 return
             last_read = loop.time()
             try:
-                await self.catch_up()
+                # Under load a read finds several events, and the next one waits out the gap;
+                # while commits come one at a time, each is read at once.
+                gap_s = self._read_gap_s if await self.catch_up() > 1 else 0.0
                 failures = 0
             except Exception:
                 if self._stopped:

@@ -198,6 +198,9 @@ class Worker:
         self._ready_at: float | None = None  # when the next task in backoff becomes claimable
         self._ready_stale = True
         self._last_claim = -1e9  # loop time of the last claim
+        #: Whether a claim could find something: set by announcements of work, by a claim that
+        #: filled every free slot, and at start; cleared by each claim.
+        self._maybe_work = True
         self._held: dict[str, _Held] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._runs: set[asyncio.Task[Any]] = set()
@@ -234,15 +237,18 @@ class Worker:
             return
         if event.type is EventType.RETRYING:
             self._ready_stale = True
+            self._maybe_work = True
             self._wake.set()
         elif event.type is EventType.CREATED or (event.task_type in self._limited and event.status.terminal):
             # A finished task of a type with concurrency_per_owner may free its owner's turn.
+            self._maybe_work = True
             self._wake.set()
 
     def _on_work(self) -> None:
         # An idle worker claims at once; a busy one hears of new work from the hub, which
         # gathers the announcements of several commits into one wake-up (under load, every
         # worker claiming per announcement mostly claims nothing).
+        self._maybe_work = True
         if not self._held:
             self._wake.set()
 
@@ -272,6 +278,13 @@ class Worker:
                 if free <= 0:
                     await self._wake.wait()
                     continue
+                if not self._maybe_work:
+                    # A slot came free, but the last claim emptied the queue and nothing was
+                    # announced since: claiming now would find nothing.
+                    await self._idle()
+                    if not self._maybe_work:
+                        continue
+                self._maybe_work = False
                 try:
                     self._last_claim = asyncio.get_running_loop().time()
                     claimed = await self.store.claim(
@@ -285,7 +298,9 @@ class Worker:
                     continue
                 for record in claimed:
                     self._start(record)
-                if len(claimed) < free and not self._stopping:
+                if len(claimed) >= free:
+                    self._maybe_work = True  # the queue may hold more than there was room for
+                elif not self._stopping:
                     await self._idle()
         finally:
             heartbeat.cancel()
@@ -305,8 +320,10 @@ class Worker:
                 self._ready_at = None
         if self._ready_at is not None:
             timeout = min(timeout, max(0.001, self._ready_at - now))
-        with contextlib.suppress(TimeoutError):
+        try:
             await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            self._maybe_work = True  # a backoff ran out, or it is time to look anyway
         # The queue was empty a moment ago. When work arrives as fast as it is taken, every new
         # task wakes every worker: wait out a short gap since the last claim, so the next claim
         # takes what came meanwhile instead of each worker claiming (mostly nothing) per task.
