@@ -7,6 +7,8 @@
   ``errands worker`` processes run them; tasks/s from the first submit to the last
   ``task.completed`` event, which this process learns from the event log through LISTEN/NOTIFY
   (every change is written to the log, as always);
+* ``--synchronous-commit off`` runs the drains with PostgreSQL's ``synchronous_commit=off``
+  (set in the database URL, as a user would): commits no longer wait for their WAL flush;
 * cross-node event latency: a worker process reports progress stamped with its monotonic clock;
   an SSE watcher of a different node (``errands serve``) subtracts the stamp on receipt.
 """
@@ -131,13 +133,20 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--ticks", type=int, default=200)
     parser.add_argument("--submitters", default="1,8")
+    parser.add_argument("--synchronous-commit", choices=("on", "off"), default="on")
+    parser.add_argument("--no-latency", action="store_true", help="measure the drains only")
     args = parser.parse_args()
+    options = "" if args.synchronous_commit == "on" else "?synchronous_commit=off"
     results = []
     for submitters in (int(s) for s in args.submitters.split(",")):
         for workers in (int(w) for w in args.workers.split(",")):
-            url = await fresh_database("errands_bench")
-            results.append(await drain(url, args.n, workers, args.concurrency, submitters))
+            url = await fresh_database("errands_bench") + options
+            result = await drain(url, args.n, workers, args.concurrency, submitters)
+            results.append({**result, "synchronous_commit": args.synchronous_commit})
             print(json.dumps(results[-1]), flush=True)
+    if args.no_latency:
+        print(json.dumps({"machine": machine()}))
+        return
     url = await fresh_database("errands_bench")
     results.append(await cross_node_latency(url, 1, args.ticks))
     print(json.dumps(results[-1]), flush=True)

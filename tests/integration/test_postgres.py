@@ -14,7 +14,7 @@ from errands.auth import SYSTEM
 from errands.hub import WatchFilter
 from errands.model import EventType
 from errands.service import SubmitRequest
-from tests.integration.conftest import RuntimeFactory
+from tests.integration.conftest import RuntimeFactory, wait_task
 
 pytestmark = pytest.mark.postgres
 
@@ -129,6 +129,20 @@ async def test_events_committed_by_another_process_reach_this_hub(runtime_factor
         watch.close()
 
 
+async def test_query_parameters_of_the_url_are_settings_of_every_connection(
+    runtime_factory: RuntimeFactory, database_url: str
+) -> None:
+    """``?synchronous_commit=off`` (docs/configuration.md) reaches the pool's connections, and a
+    node on such a URL runs tasks and hears commits as any other."""
+    node = await runtime_factory(app, db=f"{database_url}?synchronous_commit=off")
+    pool = node.store._pool  # type: ignore[attr-defined]
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SHOW synchronous_commit") == "off"
+    await node.service.submit(SubmitRequest(type="work", id="relaxed"), SYSTEM)
+    task = await wait_task(node, "relaxed")
+    assert task.status.value == "completed"
+
+
 async def test_a_commit_that_makes_work_wakes_the_workers_of_other_nodes(
     runtime_factory: RuntimeFactory,
 ) -> None:
@@ -195,3 +209,29 @@ async def test_concurrency_per_owner_holds_across_nodes(runtime_factory: Runtime
         )
     )
     assert sum(len(r) for r in results) == 2
+
+
+async def test_write_transactions_reach_tasks_through_indexes(runtime_factory: RuntimeFactory) -> None:
+    """On a new table, never analyzed, the claim still walks the queue index in order: a bitmap
+    scan would read every entry its partial index keeps for tasks that have moved on, and a
+    sequential one the whole table (store/postgres.py, "Plans that stay cheap")."""
+    from errands.store.base import ClaimSpec
+    from errands.store.postgres import _CLAIM, PostgresStore
+
+    runtime = await runtime_factory(app, workers=False)
+    store = runtime.store
+    assert isinstance(store, PostgresStore)
+    await asyncio.gather(
+        *(runtime.service.submit(SubmitRequest(type="work", id=f"q{i}"), SYSTEM) for i in range(2000))
+    )
+    # All but a few move on: their entries stay in the pending indexes until VACUUM.
+    claimed = await store.claim(worker_id="w", specs=[ClaimSpec("work", None)], limit=1995, lease_s=60)
+    assert len(claimed) == 1995
+
+    async def explain(tx: Any) -> str:
+        rows = await tx.conn.fetch(f"EXPLAIN {_CLAIM}", ["work"], 1e12, 20)
+        return "\n".join(r[0] for r in rows)
+
+    plan = await store._write(explain, mode="first")
+    assert "Index Scan using errands_tasks_queue" in plan, plan
+    assert "Bitmap" not in plan and "Seq Scan" not in plan and "Sort" not in plan, plan

@@ -25,6 +25,15 @@ since: every row it locks to change is read with the batch's seq base, and a row
 event is not older makes the batch run again, younger. A claim (``SKIP LOCKED``, never waiting)
 always comes first in its transaction, so that takes its id as it locks what it claims.
 
+**Plans that stay cheap.** The task table is a queue: rows are inserted, updated twice and
+deleted, so its partial indexes (``status = 'pending'``) hold many entries of rows that have
+moved on until ``VACUUM`` runs. An ordered index scan marks those entries dead as it passes
+them, and the next scan skips them; a bitmap scan never does, so a claim planned as one reads
+every dead entry, every time. Plans cached while the table was small (a new database, before
+autovacuum's first ``ANALYZE``) scan the whole table for a single row. Write transactions
+therefore begin with ``enable_seqscan`` and ``enable_bitmapscan`` off (``_BEGIN``): every row
+they touch is reached through an index, and the claim walks ``errands_tasks_queue`` in order.
+
 Other nodes learn of commits through ``LISTEN``/``NOTIFY`` (the payload is only the last seq; the
 hub reads the log itself), with a dedicated connection that reconnects by itself; the hub catches
 up from its last seq after every reconnect, so nothing is missed while it was away.
@@ -39,8 +48,8 @@ import logging
 import random
 import secrets
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple, TypeVar
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -254,7 +263,29 @@ FROM s LEFT JOIN LATERAL (
 _EVENTS_SINCE = _since_sql(EVENT_COLUMNS)
 _HEADERS_SINCE = _since_sql(EVENT_HEADERS.replace("NULL", "NULL::bytea AS task"))
 _SELECT_TASK = f"SELECT {SELECT_LIST} FROM errands_tasks WHERE id = $1"
+_CLAIM = (
+    f"SELECT {SELECT_LIST} FROM errands_tasks WHERE status = 'pending' AND type = ANY($1::text[]) "
+    "AND run_after <= $2 ORDER BY priority DESC, created_at, id LIMIT $3 FOR UPDATE SKIP LOCKED"
+)
 _LOCK_TASK = f"SELECT {SELECT_LIST}, {_BASE} FROM errands_tasks WHERE id = $1 FOR UPDATE NOWAIT"
+
+
+#: How a write transaction begins, in one round trip (see "Plans that stay cheap" above).
+_BEGIN = "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off"
+
+
+@contextlib.asynccontextmanager
+async def _indexed_transaction(conn: PoolConnectionProxy[asyncpg.Record]) -> AsyncIterator[None]:
+    """A transaction whose statements reach rows only through indexes."""
+    await conn.execute(_BEGIN)
+    try:
+        yield
+    except BaseException:
+        if not conn.is_closed():
+            with contextlib.suppress(asyncpg.PostgresError, *_CONNECTION_ERRORS):
+                await conn.execute("ROLLBACK")
+        raise
+    await conn.execute("COMMIT")
 
 
 def _insert_sql() -> str:
@@ -290,6 +321,7 @@ class _Tx:
         self.written: list[Event] = []  # events already written (creates)
         self.deliveries: list[Delivery] = []  # inbound webhooks to record, with the batch
         self.created: dict[str, TaskRecord] = {}
+        self.locked: dict[str, TaskRecord] = {}  # rows locked here, as they were read
         # Tasks this transaction started, per (type, owner): not yet written, so not counted by
         # a query, but they count against concurrency_per_owner for the next claim in the batch.
         self.started: dict[tuple[str, str], int] = {}
@@ -306,8 +338,27 @@ class _Tx:
     async def load(self, task_id: str) -> TaskRecord | None:
         if task_id in self.overlay:
             return self.overlay[task_id]
+        if task_id in self.locked:
+            return self.locked[task_id]
         row = await self.conn.fetchrow(_LOCK_TASK, task_id)
-        return None if row is None else to_record(_older(row))
+        if row is None:
+            return None
+        record = self.locked[task_id] = to_record(_older(row))
+        return record
+
+    async def lock(self, task_ids: Iterable[str]) -> None:
+        """Lock and read these rows in one statement, for the changes that will load them."""
+        ids = sorted({i for i in task_ids if i not in self.overlay and i not in self.locked})
+        if not ids:
+            return
+        rows = await self.conn.fetch(
+            f"SELECT {SELECT_LIST}, {_BASE} FROM errands_tasks WHERE id = ANY($1::text[]) "
+            "ORDER BY id FOR UPDATE NOWAIT",
+            ids,
+        )
+        for row in rows:
+            record = to_record(_older(row))
+            self.locked[record.id] = record
 
     def write(self, change: Change) -> TaskRecord:
         self.pending.append((change.record, change.event))
@@ -384,9 +435,17 @@ class _Tx:
 
 
 _Op = Callable[[_Tx], Awaitable[Any]]
-#: The change, its caller, and how it may run: "batch" (with whatever is queued), "alone" (one
-#: statement: in autocommit when nothing else is queued) or "first" (first in its transaction).
-_Job = tuple[_Op, "asyncio.Future[Any]", str]
+
+
+class _Job(NamedTuple):
+    """A change, its caller, and how it may run: ``mode`` "batch" (with whatever is queued),
+    "alone" (one statement: in autocommit when nothing else is queued) or "first" (first in its
+    transaction); ``task_id``, when known, is the task it will load (locked with the others')."""
+
+    fn: _Op
+    future: asyncio.Future[Any]
+    mode: str
+    task_id: str | None = None
 
 
 def _is_op_error(exc: BaseException) -> bool:
@@ -408,13 +467,13 @@ class _Writer:
     def alive(self) -> bool:
         return all(not lane.done() for lane in self._lanes)
 
-    def submit(self, fn: _Op, *, mode: str = "batch") -> asyncio.Future[Any]:
+    def submit(self, fn: _Op, *, mode: str = "batch", task_id: str | None = None) -> asyncio.Future[Any]:
         """Queue a change (``mode``: see ``_Job``)."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self._stopping:
             future.set_exception(StoreError("The store is closed."))
             return future
-        self._queue.append((fn, future, mode))
+        self._queue.append(_Job(fn, future, mode, task_id))
         self._wake.set()
         return future
 
@@ -422,9 +481,9 @@ class _Writer:
         self._stopping = True
         self._wake.set()
         await asyncio.gather(*self._lanes, return_exceptions=True)
-        for _, future, _ in self._queue:
-            if not future.done():
-                future.set_exception(StoreError("The store is closed."))
+        for job in self._queue:
+            if not job.future.done():
+                job.future.set_exception(StoreError("The store is closed."))
 
     async def _lane(self) -> None:
         while True:
@@ -435,7 +494,7 @@ class _Writer:
                 await self._wake.wait()
                 continue
             batch = [self._queue.popleft()]
-            while self._queue and len(batch) < _MAX_BATCH and self._queue[0][2] != "first":
+            while self._queue and len(batch) < _MAX_BATCH and self._queue[0].mode != "first":
                 batch.append(self._queue.popleft())
             if self._queue:
                 self._wake.set()  # let another lane take the rest
@@ -444,7 +503,10 @@ class _Writer:
             except Exception as exc:  # never let a lane die; fail the batch instead
                 log.exception("postgres write lane failed")
                 self._settle(
-                    [(f, None, StoreError("The database could not save the change.")) for _, f, _ in batch]
+                    [
+                        (job.future, None, StoreError("The database could not save the change."))
+                        for job in batch
+                    ]
                 )
                 del exc
 
@@ -466,7 +528,7 @@ class _Writer:
                 log.error("postgres write failed: %s", exc)
                 error = StoreError("The database could not save the change.")
                 error.__cause__ = exc
-                self._settle([(f, None, error) for _, f, _ in batch])
+                self._settle([(job.future, None, error) for job in batch])
                 return
             if events:
                 try:
@@ -479,8 +541,8 @@ class _Writer:
     async def _transaction(
         self, batch: list[_Job]
     ) -> tuple[list[tuple[asyncio.Future[Any], Any, BaseException | None]], list[Event]]:
-        if len(batch) == 1 and batch[0][2] == "alone":
-            fn, future, _ = batch[0]
+        if len(batch) == 1 and batch[0].mode == "alone":
+            fn, future = batch[0].fn, batch[0].future
             async with self._pool.acquire() as conn:
                 tx = _Tx(conn)
                 try:
@@ -490,10 +552,16 @@ class _Writer:
                         raise
                     return [(future, None, exc)], tx.written
                 return [(future, result, None)], await tx.commit_changes()
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._pool.acquire() as conn, _indexed_transaction(conn):
             tx = _Tx(conn)
             results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-            for fn, future, _ in batch:
+            # The rows the changes will load, locked in one statement rather than one each
+            # (after a claim, which must take the transaction's id itself).
+            keys = [job.task_id for job in batch if job.task_id is not None]
+            for fn, future, mode, _ in batch:
+                if len(keys) > 1 and mode != "first":
+                    await tx.lock(keys)
+                    keys = []
                 mark = tx.mark()
                 try:
                     result = await fn(tx)
@@ -687,10 +755,12 @@ class PostgresStore(Store):
         except (asyncpg.PostgresError, *_CONNECTION_ERRORS) as exc:
             raise StoreError("The database could not be read.") from exc
 
-    async def _write(self, fn: Callable[[_Tx], Awaitable[T]], *, mode: str = "batch") -> T:
+    async def _write(
+        self, fn: Callable[[_Tx], Awaitable[T]], *, mode: str = "batch", task_id: str | None = None
+    ) -> T:
         if self._writer is None:
             raise StoreError("The store is closed.")
-        result: T = await self._writer.submit(fn, mode=mode)
+        result: T = await self._writer.submit(fn, mode=mode, task_id=task_id)
         return result
 
     # -- tasks --------------------------------------------------------------------------------
@@ -758,20 +828,12 @@ class PostgresStore(Store):
         async def op(tx: _Tx) -> TaskRecord:
             return await tx.apply(task_id, decide)
 
-        return await self._write(op)
+        return await self._write(op, task_id=task_id)
 
     async def apply_many(self, decisions: Sequence[tuple[str, Decision]]) -> list[Outcome]:
         async def op(tx: _Tx) -> list[Outcome]:
             # All rows at once, NOWAIT like every lock here (see the module docstring).
-            ids = sorted({task_id for task_id, _ in decisions})
-            rows = await tx.conn.fetch(
-                f"SELECT {SELECT_LIST}, {_BASE} FROM errands_tasks WHERE id = ANY($1::text[]) "
-                "ORDER BY id FOR UPDATE NOWAIT",
-                ids,
-            )
-            for row in rows:
-                record = to_record(_older(row))
-                tx.overlay.setdefault(record.id, record)
+            await tx.lock(task_id for task_id, _ in decisions)
             outcomes = []
             for task_id, decide in decisions:
                 mark = tx.mark()
@@ -799,13 +861,7 @@ class PostgresStore(Store):
             now = self.clock.now()
             # No seq check here (see below), and none could be made without taking a
             # transaction id, which would make every empty claim a commit to flush.
-            rows = await tx.conn.fetch(
-                f"SELECT {SELECT_LIST} FROM errands_tasks WHERE status = 'pending' AND type = ANY($1::text[]) "
-                "AND run_after <= $2 ORDER BY priority DESC, created_at, id LIMIT $3 FOR UPDATE SKIP LOCKED",
-                list(by_type),
-                now,
-                window,
-            )
+            rows = await tx.conn.fetch(_CLAIM, list(by_type), now, window)
             running: dict[tuple[str, str], int] = {}
             locked: dict[tuple[str, str], bool] = {}
             claimed: list[TaskRecord] = []
