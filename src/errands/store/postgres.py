@@ -49,7 +49,7 @@ import random
 import secrets
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -267,7 +267,7 @@ _CLAIM = (
     f"SELECT {SELECT_LIST} FROM errands_tasks WHERE status = 'pending' AND type = ANY($1::text[]) "
     "AND run_after <= $2 ORDER BY priority DESC, created_at, id LIMIT $3 FOR UPDATE SKIP LOCKED"
 )
-_LOCK_TASK = f"SELECT {SELECT_LIST}, {_BASE} FROM errands_tasks WHERE id = $1 FOR UPDATE NOWAIT"
+_LOCK_TASKS = f"SELECT {SELECT_LIST}, {_BASE} FROM errands_tasks WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE NOWAIT"
 
 
 #: How a write transaction begins, in one round trip (see "Plans that stay cheap" above).
@@ -338,25 +338,15 @@ class _Tx:
     async def load(self, task_id: str) -> TaskRecord | None:
         if task_id in self.overlay:
             return self.overlay[task_id]
-        if task_id in self.locked:
-            return self.locked[task_id]
-        row = await self.conn.fetchrow(_LOCK_TASK, task_id)
-        if row is None:
-            return None
-        record = self.locked[task_id] = to_record(_older(row))
-        return record
+        await self.lock((task_id,))
+        return self.locked.get(task_id)
 
     async def lock(self, task_ids: Iterable[str]) -> None:
         """Lock and read these rows in one statement, for the changes that will load them."""
         ids = sorted({i for i in task_ids if i not in self.overlay and i not in self.locked})
         if not ids:
             return
-        rows = await self.conn.fetch(
-            f"SELECT {SELECT_LIST}, {_BASE} FROM errands_tasks WHERE id = ANY($1::text[]) "
-            "ORDER BY id FOR UPDATE NOWAIT",
-            ids,
-        )
-        for row in rows:
+        for row in await self.conn.fetch(_LOCK_TASKS, ids):
             record = to_record(_older(row))
             self.locked[record.id] = record
 
@@ -435,6 +425,7 @@ class _Tx:
 
 
 _Op = Callable[[_Tx], Awaitable[Any]]
+_Mode = Literal["batch", "alone", "first"]
 
 
 class _Job(NamedTuple):
@@ -444,7 +435,7 @@ class _Job(NamedTuple):
 
     fn: _Op
     future: asyncio.Future[Any]
-    mode: str
+    mode: _Mode
     task_id: str | None = None
 
 
@@ -467,7 +458,7 @@ class _Writer:
     def alive(self) -> bool:
         return all(not lane.done() for lane in self._lanes)
 
-    def submit(self, fn: _Op, *, mode: str = "batch", task_id: str | None = None) -> asyncio.Future[Any]:
+    def submit(self, fn: _Op, *, mode: _Mode = "batch", task_id: str | None = None) -> asyncio.Future[Any]:
         """Queue a change (``mode``: see ``_Job``)."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self._stopping:
@@ -756,7 +747,7 @@ class PostgresStore(Store):
             raise StoreError("The database could not be read.") from exc
 
     async def _write(
-        self, fn: Callable[[_Tx], Awaitable[T]], *, mode: str = "batch", task_id: str | None = None
+        self, fn: Callable[[_Tx], Awaitable[T]], *, mode: _Mode = "batch", task_id: str | None = None
     ) -> T:
         if self._writer is None:
             raise StoreError("The store is closed.")
