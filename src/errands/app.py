@@ -14,8 +14,9 @@ from errands.auth import SYSTEM
 from errands.clock import Clock
 from errands.config import Settings, load_settings
 from errands.errors import ConfigError, Unavailable
+from errands.inputs import TYPE_PATTERN
 from errands.model import Task
-from errands.service import TYPE_PATTERN, SubmitRequest
+from errands.service import SubmitRequest
 
 if TYPE_CHECKING:
     from errands.context import TaskContext

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -22,12 +23,14 @@ from dataclasses import dataclass
 import orjson
 
 from errands.errors import Forbidden, NotFound, Unauthorized
+from errands.inputs import TASK_ID_PATTERN
 
 ADMIN_PREFIX = "eka_"
 TOKEN_PREFIX = "eto_"  # noqa: S105 - a prefix, not a secret
 READ = "read"
 WRITE = "write"
 SCOPES = frozenset({READ, WRITE})
+_TASK_ID = re.compile(TASK_ID_PATTERN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,19 +131,22 @@ class CapabilitySigner:
         return f"{task_id}.{attempt}.{self._mac(task_id, attempt, nonce)}"
 
     @staticmethod
-    def parse(token: str) -> tuple[str, int, str]:
-        """``(task_id, attempt, mac)`` of a token; :class:`Unauthorized` if malformed."""
-        try:
-            task_id, attempt, mac = token.split(".", 2)
-            return task_id, int(attempt), mac
-        except ValueError:
-            raise Unauthorized("The callback URL is not valid.") from None
+    def parse(token: str) -> tuple[str, int, str] | None:
+        """``(task_id, attempt, mac)`` of a well-formed token, else ``None``."""
+        task_id, _, rest = token.partition(".")
+        attempt, _, mac = rest.partition(".")
+        if not _TASK_ID.match(task_id) or not (attempt.isascii() and attempt.isdigit()) or len(attempt) > 9:
+            return None
+        if not mac or len(mac) > 64 or not mac.isascii():
+            return None
+        return task_id, int(attempt), mac
 
-    def check(self, mac: str, *, task_id: str, attempt: int, nonce: str | None, current_attempt: int) -> None:
-        if nonce is None or attempt != current_attempt:
-            raise Unauthorized("The callback URL is not valid for the task's current attempt.")
-        if not hmac.compare_digest(mac.encode(), self._mac(task_id, attempt, nonce).encode()):
-            raise Unauthorized("The callback URL is not valid.")
+    def valid(self, mac: str, *, task_id: str, attempt: int, nonce: str | None, current_attempt: int) -> bool:
+        """Whether ``mac`` proves the token was made for this task's current attempt. The MAC is
+        computed and compared whatever else is wrong, so every refusal costs the same."""
+        expected = self._mac(task_id, attempt, nonce or "")
+        matches = hmac.compare_digest(mac.encode(), expected.encode())
+        return matches and nonce is not None and attempt == current_attempt
 
 
 class Authenticator:

@@ -7,6 +7,8 @@ import math
 from collections.abc import Generator
 from typing import Any, Protocol
 
+from errands.inputs import check_text
+
 
 class Fail(Exception):
     """Raised by a handler to end its task ``failed`` at once, without retry.
@@ -15,6 +17,8 @@ class Fail(Exception):
     """
 
     def __init__(self, code: str, message: str) -> None:
+        check_text(code, "A Fail code")
+        check_text(message, "A Fail message")
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
@@ -27,6 +31,8 @@ class Retry(Exception):
     """
 
     def __init__(self, after_s: float | None = None, message: str | None = None) -> None:
+        if message is not None:
+            check_text(message, "A Retry message")
         super().__init__(message or "retry requested")
         self.after_s = after_s
         self.message = message
@@ -97,7 +103,7 @@ class TaskContext:
         if message is not None:
             if not isinstance(message, str):
                 raise ValueError("the progress message must be a string")
-            message = message[:MAX_MESSAGE_CHARS]
+            message = check_text(message[:MAX_MESSAGE_CHARS], "The progress message")
         if value is not None or message is not None:
             self._sink.report(value, message)
         return _REPORTED

@@ -9,20 +9,31 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import os
-import time
+import math
+import re
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field
 
 from errands import model
 from errands.auth import READ, WRITE, Principal, TokenSigner
 from errands.clock import Clock, iso
 from errands.config import Settings
 from errands.errors import Forbidden, Gone, InvalidCursor, InvalidRequest, NotFound, UnknownTaskType
+from errands.inputs import (
+    TASK_ID_PATTERN,
+    BadValue,
+    Owner,
+    TaskId,
+    Text,
+    TypeName,
+    check_json,
+    integral,
+    new_task_id,
+)
 from errands.model import Event, Status, TaskRecord
 from errands.notify.guard import AddressPolicy, Refused, parse_networks
 from errands.store.base import NewTask, Store, TaskQuery, Tombstone
@@ -30,12 +41,7 @@ from errands.store.base import NewTask, Store, TaskQuery, Tombstone
 if TYPE_CHECKING:
     from errands.app import Errands
 
-TASK_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-TYPE_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 MAX_LIST_LIMIT = 200
-
-TaskId = Annotated[str, StringConstraints(pattern=TASK_ID_PATTERN)]
-Owner = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
 
 class SubmitRequest(BaseModel):
@@ -43,15 +49,19 @@ class SubmitRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    type: Annotated[str, StringConstraints(pattern=TYPE_PATTERN)]
+    type: TypeName
     input: dict[str, Any] = Field(default_factory=dict)
     id: TaskId | None = None
     owner: Owner | None = None
-    priority: int = Field(0, ge=-1000, le=1000)
+    priority: Annotated[int, integral, Field(ge=-1000, le=1000)] = 0
     timeout_s: float | None = Field(None, gt=0, le=7 * 86_400)
-    max_attempts: int | None = Field(None, ge=1, le=100)
+    max_attempts: Annotated[int, integral, Field(ge=1, le=100)] | None = None
     expires_in_s: float | None = Field(None, gt=0, le=30 * 86_400)
-    notify_url: str | None = Field(None, min_length=1, max_length=2048)
+    notify_url: Annotated[Text, Field(min_length=1, max_length=2048)] | None = None
+
+
+Scope = Literal["read", "write"]
+ALL_SCOPES: tuple[Scope, ...] = ("read", "write")
 
 
 class TokenRequest(BaseModel):
@@ -60,50 +70,32 @@ class TokenRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     owner: Owner
-    scopes: list[Annotated[str, StringConstraints(pattern=r"^(read|write)$")]] = Field(
-        default_factory=lambda: [READ, WRITE], min_length=1
-    )
+    scopes: list[Scope] = Field(default_factory=lambda: list(ALL_SCOPES), min_length=1)
     task_id: TaskId | None = None
-    ttl_s: int = Field(3600, ge=1, le=30 * 86_400)
-
-
-def json_depth(value: Any) -> int:
-    """Nesting depth of a JSON value (a scalar is 0), without recursion."""
-    deepest = 0
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, dict):
-            children: Sequence[Any] = list(item.values())
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        deepest = max(deepest, depth + 1)
-        stack.extend((child, depth + 1) for child in children)
-    return deepest
-
-
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-
-
-def new_task_id() -> str:
-    """A 26-character id that sorts by creation time (48-bit milliseconds, 80 random bits)."""
-    n = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
-    return "".join(_CROCKFORD[(n >> shift) & 31] for shift in range(125, -1, -5))
+    ttl_s: float = Field(3600, ge=1, le=30 * 86_400)
 
 
 def encode_cursor(record: TaskRecord) -> str:
     return base64.urlsafe_b64encode(orjson.dumps([record.created_at, record.id])).decode().rstrip("=")
 
 
+_TASK_ID = re.compile(TASK_ID_PATTERN)
+
+
 def decode_cursor(cursor: str) -> tuple[float, str]:
+    """The position a cursor stands for; :class:`InvalidCursor` for anything this service did
+    not make (it is decoded from the client's text, so every part is checked)."""
     try:
         created_at, task_id = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        if not isinstance(created_at, int | float) or not isinstance(task_id, str):
+        if isinstance(created_at, bool) or not isinstance(created_at, int | float):
             raise ValueError
-        return float(created_at), task_id
-    except (ValueError, TypeError, orjson.JSONDecodeError):
+        if not isinstance(task_id, str) or not _TASK_ID.match(task_id):
+            raise ValueError
+        moment = float(created_at)
+        if not math.isfinite(moment):
+            raise ValueError
+        return moment, task_id
+    except (ValueError, TypeError, OverflowError, orjson.JSONDecodeError):
         raise InvalidCursor() from None
 
 
@@ -157,11 +149,15 @@ class Service:
             if not principal.admin:
                 raise Forbidden("Only an admin key may set notify_url.")
             try:
-                self.address_policy.check_url(request.notify_url)
+                await self.address_policy.check(request.notify_url)
             except Refused as exc:
                 raise InvalidRequest(f"notify_url: {exc.reason}") from None
-        if json_depth(request.input) > self.settings.max_json_depth:
-            raise InvalidRequest(f"input is nested deeper than {self.settings.max_json_depth} levels.")
+            except LookupError as exc:
+                raise InvalidRequest(f"notify_url: {exc}") from None
+        try:
+            check_json(request.input, what="input", max_depth=self.settings.max_json_depth)
+        except BadValue as exc:
+            raise InvalidRequest(f"{exc}.") from None
         fingerprint = hashlib.sha256(
             orjson.dumps([request.model_dump(exclude={"id", "owner"}), owner], option=orjson.OPT_SORT_KEYS)
         ).hexdigest()

@@ -73,12 +73,12 @@ class Verifier:
             raise Unauthorized(
                 "The webhook is not signed (webhook-id, -timestamp and -signature are required)."
             )
-        if len(message_id) > 256:
-            raise Unauthorized("The webhook-id is too long.")
-        try:
-            timestamp = int(stamp)
-        except ValueError:
-            raise Unauthorized("The webhook-timestamp is not a number.") from None
+        if len(message_id) > 256 or "\x00" in message_id:
+            raise Unauthorized("The webhook-id is too long or holds a NUL character.")
+        # Unix seconds: at most 12 digits (the year 33658), so no huge number reaches arithmetic.
+        if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 12):
+            raise Unauthorized("The webhook-timestamp is not a time in Unix seconds.")
+        timestamp = int(stamp)
         if abs(now - timestamp) > self.tolerance_s:
             raise Unauthorized("The webhook-timestamp is outside the accepted window.")
         offered = [s.encode() for s in signatures.split(" ") if s.startswith("v1,")]

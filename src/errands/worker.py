@@ -32,6 +32,7 @@ from errands.config import Settings
 from errands.context import Fail, Retry, TaskContext
 from errands.errors import LeaseLost, NotFound, StoreError
 from errands.hub import Hub
+from errands.inputs import BadValue, check_json
 from errands.model import Event, EventType, Status, TaskError, TaskRecord
 from errands.providers import Callbacks, ProviderError, Submission
 from errands.store.base import ClaimSpec, Decision, Store
@@ -466,9 +467,10 @@ class Worker:
         if error_raised is None:
             result = handler.result()
             try:
+                check_json(result, what="the result", other_types=True)
                 orjson.dumps(result)
-            except TypeError:
-                log.error("handler of task %s returned a value that is not JSON", record.id)
+            except (BadValue, TypeError) as exc:
+                log.error("handler of task %s returned a value errands cannot store: %s", record.id, exc)
                 bad = TaskError("invalid_result", "The task produced a result that could not be stored.")
                 return self._end(record, bad, progress, message)
             return lambda r: model.complete(r, now=now, lease_token=token, result=result, message=message)

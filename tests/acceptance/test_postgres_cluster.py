@@ -190,3 +190,28 @@ def test_a_postgres_restart_mid_run_loses_nothing(pg_cluster: Cluster) -> None:
     watcher.stop_flag.set()
     assert "listening for events failed" in node.output()  # the restart was seen, and healed
     assert watcher.reconnects == 0  # the node stayed up: its watchers never noticed
+
+
+@pytest.mark.parametrize("round_", range(3))
+def test_nodes_started_all_at_once_on_a_fresh_database_all_come_up(pg_cluster: Cluster, round_: int) -> None:
+    """Every node migrates, stores the shared secrets and generates what it needs at the same
+    moment on an empty database: each must come up, and all must agree on the secrets (a token
+    minted by one is accepted by every other)."""
+    from tests.acceptance.conftest import free_port
+
+    ports = [free_port() for _ in range(3)]
+    nodes = [pg_cluster.start("serve", "--port", str(port), name="serve") for port in ports]
+    workers = [pg_cluster.start("worker", "--app", "sample_app:app", name="worker") for _ in range(3)]
+    for node in nodes:
+        node.wait_for(r"errands is serving", timeout_s=60)
+    for worker in workers:
+        worker.wait_for(r"errands worker \S+ is running", timeout_s=60)
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    token = httpx.post(
+        f"http://127.0.0.1:{ports[0]}/v1/tokens", json={"owner": "alice"}, headers=headers, timeout=10
+    ).json()["token"]
+    for port in ports:
+        r = httpx.get(f"http://127.0.0.1:{port}/v1/tasks", params={"access_token": token}, timeout=10)
+        assert r.status_code == 200, r.text
+    for proc in [*nodes, *workers]:
+        assert "Traceback" not in proc.output()

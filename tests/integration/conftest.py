@@ -230,3 +230,43 @@ async def sse(client: httpx.AsyncClient, path: str, **kwargs: Any) -> AsyncItera
         assert response.status_code == 200, (await response.aread()).decode()
         async for message in parse_sse(response.aiter_lines()):
             yield message
+
+
+#: The tables that hold what errands knows about tasks and notifications (not its bookkeeping:
+#: meta, admin keys, and the inbound delivery log, which records refusals by design).
+STATE_TABLES = ("tasks", "events", "tombstones", "endpoints", "messages", "webhook_ids")
+
+
+async def database_state(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of :data:`STATE_TABLES`, read straight from the database (not through the store,
+    whose log reader waits for other transactions on a PostgreSQL server): to show that a refused
+    request changed nothing."""
+    from errands.store import sqlite_path
+
+    path = sqlite_path(url)
+    state: dict[str, list[tuple[Any, ...]]] = {}
+    if path is not None:
+        import sqlite3
+
+        conn = sqlite3.connect(path)
+        try:
+            for table in STATE_TABLES:
+                state[table] = sorted(conn.execute(f"SELECT * FROM {table}").fetchall(), key=repr)
+        finally:
+            conn.close()
+        return state
+    import asyncpg
+
+    pg = await asyncpg.connect(url)
+    try:
+        for table in STATE_TABLES:
+            rows = await pg.fetch(f"SELECT * FROM errands_{table}")
+            state[table] = sorted((tuple(r) for r in rows), key=repr)
+    finally:
+        await pg.close()
+    return state
+
+
+async def log_rows(url: str) -> int:
+    """How many events the log holds, counted in the database itself."""
+    return len((await database_state(url))["events"])

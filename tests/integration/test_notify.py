@@ -17,12 +17,14 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from errands import Errands, Fail, TaskContext
 from errands.auth import SYSTEM
 from errands.clock import ManualClock
+from errands.errors import InvalidRequest
 from errands.model import Status
 from errands.notify.hooks import HookEvent
 from errands.notify.wechat import WeChatTemplate
 from errands.runtime import Runtime
 from errands.server import bind, serve_asgi
 from errands.service import TokenRequest
+from errands.store.base import NewTask
 from tests.integration.conftest import RuntimeFactory, http, wait_task
 from tests.integration.fakes import FakeWeChat, Receiver
 
@@ -676,10 +678,18 @@ async def test_the_fake_wechat_refuses_what_breaks_the_limits(wechat: FakeWeChat
 async def test_a_name_resolving_inside_is_refused_when_sending_too(
     runtime_factory: RuntimeFactory, receiver: Receiver
 ) -> None:
-    """The check at sending time is what holds against a name that changes its answer."""
+    """The check at sending time is what holds against a name that changes its answer: here a
+    task whose URL was accepted when its name resolved outside (stored directly, as the submit
+    check would now refuse it) and that resolves to loopback when the message is sent."""
     runtime = await runtime_factory(tasks_app(), notifier=True, notify_poll_s=0.05)  # loopback refused
     port = receiver.url.rsplit(":", 1)[1]
-    task = await runtime.app.submit("echo", {}, notify_url=f"http://localhost:{port}/cb")
+    url = f"http://localhost:{port}/cb"
+    with pytest.raises(InvalidRequest, match="inside the network"):
+        await runtime.app.submit("echo", {}, notify_url=url)
+    task, _ = await runtime.store.create(
+        NewTask(id="late-name", type="echo", owner="default", input={}, priority=0, max_attempts=1,
+                timeout_s=60, expires_in_s=3600, fingerprint="fp", notify_url=url)
+    )  # fmt: skip
     (message,) = await settle(lambda: _state_of_task(runtime, task.id, lambda m: m.state == "failed"))
     assert message.attempts == 1 and "inside the network" in (message.last_error or "")
     assert receiver.requests == []

@@ -235,3 +235,36 @@ async def test_write_transactions_reach_tasks_through_indexes(runtime_factory: R
     plan = await store._write(explain, mode="first")
     assert "Index Scan using errands_tasks_queue" in plan, plan
     assert "Bitmap" not in plan and "Seq Scan" not in plan and "Sort" not in plan, plan
+
+
+async def test_meta_setdefault_answers_the_value_a_concurrent_first_start_committed(
+    postgres_database: str,
+) -> None:
+    """The start-up race, at the SQL level: A stores a value in an open transaction, B tries the
+    same key and waits for A's row, A commits. B must answer A's value (under READ COMMITTED, an
+    ``ON CONFLICT DO NOTHING`` would return no row and a read in the same statement would not see
+    A's row either)."""
+    from errands.store.postgres import META_SETDEFAULT
+
+    a, b = await asyncpg.connect(postgres_database), await asyncpg.connect(postgres_database)
+    try:
+        await a.execute("DELETE FROM errands_meta WHERE key = 'race'")
+        tx = a.transaction()
+        await tx.start()
+        assert await a.fetchval(META_SETDEFAULT, "race", "from-a") == "from-a"
+        waiting = asyncio.create_task(b.fetchval(META_SETDEFAULT, "race", "from-b"))
+        # B is waiting for A's row lock: the server says so (no sleep, a condition).
+        async with asyncio.timeout(10):
+            while not await a.fetchval(  # noqa: ASYNC110 - the server's state has no event to await
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND wait_event_type = 'Lock'",
+                b.get_server_pid(),
+            ):
+                await asyncio.sleep(0.005)
+        assert not waiting.done()
+        await tx.commit()
+        assert await asyncio.wait_for(waiting, 10) == "from-a"
+        assert await b.fetchval(META_SETDEFAULT, "race", "again") == "from-a"
+    finally:
+        await a.execute("DELETE FROM errands_meta WHERE key = 'race'")
+        await a.close()
+        await b.close()

@@ -538,6 +538,63 @@ async def test_websocket_protocol(served: tuple[Runtime, str, Driver]) -> None:
         assert orjson.loads(await ws.recv()) == {"op": "end", "sub": "s1"}
 
 
+async def test_websocket_answers_bad_frames_with_an_error_and_stays_open(
+    served: tuple[Runtime, str, Driver],
+) -> None:
+    runtime, url, d = served
+    task_id = await d.create()
+    async with websockets.connect(url.replace("http", "ws") + f"/v1/ws?access_token={ADMIN_KEY}") as ws:
+        bad_frames: list[str | bytes] = [
+            b'{"op": "ping"}',  # a binary frame
+            orjson.dumps({"op": "subscribe", "task_id": task_id, "after": 2**63}).decode(),
+            '{"op": "subscribe", "task_id": "t", "after": 1e400}',
+            '{"op": "subscribe", "task_id": "t", "after": -1}',
+            orjson.dumps({"op": "subscribe", "filter": {"owner": "a\x00b"}}).decode(),
+            orjson.dumps({"op": "subscribe", "task_id": "a\x00"}).decode(),
+            '{"op": "subscribe", "task_id": "t", "after": NaN}',
+        ]
+        for frame in bad_frames:
+            await ws.send(frame)
+            reply = orjson.loads(await ws.recv())
+            assert reply["op"] == "error" and reply["error"]["code"] in ("bad_request", "invalid_request")
+        await ws.send('{"op": "ping"}')
+        assert orjson.loads(await ws.recv()) == {"op": "pong"}
+        await ws.send(orjson.dumps({"op": "subscribe", "task_id": task_id, "after": 2**63 - 1}).decode())
+        assert orjson.loads(await ws.recv()) == {"op": "subscribed", "sub": "s1"}
+    assert await _until_no_watches(runtime)  # the subscription ended with its socket
+
+
+async def _until_no_watches(runtime: Runtime) -> bool:
+    async with asyncio.timeout(10):
+        while runtime.hub.watch_count:  # noqa: ASYNC110 - the hub has no event for it
+            await asyncio.sleep(0.01)
+    return True
+
+
+async def test_websocket_handshakes_are_refused_with_http_answers_and_the_origin_policy(
+    live: LiveFactory,
+) -> None:
+    _runtime, url = await live(app, workers=False, cors_origins="https://app.example")
+    ws_url = url.replace("http", "ws") + "/v1/ws"
+    for token in ("wrong", "eto_forged.sig", None):
+        query = f"?access_token={token}" if token else ""
+        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+            async with websockets.connect(ws_url + query):
+                pass
+        assert refused.value.response.status_code == 401
+        assert orjson.loads(refused.value.response.body)["error"]["code"] == "unauthorized"
+    authorised = ws_url + f"?access_token={ADMIN_KEY}"
+    for origin in ("https://evil.example", "null", "http://app.example"):
+        with pytest.raises(websockets.exceptions.InvalidStatus) as refused:
+            async with websockets.connect(authorised, origin=origin):  # type: ignore[arg-type]
+                pass
+        assert refused.value.response.status_code == 403, origin
+    for origin in ("https://app.example", url, None):  # allowed, the service's own, not a browser
+        async with websockets.connect(authorised, origin=origin) as ws:  # type: ignore[arg-type]
+            await ws.send('{"op": "ping"}')
+            assert orjson.loads(await ws.recv()) == {"op": "pong"}
+
+
 async def test_sdk_watch_and_wait_follow_a_real_worker(live: LiveFactory) -> None:
     from errands import AsyncClient
 

@@ -9,7 +9,8 @@ import pytest
 from errands.config import load_settings
 from errands.context import TaskContext
 from errands.errors import ConfigError, InvalidCursor
-from errands.service import decode_cursor, json_depth, new_task_id, percentile
+from errands.inputs import new_task_id
+from errands.service import decode_cursor, percentile
 
 
 def test_generated_ids_are_valid_client_ids_and_sort_by_time() -> None:
@@ -24,21 +25,6 @@ def test_generated_ids_are_valid_client_ids_and_sort_by_time() -> None:
 def test_bad_cursors_are_refused(cursor: str) -> None:
     with pytest.raises(InvalidCursor):
         decode_cursor(cursor)
-
-
-@pytest.mark.parametrize(
-    ("value", "depth"),
-    [(1, 0), ({}, 1), ([], 1), ({"a": [1, {"b": 2}]}, 3), ([[[[[]]]]], 5)],
-)
-def test_json_depth(value: object, depth: int) -> None:
-    assert json_depth(value) == depth
-
-
-def test_json_depth_of_very_deep_values_does_not_recurse() -> None:
-    deep: object = 1
-    for _ in range(50_000):
-        deep = [deep]
-    assert json_depth(deep) == 50_000
 
 
 def test_percentile_is_nearest_rank() -> None:

@@ -167,6 +167,69 @@ def test_urls_to_the_inside_are_refused() -> None:
         AddressPolicy(https_only=True).check_url("http://example.com/")
 
 
+#: Addresses that carry an address inside the network, in every form a URL can hold one.
+INSIDE_HOSTS = [
+    "[64:ff9b::a9fe:a9fe]",  # NAT64 of 169.254.169.254
+    "[64:ff9b::7f00:1]",  # NAT64 of 127.0.0.1
+    "[64:ff9b:1::a00:1]",  # NAT64 local-use prefix: never global
+    "[2002:7f00:1::]",  # 6to4 of 127.0.0.1
+    "[2002:a9fe:a9fe::1]",  # 6to4 of 169.254.169.254
+    "[::127.0.0.1]",  # IPv4-compatible
+    "[::a00:1]",  # IPv4-compatible 10.0.0.1
+    "[::ffff:0:7f00:1]",  # IPv4-translated
+    "[::ffff:127.0.0.1]",  # IPv4-mapped
+    "[2001:0:4136:e378:8000:63bf:3fff:fdd2]",  # Teredo (client 192.0.2.45)
+    "[fec0::1]",  # site-local
+    "[2001:db8::1]",  # documentation
+    "[3fff::1]",  # documentation (2024)
+    "[4000::1]",  # reserved
+    "[::2]",  # reserved (and IPv4-compatible 0.0.0.2)
+    "192.0.2.1",  # documentation
+    "198.18.0.1",  # benchmarking
+    "240.0.0.1",  # reserved
+    "192.88.99.1",  # 6to4 relay anycast
+    "0.0.0.0",
+    "255.255.255.255",
+    "localhost",
+    "LOCALHOST.",
+    "api.localhost",
+    "localhost.localdomain",
+]
+#: Legacy numeric forms some resolvers read as IPv4 (each is 127.0.0.1 or 8.8.8.8).
+LEGACY_HOSTS = ["127.1", "2130706433", "0x7f000001", "0x7f.1", "0177.0.0.1", "127.0.0.1.", "017700000001",
+                "134744072", "8.8.2056", "0"]  # fmt: skip
+
+
+@pytest.mark.parametrize("host", INSIDE_HOSTS + LEGACY_HOSTS)
+def test_every_form_of_an_inside_address_is_refused(host: str) -> None:
+    with pytest.raises(Refused):
+        AddressPolicy().check_url(f"http://{host}/hook")
+
+
+@pytest.mark.parametrize("host", ["[64:ff9b::808:808]", "[2002:808:808::1]", "[::ffff:8.8.8.8]", "8.8.8.8",
+                                  "example.com", "1.2.3.4.example", "0xdead.example"])  # fmt: skip
+def test_public_addresses_in_any_wrapping_are_let_through(host: str) -> None:
+    AddressPolicy().check_url(f"https://{host}/hook")
+
+
+def test_allowed_networks_let_the_address_a_wrapper_carries_through() -> None:
+    local = AddressPolicy(allow=parse_networks("127.0.0.0/8, ::1"))
+    for host in ("localhost", "[::ffff:127.0.0.1]", "[64:ff9b::7f00:1]", "[::1]"):
+        local.check_url(f"http://{host}:9000/h")
+    with pytest.raises(Refused, match="ERRANDS_NOTIFY_ALLOW_NETWORKS"):
+        AddressPolicy().check_url("http://localhost:9000/h")
+    with pytest.raises(Refused):  # a legacy form stays refused: HTTP clients disagree on it
+        local.check_url("http://127.1:9000/h")
+
+
+async def test_names_are_resolved_and_every_address_judged() -> None:
+    with pytest.raises(Refused):
+        await AddressPolicy().check("http://localhost/h")
+    assert await AddressPolicy(allow=parse_networks("127.0.0.0/8, ::1")).resolve("localhost", 80)
+    with pytest.raises(LookupError):
+        await AddressPolicy().check("http://no-such-name.invalid/h")
+
+
 def test_wechat_values_are_cut_to_their_field_limits() -> None:
     assert fit("thing1", "一" * 25) == "一" * 19 + "…"
     assert fit("phrase3", "处理成功了吗") == "处理成功了"

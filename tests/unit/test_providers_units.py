@@ -54,7 +54,13 @@ def _signed(
         (lambda h: {k: v for k, v in h.items() if k != "webhook-signature"}, "not signed"),
         (lambda h: {k: v for k, v in h.items() if k != "webhook-id"}, "not signed"),
         (lambda h: {k: v for k, v in h.items() if k != "webhook-timestamp"}, "not signed"),
-        (lambda h: {**h, "webhook-timestamp": "soon"}, "not a number"),
+        (lambda h: {**h, "webhook-timestamp": "soon"}, "not a time"),
+        (lambda h: {**h, "webhook-timestamp": "9" * 400}, "not a time"),
+        (lambda h: {**h, "webhook-timestamp": "-1"}, "not a time"),
+        (lambda h: {**h, "webhook-timestamp": "1e9"}, "not a time"),
+        (lambda h: {**h, "webhook-timestamp": "٣٣٣"}, "not a time"),
+        (lambda h: {**h, "webhook-timestamp": "9" * 12}, "window"),
+        (lambda h: {**h, "webhook-id": "a\x00"}, "NUL"),
         (lambda h: {**h, "webhook-timestamp": str(int(NOW) - 301)}, "window"),
         (lambda h: {**h, "webhook-timestamp": str(int(NOW) + 301)}, "window"),
         (lambda h: {**h, "webhook-signature": "v1,AAAA"}, "does not match"),
@@ -199,20 +205,28 @@ def test_reports_move_a_task_forward_only() -> None:
 def test_capability_tokens_hold_for_one_task_and_attempt() -> None:
     signer = CapabilitySigner("s3cret")
     token = signer.token("t1", 2, "nonce")
-    task_id, attempt, mac = CapabilitySigner.parse(token)
-    signer.check(mac, task_id=task_id, attempt=attempt, nonce="nonce", current_attempt=2)
-    with pytest.raises(Unauthorized):  # an older attempt
-        signer.check(mac, task_id=task_id, attempt=attempt, nonce="nonce", current_attempt=3)
-    with pytest.raises(Unauthorized):  # another task with the same attempt
-        signer.check(mac, task_id="t2", attempt=attempt, nonce="nonce", current_attempt=2)
-    with pytest.raises(Unauthorized):  # the same task after a new nonce
-        signer.check(mac, task_id=task_id, attempt=attempt, nonce="other", current_attempt=2)
-    with pytest.raises(Unauthorized):
-        CapabilitySigner.parse("garbage")
-    with pytest.raises(Unauthorized):
-        CapabilitySigner("another secret").check(
-            mac, task_id="t1", attempt=2, nonce="nonce", current_attempt=2
-        )
+    parsed = CapabilitySigner.parse(token)
+    assert parsed is not None
+    task_id, attempt, mac = parsed
+    assert signer.valid(mac, task_id=task_id, attempt=attempt, nonce="nonce", current_attempt=2)
+    # an older attempt; another task with the same attempt; the same task after a new nonce
+    assert not signer.valid(mac, task_id=task_id, attempt=attempt, nonce="nonce", current_attempt=3)
+    assert not signer.valid(mac, task_id="t2", attempt=attempt, nonce="nonce", current_attempt=2)
+    assert not signer.valid(mac, task_id=task_id, attempt=attempt, nonce="other", current_attempt=2)
+    assert not signer.valid(mac, task_id=task_id, attempt=attempt, nonce=None, current_attempt=2)
+    assert not CapabilitySigner("another secret").valid(
+        mac, task_id="t1", attempt=2, nonce="nonce", current_attempt=2
+    )
+    for garbage in (
+        "garbage",
+        "t1.x.mac",
+        "t/1.2.mac",
+        "t1.2.",
+        "t1.-2.mac",
+        "t1.1_0.mac",
+        "t1.2." + "m" * 65,
+    ):
+        assert CapabilitySigner.parse(garbage) is None
 
 
 def test_inbound_json() -> None:

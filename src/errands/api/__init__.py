@@ -9,7 +9,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from errands.api import admin, errors, hooks, notify, tasks, watch
 from errands.api.direct import OPENAPI_PATHS, DirectRoutes
-from errands.api.middleware import GuardMiddleware
+from errands.api.middleware import GuardMiddleware, OriginPolicy
 
 if TYPE_CHECKING:
     from errands.runtime import Runtime
@@ -38,6 +38,7 @@ def create_api(runtime: Runtime) -> FastAPI:
         authenticator=lambda: runtime.authenticator,
         clock=runtime.clock,
         max_bytes=runtime.settings.max_body_bytes,
+        origins=OriginPolicy(origins, runtime.settings.public_url),
     )
     if origins:
         # Outermost, so preflight requests (which carry no token) are answered before the guard.

@@ -26,9 +26,9 @@ from errands.api.tasks import submit_response
 from errands.api.watch import open_stream
 from errands.auth import Principal
 from errands.errors import Unauthorized
+from errands.inputs import TASK_ID_PATTERN, TYPE_PATTERN
 from errands.model import Status
 from errands.runtime import Runtime
-from errands.service import TASK_ID_PATTERN, TYPE_PATTERN
 
 _TASK_WATCH = re.compile(r"^/v1/tasks/([^/]*)/watch$")
 #: ``/v1/hooks/{provider}`` and ``/v1/hooks/callback/{token}`` (one path segment each, as routed).

@@ -48,7 +48,7 @@ def _describe(error: dict[str, Any]) -> str:
         return f"{where}: unknown field" if where else "unknown field"
     if kind == "missing":
         return f"{where}: required" if where else "a JSON object body is required"
-    message = str(error.get("msg", "invalid value"))
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
     return f"{where}: {message}" if where else message
 
 

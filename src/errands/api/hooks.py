@@ -26,10 +26,10 @@ from errands.api.errors import error_response
 from errands.api.tasks import ERRORS
 from errands.auth import CapabilitySigner
 from errands.errors import ApiError, BadRequest, Forbidden, NotFound, Unauthorized
+from errands.inputs import TASK_ID_PATTERN
 from errands.model import TaskError, TaskRecord
 from errands.providers import Inbound, Provider, Update
 from errands.runtime import Runtime
-from errands.service import TASK_ID_PATTERN
 from errands.store.base import Delivery
 
 router = APIRouter(tags=["webhooks"])
@@ -95,31 +95,41 @@ async def signed_hook(provider: str, request: Request) -> Response:
 
 
 async def capability_response(runtime: Runtime, token: str, inbound: Inbound) -> Response:
-    """``POST /v1/hooks/callback/{token}``."""
+    """``POST /v1/hooks/callback/{token}``.
+
+    Every bad token gets the same answer, whether its task exists or not: a capability URL
+    must not tell a stranger which task ids are taken."""
     now = runtime.clock.now()
     base = Delivery("callback", None, None, "", 0, now)
-    try:
-        task_id, attempt, mac = CapabilitySigner.parse(token)
-    except Unauthorized as exc:
-        return await _refuse(runtime, _with(base, "unauthorized", 401, exc.message), exc)
-    found = await runtime.store.get(task_id) if len(task_id) <= 64 else None
-    if not isinstance(found, TaskRecord):
-        return await _refuse(runtime, _with(base, "unknown_task", 404, "no such task", task_id), NotFound())
-    task_type = runtime.app.task_types.get(found.type)
+    refused = Unauthorized("The callback URL is not valid.")
+    parsed = CapabilitySigner.parse(token)
+    found = await runtime.store.get(parsed[0]) if parsed is not None else None
+    record = found if isinstance(found, TaskRecord) else None
+    assert runtime.capabilities is not None, "the runtime makes its capabilities at start"
+    if parsed is None or not runtime.capabilities.valid(
+        parsed[2],
+        task_id=parsed[0],
+        attempt=parsed[1],
+        nonce=None if record is None else record.callback_nonce,
+        current_attempt=-1 if record is None else record.attempt,
+    ):
+        known = None if record is None else record.id
+        return await _refuse(runtime, _with(base, "unauthorized", 401, refused.message, known), refused)
+    assert record is not None
+    task_type = runtime.app.task_types.get(record.type)
     provider = task_type.provider if task_type is not None else None
     try:
-        assert runtime.capabilities is not None
-        runtime.capabilities.check(
-            mac, task_id=task_id, attempt=attempt, nonce=found.callback_nonce, current_attempt=found.attempt
-        )
         if provider is None:
             raise NotFound("This task is not run by a provider.")
         update = provider.parse_callback(inbound)
     except ApiError as exc:
         outcome = {401: "unauthorized", 404: "unknown_task"}.get(exc.status_code, "malformed")
-        return await _refuse(runtime, _with(base, outcome, exc.status_code, exc.message, task_id), exc)
+        return await _refuse(runtime, _with(base, outcome, exc.status_code, exc.message, record.id), exc)
     delivery_id = inbound.headers.get("webhook-id") or inbound.headers.get("idempotency-key")
-    delivery = Delivery(f"callback:{provider.name}", delivery_id, task_id, "", 200, now)
+    if delivery_id is not None and (len(delivery_id) > 256 or "\x00" in delivery_id):
+        bad = BadRequest("The webhook-id (or Idempotency-Key) is too long or holds a NUL character.")
+        return await _refuse(runtime, _with(base, "malformed", 400, bad.message, record.id), bad)
+    delivery = Delivery(f"callback:{provider.name}", delivery_id, record.id, "", 200, now)
     return await _apply(runtime, delivery, update, update.external_id)
 
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from urllib.parse import parse_qsl
+from collections.abc import Callable, Sequence
+from urllib.parse import parse_qsl, urlsplit
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -40,20 +40,53 @@ def credential(scope: Scope) -> str | None:
     return None
 
 
+class OriginPolicy:
+    """Which web pages may open a watch: the origins in ``ERRANDS_CORS_ORIGINS`` (``*`` for any),
+    and errands' own (the request's ``Host``, or ``ERRANDS_PUBLIC_URL``'s).
+
+    Browsers enforce it for SSE through CORS; they do not for WebSocket, so the guard checks a
+    handshake's ``Origin`` itself. Clients that are not web pages (the SDK, the CLI, mini-programs)
+    send no ``Origin`` and are not concerned.
+    """
+
+    def __init__(self, allowed: Sequence[str], public_url: str | None) -> None:
+        self.any = "*" in allowed
+        self.allowed = frozenset(o.rstrip("/").lower() for o in allowed if o != "*")
+        parts = urlsplit(public_url) if public_url else None
+        self.public_host = parts.netloc.lower() if parts is not None and parts.netloc else None
+
+    def allows(self, origin: str | None, host: str | None) -> bool:
+        if origin is None or self.any:
+            return True
+        origin = origin.rstrip("/").lower()
+        if origin in self.allowed:
+            return True
+        netloc = urlsplit(origin).netloc
+        return bool(netloc) and netloc in {host.lower() if host else None, self.public_host}
+
+
 class GuardMiddleware:
     """Runs before any route: authenticates the caller, then holds the body to ``max_bytes``.
 
     Both happen before the body is read, so an unauthenticated or oversized request costs
     nothing more. One middleware rather than two: every ASGI layer costs time on every request.
+    A WebSocket handshake is refused with an HTTP answer (401, or 403 for a page of another
+    origin) like any request, where the server supports it; else it is closed with 4401/4403.
     """
 
     def __init__(
-        self, app: ASGIApp, authenticator: Callable[[], Authenticator | None], clock: Clock, max_bytes: int
+        self,
+        app: ASGIApp,
+        authenticator: Callable[[], Authenticator | None],
+        clock: Clock,
+        max_bytes: int,
+        origins: OriginPolicy,
     ) -> None:
         self.app = app
         self._authenticator = authenticator
         self._clock = clock
         self.max_bytes = max_bytes
+        self._origins = origins
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -61,6 +94,12 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
+        if kind == "websocket" and not self._origins.allows(
+            _header(scope, b"origin"), _header(scope, b"host")
+        ):
+            message = "This page's origin may not open a watch (see ERRANDS_CORS_ORIGINS)."
+            await _refuse_handshake(scope, send, 403, error_body("forbidden", message), [])
+            return
         if path not in PUBLIC_PATHS and not path.startswith(SELF_AUTHENTICATED_PREFIXES):
             authenticator = self._authenticator()
             try:
@@ -68,16 +107,22 @@ class GuardMiddleware:
                     raise Unauthorized("The service is starting.")
                 scope[PRINCIPAL] = authenticator.authenticate(credential(scope), now=self._clock.now())
             except Unauthorized as exc:
+                body = error_body(exc.code, exc.message)
+                challenge = [(b"www-authenticate", b"Bearer")]
                 if kind == "websocket":
-                    await send({"type": "websocket.close", "code": 4401, "reason": exc.message})
+                    await _refuse_handshake(scope, send, 401, body, challenge)
                 else:
-                    await _respond(
-                        send, 401, error_body(exc.code, exc.message), [(b"www-authenticate", b"Bearer")]
-                    )
+                    await _respond(send, 401, body, challenge)
                 return
         if kind == "http":
             for name, value in scope["headers"]:
-                if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                if name == b"content-length" and (not value.isdigit() or len(value) > 18):
+                    await _respond(
+                        send, 400, error_body("bad_request", "Content-Length is not valid."),
+                        [(b"connection", b"close")],
+                    )  # fmt: skip
+                    return
+                if name == b"content-length" and int(value) > self.max_bytes:
                     message = f"The request body is over {self.max_bytes} bytes."
                     await _respond(
                         send, 413, error_body("payload_too_large", message), [(b"connection", b"close")]
@@ -100,6 +145,30 @@ class GuardMiddleware:
             return message
 
         return limited
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+async def _refuse_handshake(
+    scope: Scope, send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    """Answer a WebSocket handshake with an HTTP error (the ASGI denial-response extension)."""
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json"), *headers],
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": 4000 + status})
 
 
 async def _respond(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:

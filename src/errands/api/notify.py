@@ -12,6 +12,7 @@ from starlette.responses import Response
 from errands.api.deps import PrincipalDep, RuntimeDep
 from errands.api.tasks import ERRORS
 from errands.errors import Forbidden
+from errands.inputs import MAX_INT64, TASK_ID_PATTERN
 from errands.notify.endpoints import (
     EndpointIn,
     EndpointPatch,
@@ -20,7 +21,6 @@ from errands.notify.endpoints import (
     endpoint_out,
     message_out,
 )
-from errands.service import TASK_ID_PATTERN
 from errands.store.base import MessageQuery
 
 router = APIRouter(tags=["notifications"], responses=ERRORS)
@@ -129,7 +129,9 @@ async def endpoint_attempts(
     runtime: RuntimeDep,
     principal: PrincipalDep,
     status: Literal["succeeded", "failed"] | None = None,
-    before: Annotated[int | None, Query(ge=1, description="Only attempts older than this id.")] = None,
+    before: Annotated[
+        int | None, Query(ge=1, le=MAX_INT64, description="Only attempts older than this id.")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> Response:
     """Every attempt (time, status code, latency, the start of the answer), newest first."""

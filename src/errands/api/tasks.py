@@ -12,9 +12,10 @@ from starlette.responses import Response
 from errands.api.deps import PrincipalDep, RuntimeDep, principal_of
 from errands.api.errors import parse
 from errands.auth import Principal
+from errands.inputs import TASK_ID_PATTERN, TYPE_PATTERN, Owner, Seq
 from errands.model import Status, Task
 from errands.runtime import Runtime
-from errands.service import TASK_ID_PATTERN, TYPE_PATTERN, SubmitRequest
+from errands.service import SubmitRequest
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 
@@ -90,7 +91,7 @@ async def list_tasks(
     principal: PrincipalDep,
     status: Status | None = None,
     type: Annotated[str | None, Query(pattern=TYPE_PATTERN)] = None,
-    owner: Annotated[str | None, Query(min_length=1, max_length=256, description="admins only")] = None,
+    owner: Annotated[Owner | None, Query(description="admins only")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> Response:
@@ -125,7 +126,7 @@ async def task_events(
     task_id: TaskIdPath,
     runtime: RuntimeDep,
     principal: PrincipalDep,
-    after: Annotated[int, Query(ge=0, description="Only events with a greater seq.")] = 0,
+    after: Annotated[Seq, Query(description="Only events with a greater seq.")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
 ) -> Response:
     """The task's events from the log, oldest first."""

@@ -45,9 +45,9 @@ from errands.errors import (
     Unauthorized,
 )
 from errands.hub import Watch, WatchClosed, WatchFilter
+from errands.inputs import TASK_ID_PATTERN, TYPE_PATTERN, BadValue, Owner, Seq, parse_seq
 from errands.model import Event, Status, TaskRecord
 from errands.runtime import Runtime
-from errands.service import TASK_ID_PATTERN, TYPE_PATTERN
 from errands.store.base import TaskQuery
 
 log = logging.getLogger("errands.watch")
@@ -217,12 +217,9 @@ async def set_items(runtime: Runtime, watch: Watch, after: int | None) -> AsyncG
 def _resume_point(last_event_id: str | None, after: int | None) -> int | None:
     if last_event_id is not None and last_event_id.strip():
         try:
-            value = int(last_event_id)
-        except ValueError:
-            raise BadRequest("Last-Event-ID must be a seq (a whole number).") from None
-        if value < 0:
-            raise BadRequest("Last-Event-ID must not be negative.")
-        return value
+            return parse_seq(last_event_id, "Last-Event-ID")
+        except BadValue as exc:
+            raise BadRequest(f"{exc}.") from None
     return after
 
 
@@ -318,8 +315,8 @@ class WatchQuery(BaseModel):
 
     type: Annotated[str, Field(pattern=TYPE_PATTERN)] | None = None
     status: Status | None = None
-    owner: Annotated[str, Field(min_length=1, max_length=256)] | None = None
-    after: Annotated[int, Field(ge=0)] | None = None
+    owner: Owner | None = None
+    after: Seq | None = None
 
 
 _TASK_ID = re.compile(TASK_ID_PATTERN)
@@ -354,7 +351,7 @@ class WsFilter(BaseModel):
 
     type: Annotated[str, Field(pattern=TYPE_PATTERN)] | None = None
     status: Status | None = None
-    owner: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    owner: Owner | None = None
 
 
 class WsMessage(BaseModel):
@@ -366,7 +363,7 @@ class WsMessage(BaseModel):
     sub: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")] | None = None
     task_id: Annotated[str, Field(pattern=TASK_ID_PATTERN)] | None = None
     filter: WsFilter | None = None
-    after: Annotated[int, Field(ge=0)] | None = None
+    after: Seq | None = None
 
 
 MAX_SUBSCRIPTIONS_PER_SOCKET = 100
@@ -394,8 +391,14 @@ class _Socket:
     async def run(self) -> None:
         try:
             while True:
-                raw = await self.ws.receive_text()
-                await self.handle(raw)
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                text = message.get("text")
+                if text is None:
+                    await self.error(None, BadRequest("Send each message as a text frame holding JSON."))
+                    continue
+                await self.handle(text)
         except WebSocketDisconnect:
             pass
         finally:

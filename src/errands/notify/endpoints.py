@@ -7,20 +7,33 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from errands import signing
 from errands.auth import Principal
 from errands.clock import Clock, iso
 from errands.config import Settings
 from errands.errors import ConfigError, Conflict, Forbidden, InvalidRequest, NotFound
+from errands.inputs import Owner, Text, TypeName, new_task_id
 from errands.notify.guard import AddressPolicy, Refused, parse_networks
-from errands.notify.policy import END_EVENTS, valid_pattern
+from errands.notify.policy import END_EVENTS, EVENT_TYPES, valid_pattern
 from errands.store.base import Attempt, Endpoint, Message, MessageQuery, Store
 
-TypeName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,128}$")]
-OwnerName = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 DEFAULT_EVENTS = sorted(e.value for e in END_EVENTS)
+
+
+#: Event types (and the patterns ``task.*`` and ``*``) an endpoint may subscribe to.
+EventName = Annotated[
+    str, Field(json_schema_extra={"enum": [*sorted(EVENT_TYPES), "task.*", "*"]}, max_length=64)
+]
+#: ``whsec_`` and the base64 of at least 16 bytes (the prefix may be left out).
+Secret = Annotated[
+    str,
+    Field(
+        pattern=r"^(whsec_)?(?:[A-Za-z0-9+/]{4}){5,}(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=|[A-Za-z0-9+/]{4})$",
+        max_length=512,
+    ),
+]
 
 
 def _check_events(events: list[str] | None) -> list[str] | None:
@@ -45,12 +58,12 @@ class EndpointIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    url: str = Field(min_length=1, max_length=2048)
-    events: list[str] = Field(default_factory=lambda: list(DEFAULT_EVENTS), min_length=1, max_length=32)
+    url: Annotated[Text, Field(min_length=1, max_length=2048)]
+    events: list[EventName] = Field(default_factory=lambda: list(DEFAULT_EVENTS), min_length=1, max_length=32)
     types: list[TypeName] | None = Field(None, min_length=1, max_length=100)
-    owners: list[OwnerName] | None = Field(None, min_length=1, max_length=100)
-    description: str | None = Field(None, max_length=500)
-    secret: str | None = Field(None, description="whsec_… (generated when absent)")
+    owners: list[Owner] | None = Field(None, min_length=1, max_length=100)
+    description: Annotated[Text, Field(max_length=500)] | None = None
+    secret: Secret | None = Field(None, description="whsec_… (generated when absent)")
     enabled: bool = True
 
     _events = field_validator("events")(_check_events)
@@ -62,14 +75,14 @@ class EndpointPatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    url: str | None = Field(None, min_length=1, max_length=2048)
-    events: list[str] | None = Field(None, min_length=1, max_length=32)
+    url: Annotated[Text, Field(min_length=1, max_length=2048)] | None = None
+    events: list[EventName] | None = Field(None, min_length=1, max_length=32)
     types: list[TypeName] | None = Field(None, min_length=1, max_length=100)
-    owners: list[OwnerName] | None = Field(None, min_length=1, max_length=100)
-    description: str | None = Field(None, max_length=500)
+    owners: list[Owner] | None = Field(None, min_length=1, max_length=100)
+    description: Annotated[Text, Field(max_length=500)] | None = None
     enabled: bool | None = None
     rotate_secret: bool = Field(False, description="Sign with a new secret; the old one stays valid a while.")
-    secret: str | None = Field(None, description="The new secret when rotating (generated when absent).")
+    secret: Secret | None = Field(None, description="The new secret when rotating (generated when absent).")
 
     _events = field_validator("events")(_check_events)
     _secret = field_validator("secret")(_check_secret)
@@ -141,8 +154,6 @@ def attempt_out(a: Attempt) -> dict[str, Any]:
 
 
 def new_endpoint_id() -> str:
-    from errands.service import new_task_id
-
     return "ep_" + new_task_id()
 
 

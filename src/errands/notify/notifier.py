@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from errands.clock import Clock
 from errands.config import Settings
 from errands.errors import StoreError
+from errands.inputs import new_task_id
 from errands.model import Event
 from errands.notify.guard import AddressPolicy, parse_networks
 from errands.notify.hooks import Hook, run_hook
@@ -45,8 +46,6 @@ _LEASE_MARGIN_S = 30.0
 
 
 def new_message_id() -> str:
-    from errands.service import new_task_id
-
     return "msg_" + new_task_id()
 
 

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
-import orjson
 
 from errands.auth import CapabilitySigner
 from errands.errors import BadRequest, ErrandsError
+from errands.inputs import BadValue, check_json, check_text, load_json
 
 UpdateStatus = Literal["running", "completed", "failed"]
 
@@ -62,6 +62,22 @@ class Update:
     error_code: str | None = None
     error_message: str | None = None
 
+    def __post_init__(self) -> None:
+        # Every report (webhook, capability URL, poll) becomes an Update: the one place where
+        # what a provider says is held to what errands can store.
+        try:
+            for what, text in (
+                ("id", self.external_id),
+                ("message", self.message),
+                ("error code", self.error_code),
+                ("error message", self.error_message),
+            ):
+                if text is not None:
+                    check_text(text, f"The report's {what}")
+            check_json(self.result, what="output")
+        except BadValue as exc:
+            raise BadRequest(f"{exc}.") from None
+
     @property
     def final(self) -> bool:
         return self.status != "running"
@@ -76,9 +92,9 @@ class Inbound:
 
     def json(self) -> Any:
         try:
-            return orjson.loads(self.body)
-        except orjson.JSONDecodeError:
-            raise BadRequest("The webhook body is not JSON.") from None
+            return load_json(self.body)
+        except BadValue as exc:
+            raise BadRequest(f"The webhook body is not JSON errands accepts: {exc}.") from None
 
 
 class Callbacks:
@@ -183,9 +199,9 @@ class HttpProvider(Provider):
         if not response.content:
             return None
         try:
-            return response.json()
-        except ValueError:
-            raise ProviderError(f"{self.name} answered something that is not JSON") from None
+            return load_json(response.content)
+        except BadValue:
+            raise ProviderError(f"{self.name} answered something that is not JSON errands accepts") from None
 
     async def aclose(self) -> None:
         if self._client is not None:

@@ -270,6 +270,15 @@ _CLAIM = (
 _LOCK_TASKS = f"SELECT {SELECT_LIST}, {_BASE} FROM errands_tasks WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE NOWAIT"
 
 
+#: Store a value unless the key has one; always answers the stored value. ``DO UPDATE`` rather
+#: than ``DO NOTHING`` plus a read: under READ COMMITTED, a key inserted by a transaction that
+#: committed while this statement waited for it is invisible to the statement's snapshot, but
+#: ``ON CONFLICT DO UPDATE`` locks and returns the committed row (nodes starting at once).
+META_SETDEFAULT = (
+    "INSERT INTO errands_meta (key, value) VALUES ($1, $2) "
+    "ON CONFLICT (key) DO UPDATE SET value = errands_meta.value RETURNING value"
+)
+
 #: How a write transaction begins, in one round trip (see "Plans that stay cheap" above).
 _BEGIN = "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off"
 
@@ -1388,12 +1397,7 @@ class PostgresStore(Store):
     # -- service state ------------------------------------------------------------------------
 
     async def meta_setdefault(self, key: str, value: str) -> str:
-        rows = await self._fetch(
-            "WITH ins AS (INSERT INTO errands_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING "
-            "RETURNING value) SELECT value FROM ins UNION ALL SELECT value FROM errands_meta WHERE key = $1 LIMIT 1",
-            key,
-            value,
-        )
+        rows = await self._fetch(META_SETDEFAULT, key, value)
         return str(rows[0][0])
 
     async def add_admin_key(self, key_hash: str) -> None:

@@ -1,0 +1,151 @@
+"""What errands accepts from outside: ids and names, text, integers and JSON values. No I/O.
+
+One rule for both stores, applied wherever a value enters (the API, WebSocket frames, provider
+reports, handlers):
+
+* **Ids and names** match their patterns; text errands stores as text (owners, messages, error
+  codes and messages, URLs, descriptions, provider job ids) may not hold ``NUL`` (U+0000), which
+  PostgreSQL cannot store in ``text``: refused with 422 (400 in a provider's report).
+* **Integers** fit in 64 bits (``-2**63 .. 2**63-1``); seqs and ids are not negative. A number
+  with a zero fraction (``3.0``) is accepted where an integer is asked for, as JSON Schema says.
+* **JSON values** (a task's input, a handler's result, a provider's output) are kept faithfully:
+  strings may hold any character (NUL included: it is stored escaped), integers fit in 64 bits,
+  and there is no ``NaN`` or ``Infinity`` (JSON has none); anything else is refused, never
+  stored altered.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Annotated, Any
+
+import pydantic_core
+from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints
+
+MAX_INT64 = 2**63 - 1
+MIN_INT64 = -(2**63)
+
+TASK_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+TYPE_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+#: Text that PostgreSQL can store (it has no NUL in ``text``).
+NO_NUL_PATTERN = r"^[^\u0000]*$"
+OWNER_MAX_CHARS = 256
+
+
+class BadValue(ValueError):
+    """A value errands does not accept; the message says why, for a client."""
+
+
+def check_text(text: str, what: str = "text") -> str:
+    """``text`` if errands can store it as text; :class:`BadValue` otherwise."""
+    if "\x00" in text:
+        raise BadValue(f"{what} may not contain NUL (\\u0000) characters")
+    return text
+
+
+def _no_nul(text: str) -> str:
+    return check_text(text, "the value")
+
+
+def _integral(value: Any) -> Any:
+    """``3.0`` as ``3``: JSON Schema counts a number with a zero fraction as an integer."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**64:
+        return int(value)
+    return value
+
+
+#: Use in ``Annotated[int, integral, Field(ge=…, le=…)]`` for an integer field of a strict model.
+integral = BeforeValidator(_integral)
+
+#: Text stored as text: no NUL (checked with a clear message; the pattern documents it).
+Text = Annotated[str, AfterValidator(_no_nul), Field(json_schema_extra={"pattern": NO_NUL_PATTERN})]
+Owner = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=OWNER_MAX_CHARS),
+    AfterValidator(_no_nul),
+    Field(json_schema_extra={"pattern": NO_NUL_PATTERN}),
+]
+TaskId = Annotated[str, StringConstraints(pattern=TASK_ID_PATTERN)]
+TypeName = Annotated[str, StringConstraints(pattern=TYPE_PATTERN)]
+#: An integer field of a strict model: 64 bits, and ``3.0`` counts as ``3``.
+Int64 = Annotated[int, integral, Field(ge=MIN_INT64, le=MAX_INT64)]
+#: A position in the event log (``after``, ``Last-Event-ID``): 0 up to the largest seq.
+Seq = Annotated[int, integral, Field(ge=0, le=MAX_INT64)]
+
+
+def parse_seq(text: str, what: str) -> int:
+    """A seq written as text (a header): decimal digits, at most the largest seq."""
+    value = text.strip()
+    if not value.isascii() or not value.isdigit() or len(value) > 19 or int(value) > MAX_INT64:
+        raise BadValue(f"{what} must be a seq: a whole number from 0 to {MAX_INT64}")
+    return int(value)
+
+
+def check_json(
+    value: Any, *, what: str = "the value", max_depth: int | None = None, other_types: bool = False
+) -> Any:
+    """``value`` if it is a JSON value errands keeps faithfully (see the module docstring);
+    :class:`BadValue` saying where it is not. Walks without recursion.
+
+    ``other_types`` lets values of other types through (a handler's result may hold datetimes
+    or dataclasses, which the serialiser renders), so only numbers and strings are judged."""
+    stack: list[tuple[Any, int, str]] = [(value, 0, what)]
+    while stack:
+        item, depth, where = stack.pop()
+        if isinstance(item, dict):
+            children: Sequence[tuple[Any, str]] = [(v, f"{where}.{k}") for k, v in item.items()]
+            for key in item:
+                if isinstance(key, str):
+                    _check_unicode(key, where)
+                elif not other_types:
+                    raise BadValue(f"{where}: object keys must be strings")
+        elif isinstance(item, list | tuple):  # tuples: from Python callers
+            children = [(v, f"{where}[{i}]") for i, v in enumerate(item)]
+        else:
+            if isinstance(item, bool) or item is None:
+                continue
+            if isinstance(item, int):
+                if not MIN_INT64 <= item <= MAX_INT64:
+                    raise BadValue(f"{where}: integers must fit in 64 bits (-2^63 to 2^63-1)")
+            elif isinstance(item, float):
+                if not math.isfinite(item):
+                    raise BadValue(f"{where}: JSON has no NaN or Infinity")
+            elif isinstance(item, str):
+                _check_unicode(item, where)
+            elif not other_types:
+                raise BadValue(f"{where}: {type(item).__name__} is not a JSON value")
+            continue
+        if max_depth is not None and depth + 1 > max_depth:
+            raise BadValue(f"{what} is nested deeper than {max_depth} levels")
+        stack.extend((child, depth + 1, name) for child, name in children)
+    return value
+
+
+def _check_unicode(text: str, where: str) -> None:
+    # Python strings may hold lone surrogates (JSON parsers refuse them; Python callers may not).
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadValue(f"{where}: strings must be valid Unicode (no lone surrogates)") from None
+
+
+def load_json(body: bytes) -> Any:
+    """A JSON document, with integers of any size kept as such (so the range check sees them)
+    and no ``NaN``; :class:`BadValue` when it is not JSON errands keeps."""
+    try:
+        value = pydantic_core.from_json(body, allow_inf_nan=False)
+    except ValueError:
+        raise BadValue("the body is not valid JSON") from None
+    return check_json(value, what="the body")
+
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_task_id() -> str:
+    """A 26-character id that sorts by creation time (48-bit milliseconds, 80 random bits)."""
+    n = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    return "".join(_CROCKFORD[(n >> shift) & 31] for shift in range(125, -1, -5))
