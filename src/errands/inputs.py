@@ -57,7 +57,8 @@ def _integral(value: Any) -> Any:
     return value
 
 
-#: Use in ``Annotated[int, integral, Field(ge=…, le=…)]`` for an integer field of a strict model.
+#: Use in ``Annotated[int, Field(ge=…, le=…), integral]`` for an integer field of a strict model
+#: (the constraints first: after a validator, pydantic no longer writes them into the schema).
 integral = BeforeValidator(_integral)
 
 #: Text stored as text: no NUL (checked with a clear message; the pattern documents it).
@@ -71,9 +72,9 @@ Owner = Annotated[
 TaskId = Annotated[str, StringConstraints(pattern=TASK_ID_PATTERN)]
 TypeName = Annotated[str, StringConstraints(pattern=TYPE_PATTERN)]
 #: An integer field of a strict model: 64 bits, and ``3.0`` counts as ``3``.
-Int64 = Annotated[int, integral, Field(ge=MIN_INT64, le=MAX_INT64)]
+Int64 = Annotated[int, Field(ge=MIN_INT64, le=MAX_INT64), integral]
 #: A position in the event log (``after``, ``Last-Event-ID``): 0 up to the largest seq.
-Seq = Annotated[int, integral, Field(ge=0, le=MAX_INT64)]
+Seq = Annotated[int, Field(ge=0, le=MAX_INT64), integral]
 
 
 def parse_seq(text: str, what: str) -> int:

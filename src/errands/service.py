@@ -53,9 +53,9 @@ class SubmitRequest(BaseModel):
     input: dict[str, Any] = Field(default_factory=dict)
     id: TaskId | None = None
     owner: Owner | None = None
-    priority: Annotated[int, integral, Field(ge=-1000, le=1000)] = 0
+    priority: Annotated[int, Field(ge=-1000, le=1000), integral] = 0
     timeout_s: float | None = Field(None, gt=0, le=7 * 86_400)
-    max_attempts: Annotated[int, integral, Field(ge=1, le=100)] | None = None
+    max_attempts: Annotated[int, Field(ge=1, le=100), integral] | None = None
     expires_in_s: float | None = Field(None, gt=0, le=30 * 86_400)
     notify_url: Annotated[Text, Field(min_length=1, max_length=2048)] | None = None
 

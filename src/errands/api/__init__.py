@@ -1,67 +1,74 @@
-"""The ASGI app: tasks, tokens, stats and health over HTTP."""
+"""The ASGI app: the route table of every module, behind the guard (and CORS when configured)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from fastapi import FastAPI
+import orjson
 from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
+from starlette.types import ASGIApp
 
-from errands.api import admin, errors, hooks, notify, tasks, watch
-from errands.api.direct import OPENAPI_PATHS, DirectRoutes
+from errands.api import admin, inbound, notify, openapi, tasks, watch
 from errands.api.middleware import GuardMiddleware, OriginPolicy
+from errands.api.routing import Call, Route, Router
 
 if TYPE_CHECKING:
     from errands.runtime import Runtime
 
+TITLE = "errands"
+SUMMARY = "Long-running jobs: submit, run, watch live, notify, rescue."
 
-def create_api(runtime: Runtime) -> FastAPI:
+
+def routes() -> list[Route]:
+    """Every route of the API, in the order the document lists them."""
+    return [*tasks.ROUTES, *watch.ROUTES, *inbound.ROUTES, *notify.ROUTES, *admin.ROUTES]
+
+
+def create_api(runtime: Runtime) -> ASGIApp:
     """The HTTP API of ``runtime`` (which the caller starts and stops)."""
-    api = FastAPI(
-        title="errands",
-        version="1",
-        summary="Long-running jobs: submit, run, watch live, notify, rescue.",
-        redoc_url=None,
+    table = routes()
+    rendered: list[bytes] = []
+
+    async def openapi_json(call: Call) -> Response:
+        """This document."""
+        del call
+        if not rendered:  # made once, on first use: it names the app's task types
+            spec = openapi.document(
+                table, title=TITLE, version="1", summary=SUMMARY, task_types=list(runtime.app.task_types)
+            )
+            rendered.append(orjson.dumps(spec))
+        return Response(rendered[0], media_type="application/json")
+
+    table.append(
+        Route(
+            "GET",
+            "/openapi.json",
+            openapi_json,
+            "The OpenAPI document",
+            "docs",
+            errors=(),
+            auth="public",
+            documented=False,
+        )
     )
-    api.state.runtime = runtime
-    errors.install(api)
-    api.include_router(tasks.router)
-    api.include_router(watch.router)
-    api.include_router(hooks.router)
-    api.include_router(notify.router)
-    api.include_router(admin.router)
+    router = Router(runtime, table)
     origins = [o.strip() for o in runtime.settings.cors_origins.split(",") if o.strip()]
-    # Innermost first: the direct routes (submit, SSE watches) run after the guard.
-    api.add_middleware(DirectRoutes, runtime=runtime)
-    api.add_middleware(
-        GuardMiddleware,
+    app: ASGIApp = GuardMiddleware(
+        router,
         authenticator=lambda: runtime.authenticator,
         clock=runtime.clock,
         max_bytes=runtime.settings.max_body_bytes,
         origins=OriginPolicy(origins, runtime.settings.public_url),
+        needs_token=router.needs_token,
     )
     if origins:
         # Outermost, so preflight requests (which carry no token) are answered before the guard.
-        api.add_middleware(
-            CORSMiddleware,
+        app = CORSMiddleware(
+            app,
             allow_origins=origins,
             allow_methods=["GET", "POST", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
             max_age=600,
         )
-    _document_streams(api)
-    return api
-
-
-def _document_streams(api: FastAPI) -> None:
-    """Add the SSE endpoints, which are served outside FastAPI's routing, to /openapi.json."""
-    build = api.openapi
-
-    def openapi() -> dict[str, Any]:
-        if api.openapi_schema is None:
-            schema = build()
-            schema["paths"].update(OPENAPI_PATHS)
-            api.openapi_schema = schema
-        return api.openapi_schema
-
-    api.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend it
+    return app

@@ -1,4 +1,4 @@
-"""Health, readiness, stats and owner tokens."""
+"""Health, readiness, stats, owner tokens, the JavaScript client and the API's own document."""
 
 from __future__ import annotations
 
@@ -6,37 +6,11 @@ from importlib import resources
 from typing import Any
 
 import orjson
-from fastapi import APIRouter
-from pydantic import BaseModel
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, Response
 
-from errands.api.deps import PrincipalDep, RuntimeDep
-from errands.api.tasks import ERRORS
+from errands.api.routing import Call, Route
+from errands.api.schemas import Health, Readiness, StatsOut, TokenOut
 from errands.service import TokenRequest
-
-router = APIRouter()
-
-
-class TokenOut(BaseModel):
-    token: str
-    owner: str
-    scopes: list[str]
-    task_id: str | None
-    expires_at: str
-
-
-class Summary(BaseModel):
-    n: int
-    p50: float | None
-    p95: float | None
-
-
-class StatsOut(BaseModel):
-    by_status: dict[str, int]
-    by_type: dict[str, dict[str, int]]
-    window_s: float
-    queue_wait_s: Summary
-    run_time_s: Summary
 
 
 def _json(body: Any, status: int = 200) -> Response:
@@ -46,41 +20,99 @@ def _json(body: Any, status: int = 200) -> Response:
 _CLIENT_JS = resources.files("errands").joinpath("static/errands.js").read_bytes()
 
 
-@router.get("/client/errands.js", tags=["clients"], summary="The JavaScript client (an ES module)")
-async def client_js() -> Response:
-    """``watchTask`` / ``watchTasks`` for browsers and mini-programs; no token needed."""
+async def client_js(call: Call) -> Response:
+    """``watchTask`` / ``watchTasks`` for browsers and mini-programs (an ES module); no token needed."""
+    del call
     headers = {"Cache-Control": "public, max-age=300", "Access-Control-Allow-Origin": "*"}
     return Response(_CLIENT_JS, media_type="text/javascript; charset=utf-8", headers=headers)
 
 
-@router.get("/healthz", tags=["health"], summary="The process is up")
-async def healthz() -> Response:
+async def healthz(call: Call) -> Response:
+    """The process is up (no token needed)."""
+    del call
     return _json({"status": "ok"})
 
 
-@router.get("/readyz", tags=["health"], summary="The store is reachable and every loop is alive")
-async def readyz(runtime: RuntimeDep, principal: PrincipalDep) -> Response:
-    del principal  # any valid token may ask
-    health = await runtime.health()
+async def readyz(call: Call) -> Response:
+    """The store is reachable and every background loop is alive: ``200``, else ``503`` with the
+    problems. Any valid token may ask."""
+    assert call.principal  # the guard let only authenticated callers through
+    health = await call.runtime.health()
     return _json(health, 200 if health["ready"] else 503)
 
 
-@router.get(
-    "/v1/stats", tags=["admin"], response_model=StatsOut, responses=ERRORS, summary="Queue statistics"
-)
-async def stats(runtime: RuntimeDep, principal: PrincipalDep) -> Response:
+async def stats(call: Call) -> Response:
     """Counts by status and type, and queue wait and run time p50/p95 over a recent window (admin)."""
-    return _json(await runtime.service.stats(principal))
+    return _json(await call.runtime.service.stats(call.principal))
 
 
-@router.post(
-    "/v1/tokens",
-    tags=["admin"],
-    status_code=201,
-    response_model=TokenOut,
-    responses=ERRORS,
-    summary="Mint an owner token",
-)
-async def mint_token(body: TokenRequest, runtime: RuntimeDep, principal: PrincipalDep) -> Response:
+async def mint_token(call: Call) -> Response:
     """A signed, expiring token that acts only for ``owner`` (and only ``task_id`` if set)."""
-    return _json(runtime.service.mint_token(body, principal), 201)
+    body = await call.json(TokenRequest)
+    return _json(call.runtime.service.mint_token(body, call.principal), 201)
+
+
+_DOCS = b"""<!doctype html>
+<html><head><meta charset="utf-8"><title>errands API</title>
+<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+</body></html>"""
+
+
+async def docs(call: Call) -> Response:
+    """The API document, to read and try (Swagger UI)."""
+    del call
+    return HTMLResponse(_DOCS)
+
+
+ROUTES = [
+    Route(
+        "GET",
+        "/client/errands.js",
+        client_js,
+        "The JavaScript client (an ES module)",
+        "clients",
+        media_type="text/javascript",
+        response={"type": "string"},
+        errors=(),
+        auth="public",
+    ),
+    Route(
+        "GET", "/healthz", healthz, "The process is up", "health", response=Health, errors=(), auth="public"
+    ),
+    Route(
+        "GET",
+        "/readyz",
+        readyz,
+        "The store is reachable and every loop is alive",
+        "health",
+        response=Readiness,
+        answers={503: ("Not ready: the problems are listed.", Readiness)},
+        errors=(401,),
+    ),
+    Route("GET", "/v1/stats", stats, "Queue statistics", "admin", response=StatsOut, errors=(401, 403)),
+    Route(
+        "POST",
+        "/v1/tokens",
+        mint_token,
+        "Mint an owner token",
+        "admin",
+        status=201,
+        body=TokenRequest,
+        response=TokenOut,
+        errors=(400, 401, 403, 413, 422),
+    ),
+    Route(
+        "GET",
+        "/docs",
+        docs,
+        "The API document, to read and try",
+        "docs",
+        media_type="text/html",
+        errors=(),
+        auth="public",
+        documented=False,
+    ),
+]

@@ -6,8 +6,6 @@ import logging
 from typing import Any, TypeVar
 
 import orjson
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
@@ -99,16 +97,3 @@ def response_for(exc: Exception) -> Response:
         return error_response(409, "invalid_state", "The task changed meanwhile; try again.")
     log.error("unexpected error while serving a request", exc_info=exc)
     return error_response(500, "internal_error", "Something went wrong on our side.")
-
-
-def install(api: FastAPI) -> None:
-    async def on_error(_: Request, exc: Exception) -> Response:
-        return response_for(exc)
-
-    async def on_validation_error(_: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)
-        return response_for(invalid(list(exc.errors())))
-
-    api.add_exception_handler(RequestValidationError, on_validation_error)
-    for kind in (ApiError, HTTPException, StoreError, LeaseLost, Exception):
-        api.add_exception_handler(kind, on_error)

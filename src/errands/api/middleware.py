@@ -9,18 +9,10 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from errands.api.errors import error_body
+from errands.api.routing import PRINCIPAL
 from errands.auth import Authenticator
 from errands.clock import Clock
 from errands.errors import Unauthorized
-
-PRINCIPAL = "errands.principal"
-
-#: Paths anyone may read: liveness, the API description, the browser client.
-PUBLIC_PATHS = frozenset(
-    {"/healthz", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/client/errands.js"}
-)
-#: Path prefixes that authenticate by other means (signed webhooks, capability URLs).
-SELF_AUTHENTICATED_PREFIXES = ("/v1/hooks/",)
 
 
 def credential(scope: Scope) -> str | None:
@@ -81,8 +73,10 @@ class GuardMiddleware:
         clock: Clock,
         max_bytes: int,
         origins: OriginPolicy,
+        needs_token: Callable[[str], bool],
     ) -> None:
         self.app = app
+        self._needs_token = needs_token
         self._authenticator = authenticator
         self._clock = clock
         self.max_bytes = max_bytes
@@ -100,7 +94,7 @@ class GuardMiddleware:
             message = "This page's origin may not open a watch (see ERRANDS_CORS_ORIGINS)."
             await _refuse_handshake(scope, send, 403, error_body("forbidden", message), [])
             return
-        if path not in PUBLIC_PATHS and not path.startswith(SELF_AUTHENTICATED_PREFIXES):
+        if self._needs_token(path):
             authenticator = self._authenticator()
             try:
                 if authenticator is None:

@@ -20,6 +20,8 @@ from errands.notify.policy import END_EVENTS, EVENT_TYPES, valid_pattern
 from errands.store.base import Attempt, Endpoint, Message, MessageQuery, Store
 
 DEFAULT_EVENTS = sorted(e.value for e in END_EVENTS)
+ENDPOINT_ID_PATTERN = r"^ep_[0-9A-Z]{26}$"
+MESSAGE_ID_PATTERN = r"^msg_[0-9A-Z]{26}$"
 
 
 #: Event types (and the patterns ``task.*`` and ``*``) an endpoint may subscribe to.
@@ -91,7 +93,7 @@ class EndpointPatch(BaseModel):
 class RecoverIn(BaseModel):
     """The body of ``POST /v1/endpoints/{id}/recover``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     since: datetime = Field(description="Resend the messages that failed, created since then (ISO 8601).")
 

@@ -13,26 +13,26 @@ Every delivery is recorded with its outcome. Bearer tokens play no part here.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import orjson
-from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 from starlette.types import Scope
 
 from errands import model
-from errands.api.deps import PrincipalDep, RuntimeDep
 from errands.api.errors import error_response
-from errands.api.tasks import ERRORS
+from errands.api.routing import Call, PathParam, Route
+from errands.api.schemas import DeliveryPage, Outcome
 from errands.auth import CapabilitySigner
 from errands.errors import ApiError, BadRequest, Forbidden, NotFound, Unauthorized
 from errands.inputs import TASK_ID_PATTERN
 from errands.model import TaskError, TaskRecord
 from errands.providers import Inbound, Provider, Update
-from errands.runtime import Runtime
 from errands.store.base import Delivery
 
-router = APIRouter(tags=["webhooks"])
+if TYPE_CHECKING:
+    from errands.runtime import Runtime
 
 _OUTCOME_BODIES = {o: orjson.dumps({"outcome": o}) for o in ("applied", "unchanged", "duplicate", "late")}
 
@@ -76,22 +76,6 @@ async def _apply(
     if outcome == "unknown_task":
         return error_response(404, "not_found", "No such task.")
     return Response(_OUTCOME_BODIES[outcome], media_type="application/json")
-
-
-@router.post("/v1/hooks/callback/{token}", summary="A task's capability callback URL", responses=ERRORS)
-async def capability_hook(token: str, request: Request) -> Response:
-    """For services that cannot sign: the URL itself is the secret, for one task and attempt."""
-    # Served by errands.api.direct ahead of FastAPI's routing; declared here for the OpenAPI
-    # document (and for an app mounted without that middleware).
-    runtime: Runtime = request.app.state.runtime
-    return await capability_response(runtime, token, inbound_of(request.scope, await request.body()))
-
-
-@router.post("/v1/hooks/{provider}", summary="A provider's signed webhook", responses=ERRORS)
-async def signed_hook(provider: str, request: Request) -> Response:
-    """A webhook signed by the provider (Standard Webhooks by default)."""
-    runtime: Runtime = request.app.state.runtime
-    return await signed_response(runtime, provider, inbound_of(request.scope, await request.body()))
 
 
 async def capability_response(runtime: Runtime, token: str, inbound: Inbound) -> Response:
@@ -168,17 +152,36 @@ def _with(
     return Delivery(base.provider, delivery_id, task_id, outcome, status, base.received_at, detail[:200])
 
 
-@router.get("/v1/webhook-deliveries", tags=["admin"], summary="Recorded inbound webhooks (admin)")
-async def deliveries(
-    runtime: RuntimeDep,
-    principal: PrincipalDep,
-    task_id: Annotated[str | None, Query(pattern=TASK_ID_PATTERN)] = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 100,
-) -> Response:
-    """Every inbound webhook with its outcome, newest first; one task's with ``task_id``."""
-    if not principal.admin:
+class DeliveriesQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    task_id: Annotated[str, Field(pattern=TASK_ID_PATTERN)] | None = None
+    limit: Annotated[int, Field(ge=1, le=500)] = 100
+
+
+async def capability_hook(call: Call) -> Response:
+    """For services that cannot sign: the URL itself is the secret, for one task and attempt.
+    Answers as the signed webhook does; every bad URL gets the same ``401``."""
+    return await capability_response(
+        call.runtime, call.path_params["token"], inbound_of(call.scope, await call.body())
+    )
+
+
+async def signed_hook(call: Call) -> Response:
+    """A webhook signed by the provider (Standard Webhooks by default), tied to its task by the
+    provider's job id. ``200`` with the outcome (applied, unchanged, duplicate or late: stop
+    sending it), ``401`` forged or stale, ``404`` unknown provider or job, ``400`` malformed."""
+    return await signed_response(
+        call.runtime, call.path_params["provider"], inbound_of(call.scope, await call.body())
+    )
+
+
+async def deliveries(call: Call) -> Response:
+    """Every inbound webhook with its outcome, newest first; one task's with ``task_id`` (admin)."""
+    if not call.principal.admin:
         raise Forbidden("Only an admin may read webhook deliveries.")
-    rows = await runtime.store.deliveries(task_id=task_id, limit=limit)
+    q = call.query(DeliveriesQuery)
+    rows = await call.runtime.store.deliveries(task_id=q.task_id, limit=q.limit)
     body = [
         {
             "provider": d.provider,
@@ -192,3 +195,41 @@ async def deliveries(
         for d in rows
     ]
     return Response(orjson.dumps({"deliveries": body}), media_type="application/json")
+
+
+_WEBHOOK = (400, 401, 404, 413)
+
+ROUTES = [
+    Route(
+        "POST",
+        "/v1/hooks/callback/{token}",
+        capability_hook,
+        "A task's capability callback URL",
+        "webhooks",
+        path_params=(PathParam("token", None, "The secret token of the task's attempt."),),
+        response=Outcome,
+        errors=_WEBHOOK,
+        auth="self",
+    ),
+    Route(
+        "POST",
+        "/v1/hooks/{provider}",
+        signed_hook,
+        "A provider's signed webhook",
+        "webhooks",
+        path_params=(PathParam("provider", None, "The provider's name."),),
+        response=Outcome,
+        errors=_WEBHOOK,
+        auth="self",
+    ),
+    Route(
+        "GET",
+        "/v1/webhook-deliveries",
+        deliveries,
+        "Recorded inbound webhooks (admin)",
+        "admin",
+        query=DeliveriesQuery,
+        response=DeliveryPage,
+        errors=(401, 403, 422),
+    ),
+]
