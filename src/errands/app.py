@@ -14,7 +14,7 @@ from errands.auth import SYSTEM
 from errands.clock import Clock
 from errands.config import Settings, load_settings
 from errands.errors import ConfigError, Unavailable
-from errands.inputs import TYPE_PATTERN
+from errands.inputs import TYPE_PATTERN, validate
 from errands.model import Task
 from errands.service import SubmitRequest
 
@@ -253,11 +253,14 @@ class Errands:
     ) -> Task:
         """Submit a task from code living next to the service; returns at once with the task.
 
-        Same rules as ``POST /v1/tasks``: an ``id`` makes the call idempotent.
+        Same rules as ``POST /v1/tasks``: an ``id`` makes the call idempotent; a value the API
+        would refuse raises the same error (:class:`errands.errors.InvalidRequest`, with the
+        same message).
         """
         if self._runtime is None:
             raise Unavailable("The app is not running; use `async with app.running():` or `errands serve`.")
-        request = SubmitRequest.model_validate(
+        request = validate(
+            SubmitRequest,
             {
                 "type": type,
                 "input": {} if input is None else input,
@@ -268,7 +271,7 @@ class Errands:
                 "max_attempts": max_attempts,
                 "expires_in_s": None if expires_in_s is None else float(expires_in_s),
                 "notify_url": notify_url,
-            }
+            },
         )
         record, _ = await self._runtime.service.submit(request, SYSTEM)
         return record.to_task()

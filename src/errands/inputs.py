@@ -20,10 +20,12 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import pydantic_core
-from pydantic import AfterValidator, BeforeValidator, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, StringConstraints, ValidationError
+
+from errands.errors import ApiError, BadRequest, InvalidRequest
 
 MAX_INT64 = 2**63 - 1
 MIN_INT64 = -(2**63)
@@ -150,3 +152,43 @@ def new_task_id() -> str:
     """A 26-character id that sorts by creation time (48-bit milliseconds, 80 random bits)."""
     n = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
     return "".join(_CROCKFORD[(n >> shift) & 31] for shift in range(125, -1, -5))
+
+
+# -- validation errors, as clients are told them -----------------------------------------------
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path")]
+    where = ".".join(loc)
+    kind = error.get("type", "")
+    if kind == "extra_forbidden":
+        return f"{where}: unknown field" if where else "unknown field"
+    if kind == "missing":
+        return f"{where}: required" if where else "a JSON object body is required"
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
+
+
+def invalid(errors: list[Any]) -> ApiError:
+    """The API error for pydantic validation errors: malformed JSON is a 400, the rest 422."""
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return BadRequest("The body is not valid JSON.")
+    return InvalidRequest("; ".join(_describe(e) for e in errors[:5]))
+
+
+def parse(model: type[M], body: bytes) -> M:
+    """Validate a JSON body against ``model`` (strict, no recursion limit issues) or raise."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise invalid(list(exc.errors())) from None
+
+
+def validate(model: type[M], data: Any) -> M:
+    """Validate Python values against ``model`` (from Python callers) or raise as :func:`parse`."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise invalid(list(exc.errors())) from None

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, TypeVar
 
 import orjson
-from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from errands.errors import ApiError, BadRequest, InvalidRequest, LeaseLost, StoreError, TooManyRequests
+from errands.errors import ApiError, LeaseLost, StoreError, TooManyRequests
+from errands.inputs import invalid, parse
+
+__all__ = ["error_body", "error_response", "invalid", "parse", "response_for"]
 
 log = logging.getLogger("errands.api")
-
-M = TypeVar("M", bound=BaseModel)
 
 _HTTP_CODES = {
     400: "bad_request",
@@ -36,33 +35,6 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
     return Response(
         error_body(code, message), status_code=status, media_type="application/json", headers=headers
     )
-
-
-def _describe(error: dict[str, Any]) -> str:
-    loc = [str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path")]
-    where = ".".join(loc)
-    kind = error.get("type", "")
-    if kind == "extra_forbidden":
-        return f"{where}: unknown field" if where else "unknown field"
-    if kind == "missing":
-        return f"{where}: required" if where else "a JSON object body is required"
-    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
-    return f"{where}: {message}" if where else message
-
-
-def invalid(errors: list[Any]) -> ApiError:
-    """The API error for pydantic validation errors: malformed JSON is a 400, the rest 422."""
-    if any(e.get("type") == "json_invalid" for e in errors):
-        return BadRequest("The body is not valid JSON.")
-    return InvalidRequest("; ".join(_describe(e) for e in errors[:5]))
-
-
-def parse(model: type[M], body: bytes) -> M:
-    """Validate a JSON body against ``model`` (strict, no recursion limit issues) or raise."""
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        raise invalid(list(exc.errors())) from None
 
 
 def http_error_response(exc: HTTPException) -> Response:
