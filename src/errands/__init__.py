@@ -28,6 +28,7 @@ from errands.errors import (
     UnknownTaskType,
 )
 from errands.model import EventType, Status, Task, TaskError
+from errands.registry import HookEvent, WeChatTemplate
 
 __version__ = "0.1.0"
 
@@ -43,6 +44,7 @@ __all__ = [
     "Fail",
     "Forbidden",
     "Gone",
+    "HookEvent",
     "IdConflict",
     "InvalidRequest",
     "InvalidTransition",
@@ -59,5 +61,6 @@ __all__ = [
     "Unauthorized",
     "Unavailable",
     "UnknownTaskType",
+    "WeChatTemplate",
     "__version__",
 ]

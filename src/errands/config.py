@@ -2,12 +2,47 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
+from functools import cached_property
 from typing import Any
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from errands.errors import ConfigError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``"90"``, ``"5s"``, ``"5m"``, ``"2h"``, ``"1d"``."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ConfigError(f"'{text}' is not a duration (such as 30s, 5m, 2h).")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+def parse_schedule(text: str) -> tuple[float, ...]:
+    """The delays before each attempt: ``"0s,5s,5m"`` is three attempts, the first at once."""
+    delays = tuple(parse_duration(part) for part in text.split(",") if part.strip())
+    if not delays:
+        raise ConfigError("A retry schedule needs at least one attempt.")
+    return delays
+
+
+def parse_networks(text: str) -> tuple[IPNetwork, ...]:
+    """``"127.0.0.0/8, ::1"`` as networks (the value of ``ERRANDS_NOTIFY_ALLOW_NETWORKS``)."""
+    networks = []
+    for part in text.split(","):
+        if part.strip():
+            try:
+                networks.append(ipaddress.ip_network(part.strip(), strict=False))
+            except ValueError:
+                raise ConfigError(f"'{part.strip()}' is not a network (such as 127.0.0.0/8).") from None
+    return tuple(networks)
 
 
 class Settings(BaseSettings):
@@ -94,15 +129,22 @@ class Settings(BaseSettings):
     @field_validator("notify_schedule", "notify_allow_networks")
     @classmethod
     def _parses(cls, value: str, info: ValidationInfo) -> str:
-        from errands.notify.guard import parse_networks
-        from errands.notify.policy import parse_schedule
-
         parse = parse_schedule if info.field_name == "notify_schedule" else parse_networks
         try:
             parse(value)
         except ConfigError as exc:
             raise ValueError(exc.message) from None
         return value
+
+    @cached_property
+    def retry_schedule(self) -> tuple[float, ...]:
+        """``notify_schedule``, parsed (once)."""
+        return parse_schedule(self.notify_schedule)
+
+    @cached_property
+    def allow_networks(self) -> tuple[IPNetwork, ...]:
+        """``notify_allow_networks``, parsed (once)."""
+        return parse_networks(self.notify_allow_networks)
 
     @property
     def heartbeat_interval_s(self) -> float:

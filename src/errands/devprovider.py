@@ -35,6 +35,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from errands import signing
+from errands.providers.standard import StandardProvider
 
 log = logging.getLogger("errands.devprovider")
 
@@ -232,10 +233,8 @@ class DevProvider:
             delay *= 2
 
 
-def dev_standard_provider(url: str, *, name: str = "dev", secret: str = DEV_SECRET) -> Any:
+def dev_standard_provider(url: str, *, name: str = "dev", secret: str = DEV_SECRET) -> StandardProvider:
     """A :class:`StandardProvider` pointed at a dev provider running at ``url``."""
-    from errands.providers.standard import StandardProvider
-
     base = url.rstrip("/")
     return StandardProvider(
         name,

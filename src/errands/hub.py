@@ -2,9 +2,11 @@
 
 The hub follows the event log in ``seq`` order and hands every event, exactly once and in order,
 to the listeners of this process (workers, notifiers) and to its watches (the live streams of
-clients). It is fed only by committed events: the store reports this process's commits right
-after they commit, and the hub reads the log itself for everything else (other processes'
-commits, or anything it missed), so nobody sees a change that was rolled back or a gap.
+clients). It is the store's one commit subscriber, and fed only by committed events: the store
+reports this process's commits right after they commit, and the hub reads the log itself for
+everything else (other processes' commits, or anything it missed), so nobody sees a change that
+was rolled back or a gap. It also passes on the announcements of work (a commit that made a task
+claimable, here or, where the store can tell, elsewhere), which idle workers act on at once.
 
 A watch has a bounded buffer. Offering an event never blocks: a watch whose consumer cannot keep
 up overflows and is closed (its client resumes from the log), so one slow client never slows
@@ -19,14 +21,20 @@ import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from errands.errors import TooManyRequests
 from errands.model import Event, Status
-from errands.store.base import Store
+from errands.store.base import WORK_EVENTS, Lifecycle
+from errands.store.base import EventLog as Log
 
 log = logging.getLogger("errands.hub")
 
 Listener = Callable[[Event], None]
+
+
+class _HubStore(Log, Lifecycle, Protocol):
+    """What the hub needs of a store: its log, and to subscribe to it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +125,7 @@ class Hub:
 
     def __init__(
         self,
-        store: Store,
+        store: _HubStore,
         *,
         poll_s: float,
         max_watches: int = 20_000,
@@ -135,7 +143,9 @@ class Hub:
         self._snapshots = snapshots
         self._poll_s = poll_s
         self._listeners: list[Listener] = []
+        self._work: list[Callable[[], None]] = []
         self._wake = asyncio.Event()
+        self._behind = False
         self.last_seq = 0
         self.started = False
         self.max_watches = max_watches
@@ -215,26 +225,48 @@ class Hub:
         """``listener(event)`` is called on the event loop for each event; it must not block."""
         self._listeners.append(listener)
 
+    def on_work(self, callback: Callable[[], None]) -> None:
+        """``callback()`` runs when a commit may have made a task claimable (a task created or
+        sent back to the queue), here or, where the store can tell, in another process: a
+        worker claims at once instead of waiting for the hub's next read of the log."""
+        self._work.append(callback)
+
+    def _announce_work(self) -> None:
+        for callback in self._work:
+            try:
+                callback()
+            except Exception:
+                log.exception("a work listener failed")
+
     def remove_listener(self, listener: Listener) -> None:
         with contextlib.suppress(ValueError):
             self._listeners.remove(listener)
 
     async def start(self) -> None:
+        self._store.subscribe(self)
         self.last_seq = await self._store.last_seq()
-        self._store.add_commit_listener(self._on_local_commit)
         self.started = True
 
     def wake(self) -> None:
         """Read the log now: another process may have committed events."""
         self._wake.set()
 
-    def _on_local_commit(self, events: Sequence[Event]) -> None:
+    # -- the store's commits (the hub is its one subscriber) ----------------------------------
+
+    def committed(self, events: Sequence[Event]) -> None:
         # Fast path: our own commit directly follows what we delivered. Otherwise some other
         # process's events sit in between, and reading the log keeps the order.
         if events and events[0].seq == self.last_seq + 1:
             self._deliver(events)
         else:
             self._wake.set()
+        if self._work and any(e.type in WORK_EVENTS for e in events):
+            self._announce_work()
+
+    def remote_commit(self, *, work: bool) -> None:
+        self._wake.set()
+        if work:
+            self._announce_work()
 
     def _deliver(self, events: Sequence[Event]) -> None:
         for event in events:
@@ -260,10 +292,11 @@ class Hub:
         """Deliver every committed event after :attr:`last_seq`; return how many there were."""
         delivered = 0
         while True:
-            events = await self._store.events_since(self.last_seq, limit=1000, snapshots=self._snapshots)
-            self._deliver(events)
-            delivered += len(events)
-            if len(events) < 1000:
+            read = await self._store.read_log(self.last_seq, limit=1000, snapshots=self._snapshots)
+            self._behind = read.behind
+            self._deliver(read.events)
+            delivered += len(read.events)
+            if len(read.events) < 1000:
                 return delivered
 
     def stop(self) -> None:
@@ -278,7 +311,8 @@ class Hub:
         loop = asyncio.get_running_loop()
         last_read, gap_s = -1e9, 0.0
         while not self._stopped:
-            wait_s = 0.005 if self._store.behind else self._poll_s
+            # Events wait above the safe bound for older transactions: come back for them soon.
+            wait_s = 0.005 if self._behind else self._poll_s
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait_s)
             pause = last_read + gap_s - loop.time()

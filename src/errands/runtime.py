@@ -1,4 +1,10 @@
-"""One running errands process: store, hub, workers, sweeper, and their supervision."""
+"""One running errands process: store, hub, service, workers, sweeper, notifier, and their supervision.
+
+What needs nothing but the settings is made at once (the store, the hub, the SSRF guard); what
+needs the database's state (the token and capability secrets, the admin keys, the default
+notification secret) is made by :meth:`Runtime.start`, whole, once the store is open: no object
+is finished after it is built.
+"""
 
 from __future__ import annotations
 
@@ -7,75 +13,51 @@ import contextlib
 import logging
 import random
 import secrets
-from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from errands import signing
-from errands.app import Errands
 from errands.auth import Authenticator, CapabilitySigner, TokenSigner, hash_key, new_admin_key
 from errands.clock import Clock, SystemClock
 from errands.config import Settings
 from errands.errors import StoreError
+from errands.guard import AddressPolicy
 from errands.hub import Hub
+from errands.intake import Intake
 from errands.notify.endpoints import NotifyAdmin
 from errands.notify.notifier import Notifier
 from errands.providers import Callbacks
+from errands.registry import Registry
 from errands.service import Service
 from errands.store import open_store
+from errands.supervisor import Supervisor
 from errands.sweeper import Sweeper
 from errands.worker import Worker
 
 log = logging.getLogger("errands.runtime")
 
 
-class Supervisor:
-    """Keeps every background loop of the process; a loop that ends on its own is reported."""
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """The secrets of a running service, read (or made once, for every node) at start."""
 
-    def __init__(self) -> None:
-        self._tasks: dict[str, asyncio.Task[Any]] = {}
-        self._transient: set[asyncio.Task[Any]] = set()
-        self.failures: dict[str, str] = {}
-        self._stopping = False
+    token_secret: str
+    admin_hashes: set[str]
+    notify_secret: str
+    generated_admin_key: str | None
 
-    def run_soon(self, name: str, coro: Coroutine[Any, Any, Any]) -> None:
-        """A one-off background job (calling a provider, say): kept, logged if it fails,
-        cancelled at shutdown."""
-        task = asyncio.create_task(coro, name=f"errands-{name}")
-        self._transient.add(task)
 
-        def done(t: asyncio.Task[Any]) -> None:
-            self._transient.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                log.warning("background job %s failed: %s", name, t.exception())
+@dataclass(frozen=True, slots=True)
+class Parts:
+    """What :meth:`Runtime.start` makes once the store is open."""
 
-        task.add_done_callback(done)
-
-    def spawn(self, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.create_task(coro, name=f"errands-{name}")
-        self._tasks[name] = task
-        task.add_done_callback(lambda t: self._ended(name, t))
-        return task
-
-    def _ended(self, name: str, task: asyncio.Task[Any]) -> None:
-        if self._stopping or task.cancelled():
-            return
-        error = task.exception()
-        if error is not None:
-            log.error("background loop %s crashed", name, exc_info=error)
-            self.failures[name] = f"crashed: {type(error).__name__}"
-        else:
-            self.failures[name] = "stopped"
-
-    def alive(self) -> dict[str, bool]:
-        return {name: not task.done() for name, task in self._tasks.items()}
-
-    async def stop(self) -> None:
-        self._stopping = True
-        everything = [*self._tasks.values(), *self._transient]
-        for task in everything:
-            task.cancel()
-        if everything:
-            await asyncio.wait(everything, timeout=10)
+    credentials: Credentials
+    authenticator: Authenticator
+    capabilities: CapabilitySigner
+    callbacks: Callbacks
+    intake: Intake
+    service: Service
+    notify_admin: NotifyAdmin
 
 
 class Runtime:
@@ -83,16 +65,18 @@ class Runtime:
 
     def __init__(
         self,
-        app: Errands,
+        app: Registry,
         settings: Settings,
         *,
         clock: Clock | None = None,
         rng: random.Random | None = None,
         worker_id: str | None = None,
         serves_watches: bool = True,
+        base_url: str | None = None,
     ) -> None:
         """``serves_watches=False`` for a process that will not serve the API (a worker): its
-        hub then reads the log without task snapshots."""
+        hub then reads the log without task snapshots. ``base_url``: where providers call back
+        (default ``ERRANDS_PUBLIC_URL``, else the host and port this process listens on)."""
         self.app = app
         self.settings = settings
         self.clock = clock or SystemClock()
@@ -108,19 +92,56 @@ class Runtime:
             # A worker reads the log only to route work (wake-ups, cancellations): less often.
             read_gap_s=self.store.log_read_gap_s * (1 if serves_watches else 4),
         )
-        self.service = Service(app, self.store, settings, self.clock)
-        self.notify_admin = NotifyAdmin(self.store, settings, self.clock)
         self.supervisor = Supervisor()
-        self.service.run_soon = self.supervisor.run_soon
+        self.guard = AddressPolicy(allow=settings.allow_networks, https_only=settings.notify_https_only)
+        self.base_url = base_url or settings.public_url or f"http://{settings.host}:{settings.port}"
         self.worker: Worker | None = None
         self.sweeper: Sweeper | None = None
         self.notifier: Notifier | None = None
-        self.notify_secret: str | None = None
-        self.authenticator: Authenticator | None = None
-        self.capabilities: CapabilitySigner | None = None
-        self.callbacks: Callbacks | None = None
-        self.generated_admin_key: str | None = None
         self._worker_id = worker_id
+        self._parts: Parts | None = None
+
+    # -- what start() makes --------------------------------------------------------------------
+
+    @property
+    def parts(self) -> Parts:
+        if self._parts is None:
+            raise RuntimeError("the runtime is not started")
+        return self._parts
+
+    @property
+    def service(self) -> Service:
+        return self.parts.service
+
+    @property
+    def intake(self) -> Intake:
+        return self.parts.intake
+
+    @property
+    def notify_admin(self) -> NotifyAdmin:
+        return self.parts.notify_admin
+
+    @property
+    def authenticator(self) -> Authenticator | None:
+        return None if self._parts is None else self._parts.authenticator
+
+    @property
+    def capabilities(self) -> CapabilitySigner:
+        return self.parts.capabilities
+
+    @property
+    def callbacks(self) -> Callbacks:
+        return self.parts.callbacks
+
+    @property
+    def notify_secret(self) -> str:
+        return self.parts.credentials.notify_secret
+
+    @property
+    def generated_admin_key(self) -> str | None:
+        return None if self._parts is None else self._parts.credentials.generated_admin_key
+
+    # -- life cycle ---------------------------------------------------------------------------
 
     async def start(
         self,
@@ -135,21 +156,14 @@ class Runtime:
         The notifier runs where the sweeper does unless ``notifier`` says otherwise."""
         await self.store.open(migrate=migrate)
         try:
-            await self._credentials(generate_admin_key=api)
+            self._parts = parts = self._make(await self._credentials(generate_admin_key=api))
             await self.hub.start()
-            self.store.add_remote_listener(self.hub.wake)
             self.supervisor.spawn("hub", self.hub.run())
             if workers:
                 self.worker = Worker(
-                    self.app,
-                    self.store,
-                    self.hub,
-                    self.settings,
-                    clock=self.clock,
-                    rng=self.rng,
-                    worker_id=self._worker_id,
-                    callbacks=self.callbacks,
-                )
+                    self.app, self.store, self.hub, self.settings, clock=self.clock, rng=self.rng,
+                    worker_id=self._worker_id, callbacks=parts.callbacks,
+                )  # fmt: skip
                 self.supervisor.spawn("worker", self.worker.run())
             if sweeper:
                 self.sweeper = Sweeper(
@@ -157,20 +171,15 @@ class Runtime:
                     self.settings,
                     clock=self.clock,
                     rng=self.rng,
-                    app=self.app,
-                    supervisor=self.supervisor,
+                    registry=self.app,
+                    intake=parts.intake,
                 )
                 self.supervisor.spawn("sweeper", self.sweeper.run())
             if sweeper if notifier is None else notifier:
-                assert self.notify_secret is not None
                 self.notifier = Notifier(
-                    self.app,
-                    self.store,
-                    self.settings,
-                    clock=self.clock,
-                    rng=self.rng,
-                    default_secret=self.notify_secret,
-                )
+                    self.app, self.store, self.hub, self.settings, clock=self.clock, rng=self.rng,
+                    guard=self.guard, default_secret=parts.credentials.notify_secret,
+                )  # fmt: skip
                 self.supervisor.spawn("notifier", self.notifier.run())
             if api and self.settings.admin_key is None:
                 self.supervisor.spawn("admin-keys", self._refresh_admin_keys())
@@ -178,34 +187,57 @@ class Runtime:
             await self.supervisor.stop()
             await self.store.close()
             raise
-        self.app._bind(self)
 
-    async def _credentials(self, *, generate_admin_key: bool) -> None:
+    def _make(self, credentials: Credentials) -> Parts:
+        signer = TokenSigner(credentials.token_secret)
+        capabilities = CapabilitySigner(credentials.token_secret)
+        intake = Intake(
+            self.app,
+            self.store,
+            self.clock,
+            capabilities,
+            self.supervisor.run_soon,
+            self.settings.provider_timeout_s,
+        )
+        return Parts(
+            credentials=credentials,
+            authenticator=Authenticator(signer, credentials.admin_hashes),
+            capabilities=capabilities,
+            callbacks=Callbacks(self.base_url, capabilities),
+            intake=intake,
+            service=Service(
+                self.app,
+                self.store,
+                self.settings,
+                self.clock,
+                signer=signer,
+                guard=self.guard,
+                intake=intake,
+            ),
+            notify_admin=NotifyAdmin(self.store, self.settings, self.clock, self.guard),
+        )
+
+    async def _credentials(self, *, generate_admin_key: bool) -> Credentials:
         if self.settings.secret is not None:
             secret = self.settings.secret.get_secret_value()
         else:
             secret = await self.store.meta_setdefault("token_secret", secrets.token_urlsafe(32))
+        generated = None
         if self.settings.admin_key is not None:
             # A configured key replaces the generated ones.
             hashes = {hash_key(self.settings.admin_key.get_secret_value())}
         else:
             hashes = await self.store.admin_key_hashes()
             if not hashes and generate_admin_key:
-                key = new_admin_key()
-                await self.store.add_admin_key(hash_key(key))
-                self.generated_admin_key = key
-                hashes = {hash_key(key)}
+                generated = new_admin_key()
+                await self.store.add_admin_key(hash_key(generated))
+                hashes = {hash_key(generated)}
         if self.settings.notify_secret is not None:
-            self.notify_secret = self.settings.notify_secret.get_secret_value()
-            signing.secret_key(self.notify_secret)  # a clear error now rather than at the first delivery
+            notify_secret = self.settings.notify_secret.get_secret_value()
+            signing.secret_key(notify_secret)  # a clear error now rather than at the first delivery
         else:
-            self.notify_secret = await self.store.meta_setdefault("notify_secret", signing.new_secret())
-        signer = TokenSigner(secret)
-        self.authenticator = Authenticator(signer, hashes)
-        self.service.signer = signer
-        self.capabilities = CapabilitySigner(secret)
-        base = self.settings.public_url or f"http://{self.settings.host}:{self.settings.port}"
-        self.callbacks = Callbacks(base, self.capabilities)
+            notify_secret = await self.store.meta_setdefault("notify_secret", signing.new_secret())
+        return Credentials(secret, hashes, notify_secret, generated)
 
     async def _refresh_admin_keys(self) -> None:
         """Pick up admin keys another node generated after this one started."""
@@ -213,12 +245,11 @@ class Runtime:
             await asyncio.sleep(10)
             with contextlib.suppress(StoreError):
                 hashes = await self.store.admin_key_hashes()
-                if self.authenticator is not None and hashes:
-                    self.authenticator.set_admin_hashes(hashes)
+                if hashes:
+                    self.parts.authenticator.set_admin_hashes(hashes)
 
     async def stop(self) -> None:
         """Stop claiming, let handlers finish within the grace period, then close everything."""
-        self.app._bind(None)
         self.hub.close_watches()
         if self.worker is not None:
             await self.worker.shutdown(self.settings.shutdown_grace_s)

@@ -18,6 +18,7 @@ from typing import Any
 
 import uvicorn
 
+from errands.api import create_api
 from errands.app import Errands
 from errands.config import Settings
 from errands.errors import ConfigError
@@ -67,16 +68,19 @@ def _on_signals(handler: Callable[[], None]) -> Callable[[], None]:
     return remove
 
 
+def url_of(sock: socket.socket) -> str:
+    """The base URL of a bound socket."""
+    host, port = sock.getsockname()[:2]
+    return f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+
+
 class ApiServer:
     """The HTTP API of a started runtime, served by uvicorn on a bound socket in this loop."""
 
     def __init__(self, runtime: Runtime, sock: socket.socket) -> None:
-        from errands.api import create_api
-
         self.runtime = runtime
         self._sock = sock
-        host, port = sock.getsockname()[:2]
-        self.url = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+        self.url = url_of(sock)
         config = uvicorn.Config(
             create_api(runtime),
             log_level=runtime.settings.log_level.lower(),
@@ -141,11 +145,10 @@ async def serve(
 ) -> None:
     """Run the API, the workers and the sweeper until a signal arrives."""
     sock = bind(settings.host, settings.port)
-    runtime = Runtime(app, settings)
+    # Providers call back where this process listens, unless ERRANDS_PUBLIC_URL says otherwise.
+    runtime = Runtime(app, settings, base_url=settings.public_url or url_of(sock))
     await runtime.start(workers=workers, sweeper=True, api=True)
     api = ApiServer(runtime, sock)
-    if settings.public_url is None and runtime.callbacks is not None:
-        runtime.callbacks.base_url = api.url  # providers call back where this process listens
 
     def request_stop() -> None:
         if api._server.should_exit and runtime.worker is not None:
@@ -154,10 +157,11 @@ async def serve(
 
     remove = _on_signals(request_stop)
     try:
-        await api.start()
-        if on_ready is not None:
-            on_ready(runtime, api.url)
-        await api.wait()
+        with app.serving(runtime):
+            await api.start()
+            if on_ready is not None:
+                on_ready(runtime, api.url)
+            await api.wait()
     finally:
         remove()
         sock.close()
@@ -177,9 +181,10 @@ async def work(app: Errands, settings: Settings, *, on_ready: Callable[[Runtime]
 
     remove = _on_signals(request_stop)
     try:
-        if on_ready is not None:
-            on_ready(runtime)
-        await stop.wait()
+        with app.serving(runtime):
+            if on_ready is not None:
+                on_ready(runtime)
+            await stop.wait()
     finally:
         remove()
         await runtime.stop()

@@ -6,14 +6,13 @@ rules. Owner isolation lives here too: a task of another owner is reported as no
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import math
 import re
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,6 +22,7 @@ from errands.auth import READ, WRITE, Principal, TokenSigner
 from errands.clock import Clock, iso
 from errands.config import Settings
 from errands.errors import Forbidden, Gone, InvalidCursor, InvalidRequest, NotFound, UnknownTaskType
+from errands.guard import AddressPolicy, Refused
 from errands.inputs import (
     TASK_ID_PATTERN,
     BadValue,
@@ -34,12 +34,16 @@ from errands.inputs import (
     integral,
     new_task_id,
 )
-from errands.model import Event, Status, TaskRecord
-from errands.notify.guard import AddressPolicy, Refused, parse_networks
-from errands.store.base import NewTask, Store, TaskQuery, Tombstone
+from errands.intake import Intake
+from errands.model import Event, NewTask, Status, TaskRecord
+from errands.registry import Registry
+from errands.store.base import EventLog, Sweeping, Tasks
+from errands.store.records import TaskQuery, Tombstone
 
-if TYPE_CHECKING:
-    from errands.app import Errands
+
+class _Store(Tasks, Sweeping, EventLog, Protocol):
+    """What the service needs of a store."""
+
 
 MAX_LIST_LIMIT = 200
 
@@ -117,24 +121,31 @@ class Page:
 class Service:
     """The operations of the API, for one process."""
 
-    def __init__(self, app: Errands, store: Store, settings: Settings, clock: Clock) -> None:
-        self.app = app
+    def __init__(
+        self,
+        registry: Registry,
+        store: _Store,
+        settings: Settings,
+        clock: Clock,
+        *,
+        signer: TokenSigner,
+        guard: AddressPolicy,
+        intake: Intake,
+    ) -> None:
+        self.registry = registry
         self.store = store
         self.settings = settings
         self.clock = clock
-        self.signer: TokenSigner | None = None
-        self.address_policy = AddressPolicy(
-            allow=parse_networks(settings.notify_allow_networks), https_only=settings.notify_https_only
-        )
-        #: Runs a background job (set by the runtime): how a cancel reaches a provider.
-        self.run_soon: Callable[[str, Coroutine[Any, Any, Any]], None] | None = None
+        self.signer = signer
+        self.guard = guard
+        self.intake = intake
 
     # -- tasks --------------------------------------------------------------------------------
 
     async def submit(self, request: SubmitRequest, principal: Principal) -> tuple[TaskRecord, bool]:
         """Create a task; ``(task, False)`` when the same request was already accepted."""
         principal.require(WRITE)
-        task_type = self.app.task_types.get(request.type)
+        task_type = self.registry.task_types.get(request.type)
         if task_type is None:
             raise UnknownTaskType(f"No handler or provider is registered for task type '{request.type}'.")
         if principal.admin:
@@ -149,7 +160,7 @@ class Service:
             if not principal.admin:
                 raise Forbidden("Only an admin key may set notify_url.")
             try:
-                await self.address_policy.check(request.notify_url)
+                await self.guard.check(request.notify_url)
             except Refused as exc:
                 raise InvalidRequest(f"notify_url: {exc.reason}") from None
             except LookupError as exc:
@@ -221,13 +232,7 @@ class Service:
         """Cancel a task; one an external provider runs is cancelled there too (best effort)."""
         now = self.clock.now()
         record = await self._change(task_id, principal, lambda r: model.cancel(r, now=now))
-        task_type = self.app.task_types.get(record.type)
-        if record.external_id and task_type is not None and task_type.provider is not None and self.run_soon:
-            timeout_s = self.settings.provider_timeout_s
-            self.run_soon(
-                f"cancel-{record.id}",
-                asyncio.wait_for(task_type.provider.cancel(record.external_id), timeout_s),
-            )
+        self.intake.cancel_at_provider(record)
         return record
 
     async def retry(self, task_id: str, principal: Principal) -> TaskRecord:
@@ -267,7 +272,6 @@ class Service:
     def mint_token(self, request: TokenRequest, principal: Principal) -> dict[str, Any]:
         if not principal.admin:
             raise Forbidden("Only an admin may mint tokens.")
-        assert self.signer is not None, "the runtime sets the signer at start"
         expires_at = self.clock.now() + request.ttl_s
         token = self.signer.mint(
             owner=request.owner, scopes=request.scopes, expires_at=expires_at, task_id=request.task_id

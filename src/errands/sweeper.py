@@ -24,19 +24,22 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from errands import model
 from errands.clock import Clock
 from errands.config import Settings
 from errands.errors import InvalidTransition, LeaseLost, NotFound
+from errands.intake import Intake
 from errands.model import Change, Status, TaskError, TaskRecord
-from errands.store.base import Decision, Store
+from errands.providers import Provider
+from errands.registry import Registry
+from errands.store.base import Decision, Lifecycle, Sweeping, Tasks
 
-if TYPE_CHECKING:
-    from errands.app import Errands
-    from errands.providers import Provider
-    from errands.runtime import Supervisor
+
+class _Store(Tasks, Sweeping, Lifecycle, Protocol):
+    """What the sweeper needs of a store."""
+
 
 log = logging.getLogger("errands.sweeper")
 
@@ -59,20 +62,20 @@ class SweepReport:
 class Sweeper:
     def __init__(
         self,
-        store: Store,
+        store: _Store,
         settings: Settings,
         *,
         clock: Clock,
         rng: random.Random,
-        app: Errands | None = None,
-        supervisor: Supervisor | None = None,
+        registry: Registry,
+        intake: Intake,
     ) -> None:
         self.store = store
         self.settings = settings
         self.clock = clock
         self._rng = rng
-        self._app = app
-        self._supervisor = supervisor
+        self._registry = registry
+        self._intake = intake
         self._poll_failures: dict[str, int] = {}
         self.last_error: str | None = None
 
@@ -141,7 +144,7 @@ class Sweeper:
                     if outcome.record is not None and outcome.record.updated_at == now:
                         changed += 1
                         if outcome.record.external_id and outcome.record.lease_token is None:
-                            self._cancel_at_provider(outcome.record)
+                            self._intake.cancel_at_provider(outcome.record)
                     elif outcome.error is not None and not isinstance(
                         outcome.error, InvalidTransition | LeaseLost | NotFound
                     ):
@@ -163,21 +166,10 @@ class Sweeper:
     # -- external providers -------------------------------------------------------------------
 
     def _provider_of(self, record: TaskRecord) -> tuple[Provider, float] | None:
-        task_type = self._app.task_types.get(record.type) if self._app is not None else None
+        task_type = self._registry.task_types.get(record.type)
         if task_type is None or task_type.provider is None:
             return None
         return task_type.provider, task_type.poll_every_s
-
-    def _cancel_at_provider(self, record: TaskRecord) -> None:
-        """A timed-out external attempt: ask the provider to stop its job (best effort)."""
-        found = self._provider_of(record)
-        if found is None or self._supervisor is None or record.external_id is None:
-            return
-        provider, external_id = found[0], record.external_id
-        self._supervisor.run_soon(
-            f"cancel-{record.id}",
-            asyncio.wait_for(provider.cancel(external_id), self.settings.provider_timeout_s),
-        )
 
     async def _poll(self, ids: Sequence[str], now: float) -> int:
         """Ask the providers of handed-off tasks whose webhook has not come; apply the answers."""
@@ -204,24 +196,8 @@ class Sweeper:
                     await self.store.set_poll_at(task_id, now + min(300.0, every_s * 2**failures))
                     return False
                 self._poll_failures.pop(task_id, None)
-                error = None
-                if update.status == "failed":
-                    error = TaskError(update.error_code or "provider_failed", update.error_message or "")
-                try:
-                    record = await self.store.apply(
-                        task_id,
-                        lambda r: model.external_report(
-                            r,
-                            now=self.clock.now(),
-                            external_id=external_id,
-                            status=update.status,
-                            progress=update.progress,
-                            message=update.message,
-                            result=update.result,
-                            error=error,
-                        ),
-                    )
-                except (InvalidTransition, LeaseLost, NotFound):
+                record = await self._intake.polled(found, update)
+                if record is None:
                     return False
                 if record.status is Status.PROCESSING:
                     await self.store.set_poll_at(task_id, self.clock.now() + every_s)

@@ -8,8 +8,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from errands import Errands, TaskContext
-from errands.notify.hooks import HookEvent
+from errands import Errands, HookEvent, TaskContext
 
 app = Errands()
 

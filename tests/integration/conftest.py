@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -15,9 +16,10 @@ from errands import Errands
 from errands.api import create_api
 from errands.clock import ManualClock
 from errands.config import Settings
+from errands.model import NewTask
 from errands.runtime import Runtime
 from errands.store import open_store
-from errands.store.base import NewTask, Store
+from errands.store.base import Store
 from tests.conftest import (
     ADMIN_KEY,
     SECRET,
@@ -132,24 +134,29 @@ RuntimeFactory = Callable[..., Awaitable[Runtime]]
 
 @pytest.fixture
 async def runtime_factory(database_url: str) -> AsyncIterator[RuntimeFactory]:
-    """Start runtimes of an app on this test's database; all are stopped at the end."""
+    """Start runtimes of an app on this test's database (``app.submit`` goes to the latest);
+    all are stopped at the end."""
     started: list[Runtime] = []
+    with contextlib.ExitStack() as serving:
 
-    async def start(
-        app: Errands,
-        *,
-        workers: bool = True,
-        sweeper: bool = False,
-        notifier: bool | None = None,
-        clock: Any = None,
-        **overrides: Any,
-    ) -> Runtime:
-        runtime = Runtime(app, make_settings(database_url, **overrides), clock=clock, rng=random.Random(7))
-        await runtime.start(workers=workers, sweeper=sweeper, api=True, notifier=notifier)
-        started.append(runtime)
-        return runtime
+        async def start(
+            app: Errands,
+            *,
+            workers: bool = True,
+            sweeper: bool = False,
+            notifier: bool | None = None,
+            clock: Any = None,
+            **overrides: Any,
+        ) -> Runtime:
+            runtime = Runtime(
+                app, make_settings(database_url, **overrides), clock=clock, rng=random.Random(7)
+            )
+            await runtime.start(workers=workers, sweeper=sweeper, api=True, notifier=notifier)
+            started.append(runtime)
+            serving.enter_context(app.serving(runtime))
+            return runtime
 
-    yield start
+        yield start
     for runtime in reversed(started):
         await runtime.stop()
 
@@ -204,15 +211,15 @@ LiveFactory = Callable[..., Awaitable[tuple[Runtime, str]]]
 @pytest.fixture
 async def live(runtime_factory: RuntimeFactory) -> AsyncIterator[LiveFactory]:
     """Start a runtime and serve its API over real HTTP on a free loopback port."""
-    from errands.server import ApiServer, bind
+    from errands.server import ApiServer, bind, url_of
 
     servers: list[ApiServer] = []
 
     async def start(app: Errands, **overrides: Any) -> tuple[Runtime, str]:
-        runtime = await runtime_factory(app, **overrides)
-        server = ApiServer(runtime, bind("127.0.0.1", 0))
-        if runtime.callbacks is not None:
-            runtime.callbacks.base_url = server.url  # providers call back here
+        sock = bind("127.0.0.1", 0)
+        # Providers call back where the server listens: its URL is the runtime's public one.
+        runtime = await runtime_factory(app, **{"public_url": url_of(sock), **overrides})
+        server = ApiServer(runtime, sock)
         await server.start()
         servers.append(server)
         return runtime, server.url

@@ -13,7 +13,7 @@ from errands.clock import SystemClock
 from errands.config import Settings
 from errands.store import open_store
 from errands.store.migrations import fresh_schema, migrations
-from errands.store.sqlite import _statements
+from errands.store.sqlite import statements_of as _statements
 from tests.conftest import create_database, drop_database, pg_url, require_postgres
 
 

@@ -18,13 +18,12 @@ from errands import Errands, Fail, TaskContext
 from errands.auth import SYSTEM
 from errands.clock import ManualClock
 from errands.errors import InvalidRequest
-from errands.model import Status
-from errands.notify.hooks import HookEvent
+from errands.model import NewTask, Status
 from errands.notify.wechat import WeChatTemplate
+from errands.registry import HookEvent
 from errands.runtime import Runtime
 from errands.server import bind, serve_asgi
 from errands.service import TokenRequest
-from errands.store.base import NewTask
 from tests.integration.conftest import RuntimeFactory, http, wait_task
 from tests.integration.fakes import FakeWeChat, Receiver
 
@@ -165,7 +164,7 @@ async def _attempts(runtime: Runtime, endpoint_id: str, n: int) -> bool:
 
 async def _idle(runtime: Runtime) -> bool:
     """No message is being sent: every attempt so far has been recorded."""
-    from errands.store.base import MessageQuery
+    from errands.store.records import MessageQuery
 
     found = await runtime.store.list_messages(MessageQuery(state="pending"))
     return all(m.lease_token is None for m in found)
@@ -198,7 +197,7 @@ async def test_the_schedule_is_followed_then_the_message_is_given_up(
 
 
 def _query(task_id: str) -> Any:
-    from errands.store.base import MessageQuery
+    from errands.store.records import MessageQuery
 
     return MessageQuery(task_id=task_id)
 

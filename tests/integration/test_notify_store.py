@@ -7,8 +7,9 @@ import dataclasses
 from errands import model
 from errands.clock import ManualClock
 from errands.model import EventType, TaskError
-from errands.notify.policy import Route, plan
-from errands.store.base import Attempt, AttemptResult, ClaimSpec, Endpoint, Message, Store
+from errands.notify.policy import Route, Sent, after_attempt, plan
+from errands.store.base import Store
+from errands.store.records import AttemptResult, ClaimSpec, Endpoint, Message
 from tests.integration.conftest import new_task
 
 ENDPOINT = Endpoint(
@@ -35,22 +36,23 @@ async def finished_task(store: Store, clock: ManualClock, task_id: str = "t1") -
 
 async def fan_out(store: Store, clock: ManualClock, routes: list[Route]) -> list[Message]:
     cursor = await store.notify_cursor()
-    events = await store.events_since(cursor)
+    events = (await store.read_log(cursor)).events
     ids = iter(range(1000))
     messages = plan(events, routes, now=clock.now(), new_id=lambda: f"msg_{next(ids):026d}")
     assert await store.add_messages(cursor, events[-1].seq, messages)
     return messages
 
 
-def result(
-    message: Message, state: str, *, ok: bool, token: str | None = None, **fields: object
-) -> AttemptResult:
-    attempt = Attempt(
-        message_id=message.id, channel=message.channel, target=message.target, task_id=message.task_id,
-        event_type=message.event_type, attempted_at=message.updated_at, succeeded=ok,
-        status_code=200 if ok else 500, latency_ms=1.0,
+def result(message: Message, sent: Sent, *, token: str | None = None) -> AttemptResult:
+    """What the notifier decides after sending ``message`` with the answer ``sent``."""
+    decided = after_attempt(
+        message, sent, now=message.updated_at, schedule=(0.0, 5.0, 300.0), jitter=0.0, rnd=0.5,
+        disable_after_s=86_400,
     )  # fmt: skip
-    return AttemptResult(attempt, message.lease_token or "", state, message.next_at, **fields)  # type: ignore[arg-type]
+    return dataclasses.replace(decided, lease_token=token or decided.lease_token)
+
+
+OK = Sent(True, 200)
 
 
 async def claim(store: Store, clock: ManualClock, hooks: tuple[str, ...] = ()) -> list[Message]:
@@ -66,7 +68,7 @@ async def test_the_cursor_moves_once_and_a_late_fan_out_stores_nothing(
     await store.create_endpoint(ENDPOINT)
     await finished_task(store, clock)
     cursor = await store.notify_cursor()
-    events = await store.events_since(cursor)
+    events = (await store.read_log(cursor)).events
     routes = [Route("endpoint", "ep_1", ("task.failed",))]
     made = plan(events, routes, now=clock.now(), new_id=lambda: "msg_a")
     assert len(made) == 1
@@ -78,7 +80,7 @@ async def test_the_cursor_moves_once_and_a_late_fan_out_stores_nothing(
 
 
 def _all() -> object:
-    from errands.store.base import MessageQuery
+    from errands.store.records import MessageQuery
 
     return MessageQuery()
 
@@ -97,10 +99,10 @@ async def test_claims_keep_order_per_task_and_a_lost_lease_only_logs(
     clock.advance(61)
     [again] = await claim(store, clock)
     assert again.id == first.id and again.attempts == 2 and again.lease_token != first.lease_token
-    await store.finish_message(result(first, "delivered", ok=True))
+    await store.finish_message(result(first, OK))
     assert (await store.get_message(first.id)).state == "pending"  # type: ignore[union-attr]
     assert len(await store.attempts(message_id=first.id)) == 1
-    await store.finish_message(result(again, "delivered", ok=True))
+    await store.finish_message(result(again, OK))
     assert (await store.get_message(first.id)).state == "delivered"  # type: ignore[union-attr]
     [second] = await claim(store, clock)
     assert second.event_type == "task.processing"
@@ -118,10 +120,10 @@ async def test_the_task_is_marked_notified_when_its_last_end_message_is_delivere
     claimed = await claim(store, clock, hooks=("app:refund",))
     assert {m.channel for m in claimed} == {"endpoint", "hook"}
     by_target = {m.target: m for m in claimed}
-    await store.finish_message(result(by_target["app:refund"], "delivered", ok=True))
-    await store.finish_message(result(by_target["ep_1"], "delivered", ok=True))
+    await store.finish_message(result(by_target["app:refund"], OK))
+    await store.finish_message(result(by_target["ep_1"], OK))
     assert not (await store.get("t1")).notification_sent  # type: ignore[union-attr]
-    await store.finish_message(result(by_target["ep_2"], "delivered", ok=True))
+    await store.finish_message(result(by_target["ep_2"], OK))
     task = await store.get("t1")
     assert task.notification_sent  # type: ignore[union-attr]
     assert [e.type for e in await store.events("t1")][-2:] == [EventType.FAILED, EventType.NOTIFIED]
@@ -139,9 +141,7 @@ async def test_disabled_throttled_and_foreign_hook_messages_are_not_claimed(
     )
     clock.advance(1)
     [message] = await claim(store, clock)  # the hook belongs to another app
-    await store.finish_message(
-        result(message, "pending", ok=False, endpoint_ok=False, throttled_until=clock.now() + 100)
-    )
+    await store.finish_message(result(message, Sent(False, 429, throttle=True, retry_after_s=100)))
     throttled = await store.get_endpoint("ep_1")
     assert throttled is not None and throttled.failing_since == clock.now()
     assert throttled.throttled_until == clock.now() + 100
@@ -168,7 +168,7 @@ async def test_purge_drops_old_finished_messages_and_attempts(store: Store, cloc
     await finished_task(store, clock)
     await fan_out(store, clock, [Route("endpoint", "ep_1", ("task.failed",))])
     [message] = await claim(store, clock)
-    await store.finish_message(result(message, "delivered", ok=True))
+    await store.finish_message(result(message, OK))
     clock.advance(100)
     await store.purge(finished_before=clock.now() - 10, tombstones_before=0, limit=10)
     assert await store.list_messages(_all()) == []  # type: ignore[arg-type]

@@ -151,8 +151,8 @@ async def test_a_commit_that_makes_work_wakes_the_workers_of_other_nodes(
     node_a = await runtime_factory(app, workers=False)
     node_b = await runtime_factory(app, workers=False)
     remote, work = asyncio.Event(), asyncio.Event()
-    node_b.store.add_remote_listener(remote.set)
-    node_b.store.add_work_listener(work.set)
+    node_b.hub.add_listener(lambda _event: remote.set())  # node_a's commits reach node_b's hub
+    node_b.hub.on_work(work.set)
     await node_a.service.submit(SubmitRequest(type="work", id="w1"), SYSTEM)
     await asyncio.wait_for(work.wait(), 10)
     remote.clear()
@@ -174,7 +174,7 @@ async def test_only_one_sweeper_at_a_time_and_another_takes_over(runtime_factory
 
 
 async def test_concurrent_claims_from_two_nodes_never_share_a_task(runtime_factory: RuntimeFactory) -> None:
-    from errands.store.base import ClaimSpec
+    from errands.store.records import ClaimSpec
 
     node_a = await runtime_factory(app, workers=False)
     node_b = await runtime_factory(app, workers=False)
@@ -195,7 +195,7 @@ async def test_concurrent_claims_from_two_nodes_never_share_a_task(runtime_facto
 
 
 async def test_concurrency_per_owner_holds_across_nodes(runtime_factory: RuntimeFactory) -> None:
-    from errands.store.base import ClaimSpec
+    from errands.store.records import ClaimSpec
 
     node_a = await runtime_factory(app, workers=False)
     node_b = await runtime_factory(app, workers=False)
@@ -214,9 +214,10 @@ async def test_concurrency_per_owner_holds_across_nodes(runtime_factory: Runtime
 async def test_write_transactions_reach_tasks_through_indexes(runtime_factory: RuntimeFactory) -> None:
     """On a new table, never analyzed, the claim still walks the queue index in order: a bitmap
     scan would read every entry its partial index keeps for tasks that have moved on, and a
-    sequential one the whole table (store/postgres.py, "Plans that stay cheap")."""
-    from errands.store.base import ClaimSpec
-    from errands.store.postgres import _CLAIM, PostgresStore
+    sequential one the whole table (store/postgres/writer.py, "Plans that stay cheap")."""
+    from errands.store.postgres import PostgresStore
+    from errands.store.postgres.sql import STATEMENTS
+    from errands.store.records import ClaimSpec
 
     runtime = await runtime_factory(app, workers=False)
     store = runtime.store
@@ -229,7 +230,7 @@ async def test_write_transactions_reach_tasks_through_indexes(runtime_factory: R
     assert len(claimed) == 1995
 
     async def explain(tx: Any) -> str:
-        rows = await tx.conn.fetch(f"EXPLAIN {_CLAIM}", ["work"], 1e12, 20)
+        rows = await tx.conn.fetch(f"EXPLAIN {STATEMENTS.claim}", ["work"], 1e12, 20)
         return "\n".join(r[0] for r in rows)
 
     plan = await store._write(explain, mode="first")
@@ -244,7 +245,7 @@ async def test_meta_setdefault_answers_the_value_a_concurrent_first_start_commit
     same key and waits for A's row, A commits. B must answer A's value (under READ COMMITTED, an
     ``ON CONFLICT DO NOTHING`` would return no row and a read in the same statement would not see
     A's row either)."""
-    from errands.store.postgres import META_SETDEFAULT
+    from errands.store.postgres.sql import META_SETDEFAULT
 
     a, b = await asyncpg.connect(postgres_database), await asyncpg.connect(postgres_database)
     try:

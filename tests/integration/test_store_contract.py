@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Sequence
 
 import orjson
 import pytest
@@ -11,15 +12,17 @@ import pytest
 from errands import model
 from errands.clock import ManualClock
 from errands.errors import IdConflict, InvalidTransition, LeaseLost, NotFound, TooManyRequests
-from errands.model import EventType, Status, TaskError
-from errands.store.base import ClaimSpec, Store, TaskQuery, Tombstone
+from errands.hub import Hub
+from errands.model import Event, EventType, Status, TaskError
+from errands.store.base import Store
+from errands.store.records import ClaimSpec, TaskQuery, Tombstone
 from tests.integration.conftest import new_task
 
 SPEC = [ClaimSpec("work")]
 
 
 async def event_count(store: Store) -> int:
-    return len(await store.events_since(0, limit=100_000))
+    return len((await store.read_log(0, limit=100_000)).events)
 
 
 async def test_create_is_idempotent_per_request(store: Store) -> None:
@@ -244,19 +247,39 @@ async def test_apply_many_applies_each_decision_on_its_own(store: Store, clock: 
     assert await event_count(store) == 4
 
 
-async def test_commit_listeners_see_each_commit_in_seq_order(store: Store) -> None:
-    seen: list[int] = []
-    store.add_commit_listener(lambda events: seen.extend(e.seq for e in events))
+class Recorder:
+    """A commit subscriber that remembers what it was told."""
+
+    def __init__(self) -> None:
+        self.commits: list[list[int]] = []
+        self.remote: list[bool] = []
+
+    def committed(self, events: Sequence[Event]) -> None:
+        self.commits.append([e.seq for e in events])
+
+    def remote_commit(self, *, work: bool) -> None:
+        self.remote.append(work)
+
+
+async def test_the_subscriber_sees_each_commit_in_seq_order(store: Store) -> None:
+    recorder = Recorder()
+    store.subscribe(recorder)
     await asyncio.gather(*(store.create(new_task(f"t{i}")) for i in range(30)))
+    seen = [seq for commit in recorder.commits for seq in commit]
     assert len(seen) == 30 and seen == sorted(set(seen))
 
 
-async def test_work_listeners_hear_of_commits_that_make_a_task_claimable(
-    store: Store, clock: ManualClock
-) -> None:
-    """A create or a retry wakes the listeners."""
+async def _hub(store: Store) -> Hub:
+    hub = Hub(store, poll_s=store.log_poll_s)
+    await hub.start()
+    return hub
+
+
+async def test_commits_that_make_a_task_claimable_announce_work(store: Store, clock: ManualClock) -> None:
+    """A create or a retry wakes the hub's work listeners."""
+    hub = await _hub(store)
     heard = asyncio.Event()
-    store.add_work_listener(heard.set)
+    hub.on_work(heard.set)
     await store.create(new_task("t1"))
     await asyncio.wait_for(heard.wait(), 10)
     [claimed] = await store.claim(worker_id="w", specs=SPEC, limit=1, lease_s=30)
@@ -271,13 +294,14 @@ async def test_work_listeners_hear_of_commits_that_make_a_task_claimable(
     await asyncio.wait_for(heard.wait(), 10)
 
 
-async def test_claims_and_progress_wake_no_work_listener(store: Store, clock: ManualClock) -> None:
+async def test_claims_and_progress_announce_no_work(store: Store, clock: ManualClock) -> None:
     if store.dialect != "sqlite":
         pytest.skip("PostgreSQL listeners also hear the store's own notifications, at any time; "
                     "test_postgres.py shows which commits are flagged as work, across nodes")  # fmt: skip
     await store.create(new_task("t1"))
+    hub = await _hub(store)
     heard: list[int] = []
-    store.add_work_listener(lambda: heard.append(1))
+    hub.on_work(lambda: heard.append(1))
     [claimed] = await store.claim(worker_id="w", specs=SPEC, limit=1, lease_s=30)
     token = claimed.lease_token
     await store.apply(
@@ -329,11 +353,11 @@ async def test_reopening_keeps_every_task_and_event(store: Store, clock: ManualC
     assert created.seq > max(e.seq for e in await store.events("t1"))
 
 
-async def test_events_since_pages_through_the_log(store: Store) -> None:
+async def test_reading_the_log_pages_through_it(store: Store) -> None:
     for i in range(7):
         await store.create(new_task(f"t{i}"))
-    first = await store.events_since(0, limit=3)
-    rest = await store.events_since(first[-1].seq, limit=100)
+    first = (await store.read_log(0, limit=3)).events
+    rest = (await store.read_log(first[-1].seq, limit=100)).events
     seqs = [e.seq for e in first + rest]
     assert len(seqs) == 7 and seqs == sorted(set(seqs))
 

@@ -12,7 +12,7 @@ from errands.auth import SYSTEM, Principal
 from errands.clock import ManualClock
 from errands.errors import Gone, NotFound
 from errands.model import EventType, Status
-from errands.store.base import ClaimSpec
+from errands.store.records import ClaimSpec
 from errands.sweeper import Sweeper
 from tests.integration.conftest import RuntimeFactory, make_settings
 
@@ -28,7 +28,10 @@ async def work(ctx: TaskContext, input: dict[str, Any]) -> None:
 async def setup(runtime_factory: RuntimeFactory) -> tuple[Any, ManualClock, Sweeper]:
     clock = ManualClock()
     runtime = await runtime_factory(app, workers=False, clock=clock)
-    sweeper = Sweeper(runtime.store, make_settings("sqlite:///unused"), clock=clock, rng=random.Random(1))
+    sweeper = Sweeper(
+        runtime.store, make_settings("sqlite:///unused"), clock=clock, rng=random.Random(1), registry=app,
+        intake=runtime.intake,
+    )  # fmt: skip
     return runtime, clock, sweeper
 
 

@@ -250,18 +250,11 @@ async def test_a_rolled_back_change_is_never_seen(served: tuple[Runtime, str, Dr
     def decide(r: Any) -> Any:
         return model.report_progress(r, now=now, lease_token=token, progress=70, message="x")
 
-    # The same mishap in each store's own write path: a change is written, then its operation fails.
-    if store.dialect == "sqlite":
-
-        def write_then_fail(tx: Any) -> None:
-            tx.apply(task_id, decide)
-            raise RuntimeError("fails after writing: the savepoint rolls the change back")
-
-    else:
-
-        async def write_then_fail(tx: Any) -> None:
-            await tx.apply(task_id, decide)
-            raise RuntimeError("fails after writing: the transaction rolls the change back")
+    # The same mishap in each store's write path: a change is written, then its operation fails
+    # (the savepoint, or the transaction, rolls the change back).
+    async def write_then_fail(tx: Any) -> None:
+        await tx.apply(task_id, decide)
+        raise RuntimeError("fails after writing")
 
     async with httpx.AsyncClient(base_url=url, headers=auth()) as client:
         messages = sse(client, f"/v1/tasks/{task_id}/watch")
@@ -281,17 +274,9 @@ async def test_a_failed_commit_publishes_nothing(served: tuple[Runtime, str, Dri
     runtime.hub.add_listener(lambda e: seen.append(e.type))
     store: Any = runtime.store
 
-    if store.dialect == "sqlite":
-
-        def write_then_break_the_batch(tx: Any) -> None:
-            tx.apply(task_id, lambda r: model.cancel(r, now=0))
-            tx.conn.execute("SELECT * FROM no_such_table")  # a database error: the batch rolls back
-
-    else:
-
-        async def write_then_break_the_batch(tx: Any) -> None:
-            await tx.apply(task_id, lambda r: model.cancel(r, now=0))
-            await tx.conn.execute("SELECT * FROM no_such_table")
+    async def write_then_break_the_batch(tx: Any) -> None:
+        await tx.apply(task_id, lambda r: model.cancel(r, now=0))
+        await tx.execute("SELECT * FROM no_such_table")  # a database error: the batch rolls back
 
     with pytest.raises(StoreError):
         await store._write(write_then_break_the_batch)

@@ -234,7 +234,10 @@ async def test_a_lost_lease_stops_the_handler_and_the_task_runs_again(
     clock.advance(31)  # the lease runs out without a heartbeat, as if this process had stalled
     from errands.sweeper import Sweeper
 
-    report = await Sweeper(runtime.store, runtime.settings, clock=clock, rng=runtime.rng).sweep()
+    sweeper = Sweeper(
+        runtime.store, runtime.settings, clock=clock, rng=runtime.rng, registry=app, intake=runtime.intake
+    )
+    report = await sweeper.sweep()
     assert report.requeued_or_failed == 1
     await asyncio.wait_for(first_stopped.wait(), 5)
     clock.advance(1)  # past the backoff
@@ -323,8 +326,9 @@ def _admin() -> Any:
 async def test_a_task_stopped_before_its_handler_started_does_not_run(
     runtime_factory: RuntimeFactory,
 ) -> None:
-    from errands.store.base import ClaimSpec
+    from errands.store.records import ClaimSpec
     from errands.worker import Worker
+    from errands.worker.attempt import StopReason
 
     app = Errands()
     ran: list[str] = []
@@ -335,11 +339,14 @@ async def test_a_task_stopped_before_its_handler_started_does_not_run(
         await asyncio.sleep(60)
 
     runtime = await runtime_factory(app, workers=False)
-    worker = Worker(app, runtime.store, runtime.hub, runtime.settings, clock=runtime.clock, rng=runtime.rng)
+    worker = Worker(
+        app, runtime.store, runtime.hub, runtime.settings, clock=runtime.clock, rng=runtime.rng,
+        callbacks=runtime.callbacks,
+    )  # fmt: skip
     task = await app.submit("slow")
     [record] = await runtime.store.claim(worker_id=worker.id, specs=[ClaimSpec("slow")], limit=1, lease_s=30)
     worker._start(record)
-    worker.stop_task(task.id, "cancelled")  # before the attempt's coroutine took its first step
+    worker.stop_task(task.id, StopReason.CANCELLED)  # before the attempt's coroutine took its first step
     await until(lambda: worker.running == 0, timeout_s=5)
     assert ran in ([], [task.id])
     await worker.shutdown(0)
@@ -350,7 +357,7 @@ async def test_an_event_older_than_the_claim_does_not_stop_the_handler(
 ) -> None:
     """The hub may deliver a task's creation after this worker claimed it (another process's
     commit, read from the log later): that stale 'pending' must not look like a requeue."""
-    from errands.store.base import ClaimSpec
+    from errands.store.records import ClaimSpec
     from errands.worker import Worker
 
     app = Errands()
@@ -362,7 +369,10 @@ async def test_an_event_older_than_the_claim_does_not_stop_the_handler(
         return "done"
 
     runtime = await runtime_factory(app, workers=False)
-    worker = Worker(app, runtime.store, runtime.hub, runtime.settings, clock=runtime.clock, rng=runtime.rng)
+    worker = Worker(
+        app, runtime.store, runtime.hub, runtime.settings, clock=runtime.clock, rng=runtime.rng,
+        callbacks=runtime.callbacks,
+    )  # fmt: skip
     task = await app.submit("waits")
     [creation] = await runtime.store.events(task.id)
     [record] = await runtime.store.claim(worker_id=worker.id, specs=[ClaimSpec("waits")], limit=1, lease_s=30)

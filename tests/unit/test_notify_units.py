@@ -9,22 +9,24 @@ import orjson
 import pytest
 
 from errands import model
+from errands.clock import ManualClock
+from errands.config import parse_networks, parse_schedule
 from errands.errors import ConfigError
-from errands.model import Event, EventType, Status
-from errands.notify.guard import AddressPolicy, Refused, parse_networks
+from errands.guard import AddressPolicy, Refused
+from errands.model import Event, EventType, Status, matches
 from errands.notify.policy import (
     Route,
     Sent,
     after_attempt,
+    counts_for_notified,
     http_outcome,
-    matches,
     parse_retry_after,
-    parse_schedule,
     plan,
     retry_delay_s,
 )
 from errands.notify.wechat import WeChat, WeChatTemplate, fit
-from errands.store.base import Endpoint, Message
+from errands.registry import WeChatConfig
+from errands.store.records import AttemptResult, Channel, Endpoint, Health, Message, MessageState
 from tests.unit.test_model import running
 
 NOW = 1_800_000_000.0
@@ -48,11 +50,17 @@ ENDPOINT = Endpoint(
 )  # fmt: skip
 
 
-def decide(sent: Sent, *, attempts: int = 1, endpoint: Endpoint | None = ENDPOINT, **kw: float) -> object:
+def decide(sent: Sent, *, attempts: int = 1, channel: str = "endpoint", **kw: float) -> AttemptResult:
     return after_attempt(
-        message(attempts=attempts), endpoint, sent, now=NOW, schedule=SCHEDULE, jitter=kw.get("jitter", 0.0),
-        rnd=kw.get("rnd", 0.5), disable_after_s=kw.get("disable_after_s", 5 * 86_400),
+        message(attempts=attempts, channel=channel), sent, now=NOW, schedule=SCHEDULE,
+        jitter=kw.get("jitter", 0.0), rnd=kw.get("rnd", 0.5),
+        disable_after_s=kw.get("disable_after_s", 5 * 86_400),
     )  # fmt: skip
+
+
+def health(result: AttemptResult, endpoint: Endpoint = ENDPOINT) -> Health:
+    assert result.health is not None
+    return result.health(endpoint)
 
 
 def test_schedules_and_durations_parse() -> None:
@@ -97,22 +105,38 @@ def test_retry_after_is_read_as_seconds_or_a_date_and_capped() -> None:
 
 def test_after_an_attempt() -> None:
     ok = decide(Sent(True, 200))
-    assert (ok.state, ok.endpoint_ok) == ("delivered", True)  # type: ignore[attr-defined]
+    assert ok.state is MessageState.DELIVERED and health(ok) == Health(None, None, None)
     retry = decide(Sent(False, 500), attempts=2)
-    assert (retry.state, retry.next_at, retry.endpoint_ok) == ("pending", NOW + 300, False)  # type: ignore[attr-defined]
+    assert (retry.state, retry.next_at) == (MessageState.PENDING, NOW + 300)
+    assert health(retry) == Health(NOW, None, None)  # failing since now
     slow = decide(Sent(False, 429, throttle=True, retry_after_s=900))
-    assert slow.next_at == NOW + 900 and slow.throttled_until == NOW + 900  # type: ignore[attr-defined]
+    assert slow.next_at == NOW + 900 and health(slow).throttled_until == NOW + 900
     overloaded = decide(Sent(False, 503, throttle=True))
-    assert overloaded.throttled_until == NOW + 5  # type: ignore[attr-defined]
+    assert health(overloaded).throttled_until == NOW + 5
     last = decide(Sent(False, 500), attempts=8)
-    assert last.state == "failed"  # type: ignore[attr-defined]
+    assert last.state is MessageState.FAILED
     gone = decide(Sent(False, 410, final=True, gone=True))
-    assert gone.state == "failed" and "410" in gone.disable_reason  # type: ignore[attr-defined]
+    assert gone.state is MessageState.FAILED and "410" in (health(gone).disabled_reason or "")
     days = dataclasses.replace(ENDPOINT, failing_since=NOW - 5 * 86_400)
-    assert decide(Sent(False, 500), endpoint=days).disable_reason  # type: ignore[attr-defined]
-    assert decide(Sent(False, 500)).disable_reason is None  # type: ignore[attr-defined]
-    hook = decide(Sent(False, error="boom"), endpoint=None)
-    assert hook.endpoint_ok is None and hook.throttled_until is None  # type: ignore[attr-defined]
+    assert health(decide(Sent(False, 500)), days).disabled_reason
+    assert health(decide(Sent(False, 500))).disabled_reason is None
+    assert decide(Sent(False, error="boom"), channel="hook").health is None
+
+
+def test_an_endpoints_health_is_decided_on_its_row_as_it_is_now() -> None:
+    """The verdict is made from the endpoint the store read under its lock, not from the one the
+    sender claimed with: a success elsewhere meanwhile, or an earlier throttle, is kept."""
+    throttled = dataclasses.replace(ENDPOINT, throttled_until=NOW + 3600, failing_since=NOW - 60)
+    assert health(decide(Sent(False, 503, throttle=True)), throttled).throttled_until == NOW + 3600
+    assert health(decide(Sent(False, 500)), throttled).failing_since == NOW - 60
+    assert health(decide(Sent(True, 200)), throttled) == Health(None, NOW + 3600, None)
+
+
+def test_only_messages_about_the_end_to_someone_outside_count_for_notification_sent() -> None:
+    for channel in (Channel.ENDPOINT, Channel.URL, Channel.WECHAT):
+        assert counts_for_notified(Route(channel, "x", ()), end=True)
+        assert not counts_for_notified(Route(channel, "x", ()), end=False)
+    assert not counts_for_notified(Route(Channel.HOOK, "refund", ()), end=True)
 
 
 def _event(kind: EventType, record: model.TaskRecord, at: float = NOW) -> Event:
@@ -122,10 +146,10 @@ def _event(kind: EventType, record: model.TaskRecord, at: float = NOW) -> Event:
 def test_plan_routes_events_by_type_owner_and_time_and_the_notify_url_hears_the_end() -> None:
     ended = running().evolve(status=Status.COMPLETED, notify_url="https://app.example/cb", result={"x": 1})
     routes = [
-        Route("endpoint", "all", ("task.*",)),
-        Route("endpoint", "bob", ("task.*",), owners=("bob",)),
-        Route("endpoint", "other-type", ("task.*",), types=("video",)),
-        Route("endpoint", "newer", ("task.*",), since=NOW + 1),
+        Route(Channel.ENDPOINT, "all", ("task.*",)),
+        Route(Channel.ENDPOINT, "bob", ("task.*",), owners=("bob",)),
+        Route(Channel.ENDPOINT, "other-type", ("task.*",), types=("video",)),
+        Route(Channel.ENDPOINT, "newer", ("task.*",), since=NOW + 1),
     ]
     made = plan([_event(EventType.COMPLETED, ended)], routes, now=NOW, new_id=lambda: "m")
     assert [(m.channel, m.target, m.final) for m in made] == [
@@ -243,7 +267,8 @@ def test_wechat_renders_a_template_and_picks_the_type_specific_one() -> None:
             "thing4": "{result[missing]}"}  # fmt: skip
     general = WeChatTemplate("T1", data=data)
     special = WeChatTemplate("T2", data={"thing1": "{type}"}, types=["video"], page=None)
-    channel = WeChat(templates=[general, special], timezone="Asia/Shanghai")
+    config = WeChatConfig(templates=(general, special), timezone="Asia/Shanghai")
+    channel = WeChat(config, appid=None, secret=None, base_url=None, clock=ManualClock(NOW))
     task = {"id": "t1", "type": "novel", "owner": "oX", "status": "completed", "result": {"title": "三体"},
             "finished_at": "2026-11-23T02:05:00.000Z"}  # fmt: skip
     body = channel.render(general, task)
@@ -258,4 +283,4 @@ def test_wechat_renders_a_template_and_picks_the_type_specific_one() -> None:
     assert [r.target for r in channel.pick(novel)] == ["T1"]
     assert channel.pick(_event(EventType.PROGRESS, running())) == []
     with pytest.raises(ConfigError):
-        WeChat(templates=[WeChatTemplate("T", data={}, events=["task.nope"])])
+        WeChatConfig(templates=(WeChatTemplate("T", data={}, events=["task.nope"]),))

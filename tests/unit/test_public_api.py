@@ -7,9 +7,10 @@ def test_public_exports_are_pinned() -> None:
     assert sorted(errands.__all__) == sorted(
         [
             "ApiError", "AsyncClient", "Client", "ConfigError", "Conflict", "ErrandsError", "Errands",
-            "EventType", "Fail", "Forbidden", "Gone", "IdConflict", "InvalidRequest", "InvalidTransition",
-            "LeaseLost", "NotFound", "Retry", "Settings", "Status", "StoreError", "Task", "TaskContext",
-            "TaskError", "TooManyRequests", "Unauthorized", "Unavailable", "UnknownTaskType", "__version__",
+            "EventType", "Fail", "Forbidden", "Gone", "HookEvent", "IdConflict", "InvalidRequest",
+            "InvalidTransition", "LeaseLost", "NotFound", "Retry", "Settings", "Status", "StoreError", "Task",
+            "TaskContext", "TaskError", "TooManyRequests", "Unauthorized", "Unavailable", "UnknownTaskType",
+            "WeChatTemplate", "__version__",
         ]
     )  # fmt: skip
     for name in errands.__all__:

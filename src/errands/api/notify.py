@@ -31,7 +31,7 @@ from errands.notify.endpoints import (
     endpoint_out,
     message_out,
 )
-from errands.store.base import MessageQuery
+from errands.store.records import MessageQuery
 
 ENDPOINT_ID = PathParam("endpoint_id", ENDPOINT_ID_PATTERN, "The endpoint id.")
 MESSAGE_ID = PathParam("message_id", MESSAGE_ID_PATTERN, "The message id (its webhook-id).")

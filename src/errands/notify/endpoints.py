@@ -14,10 +14,12 @@ from errands.auth import Principal
 from errands.clock import Clock, iso
 from errands.config import Settings
 from errands.errors import ConfigError, Conflict, Forbidden, InvalidRequest, NotFound
+from errands.guard import AddressPolicy, Refused
 from errands.inputs import Owner, Text, TypeName, new_task_id
-from errands.notify.guard import AddressPolicy, Refused, parse_networks
-from errands.notify.policy import END_EVENTS, EVENT_TYPES, valid_pattern
-from errands.store.base import Attempt, Endpoint, Message, MessageQuery, Store
+from errands.model import EVENT_TYPES, valid_pattern
+from errands.notify.policy import END_EVENTS
+from errands.store.base import Outbox
+from errands.store.records import Attempt, Channel, Endpoint, Message, MessageQuery, MessageState
 
 DEFAULT_EVENTS = sorted(e.value for e in END_EVENTS)
 ENDPOINT_ID_PATTERN = r"^ep_[0-9A-Z]{26}$"
@@ -129,7 +131,7 @@ def message_out(m: Message) -> dict[str, Any]:
         "target": m.target,
         "state": m.state,
         "attempts": m.attempts,
-        "next_attempt_at": iso(m.next_at) if m.state == "pending" else None,
+        "next_attempt_at": iso(m.next_at) if m.state == MessageState.PENDING else None,
         "last_status": m.last_status,
         "last_error": m.last_error,
         "created_at": iso(m.created_at),
@@ -162,13 +164,11 @@ def new_endpoint_id() -> str:
 class NotifyAdmin:
     """What admins do with endpoints and messages; every method checks the caller is one."""
 
-    def __init__(self, store: Store, settings: Settings, clock: Clock) -> None:
+    def __init__(self, store: Outbox, settings: Settings, clock: Clock, guard: AddressPolicy) -> None:
         self.store = store
         self.settings = settings
         self.clock = clock
-        self.policy = AddressPolicy(
-            allow=parse_networks(settings.notify_allow_networks), https_only=settings.notify_https_only
-        )
+        self.guard = guard
 
     @staticmethod
     def _admin(principal: Principal) -> None:
@@ -177,7 +177,7 @@ class NotifyAdmin:
 
     async def _check_url(self, url: str) -> None:
         try:
-            await self.policy.check(url)
+            await self.guard.check(url)
         except Refused as exc:
             raise InvalidRequest(f"url: {exc.reason}") from None
         except LookupError as exc:
@@ -299,12 +299,12 @@ class NotifyAdmin:
 
     async def resend(self, message_id: str, principal: Principal) -> Message:
         message, _ = await self.message(message_id, principal)
-        if message.channel == "endpoint":
+        if message.channel == Channel.ENDPOINT:
             endpoint = await self.store.get_endpoint(message.target)
             if endpoint is None:
                 raise Conflict("The message's endpoint was deleted.")
             if not endpoint.enabled:
                 raise Conflict("The endpoint is disabled; enable it before resending.")
-        if message.state == "pending":
+        if message.state == MessageState.PENDING:
             raise Conflict("The message is still being delivered.")
         return await self.store.resend_message(message_id, now=self.clock.now())

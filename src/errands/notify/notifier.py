@@ -18,23 +18,27 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from errands.clock import Clock
 from errands.config import Settings
 from errands.errors import StoreError
+from errands.guard import AddressPolicy
+from errands.hub import Hub
 from errands.inputs import new_task_id
 from errands.model import Event
-from errands.notify.guard import AddressPolicy, parse_networks
-from errands.notify.hooks import Hook, run_hook
-from errands.notify.policy import Route, Sent, after_attempt, endpoint_route, parse_schedule, plan
+from errands.notify.lifecycle import Hook, hook_route, run_hook
+from errands.notify.policy import Route, Sent, after_attempt, endpoint_route, plan
 from errands.notify.webhooks import WebhookSender
-from errands.store.base import Endpoint, Message, Store
+from errands.notify.wechat import WeChat
+from errands.registry import Registry
+from errands.store.base import EventLog, Outbox
+from errands.store.records import Channel, Endpoint, Message, MessageState
 
-if TYPE_CHECKING:
-    from errands.app import Errands
-    from errands.notify.wechat import WeChat
+
+class _Store(Outbox, EventLog, Protocol):
+    """What the notifier needs of a store."""
+
 
 log = logging.getLogger("errands.notify")
 
@@ -54,34 +58,40 @@ class Notifier:
 
     def __init__(
         self,
-        app: Errands,
-        store: Store,
+        registry: Registry,
+        store: _Store,
+        hub: Hub,
         settings: Settings,
         *,
         clock: Clock,
         rng: random.Random,
+        guard: AddressPolicy,
         default_secret: str,
     ) -> None:
-        self.app = app
         self.store = store
+        self.hub = hub
         self.settings = settings
         self.clock = clock
         self._rng = rng
         self.default_secret = default_secret
-        self.schedule = parse_schedule(settings.notify_schedule)
-        self.policy = AddressPolicy(
-            allow=parse_networks(settings.notify_allow_networks), https_only=settings.notify_https_only
+        self.schedule = settings.retry_schedule
+        self.guard = guard
+        self.sender = WebhookSender(guard, clock, timeout_s=settings.notify_timeout_s)
+        self.hooks: dict[str, Hook] = dict(registry.hooks)
+        self.wechat: WeChat | None = None
+        if registry.wechat_config is not None:
+            self.wechat = WeChat(
+                registry.wechat_config,
+                appid=settings.wechat_appid,
+                secret=None if settings.wechat_secret is None else settings.wechat_secret.get_secret_value(),
+                base_url=settings.wechat_base_url,
+                clock=clock,
+            )
+        self.channels = (
+            Channel.ENDPOINT,
+            Channel.URL,
+            *((Channel.WECHAT,) if self.wechat is not None else ()),
         )
-        self.sender = WebhookSender(self.policy, clock, timeout_s=settings.notify_timeout_s)
-        self.hooks: dict[str, Hook] = dict(app.hooks)
-        self.wechat: WeChat | None = app.wechat_channel
-        if self.wechat is not None:
-            self.wechat.clock = clock
-            self.wechat.appid = self.wechat.appid or settings.wechat_appid
-            if self.wechat.secret is None and settings.wechat_secret is not None:
-                self.wechat.secret = settings.wechat_secret.get_secret_value()
-            self.wechat.base_url = self.wechat.base_url or settings.wechat_base_url
-        self.channels = ("endpoint", "url", *(("wechat",) if self.wechat is not None else ()))
         longest = max(
             [settings.notify_timeout_s, settings.hook_timeout_s]
             + [h.timeout_s for h in self.hooks.values() if h.timeout_s is not None]
@@ -100,14 +110,11 @@ class Notifier:
         self._fan_out_wake.set()
         self._deliver_wake.set()
 
-    def on_commit(self, events: Sequence[Event]) -> None:
-        del events
-        self._fan_out_wake.set()
-
-    def _remote_commit(self) -> None:
-        # Another process committed: there may be events to fan out. Its messages, if any, are
-        # delivered by the node that stored them (at once) or found here by the next poll:
-        # claiming after every commit of every node would cost a query per commit.
+    def _on_event(self, event: Event) -> None:
+        # A committed event (here or elsewhere, as the hub follows the log): there is something
+        # to fan out. Messages other nodes stored are delivered by them (at once) or found here
+        # by the next poll: claiming after every event would cost a query per event.
+        del event
         self._fan_out_wake.set()
 
     # -- fan-out ------------------------------------------------------------------------------
@@ -115,7 +122,7 @@ class Notifier:
     async def _routes(self) -> list[Route]:
         endpoints = await self.store.list_endpoints()
         routes = [endpoint_route(e) for e in endpoints if e.enabled]
-        routes.extend(h.route() for h in self.hooks.values())
+        routes.extend(hook_route(h) for h in self.hooks.values())
         return routes
 
     async def fan_out(self) -> int:
@@ -127,7 +134,7 @@ class Notifier:
             routes = await self._routes()
             if not routes and self.wechat is None and await self._skip(cursor):
                 return stored
-            events = await self.store.events_since(cursor, limit=FAN_OUT_BATCH)
+            events = (await self.store.read_log(cursor, limit=FAN_OUT_BATCH)).events
             if not events:
                 return stored
             pick = self.wechat.pick if self.wechat is not None else None
@@ -214,7 +221,6 @@ class Notifier:
             sent = await self._send(message, endpoint)
         result = after_attempt(
             message,
-            endpoint,
             sent,
             now=self.clock.now(),
             schedule=self.schedule,
@@ -222,7 +228,7 @@ class Notifier:
             rnd=self._rng.random(),
             disable_after_s=self.settings.notify_disable_after_s,
         )
-        if result.state == "failed":
+        if result.state is MessageState.FAILED:
             log.warning(
                 "gave up on message %s (%s of task %s) after %d attempts: %s",
                 message.id, message.event_type, message.task_id, message.attempts, sent.error,
@@ -239,18 +245,18 @@ class Notifier:
                 await asyncio.sleep(0.2 * (attempt + 1))
 
     async def _send(self, message: Message, endpoint: Endpoint | None) -> Sent:
-        if message.channel == "endpoint":
+        if message.channel == Channel.ENDPOINT:
             if endpoint is None:
                 return Sent(False, error="the endpoint no longer exists", final=True)
             return await self.sender.send(endpoint.url, self._secrets(endpoint), message.id, message.payload)
-        if message.channel == "url":
+        if message.channel == Channel.URL:
             return await self.sender.send(message.target, [self.default_secret], message.id, message.payload)
-        if message.channel == "hook":
+        if message.channel == Channel.HOOK:
             hook = self.hooks.get(message.target)
             if hook is None:
                 return Sent(False, error=f"no hook named {message.target} in this process")
             return await run_hook(hook, message, timeout_s=self.settings.hook_timeout_s)
-        if message.channel == "wechat" and self.wechat is not None:
+        if message.channel == Channel.WECHAT and self.wechat is not None:
             return await self.wechat.send(message)
         return Sent(False, error=f"this process cannot send {message.channel} messages")
 
@@ -297,13 +303,13 @@ class Notifier:
             await asyncio.wait(set(self._in_flight), timeout=grace_s)
 
     async def run(self) -> None:
-        self.store.add_commit_listener(self.on_commit)
-        self.store.add_remote_listener(self._remote_commit)
+        self.hub.add_listener(self._on_event)
         try:
             await asyncio.gather(self._fan_out_loop(), self._deliver_loop())
         finally:
             for task in list(self._in_flight):
                 task.cancel()
+            self.hub.remove_listener(self._on_event)
             await self.sender.aclose()
             if self.wechat is not None:
                 await self.wechat.aclose()

@@ -1,14 +1,16 @@
 """The decisions of notification delivery, without I/O.
 
-Which events become which messages (:func:`plan`), what a receiver's answer means
-(:func:`http_outcome`), and what follows an attempt (:func:`after_attempt`): delivered, tried
-again later on the retry schedule (or later still if the receiver asked with ``Retry-After``), or
-given up on; and whether the endpoint is throttled or disabled meanwhile.
+Which events become which messages (:func:`plan`) and which of them count for a task's
+``notification_sent`` (:func:`counts_for_notified`), what a receiver's answer means
+(:func:`http_outcome`), what follows an attempt (:func:`after_attempt`): delivered, tried again
+later on the retry schedule (or later still if the receiver asked with ``Retry-After``), or given
+up on; and an endpoint's health (:func:`health_after`): failing since when, throttled until
+when, disabled. The order in which a destination hears a task's events is the one rule kept as
+SQL, where the claim needs it (:data:`errands.store.statements.FIRST_IN_LINE`).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
@@ -16,53 +18,15 @@ from email.utils import parsedate_to_datetime
 import orjson
 
 from errands.clock import iso
-from errands.errors import ConfigError
-from errands.model import TERMINAL, Event, EventType
-from errands.store.base import Attempt, AttemptResult, Endpoint, Message
+from errands.model import TERMINAL, Event, EventType, matches
+from errands.store.records import Attempt, AttemptResult, Channel, Endpoint, Health, Message, MessageState
 
 #: Svix's and Standard Webhooks' schedule: at once, then 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
 DEFAULT_SCHEDULE = "0s,5s,5m,30m,2h,5h,10h,10h"
 #: Events of a task's end: what a task's own ``notify_url`` hears about.
 END_EVENTS = frozenset({EventType.COMPLETED, EventType.FAILED, EventType.TIMEOUT, EventType.CANCELLED})
-#: Patterns match every event type but this one, which is about notifications themselves.
-_NOT_BY_PATTERN = frozenset({EventType.NOTIFIED.value})
-EVENT_TYPES = frozenset(e.value for e in EventType)
 MAX_RETRY_AFTER_S = 86_400.0
 EXCERPT_CHARS = 200
-
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in ``"90"``, ``"5s"``, ``"5m"``, ``"2h"``, ``"1d"``."""
-    match = _DURATION.match(text)
-    if match is None:
-        raise ConfigError(f"'{text}' is not a duration (such as 30s, 5m, 2h).")
-    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
-
-
-def parse_schedule(text: str) -> tuple[float, ...]:
-    """The delays before each attempt: ``"0s,5s,5m"`` is three attempts, the first at once."""
-    delays = tuple(parse_duration(part) for part in text.split(",") if part.strip())
-    if not delays:
-        raise ConfigError("A retry schedule needs at least one attempt.")
-    return delays
-
-
-def valid_pattern(pattern: str) -> bool:
-    return pattern in EVENT_TYPES or pattern in ("*", "task.*")
-
-
-def matches(patterns: Sequence[str], event_type: str) -> bool:
-    """Whether an event type is one of ``patterns`` (exact types, or ``task.*`` / ``*`` for all
-    but ``task.notified``, which only an exact subscription receives)."""
-    for pattern in patterns:
-        if pattern == event_type:
-            return True
-        if pattern in ("*", "task.*") and event_type not in _NOT_BY_PATTERN:
-            return True
-    return False
 
 
 # -- from events to messages -------------------------------------------------------------------
@@ -72,7 +36,7 @@ def matches(patterns: Sequence[str], event_type: str) -> bool:
 class Route:
     """A destination and the events it wants: an endpoint, a lifecycle hook, a WeChat template."""
 
-    channel: str
+    channel: Channel
     target: str
     events: tuple[str, ...]
     types: tuple[str, ...] | None = None
@@ -90,7 +54,7 @@ class Route:
 
 def endpoint_route(endpoint: Endpoint) -> Route:
     return Route(
-        "endpoint", endpoint.id, endpoint.events, endpoint.types, endpoint.owners, endpoint.created_at
+        Channel.ENDPOINT, endpoint.id, endpoint.events, endpoint.types, endpoint.owners, endpoint.created_at
     )
 
 
@@ -111,6 +75,12 @@ def notify_url_of(event: Event) -> str | None:
     return url if isinstance(url, str) else None
 
 
+def counts_for_notified(route: Route, *, end: bool) -> bool:
+    """Whether a message must be delivered for its task to be ``notification_sent``: those about
+    the task's end, to anyone but the app's own lifecycle hooks (which tell nobody outside)."""
+    return end and route.channel != Channel.HOOK
+
+
 def plan(
     events: Sequence[Event],
     routes: Sequence[Route],
@@ -129,11 +99,11 @@ def plan(
             chosen.extend(pick(event))
         url = notify_url_of(event)
         if url is not None:
-            chosen.append(Route("url", url, ()))
+            chosen.append(Route(Channel.URL, url, ()))
         if not chosen:
             continue
         body = payload(event)
-        final = event.status in TERMINAL and event.type in END_EVENTS
+        end = event.status in TERMINAL and event.type in END_EVENTS
         for route in chosen:
             messages.append(
                 Message(
@@ -146,8 +116,8 @@ def plan(
                     channel=route.channel,
                     target=route.target,
                     payload=body,
-                    final=final,
-                    state="pending",
+                    final=counts_for_notified(route, end=end),
+                    state=MessageState.PENDING,
                     attempts=0,
                     next_at=now,
                     created_at=now,
@@ -219,9 +189,29 @@ def retry_delay_s(attempt: int, schedule: Sequence[float], *, jitter: float, rnd
     return schedule[attempt] * (1.0 + jitter * (2.0 * rnd - 1.0))
 
 
+def health_after(
+    endpoint: Endpoint, sent: Sent, *, now: float, throttle_s: float | None, disable_after_s: float
+) -> Health:
+    """An endpoint's health after an attempt, from its row as it is now: a success clears
+    ``failing_since``, a failure sets it if unset; a receiver that asked to be left alone
+    (``Retry-After``, or an overloaded answer) is throttled for ``throttle_s``, never less
+    than it already was; ``410 Gone``, or failing for ``disable_after_s``, disables it."""
+    if sent.ok:
+        return Health(None, endpoint.throttled_until, None)
+    failing_since = endpoint.failing_since if endpoint.failing_since is not None else now
+    throttled_until = endpoint.throttled_until
+    if throttle_s is not None:
+        throttled_until = max(throttled_until or 0.0, now + throttle_s)
+    disabled = None
+    if sent.gone:
+        disabled = "The endpoint answered 410 Gone."
+    elif now - failing_since >= disable_after_s:
+        disabled = f"Every delivery failed since {iso(failing_since)}."
+    return Health(failing_since, throttled_until, disabled)
+
+
 def after_attempt(
     message: Message,
-    endpoint: Endpoint | None,
     sent: Sent,
     *,
     now: float,
@@ -230,7 +220,9 @@ def after_attempt(
     rnd: float,
     disable_after_s: float,
 ) -> AttemptResult:
-    """Delivered, pending again at ``next_at``, or failed; and what happens to the endpoint."""
+    """Delivered, pending again at ``next_at``, or failed; and, for a message to an endpoint,
+    the decision of the endpoint's health (:func:`health_after`), which the store runs on the
+    endpoint's row under its lock."""
     attempt = Attempt(
         message_id=message.id,
         channel=message.channel,
@@ -245,30 +237,21 @@ def after_attempt(
         error=None if sent.error is None else sent.error[:EXCERPT_CHARS],
     )
     token = message.lease_token or ""
-    has_endpoint = endpoint is not None
+    delay = None
+    if not sent.ok:
+        delay = None if sent.final else retry_delay_s(message.attempts, schedule, jitter=jitter, rnd=rnd)
+        if delay is not None and sent.retry_after_s is not None:
+            delay = max(delay, sent.retry_after_s)
+    throttle_s = None
+    if not sent.ok and (sent.throttle or sent.retry_after_s is not None):
+        throttle_s = sent.retry_after_s if sent.retry_after_s is not None else (delay or 0.0)
+
+    def health(endpoint: Endpoint) -> Health:
+        return health_after(endpoint, sent, now=now, throttle_s=throttle_s, disable_after_s=disable_after_s)
+
+    decide = health if message.channel == Channel.ENDPOINT else None
     if sent.ok:
-        return AttemptResult(attempt, token, "delivered", now, endpoint_ok=True if has_endpoint else None)
-    delay = None if sent.final else retry_delay_s(message.attempts, schedule, jitter=jitter, rnd=rnd)
-    if delay is not None and sent.retry_after_s is not None:
-        delay = max(delay, sent.retry_after_s)
-    state, next_at = ("failed", now) if delay is None else ("pending", now + delay)
-    throttled_until = None
-    disable_reason = None
-    if endpoint is not None:
-        if sent.throttle or sent.retry_after_s is not None:
-            wait = sent.retry_after_s if sent.retry_after_s is not None else (delay or 0.0)
-            throttled_until = now + wait
-        failing_since = endpoint.failing_since if endpoint.failing_since is not None else now
-        if sent.gone:
-            disable_reason = "The endpoint answered 410 Gone."
-        elif now - failing_since >= disable_after_s:
-            disable_reason = f"Every delivery failed since {iso(failing_since)}."
-    return AttemptResult(
-        attempt,
-        token,
-        state,
-        next_at,
-        endpoint_ok=False if has_endpoint else None,
-        throttled_until=throttled_until,
-        disable_reason=disable_reason,
-    )
+        return AttemptResult(attempt, token, MessageState.DELIVERED, now, decide)
+    if delay is None:
+        return AttemptResult(attempt, token, MessageState.FAILED, now, decide)
+    return AttemptResult(attempt, token, MessageState.PENDING, now + delay, decide)

@@ -7,7 +7,7 @@ grace period). Only the first bytes of the answer are read, for the delivery log
 
 aiohttp carries them: its connection pool stays cheap with many receivers and many requests in
 flight, and its resolver hook is where the guard checks every address a name resolves to before
-anything connects (see :mod:`errands.notify.guard`).
+anything connects (see :mod:`errands.guard`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 from errands import signing
 from errands.clock import Clock
-from errands.notify.guard import AddressPolicy, Refused
+from errands.guard import AddressPolicy, Refused
 from errands.notify.policy import EXCERPT_CHARS, Sent, http_outcome
 
 _READ_BYTES = 1024

@@ -33,19 +33,20 @@ import re
 import string
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import httpx
 import orjson
 
 from errands.clock import Clock
-from errands.errors import ConfigError
 from errands.model import Event
-from errands.notify.policy import Route, Sent, valid_pattern
-from errands.store.base import Message
+from errands.notify.policy import Route, Sent
+from errands.registry import DEFAULT_OUTCOMES, WeChatConfig, WeChatTemplate
+from errands.store.records import Channel, Message
+
+__all__ = ["DEFAULT_OUTCOMES", "WeChat", "WeChatTemplate", "field_type", "fit"]
 
 DEFAULT_BASE_URL = "https://api.weixin.qq.com"
 #: The most characters WeChat accepts per field type (keys are the type plus a number: thing1).
@@ -63,12 +64,6 @@ LIMITS = {
     "time": 32,
     "date": 32,
 }
-DEFAULT_OUTCOMES = {
-    "completed": "已完成",
-    "failed": "失败",
-    "timeout": "超时",
-    "cancelled": "已取消",
-}
 #: Errors after which the same message can never succeed.
 FINAL_ERRORS = {
     43101: "the user has no subscription left for this template",
@@ -81,22 +76,6 @@ FINAL_ERRORS = {
 TOKEN_ERRORS = frozenset({40001, 40014, 42001})
 _KEY = re.compile(r"^([a-z_]+?)(\d+)$")
 _TOKEN_MARGIN_S = 300.0
-
-
-@dataclass(frozen=True, slots=True)
-class WeChatTemplate:
-    """A subscribe message template and what to fill it with."""
-
-    template_id: str
-    data: Mapping[str, str]
-    events: Sequence[str] = ("task.completed", "task.failed", "task.timeout")
-    types: Sequence[str] | None = None
-    page: str | None = "pages/index/index?taskId={id}"
-    name: str = ""  # how messages name it (default: the template id)
-
-    @property
-    def key(self) -> str:
-        return self.name or self.template_id
 
 
 def field_type(key: str) -> str:
@@ -135,41 +114,31 @@ class _Lenient(string.Formatter):
 _FORMATTER = _Lenient()
 
 
-@dataclass
 class WeChat:
-    """The WeChat channel: templates, credentials and a cached access token."""
+    """The WeChat channel of a running process: the app's templates, the credentials (from the
+    app or the settings) and a cached access token."""
 
-    templates: Sequence[WeChatTemplate]
-    appid: str | None = None
-    secret: str | None = None
-    base_url: str | None = None
-    miniprogram_state: str = "formal"
-    lang: str = "zh_CN"
-    timezone: str = "Asia/Shanghai"
-    outcomes: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_OUTCOMES))
-    timeout_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        if not self.templates:
-            raise ConfigError("A WeChat channel needs at least one template.")
-        keys = [t.key for t in self.templates]
-        if len(set(keys)) != len(keys):
-            raise ConfigError("Two WeChat templates have the same name.")
-        for template in self.templates:
-            bad = [e for e in template.events if not valid_pattern(e)]
-            if bad:
-                raise ConfigError(f"Unknown event type {bad[0]!r} in a WeChat template.")
-        if self.miniprogram_state not in ("formal", "trial", "developer"):
-            raise ConfigError("miniprogram_state must be formal, trial or developer.")
-        try:
-            self._zone = ZoneInfo(self.timezone)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ConfigError(f"Unknown time zone {self.timezone!r}.") from None
+    def __init__(
+        self,
+        config: WeChatConfig,
+        *,
+        appid: str | None,
+        secret: str | None,
+        base_url: str | None,
+        clock: Clock,
+    ) -> None:
+        self.config = config
+        self.templates = config.templates
+        self.appid = config.appid or appid
+        self.secret = config.secret or secret
+        self.base_url = config.base_url or base_url or DEFAULT_BASE_URL
+        self.timeout_s = config.timeout_s
+        self.clock = clock
+        self._zone = ZoneInfo(config.timezone)
         self._token: str | None = None
         self._token_until = 0.0
         self._token_lock = asyncio.Lock()
         self._client: httpx.AsyncClient | None = None
-        self.clock: Clock | None = None
         self.token_fetches = 0
 
     # -- routing and rendering (no I/O) -------------------------------------------------------
@@ -181,7 +150,7 @@ class WeChat:
         """The one template for an event, if any: one naming its type wins over a general one."""
         fitting = [t for t in self.templates if _route(t).wants(event)]
         fitting.sort(key=lambda t: t.types is None)
-        return [Route("wechat", fitting[0].key, ())] if fitting else []
+        return [Route(Channel.WECHAT, fitting[0].key, ())] if fitting else []
 
     def render(self, template: WeChatTemplate, task: Mapping[str, Any]) -> dict[str, Any]:
         """The body of ``subscribeMessage.send`` for one task (``task`` as the API shows it)."""
@@ -190,7 +159,7 @@ class WeChat:
             id=task.get("id", ""),
             type=task.get("type", ""),
             status=task.get("status", ""),
-            outcome=self.outcomes.get(str(task.get("status")), str(task.get("status", ""))),
+            outcome=self.config.outcomes.get(str(task.get("status")), str(task.get("status", ""))),
             message=task.get("message") or "",
             error=error.get("message", "") if isinstance(error, dict) else "",
             progress=task.get("progress", 0),
@@ -206,8 +175,8 @@ class WeChat:
                 key: {"value": fit(key, _FORMATTER.vformat(value, (), fields))}
                 for key, value in template.data.items()
             },
-            "miniprogram_state": self.miniprogram_state,
-            "lang": self.lang,
+            "miniprogram_state": self.config.miniprogram_state,
+            "lang": self.config.lang,
         }
         if template.page:
             body["page"] = _FORMATTER.vformat(template.page, (), fields)
@@ -222,13 +191,11 @@ class WeChat:
     # -- sending ------------------------------------------------------------------------------
 
     def _now(self) -> float:
-        return self.clock.now() if self.clock is not None else time.time()
+        return self.clock.now()
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
-            self._client = httpx.AsyncClient(
-                base_url=self.base_url or DEFAULT_BASE_URL, timeout=self.timeout_s, trust_env=False
-            )
+            self._client = httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout_s, trust_env=False)
         return self._client
 
     async def aclose(self) -> None:
@@ -302,7 +269,7 @@ class WeChat:
 
 def _route(template: WeChatTemplate) -> Route:
     types = None if template.types is None else tuple(template.types)
-    return Route("wechat", template.key, tuple(template.events), types)
+    return Route(Channel.WECHAT, template.key, tuple(template.events), types)
 
 
 class _Final(Exception):

@@ -7,6 +7,8 @@ from errands.config import Settings
 from errands.errors import ConfigError
 from errands.store.base import Store
 
+__all__ = ["Store", "open_store", "sqlite_path"]
+
 
 def sqlite_path(url: str) -> str | None:
     """The file path of a ``sqlite:///path`` URL (``sqlite:////abs/path`` for absolute paths)."""

@@ -27,7 +27,7 @@ from errands.errors import BadRequest, Forbidden
 from errands.hub import Watch, WatchClosed, WatchFilter
 from errands.inputs import BadValue, parse_seq
 from errands.model import Event, Status, TaskRecord
-from errands.store.base import TaskQuery
+from errands.store.records import TaskQuery
 
 if TYPE_CHECKING:
     from errands.runtime import Runtime

@@ -17,47 +17,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 import orjson
 
 from errands.model import Task
 from errands.notify.policy import Route, Sent
-from errands.store.base import Message
+from errands.registry import Hook, HookEvent
+from errands.store.records import Channel, Message
 
 log = logging.getLogger("errands.hooks")
 
-HookFunction = Callable[["HookEvent"], Awaitable[Any]] | Callable[["HookEvent"], Any]
+__all__ = ["Hook", "HookEvent", "hook_event", "hook_route", "run_hook"]
 
 
-@dataclass(frozen=True, slots=True)
-class HookEvent:
-    """What a hook receives: the event and the task as it was right after the change."""
-
-    type: str
-    seq: int
-    at: datetime
-    task: Task
-    message_id: str  # the same on every retry of this call
-    attempt: int  # 1 on the first call
-
-
-@dataclass(frozen=True, slots=True)
-class Hook:
-    """A registered lifecycle hook."""
-
-    name: str
-    events: tuple[str, ...]
-    types: tuple[str, ...] | None
-    fn: HookFunction
-    is_async: bool
-    timeout_s: float | None
-
-    def route(self) -> Route:
-        return Route("hook", self.name, self.events, self.types)
+def hook_route(hook: Hook) -> Route:
+    """Which events a hook hears: its event types, of its task types."""
+    return Route(Channel.HOOK, hook.name, hook.events, hook.types)
 
 
 def hook_event(message: Message) -> HookEvent:

@@ -25,10 +25,9 @@ import socket
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-from errands.errors import ConfigError
+from errands.config import IPNetwork
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_URL_LENGTH = 2048
 #: How long a check at registration or submission may wait for the name to resolve.
 RESOLVE_TIMEOUT_S = 5.0
@@ -56,18 +55,6 @@ class Refused(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-def parse_networks(text: str) -> tuple[IPNetwork, ...]:
-    """``"127.0.0.0/8, ::1"`` as networks (the value of ``ERRANDS_NOTIFY_ALLOW_NETWORKS``)."""
-    networks = []
-    for part in text.split(","):
-        if part.strip():
-            try:
-                networks.append(ipaddress.ip_network(part.strip(), strict=False))
-            except ValueError:
-                raise ConfigError(f"'{part.strip()}' is not a network (such as 127.0.0.0/8).") from None
-    return tuple(networks)
 
 
 def carried(address: IPAddress) -> list[IPAddress]:

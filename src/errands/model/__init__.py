@@ -1,0 +1,73 @@
+"""Tasks, their states, their events and the rules that move them. No I/O.
+
+:mod:`errands.model.task` holds what a task is; :mod:`errands.model.decisions` every change of
+one, as a pure function the stores run on the row they have just locked.
+"""
+
+from errands.model.decisions import (
+    backoff_s,
+    cancel,
+    choose_claims,
+    claim_window,
+    complete,
+    create,
+    expire,
+    external_report,
+    fail_attempt,
+    hand_off,
+    manual_retry,
+    mark_notified,
+    release,
+    report_progress,
+    start_attempt,
+)
+from errands.model.task import (
+    EVENT_TYPES,
+    TERMINAL,
+    TERMINAL_EVENT,
+    TRANSITIONS,
+    Change,
+    Event,
+    EventType,
+    NewTask,
+    Status,
+    Task,
+    TaskError,
+    TaskRecord,
+    can_move,
+    matches,
+    valid_pattern,
+)
+
+__all__ = [
+    "EVENT_TYPES",
+    "TERMINAL",
+    "TERMINAL_EVENT",
+    "TRANSITIONS",
+    "Change",
+    "Event",
+    "EventType",
+    "NewTask",
+    "Status",
+    "Task",
+    "TaskError",
+    "TaskRecord",
+    "backoff_s",
+    "can_move",
+    "cancel",
+    "choose_claims",
+    "claim_window",
+    "complete",
+    "create",
+    "expire",
+    "external_report",
+    "fail_attempt",
+    "hand_off",
+    "manual_retry",
+    "mark_notified",
+    "matches",
+    "release",
+    "report_progress",
+    "start_attempt",
+    "valid_pattern",
+]

@@ -1,0 +1,304 @@
+"""A task as stored and as shown, its states, its events and the moves allowed between them."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict
+
+from errands.clock import iso
+
+
+class Status(enum.StrEnum):
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.TIMEOUT, Status.CANCELLED})
+
+
+class EventType(enum.StrEnum):
+    CREATED = "task.created"
+    PROCESSING = "task.processing"
+    PROGRESS = "task.progress"
+    RETRYING = "task.retrying"
+    COMPLETED = "task.completed"
+    FAILED = "task.failed"
+    TIMEOUT = "task.timeout"
+    CANCELLED = "task.cancelled"
+    #: The task's notifications (webhooks, WeChat messages) about its end were all delivered.
+    NOTIFIED = "task.notified"
+
+
+#: Every event type, by name.
+EVENT_TYPES = frozenset(e.value for e in EventType)
+#: Patterns match every event type but this one, which is about notifications themselves.
+_NOT_BY_PATTERN = frozenset({EventType.NOTIFIED.value})
+
+
+def valid_pattern(pattern: str) -> bool:
+    """Whether ``pattern`` names event types: one (``task.failed``), or all (``task.*``, ``*``)."""
+    return pattern in EVENT_TYPES or pattern in ("*", "task.*")
+
+
+def matches(patterns: Sequence[str], event_type: str) -> bool:
+    """Whether an event type is one of ``patterns`` (exact types, or ``task.*`` / ``*`` for all
+    but ``task.notified``, which only an exact subscription receives)."""
+    for pattern in patterns:
+        if pattern == event_type:
+            return True
+        if pattern in ("*", "task.*") and event_type not in _NOT_BY_PATTERN:
+            return True
+    return False
+
+
+#: Every allowed move. ``processing → processing`` is a progress report; ``processing → pending``
+#: an automatic retry (or a release at shutdown); ``failed|timeout → pending`` a manual retry.
+TRANSITIONS: Mapping[Status, frozenset[Status]] = {
+    Status.PENDING: frozenset({Status.PROCESSING, Status.CANCELLED, Status.TIMEOUT}),
+    Status.PROCESSING: frozenset(
+        {
+            Status.PROCESSING,
+            Status.PENDING,
+            Status.COMPLETED,
+            Status.FAILED,
+            Status.TIMEOUT,
+            Status.CANCELLED,
+        }
+    ),
+    Status.FAILED: frozenset({Status.PENDING}),
+    Status.TIMEOUT: frozenset({Status.PENDING}),
+    Status.COMPLETED: frozenset(),
+    Status.CANCELLED: frozenset(),
+}
+
+TERMINAL_EVENT = {
+    Status.COMPLETED: EventType.COMPLETED,
+    Status.FAILED: EventType.FAILED,
+    Status.TIMEOUT: EventType.TIMEOUT,
+    Status.CANCELLED: EventType.CANCELLED,
+}
+
+
+def can_move(current: Status, new: Status) -> bool:
+    return new in TRANSITIONS[current]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskError:
+    """Why a task (or its last attempt) failed: a stable code and a message safe to show."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """A validated submission. ``fingerprint`` identifies the request for idempotent re-submits."""
+
+    id: str
+    type: str
+    owner: str
+    input: Any
+    priority: int
+    max_attempts: int
+    timeout_s: float
+    expires_in_s: float
+    fingerprint: str
+    notify_url: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """A task as stored: the public fields and the bookkeeping the service needs.
+
+    Times are seconds since the epoch. ``input`` and ``result`` are parsed JSON values.
+    """
+
+    id: str
+    type: str
+    owner: str
+    status: Status
+    input: Any
+    priority: int
+    max_attempts: int
+    timeout_s: float
+    created_at: float
+    updated_at: float
+    expires_at: float
+    fingerprint: str
+    result: Any = None
+    error: TaskError | None = None
+    progress: int = 0
+    message: str | None = None
+    attempt: int = 0
+    external_id: str | None = None
+    webhook_received: bool = False
+    notification_sent: bool = False
+    started_at: float | None = None
+    finished_at: float | None = None
+    seq: int = 0
+    run_after: float = 0.0
+    queued_at: float = 0.0
+    lease_token: str | None = None
+    lease_expires_at: float | None = None
+    deadline_at: float | None = None
+    worker_id: str | None = None
+    manual_retries: int = 0
+    poll_at: float | None = None  # when to ask the provider next (external tasks)
+    callback_nonce: str | None = None  # makes this attempt's capability URL unguessable
+    notify_url: str | None = None  # told of the task's end, signed with the default secret
+
+    def public(self) -> dict[str, Any]:
+        """The task object of the API, in its documented field order."""
+        return {
+            "id": self.id,
+            "type": self.type,
+            "owner": self.owner,
+            "status": self.status.value,
+            "input": self.input,
+            "result": self.result,
+            "error": None if self.error is None else {"code": self.error.code, "message": self.error.message},
+            "progress": self.progress,
+            "message": self.message,
+            "attempt": self.attempt,
+            "max_attempts": self.max_attempts,
+            "priority": self.priority,
+            "external_id": self.external_id,
+            "webhook_received": self.webhook_received,
+            "notification_sent": self.notification_sent,
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+            "started_at": iso(self.started_at),
+            "finished_at": iso(self.finished_at),
+            "expires_at": iso(self.expires_at),
+            "notify_url": self.notify_url,
+            "seq": self.seq,
+        }
+
+    def public_json(self) -> bytes:
+        return orjson.dumps(self.public())
+
+    def evolve(self, **changes: Any) -> TaskRecord:
+        """A copy with ``changes`` applied, like ``dataclasses.replace`` at half its cost."""
+        return _evolve(self, changes)
+
+    def to_task(self) -> Task:
+        """The public :class:`Task` (what ``app.submit`` returns)."""
+        data = self.public()
+        for key in ("created_at", "updated_at", "started_at", "finished_at", "expires_at"):
+            ts = getattr(self, key)
+            data[key] = None if ts is None else datetime.fromtimestamp(ts, tz=UTC)
+        data["status"] = self.status
+        data["error"] = self.error
+        return Task.model_construct(**data)
+
+
+def _make_evolve() -> Callable[[TaskRecord, dict[str, Any]], TaskRecord]:
+    """Build ``evolve`` as straight-line code, one line per field, the way ``dataclasses``
+    builds ``__init__``: every change of a task makes a record, so a loop over the fields
+    showed up in profiles."""
+    lines = ["def evolve(self, changes):", "    new = _new(TaskRecord)", "    get = changes.get"]
+    for field in dataclasses.fields(TaskRecord):
+        lines.append(f"    _set(new, {field.name!r}, get({field.name!r}, self.{field.name}))")
+    lines.append("    return new")
+    scope: dict[str, Any] = {"_new": object.__new__, "_set": object.__setattr__, "TaskRecord": TaskRecord}
+    exec("\n".join(lines), scope)  # noqa: S102 - the code is built from the dataclass's own field names
+    evolve: Callable[[TaskRecord, dict[str, Any]], TaskRecord] = scope["evolve"]
+    return evolve
+
+
+_evolve = _make_evolve()
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A decided change: the record after it and the event it appends."""
+
+    record: TaskRecord
+    event: EventType
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One committed change of one task, numbered by ``seq`` (unique and increasing).
+
+    ``task_json`` is the task after the change, serialised once when the change was written; its
+    ``seq`` field equals the event's.
+    """
+
+    seq: int
+    type: EventType
+    at: float
+    task_id: str
+    owner: str
+    task_type: str
+    status: Status
+    task_json: bytes
+    _json: list[bytes] = dataclasses.field(default_factory=list, compare=False, repr=False)
+
+    def to_json(self) -> bytes:
+        """The event as the API shows it: ``{seq, type, at, task}`` (rendered once, then shared
+        by every watcher it is sent to)."""
+        if not self._json:
+            self._json.append(
+                b'{"seq":%d,"type":"%s","at":"%s","task":%s}'
+                % (self.seq, self.type.value.encode(), (iso(self.at) or "").encode(), self.task_json)
+            )
+        return self._json[0]
+
+    def sse(self) -> bytes:
+        """The event as one Server-Sent Events frame, its ``seq`` as the frame id."""
+        if len(self._json) < 2:
+            self.to_json()
+            self._json.append(
+                b"id: %d\nevent: %s\ndata: %s\n\n" % (self.seq, self.type.value.encode(), self._json[0])
+            )
+        return self._json[1]
+
+
+class Task(BaseModel):
+    """A task as the API, the SDK and ``app.submit`` return it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    type: str
+    owner: str
+    status: Status
+    input: Any = None
+    result: Any = None
+    error: TaskError | None = None
+    progress: int = 0
+    message: str | None = None
+    attempt: int = 0
+    max_attempts: int = 1
+    priority: int = 0
+    external_id: str | None = None
+    webhook_received: bool = False
+    notification_sent: bool = False
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    expires_at: datetime | None = None
+    notify_url: str | None = None
+    seq: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.status.terminal

@@ -1,0 +1,268 @@
+"""What an app declares: its task types (and who performs them), lifecycle hooks, WeChat templates.
+
+Every loop of a running process reads it (workers, the sweeper, the notifier, the service); none
+changes it. :class:`errands.Errands` is a registry with the means to run it in-process on top.
+Declarations are checked here, when they are made, so a mistake stops the app at import time.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from errands.errors import ConfigError
+from errands.inputs import TYPE_PATTERN
+from errands.model import Task, valid_pattern
+
+if TYPE_CHECKING:
+    from errands.context import TaskContext
+    from errands.providers import Provider
+
+Handler = Callable[["TaskContext", Any], Awaitable[Any]] | Callable[["TaskContext", Any], Any]
+H = TypeVar("H", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True, slots=True)
+class TaskType:
+    """A registered task type and the limits that apply to its tasks.
+
+    A local type has a ``handler``; an external type has a ``provider`` instead, and the
+    polling schedule used when its webhooks do not come.
+    """
+
+    name: str
+    handler: Handler | None
+    is_async: bool
+    timeout_s: float | None = None
+    max_attempts: int | None = None
+    concurrency_per_owner: int | None = None
+    provider: Provider | None = None
+    poll_after_s: float = 60.0
+    poll_every_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class HookEvent:
+    """What a lifecycle hook receives: the event and the task as it was right after the change."""
+
+    type: str
+    seq: int
+    at: datetime
+    task: Task
+    message_id: str  # the same on every retry of this call
+    attempt: int  # 1 on the first call
+
+
+HookFunction = Callable[[HookEvent], Awaitable[Any]] | Callable[[HookEvent], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Hook:
+    """A registered lifecycle hook (see :mod:`errands.notify.lifecycle`)."""
+
+    name: str
+    events: tuple[str, ...]
+    types: tuple[str, ...] | None
+    fn: HookFunction
+    is_async: bool
+    timeout_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class WeChatTemplate:
+    """A subscribe message template and what to fill it with (see :mod:`errands.notify.wechat`)."""
+
+    template_id: str
+    data: Mapping[str, str]
+    events: Sequence[str] = ("task.completed", "task.failed", "task.timeout")
+    types: Sequence[str] | None = None
+    page: str | None = "pages/index/index?taskId={id}"
+    name: str = ""  # how messages name it (default: the template id)
+
+    @property
+    def key(self) -> str:
+        return self.name or self.template_id
+
+
+DEFAULT_OUTCOMES = {"completed": "已完成", "failed": "失败", "timeout": "超时", "cancelled": "已取消"}
+
+
+@dataclass(frozen=True, slots=True)
+class WeChatConfig:
+    """The WeChat channel as the app declares it: templates and how to fill them. Credentials
+    left out here come from the settings (``ERRANDS_WECHAT_*``) when the notifier starts."""
+
+    templates: tuple[WeChatTemplate, ...]
+    appid: str | None = None
+    secret: str | None = None
+    base_url: str | None = None
+    miniprogram_state: str = "formal"
+    lang: str = "zh_CN"
+    timezone: str = "Asia/Shanghai"
+    outcomes: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_OUTCOMES))
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.templates:
+            raise ConfigError("A WeChat channel needs at least one template.")
+        keys = [t.key for t in self.templates]
+        if len(set(keys)) != len(keys):
+            raise ConfigError("Two WeChat templates have the same name.")
+        for template in self.templates:
+            bad = [e for e in template.events if not valid_pattern(e)]
+            if bad:
+                raise ConfigError(f"Unknown event type {bad[0]!r} in a WeChat template.")
+        if self.miniprogram_state not in ("formal", "trial", "developer"):
+            raise ConfigError("miniprogram_state must be formal, trial or developer.")
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"Unknown time zone {self.timezone!r}.") from None
+
+
+class Registry:
+    """The declarations of an app (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.task_types: dict[str, TaskType] = {}
+        self.providers: dict[str, Provider] = {}
+        self.hooks: dict[str, Hook] = {}
+        self.wechat_config: WeChatConfig | None = None
+
+    def _check(
+        self, name: str, timeout_s: float | None, max_attempts: int | None, concurrency_per_owner: int | None
+    ) -> None:
+        if not re.fullmatch(TYPE_PATTERN, name):
+            raise ConfigError(f"'{name}' is not a valid task type name (letters, digits, _ . : -).")
+        if name in self.task_types:
+            raise ConfigError(f"Task type '{name}' is registered twice.")
+        if timeout_s is not None and timeout_s <= 0:
+            raise ConfigError("timeout_s must be positive.")
+        if max_attempts is not None and max_attempts < 1:
+            raise ConfigError("max_attempts must be at least 1.")
+        if concurrency_per_owner is not None and concurrency_per_owner < 1:
+            raise ConfigError("concurrency_per_owner must be at least 1.")
+
+    def external(
+        self,
+        name: str,
+        *,
+        provider: Provider,
+        timeout_s: float | None = None,
+        max_attempts: int | None = None,
+        poll_after_s: float = 60.0,
+        poll_every_s: float = 10.0,
+        concurrency_per_owner: int | None = None,
+    ) -> None:
+        """Register a task type that ``provider`` performs (see :mod:`errands.providers`).
+
+        A worker submits each task to the provider (retrying with backoff if it cannot); the
+        provider's webhooks complete it; without a final webhook ``poll_after_s`` after
+        submission, the sweeper polls every ``poll_every_s`` until the task ends or times out.
+        """
+        self._check(name, timeout_s, max_attempts, concurrency_per_owner)
+        if poll_after_s < 0 or poll_every_s <= 0:
+            raise ConfigError("poll_after_s must not be negative and poll_every_s must be positive.")
+        known = self.providers.get(provider.name)
+        if known is not None and known is not provider:
+            raise ConfigError(f"Two different providers are named '{provider.name}'.")
+        self.providers[provider.name] = provider
+        self.task_types[name] = TaskType(
+            name=name,
+            handler=None,
+            is_async=True,
+            timeout_s=timeout_s,
+            max_attempts=max_attempts,
+            concurrency_per_owner=concurrency_per_owner,
+            provider=provider,
+            poll_after_s=poll_after_s,
+            poll_every_s=poll_every_s,
+        )
+
+    def task(
+        self,
+        name: str,
+        *,
+        timeout_s: float | None = None,
+        max_attempts: int | None = None,
+        concurrency_per_owner: int | None = None,
+    ) -> Callable[[H], H]:
+        """Register a handler for ``name``; sync handlers run in a thread of their own."""
+        self._check(name, timeout_s, max_attempts, concurrency_per_owner)
+
+        def register(handler: H) -> H:
+            self.task_types[name] = TaskType(
+                name=name,
+                handler=handler,
+                is_async=inspect.iscoroutinefunction(handler),
+                timeout_s=timeout_s,
+                max_attempts=max_attempts,
+                concurrency_per_owner=concurrency_per_owner,
+            )
+            return handler
+
+        return register
+
+    def on(
+        self, *events: str, types: list[str] | None = None, timeout_s: float | None = None
+    ) -> Callable[[H], H]:
+        """Register a lifecycle hook: ``fn(event: HookEvent)`` runs after each committed event
+        of these types (``task.failed``, ``task.*``…), at least once, with retries, outside the
+        workers. ``types`` limits it to tasks of those types. See :mod:`errands.notify.lifecycle`."""
+        if not events:
+            raise ConfigError("app.on() needs at least one event type, such as 'task.failed'.")
+        unknown = [e for e in events if not valid_pattern(e)]
+        if unknown:
+            raise ConfigError(f"Unknown event type {unknown[0]!r}.")
+        if timeout_s is not None and timeout_s <= 0:
+            raise ConfigError("timeout_s must be positive.")
+
+        def register(fn: H) -> H:
+            name = f"{fn.__module__}:{fn.__qualname__}"
+            if name in self.hooks:
+                raise ConfigError(f"The hook {name} is registered twice.")
+            self.hooks[name] = Hook(
+                name=name,
+                events=tuple(events),
+                types=None if types is None else tuple(types),
+                fn=fn,
+                is_async=inspect.iscoroutinefunction(fn),
+                timeout_s=timeout_s,
+            )
+            return fn
+
+        return register
+
+    def wechat(
+        self,
+        templates: list[WeChatTemplate],
+        *,
+        appid: str | None = None,
+        secret: str | None = None,
+        base_url: str | None = None,
+        miniprogram_state: str = "formal",
+        timezone: str = "Asia/Shanghai",
+        outcomes: dict[str, str] | None = None,
+    ) -> WeChatConfig:
+        """Send WeChat subscribe messages to task owners (openids) when their tasks end.
+
+        ``appid``, ``secret`` and ``base_url`` default to ``ERRANDS_WECHAT_APPID``,
+        ``ERRANDS_WECHAT_SECRET`` and ``ERRANDS_WECHAT_BASE_URL``. See :mod:`errands.notify.wechat`.
+        """
+        if self.wechat_config is not None:
+            raise ConfigError("The WeChat channel is configured twice.")
+        self.wechat_config = WeChatConfig(
+            templates=tuple(templates),
+            appid=appid,
+            secret=secret,
+            base_url=base_url,
+            miniprogram_state=miniprogram_state,
+            timezone=timezone,
+            outcomes={**DEFAULT_OUTCOMES, **(outcomes or {})},
+        )
+        return self.wechat_config

@@ -1,0 +1,266 @@
+"""The distributed store: PostgreSQL through asyncpg, shared by any number of nodes and workers.
+
+Writes go through a small writer (:mod:`.writer`), as on SQLite, so concurrent changes share
+transactions; a few lanes (pooled connections) work in parallel. Other nodes learn of commits
+through ``LISTEN``/``NOTIFY`` (the payload is only the last seq; the hub reads the log itself),
+with a dedicated connection that reconnects by itself; the hub catches up from its last seq after
+every reconnect, so nothing is missed while it was away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import asyncpg
+
+from errands.clock import Clock
+from errands.errors import ConfigError, StoreError
+from errands.model import Event
+from errands.store.base import CommitSubscriber
+from errands.store.migrations import fresh_schema, migrations
+from errands.store.postgres.sql import CHANNEL, STATEMENTS, WORK
+from errands.store.postgres.writer import CONNECTION_ERRORS, PgTx, Writer
+from errands.store.shared import Mode, Tx, op_error
+from errands.store.shared.log import LogOps
+from errands.store.shared.meta import MetaOps
+from errands.store.shared.outbox import OutboxOps
+from errands.store.shared.reports import ReportOps
+from errands.store.shared.tasks import TaskOps
+
+log = logging.getLogger("errands.store")
+
+T = TypeVar("T")
+_SWEEPER_LOCK = 0x6572_7261_6E64_73  # "errands": the advisory lock one sweeper holds at a time
+
+
+def safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    head, sep, tail = url.partition("@")
+    if not sep:
+        return url
+    scheme, _, credentials = head.partition("://")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}@{tail}"
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """No reset between uses of a pooled connection: errands leaves no session state on them
+    (no LISTEN, no session locks, no cursors), and asyncpg's reset costs a round trip each time."""
+
+
+class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, MetaOps):
+    """A :class:`~errands.store.base.Store` on PostgreSQL (see the module docstring)."""
+
+    dialect = "postgres"
+    sql = STATEMENTS
+    snapshots_have_seq = False  # a snapshot is written before its seq is known
+    #: NOTIFY wakes the hub at once; this is only the safety net.
+    log_poll_s = 1.0
+    #: Every commit of every process notifies every hub; reading once per notification cost
+    #: more than a query per task per process under load.
+    log_read_gap_s = 0.003
+
+    def __init__(self, url: str, clock: Clock, *, pool_size: int = 8, write_lanes: int = 3) -> None:
+        self.clock = clock
+        self.url = url
+        self._pool_size = max(2, pool_size)
+        self._lanes = max(1, min(write_lanes, self._pool_size - 1))
+        self._pool: asyncpg.Pool | None = None
+        self._writer: Writer | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._listen_conn: asyncpg.Connection | None = None
+        self._lock_conn: asyncpg.Connection | None = None
+        self._lock_held = False
+        self._subscriber: CommitSubscriber | None = None
+        self.listening = asyncio.Event()
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def subscribe(self, subscriber: CommitSubscriber) -> None:
+        self._subscriber = subscriber
+
+    def _committed(self, events: Sequence[Event]) -> None:
+        if self._subscriber is not None:
+            self._subscriber.committed(events)
+
+    def _remote(self, *, work: bool) -> None:
+        if self._subscriber is not None:
+            try:
+                self._subscriber.remote_commit(work=work)
+            except Exception:
+                log.exception("the commit subscriber failed")
+
+    async def _connect(self) -> asyncpg.Connection:
+        try:
+            return await asyncpg.connect(self.url, timeout=10)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise ConfigError(f"Cannot connect to PostgreSQL at {safe_url(self.url)}: {exc}.") from None
+
+    async def open(self, *, migrate: bool = True) -> None:
+        if migrate:
+            await self.migrate()
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url,
+                min_size=1,
+                max_size=self._pool_size,
+                command_timeout=30,
+                timeout=10,
+                reset=_keep_session,
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise ConfigError(f"Cannot connect to PostgreSQL at {safe_url(self.url)}: {exc}.") from None
+        if not migrate and await self._pending_migrations():
+            raise ConfigError("The database schema is not up to date; run `errands migrate`.")
+        self._writer = Writer(self._pool, self._committed, self._lanes)
+        self._listener = asyncio.create_task(self._listen(), name="errands-pg-listen")
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+        if self._writer is not None:
+            await self._writer.stop()
+            self._writer = None
+        for conn in (self._listen_conn, self._lock_conn):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close(timeout=2)
+        self._listen_conn = self._lock_conn = None
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._pool.close(), 5)
+            self._pool = None
+
+    async def _listen(self) -> None:
+        """Keep a LISTEN connection; on every (re)connect, tell the subscriber to catch up."""
+        delay = 0.2
+        while True:
+            try:
+                conn = await asyncpg.connect(self.url, timeout=10)
+                self._listen_conn = conn
+                lost = asyncio.Event()
+                conn.add_termination_listener(lambda _, gone=lost: gone.set())
+                await conn.add_listener(
+                    CHANNEL, lambda _c, _p, _n, payload: self._remote(work=payload.endswith(WORK))
+                )
+                self.listening.set()
+                delay = 0.2
+                self._remote(work=True)
+                while not lost.is_set() and not conn.is_closed():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), 5)
+                    if not lost.is_set():
+                        await conn.execute("SELECT 1")  # notice a silently dead connection
+                log.warning("listening for events failed: the connection was lost; reconnecting")
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("listening for events failed (%s); reconnecting", type(exc).__name__)
+            self.listening.clear()
+            await asyncio.sleep(delay)
+            delay = min(5.0, delay * 2)
+
+    async def migrate(self) -> list[int]:
+        conn = await self._connect()
+        try:
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _SWEEPER_LOCK + 1)
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS errands_schema_migrations "
+                    "(version integer PRIMARY KEY, name text NOT NULL, applied_at double precision NOT NULL)"
+                )
+                applied = {r[0] for r in await conn.fetch("SELECT version FROM errands_schema_migrations")}
+                known = migrations("postgres")
+                if not applied:
+                    await conn.execute(fresh_schema("postgres"))
+                    todo = known
+                else:
+                    todo = [m for m in known if m[0] not in applied]
+                    for _, _, script in todo:
+                        await conn.execute(script)
+                for version, name, _ in todo:
+                    await conn.execute(
+                        "INSERT INTO errands_schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+                        version,
+                        name,
+                        self.clock.now(),
+                    )
+                return [v for v, _, _ in todo]
+        except asyncpg.PostgresError as exc:
+            raise StoreError(f"Migrating the PostgreSQL database failed: {exc}.") from exc
+        finally:
+            await conn.close()
+
+    async def _pending_migrations(self) -> list[int]:
+        try:
+            applied = {r[0] for r in await self._fetch("SELECT version FROM errands_schema_migrations")}
+        except StoreError:
+            applied = set()
+        return [v for v, _, _ in migrations("postgres") if v not in applied]
+
+    async def ping(self) -> None:
+        if self._writer is None or not self._writer.alive():
+            raise StoreError("The PostgreSQL writer is not running.")
+        await self._fetch("SELECT 1")
+
+    async def hold_sweeper_lock(self) -> bool:
+        """Whether this process is the one sweeper (a session advisory lock, lost with its node)."""
+        try:
+            if self._lock_conn is None or self._lock_conn.is_closed():
+                self._lock_conn = await asyncpg.connect(self.url, timeout=10)
+                self._lock_held = False
+            if not self._lock_held:
+                self._lock_held = bool(
+                    await self._lock_conn.fetchval("SELECT pg_try_advisory_lock($1)", _SWEEPER_LOCK)
+                )
+            else:
+                await self._lock_conn.execute("SELECT 1")
+            return self._lock_held
+        except (*CONNECTION_ERRORS, asyncpg.PostgresError):
+            self._lock_conn = None
+            self._lock_held = False
+            return False
+
+    # -- what the shared operations need ------------------------------------------------------
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Any]:
+        if self._pool is None:
+            raise StoreError("The store is closed.")
+        try:
+            return list(await self._pool.fetch(sql, *args))
+        except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:
+            raise StoreError("The database could not be read.") from exc
+
+    async def _write(
+        self, op: Callable[[Tx], Awaitable[T]], *, mode: Mode = "batch", task_id: str | None = None
+    ) -> T:
+        if mode == "own":
+            return await self._own(op)
+        if self._writer is None:
+            raise StoreError("The store is closed.")
+        result: T = await self._writer.submit(op, mode=mode, task_id=task_id)
+        return result
+
+    async def _own(self, op: Callable[[PgTx], Awaitable[T]]) -> T:
+        """A transaction of its own, outside the writer: for changes that touch no task."""
+        if self._pool is None:
+            raise StoreError("The store is closed.")
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                tx = PgTx(conn)
+                result = await op(tx)
+                await tx.commit_changes()
+                return result
+        except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:
+            raise StoreError("The database could not save the change.") from exc
+        except Exception as exc:
+            if op_error(exc):
+                raise
+            raise StoreError("The database could not save the change.") from exc

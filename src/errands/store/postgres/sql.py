@@ -1,0 +1,292 @@
+"""The PostgreSQL store's statements (see :mod:`errands.store.statements` for what each is
+given), and the statements only its write path runs (see :mod:`.writer`)."""
+
+from __future__ import annotations
+
+from errands.store.columns import (
+    ATTEMPTS,
+    COLUMNS,
+    ENDPOINTS,
+    EVENT_COLUMNS,
+    EVENT_HEADERS,
+    MESSAGES,
+    MUTABLE,
+    PG_TYPES,
+    RECEIPTS,
+    SELECT_LIST,
+)
+from errands.store.statements import FIRST_IN_LINE, Statements
+
+#: The channel every commit notifies (the payload is only a wake-up, see the module docstring).
+CHANNEL = "errands_events"
+#: Ends a notification's payload (the commit's last seq) when the commit made a task claimable.
+WORK = "+"
+#: The seq base of the transaction (assigning its id if it has none yet), read beside a row.
+BASE = "(pg_current_xact_id()::text::bigint << 16)"
+#: Highest seq a reader may read: below the oldest transaction still running (see the writer).
+SAFE = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16)"
+
+
+def _marks(n: int) -> str:
+    return ", ".join(f"${i}" for i in range(1, n + 1))
+
+
+WRITTEN = tuple(c for c in MUTABLE if c != "seq")
+INSERTED = tuple(c for c in COLUMNS if c != "seq")
+
+
+def _commit_sql() -> str:
+    """The second phase of a write transaction: rows, events, notification; one round trip."""
+    n_rows = len(WRITTEN) + 2  # id, ord, then the columns
+    row_args = ", ".join(
+        f"${i + 2}::{t}[]" for i, t in enumerate(["text", "int4"] + [PG_TYPES[c] for c in WRITTEN])
+    )
+    row_names = ", ".join(["id", "ord", *WRITTEN])
+    first_event = n_rows + 2
+    event_types = ["int4", "text", "float8", "text", "text", "text", "text", "bytea"]
+    event_args = ", ".join(f"${first_event + i}::{t}[]" for i, t in enumerate(event_types))
+    sets = ", ".join(f"{c} = r.{c}" for c in WRITTEN)
+    return f"""
+WITH s AS (
+    SELECT {BASE} AS base
+), written AS (
+    UPDATE errands_tasks t SET {sets}, seq = s.base + r.ord
+    FROM s, unnest({row_args}) AS r({row_names})
+    WHERE t.id = r.id
+), events AS (
+    INSERT INTO errands_events ({EVENT_COLUMNS})
+    SELECT s.base + e.ord, e.type, e.at, e.task_id, e.owner, e.task_type, e.status, e.task
+    FROM s, unnest({event_args}) AS e(ord, type, at, task_id, owner, task_type, status, task)
+)
+SELECT base, pg_notify('{CHANNEL}', (base + $1::int4)::text || ${first_event + len(event_types)}::text) FROM s
+"""
+
+
+def _insert_sql() -> str:
+    """A create in one statement: the row with its final seq, its event, the notification."""
+    n = len(INSERTED)
+    row = [f"${i + 1}::{PG_TYPES[c]}" for i, c in enumerate(INSERTED)]
+    return f"""
+WITH ins AS (
+    INSERT INTO errands_tasks ({", ".join(INSERTED)}, seq)
+    SELECT {", ".join(row)}, {BASE} + ${n + 1}
+    WHERE NOT EXISTS (SELECT 1 FROM errands_tombstones WHERE id = $1)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING seq, id, owner, type, updated_at
+), ev AS (
+    INSERT INTO errands_events ({EVENT_COLUMNS})
+    SELECT seq, 'task.created', updated_at, id, owner, type, 'pending', ${n + 2} FROM ins
+)
+SELECT seq, pg_notify('{CHANNEL}', seq::text || '{WORK}') FROM ins
+"""
+
+
+def _since_sql(columns: str) -> str:
+    """Committed events after a seq, below the safe bound, and whether any event lies above it
+    (one round trip, at least one row: the hubs of every process run it after every commit).
+    ``max(seq)`` is one step down the primary key whatever the statistics say; a range probe
+    gets planned as a sequential scan while the table grows faster than ANALYZE."""
+    return f"""
+WITH s AS MATERIALIZED (SELECT {SAFE} AS safe)
+SELECT e.*, (SELECT max(seq) FROM errands_events) >= s.safe
+FROM s LEFT JOIN LATERAL (
+    SELECT {columns} FROM errands_events WHERE seq > $1 AND seq < s.safe ORDER BY seq LIMIT $2
+) e ON true
+"""
+
+
+COMMIT = _commit_sql()
+INSERT_TASK = _insert_sql()
+LOCK_TASKS = f"SELECT {SELECT_LIST}, {BASE} FROM errands_tasks WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE NOWAIT"
+#: Find a report's task, lock it (NOWAIT, as every lock of a task here) and remember the report's
+#: delivery id, in one round trip; the id is remembered only when the task exists.
+REPORT_TARGET = f"""
+WITH target AS MATERIALIZED (
+    SELECT {SELECT_LIST}, {BASE} FROM errands_tasks WHERE {{where}} ORDER BY created_at DESC LIMIT 1 FOR UPDATE NOWAIT
+), seen AS (
+    INSERT INTO errands_webhook_ids (provider, delivery_id, received_at)
+    SELECT $1, $2, $3 WHERE $2::text IS NOT NULL AND EXISTS (SELECT 1 FROM target)
+    ON CONFLICT DO NOTHING RETURNING 1
+)
+SELECT (SELECT count(*) FROM seen), target.* FROM target
+"""
+LOCK_KEYS = (
+    "SELECT k.t, k.o, pg_try_advisory_xact_lock(hashtextextended(k.t || ' ' || k.o, 0)) "  # types have no spaces
+    "FROM unnest($1::text[], $2::text[]) AS k(t, o)"
+)
+COUNT_RUNNING = (
+    "SELECT k.t, k.o, (SELECT count(*) FROM errands_tasks WHERE status = 'processing' AND type = k.t AND owner = k.o) "
+    "FROM unnest($1::text[], $2::text[]) AS k(t, o)"
+)
+INSERT_RECEIPTS = (
+    f"INSERT INTO errands_webhook_deliveries ({RECEIPTS.select}) SELECT * FROM unnest("
+    + ", ".join(f"${i}::{t}[]" for i, t in enumerate(RECEIPTS.pg_types, start=1))
+    + ")"
+)
+_M = ", ".join(f"m.{c}" for c in MESSAGES.names)
+_E = ", ".join(f"e.{c}" for c in ENDPOINTS.names)
+_CHANNELS = "(m.channel = ANY({}::text[]) OR (m.channel = 'hook' AND m.target = ANY({}::text[])))"
+
+STATEMENTS = Statements(
+    param=lambda n: f"${n}",
+    # -- tasks
+    select_task=f"SELECT {SELECT_LIST} FROM errands_tasks WHERE id = $1",
+    select_tombstone="SELECT id, owner, purged_at FROM errands_tombstones WHERE id = $1",
+    list_tasks=f"SELECT {SELECT_LIST} FROM errands_tasks {{where}} ORDER BY created_at DESC, id DESC LIMIT {{limit}}",
+    count_pending=(
+        "SELECT count(*) FROM (SELECT 1 FROM errands_tasks WHERE owner = $1 AND status = 'pending' LIMIT $2) p"
+    ),
+    claim=(
+        f"SELECT {SELECT_LIST} FROM errands_tasks WHERE status = 'pending' AND type = ANY($1::text[]) "
+        "AND run_after <= $2 ORDER BY priority DESC, created_at, id LIMIT $3 FOR UPDATE SKIP LOCKED"
+    ),
+    renew=(
+        "UPDATE errands_tasks t SET lease_expires_at = $1 FROM unnest($2::text[], $3::text[]) AS l(id, token) "
+        "WHERE t.id = l.id AND t.status = 'processing' AND t.lease_token = l.token RETURNING t.id"
+    ),
+    next_ready=(
+        "SELECT min(run_after) FROM errands_tasks WHERE status = 'pending' AND run_after > created_at "
+        "AND run_after > $2 AND type = ANY($1::text[])"
+    ),
+    set_poll_at=(
+        "UPDATE errands_tasks SET poll_at = $1 WHERE id = $2 AND status = 'processing' AND poll_at IS NOT NULL"
+    ),
+    # -- the sweeper's
+    due_leases=(
+        "SELECT id FROM errands_tasks WHERE status = 'processing' AND lease_token IS NOT NULL "
+        "AND lease_expires_at < $1 LIMIT $2"
+    ),
+    due_deadlines="SELECT id FROM errands_tasks WHERE status = 'processing' AND deadline_at < $1 LIMIT $2",
+    due_expiry=(
+        "SELECT id FROM errands_tasks WHERE status IN ('pending', 'processing') AND expires_at < $1 LIMIT $2"
+    ),
+    due_polls=(
+        "SELECT id FROM errands_tasks WHERE status = 'processing' AND poll_at IS NOT NULL AND poll_at <= $1 LIMIT $2"
+    ),
+    purge_tasks=(
+        "DELETE FROM errands_tasks WHERE id IN (SELECT id FROM errands_tasks WHERE finished_at IS NOT NULL "
+        "AND finished_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id, owner"
+    ),
+    purge_events="DELETE FROM errands_events WHERE task_id = ANY($1::text[]) RETURNING seq",
+    raise_horizon="UPDATE errands_meta SET value = GREATEST(value::bigint, $1)::text WHERE key = 'horizon'",
+    add_tombstones=(
+        "INSERT INTO errands_tombstones (id, owner, purged_at) SELECT i, o, $3 "
+        "FROM unnest($1::text[], $2::text[]) AS t(i, o) ON CONFLICT (id) DO UPDATE SET purged_at = $3"
+    ),
+    purge_tombstones="DELETE FROM errands_tombstones WHERE purged_at < $1",
+    purge_old=(
+        "DELETE FROM errands_webhook_ids WHERE received_at < $1",
+        "DELETE FROM errands_webhook_deliveries WHERE received_at < $1",
+        "DELETE FROM errands_messages WHERE state != 'pending' AND updated_at < $1",
+        "DELETE FROM errands_message_attempts WHERE attempted_at < $1",
+    ),
+    stats_counts="SELECT status, type, count(*) FROM errands_tasks GROUP BY status, type",
+    stats_waits=(
+        "SELECT started_at - queued_at FROM errands_tasks WHERE started_at >= $1 ORDER BY started_at DESC LIMIT $2"
+    ),
+    stats_runs=(
+        "SELECT finished_at - started_at FROM errands_tasks WHERE finished_at IS NOT NULL AND finished_at >= $1 "
+        "AND started_at IS NOT NULL AND status != 'cancelled' ORDER BY finished_at DESC LIMIT $2"
+    ),
+    # -- the event log
+    task_events=(
+        f"SELECT {EVENT_COLUMNS} FROM errands_events WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+    ),
+    log_since=_since_sql(EVENT_COLUMNS),
+    log_since_headers=_since_sql(EVENT_HEADERS.replace("NULL", "NULL::bytea AS task")),
+    last_seq=f"SELECT {SAFE} - 1",
+    all_events_between=(
+        f"SELECT {EVENT_COLUMNS} FROM errands_events WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3"
+    ),
+    owner_events_between=(
+        f"SELECT {EVENT_COLUMNS} FROM errands_events WHERE owner = $1 AND seq > $2 AND seq <= $3 "
+        "ORDER BY seq LIMIT $4"
+    ),
+    horizon="SELECT value::bigint FROM errands_meta WHERE key = 'horizon'",
+    # -- provider reports
+    receipts=f"SELECT {RECEIPTS.select} FROM errands_webhook_deliveries ORDER BY id DESC LIMIT $1",
+    task_receipts=(
+        f"SELECT {RECEIPTS.select} FROM errands_webhook_deliveries WHERE task_id = $1 ORDER BY id DESC LIMIT $2"
+    ),
+    # -- notifications
+    insert_endpoint=f"INSERT INTO errands_endpoints ({ENDPOINTS.select}) VALUES ({_marks(len(ENDPOINTS.names))})",
+    select_endpoint=f"SELECT {ENDPOINTS.select} FROM errands_endpoints WHERE id = $1",
+    lock_endpoint=f"SELECT {ENDPOINTS.select} FROM errands_endpoints WHERE id = $1 FOR UPDATE",
+    list_endpoints=f"SELECT {ENDPOINTS.select} FROM errands_endpoints ORDER BY id",
+    update_endpoint=(
+        "UPDATE errands_endpoints SET "
+        + ", ".join(f"{c} = ${i}" for i, c in enumerate(ENDPOINTS.names[1:], start=2))
+        + " WHERE id = $1"
+    ),
+    delete_endpoint="DELETE FROM errands_endpoints WHERE id = $1",
+    fail_pending=(
+        "UPDATE errands_messages SET state = 'failed', last_error = $1, lease_token = NULL, updated_at = $2 "
+        "WHERE channel = 'endpoint' AND target = $3 AND state = 'pending'"
+    ),
+    set_health=(
+        "UPDATE errands_endpoints SET failing_since = $1, throttled_until = $2, enabled = $3, "
+        "disabled_reason = $4, updated_at = $5 WHERE id = $6"
+    ),
+    notify_cursor="SELECT value::bigint FROM errands_meta WHERE key = 'notify_cursor'",
+    notify_urls_after="SELECT 1 FROM errands_tasks WHERE notify_url IS NOT NULL AND seq > $1 LIMIT 1",
+    init_notify_cursor=(
+        "INSERT INTO errands_meta (key, value) VALUES ('notify_cursor', '0') ON CONFLICT DO NOTHING"
+    ),
+    move_notify_cursor="UPDATE errands_meta SET value = $1 WHERE key = 'notify_cursor' AND value = $2",
+    insert_message=(
+        f"INSERT INTO errands_messages ({MESSAGES.select}) VALUES ({_marks(len(MESSAGES.names))}) "
+        "ON CONFLICT DO NOTHING"
+    ),
+    due_messages=(
+        f"SELECT {_M}, {_E} FROM errands_messages m "
+        "LEFT JOIN errands_endpoints e ON m.channel = 'endpoint' AND e.id = m.target "
+        f"WHERE m.state = 'pending' AND m.next_at <= $1 AND {_CHANNELS.format('$2', '$3')} "
+        "AND (m.channel != 'endpoint' OR (e.enabled AND coalesce(e.throttled_until, 0) <= $1)) "
+        f"AND {FIRST_IN_LINE.format(messages='errands_messages')} "
+        "ORDER BY m.next_at LIMIT $4 FOR UPDATE OF m SKIP LOCKED"
+    ),
+    claim_message=(
+        "UPDATE errands_messages SET attempts = $1, next_at = $2, lease_token = $3, updated_at = $4 WHERE id = $5"
+    ),
+    message_ref="SELECT task_id, seq, final FROM errands_messages WHERE id = $1",
+    insert_attempt=(
+        f"INSERT INTO errands_message_attempts ({ATTEMPTS.select}) VALUES ({_marks(len(ATTEMPTS.names))})"
+    ),
+    finish_message=(
+        "UPDATE errands_messages SET state = $1, next_at = $2, last_status = $3, last_error = $4, "
+        "updated_at = $5, lease_token = NULL WHERE id = $6 AND lease_token = $7"
+    ),
+    final_left=(
+        "SELECT 1 FROM errands_messages WHERE task_id = $1 AND seq = $2 AND final AND state != 'delivered' LIMIT 1"
+    ),
+    next_message_at=(
+        f"SELECT min(m.next_at) FROM errands_messages m WHERE m.state = 'pending' AND {_CHANNELS.format('$1', '$2')}"
+    ),
+    select_message=f"SELECT {MESSAGES.select} FROM errands_messages WHERE id = $1",
+    list_messages=(
+        f"SELECT {MESSAGES.select} FROM errands_messages {{where}} ORDER BY created_at DESC, id DESC LIMIT {{limit}}"
+    ),
+    list_attempts=(
+        f"SELECT {ATTEMPTS.select}, id FROM errands_message_attempts {{where}} ORDER BY id DESC LIMIT {{limit}}"
+    ),
+    resend_message=(
+        "UPDATE errands_messages SET state = 'pending', attempts = 0, next_at = $1, lease_token = NULL, "
+        f"updated_at = $1 WHERE id = $2 RETURNING {MESSAGES.select}"
+    ),
+    recover_endpoint=(
+        "UPDATE errands_messages SET state = 'pending', attempts = 0, next_at = $1, lease_token = NULL, "
+        "updated_at = $1 WHERE channel = 'endpoint' AND target = $2 AND state = 'failed' AND created_at >= $3"
+    ),
+    # -- meta
+    meta_setdefault=(
+        # DO UPDATE rather than DO NOTHING plus a read: under READ COMMITTED, a key inserted by a
+        # transaction that committed while this statement waited for it is invisible to the
+        # statement's snapshot, but ON CONFLICT DO UPDATE locks and returns the committed row.
+        "INSERT INTO errands_meta (key, value) VALUES ($1, $2) "
+        "ON CONFLICT (key) DO UPDATE SET value = errands_meta.value RETURNING value"
+    ),
+    add_admin_key="INSERT INTO errands_admin_keys (hash, created_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    admin_keys="SELECT hash FROM errands_admin_keys",
+)
+#: The start-up race's statement, named for its test (tests/integration/test_postgres.py).
+META_SETDEFAULT = STATEMENTS.meta_setdefault

@@ -1,0 +1,430 @@
+"""PostgreSQL's write path: changes batched into transactions on a few lanes (connections).
+
+A transaction runs in two phases:
+
+1. the changes: each decision locks and reads its row, decides, and buffers the new record;
+   creates insert at once, so a concurrent duplicate is caught by the primary key;
+2. one statement that writes every changed row, appends every event and notifies listeners
+   (:data:`.sql.COMMIT`), then ``COMMIT``.
+
+**Seqs without gaps.** A sequence hands out numbers in call order, not commit order, so a reader
+following ``seq > last`` could pass a number whose transaction commits later. Here an event's seq
+is ``(writing transaction's id) << 16 | (ordinal within it)``, and readers only read below
+``pg_snapshot_xmin``, the oldest transaction still running: everything below it has finished.
+
+**A task's events in commit order.** For that, transactions writing the same task must have ids
+in the order they commit. A transaction gets its id with its first lock or write; if it then
+waited for a row held by a younger one, it would commit after it with a smaller id. So row locks
+are taken with ``NOWAIT`` and a batch that meets a locked row is rolled back and run again, with
+a new, younger id. Each statement sees what committed before it (READ COMMITTED), so a batch
+that has its id may also read a row that a younger transaction wrote and committed since: every
+row it locks is read with the batch's seq base, and a row whose latest event is not older makes
+the batch run again, younger. A claim (``SKIP LOCKED``, never waiting) always comes first in its
+transaction, so that takes its id as it locks what it claims.
+
+**Plans that stay cheap.** Write transactions begin with ``enable_seqscan`` and
+``enable_bitmapscan`` off: the task table is a queue whose partial indexes hold many entries of
+rows that have moved on until ``VACUUM``; an ordered index scan marks them dead as it passes and
+later scans skip them, a bitmap scan reads them every time, and plans cached while the table was
+small scan all of it for one row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from errands.errors import StoreError
+from errands.model import Change, Event, EventType, TaskRecord
+from errands.store.base import WORK_EVENTS
+from errands.store.columns import COLUMNS, to_record, values, with_seq
+from errands.store.postgres.sql import (
+    COMMIT,
+    COUNT_RUNNING,
+    INSERT_RECEIPTS,
+    INSERT_TASK,
+    INSERTED,
+    LOCK_KEYS,
+    LOCK_TASKS,
+    REPORT_TARGET,
+    WORK,
+    WRITTEN,
+)
+from errands.store.records import Receipt
+from errands.store.shared import Mode, Settlement, TxBase, op_error, settle
+
+log = logging.getLogger("errands.store")
+
+_MAX_BATCH = 256
+_ATTEMPTS = 12
+_SEQ = COLUMNS.index("seq")
+#: How a write transaction begins, in one round trip (see "Plans that stay cheap" above).
+_BEGIN = "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off"
+CONNECTION_ERRORS = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    # "cannot switch to state …; another operation is in progress": a pooled connection whose
+    # server went away in the middle of an operation (seen while PostgreSQL restarts).
+    asyncpg.InternalClientError,
+    asyncpg.CannotConnectNowError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+if TYPE_CHECKING:
+    Connection: TypeAlias = PoolConnectionProxy[asyncpg.Record] | asyncpg.Connection
+
+
+class YoungerWrite(Exception):
+    """A row this transaction read was last written by a younger transaction: run again, younger."""
+
+
+_RETRYABLE = (
+    asyncpg.LockNotAvailableError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    YoungerWrite,
+)
+
+
+def _older(row: Any) -> Any:
+    """``row`` (whose last column is the transaction's seq base) if its task's latest event is
+    older than this transaction, so that the event this transaction writes comes after it."""
+    if row[_SEQ] >= row[-1]:
+        raise YoungerWrite()
+    return row
+
+
+class PgTx(TxBase):
+    """One write transaction, as the changes of a batch see it (see the module docstring)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.pending: list[tuple[TaskRecord, EventType]] = []
+        self.overlay: dict[str, TaskRecord] = {}
+        self.ordinal = 0  # events numbered so far in this transaction (the low bits of their seqs)
+        self.written: list[Event] = []  # events already written (creates)
+        self.receipts: list[Receipt] = []  # provider reports to record, with the batch
+        self.created: dict[str, TaskRecord] = {}
+        self.locked: dict[str, TaskRecord] = {}  # rows locked here, as they were read
+        # Tasks this transaction started, per (type, owner): not yet written, so not counted by
+        # a query, but they count against concurrency_per_owner for the next claim in the batch.
+        self.starts: dict[tuple[str, str], int] = {}
+
+    # -- statements ---------------------------------------------------------------------------
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        return list(await self.conn.fetch(sql, *args))
+
+    async def fetchrow(self, sql: str, *args: Any) -> Any | None:
+        return await self.conn.fetchrow(sql, *args)
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        status = await self.conn.execute(sql, *args)
+        count = status.rsplit(" ", 1)[-1]
+        return int(count) if count.isdigit() else 0
+
+    async def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        await self.conn.executemany(sql, rows)
+
+    # -- tasks and their events ---------------------------------------------------------------
+
+    async def load(self, task_id: str) -> TaskRecord | None:
+        if task_id in self.overlay:
+            return self.overlay[task_id]
+        await self.lock((task_id,))
+        return self.locked.get(task_id)
+
+    async def lock(self, task_ids: Iterable[str]) -> None:
+        ids = sorted({i for i in task_ids if i not in self.overlay and i not in self.locked})
+        if not ids:
+            return
+        for row in await self.conn.fetch(LOCK_TASKS, ids):
+            record = to_record(_older(row))
+            self.locked[record.id] = record
+
+    def write(self, change: Change, before: TaskRecord) -> TaskRecord:
+        del before  # the second phase writes every mutable column
+        self.pending.append((change.record, change.event))
+        self.overlay[change.record.id] = change.record
+        return change.record
+
+    async def insert(self, record: TaskRecord) -> bool:
+        """Written at once, with its final seq, not in the second phase."""
+        self.ordinal += 1
+        snapshot = record.public_json()
+        seq = await self.conn.fetchval(INSERT_TASK, *values(record, INSERTED), self.ordinal, snapshot)
+        if seq is None:
+            return False
+        object.__setattr__(record, "seq", seq)  # a fresh record, not shared yet
+        self.overlay[record.id] = self.created[record.id] = record
+        self.written.append(
+            Event(seq, EventType.CREATED, record.updated_at, record.id, record.owner, record.type,
+                  record.status, with_seq(snapshot, seq))
+        )  # fmt: skip
+        return True
+
+    # -- undoing one change -------------------------------------------------------------------
+
+    async def mark(self) -> object:
+        return len(self.pending)
+
+    async def reset(self, mark: object) -> None:
+        # Only buffered changes can be undone; a create that was written stays (operations that
+        # raise do so before they write).
+        assert isinstance(mark, int)
+        del self.pending[mark:]
+        self.overlay = {**self.created, **{record.id: record for record, _ in self.pending}}
+
+    async def release(self, mark: object) -> None:
+        """Nothing to do: a kept change is simply not undone."""
+
+    def recoverable(self, exc: Exception) -> bool:
+        return op_error(exc)  # a database error aborts the whole transaction
+
+    # -- what only some operations need -------------------------------------------------------
+
+    async def add_receipt(self, receipt: Receipt) -> None:
+        self.receipts.append(receipt)
+
+    async def running(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int | None]:
+        """One claimer per (type, owner) at a time, or two could each see room for one more: the
+        keys are locked first (a transaction lock, never waited for), then counted."""
+        wanted = sorted(set(keys))
+        locked = await self.conn.fetch(LOCK_KEYS, [t for t, _ in wanted], [o for _, o in wanted])
+        counts: dict[tuple[str, str], int | None] = {(t, o): None for t, o, ok in locked if not ok}
+        mine = [(t, o) for t, o, ok in locked if ok]
+        if mine:
+            for t, o, n in await self.conn.fetch(COUNT_RUNNING, [t for t, _ in mine], [o for _, o in mine]):
+                counts[(t, o)] = int(n) + self.starts.get((t, o), 0)
+        return counts
+
+    def started(self, records: Sequence[TaskRecord]) -> None:
+        for record in records:
+            key = (record.type, record.owner)
+            self.starts[key] = self.starts.get(key, 0) + 1
+
+    async def report_target(
+        self, receipt: Receipt, job: tuple[Sequence[str], str] | None
+    ) -> tuple[bool, TaskRecord | None]:
+        key: list[Any]
+        if job is None:
+            where, key = "id = $4", [receipt.task_id or ""]
+        else:
+            where, key = "external_id = $4 AND type = ANY($5::text[])", [job[1], list(job[0])]
+        row = await self.conn.fetchrow(
+            REPORT_TARGET.format(where=where),
+            receipt.provider,
+            receipt.delivery_id,
+            receipt.received_at,
+            *key,
+        )
+        if row is None:
+            return True, None
+        record = to_record(_older(list(row)[1:]))
+        self.locked.setdefault(record.id, record)
+        return receipt.delivery_id is None or row[0] > 0, self.overlay.get(record.id, record)
+
+    # -- the second phase ---------------------------------------------------------------------
+
+    async def commit_changes(self) -> list[Event]:
+        """Rows, events, notification. Sets each written record's seq."""
+        if self.receipts:
+            r = self.receipts
+            await self.conn.execute(
+                INSERT_RECEIPTS, [x.provider for x in r], [x.delivery_id for x in r], [x.task_id for x in r],
+                [str(x.outcome) for x in r], [x.status_code for x in r], [x.received_at for x in r],
+                [x.detail for x in r],
+            )  # fmt: skip
+            self.receipts = []
+        if not self.pending:
+            return self.written
+        if self.ordinal + len(self.pending) >= 1 << 16:
+            raise StoreError("Too many changes in one transaction.")
+        first = self.ordinal + 1
+        last_ord: dict[str, int] = {}
+        for ord_, (record, _) in enumerate(self.pending, start=first):
+            last_ord[record.id] = ord_
+        finals = [self.pending[o - first][0] for o in last_ord.values()]
+        row_arrays: list[list[Any]] = [[r.id for r in finals], list(last_ord.values())]
+        written = [values(r, WRITTEN) for r in finals]
+        row_arrays.extend([row[i] for row in written] for i in range(len(WRITTEN)))
+        snapshots = [record.public_json() for record, _ in self.pending]
+        event_arrays: list[list[Any]] = [
+            list(range(first, first + len(self.pending))),
+            [kind.value for _, kind in self.pending],
+            [record.updated_at for record, _ in self.pending],
+            [record.id for record, _ in self.pending],
+            [record.owner for record, _ in self.pending],
+            [record.type for record, _ in self.pending],
+            [record.status.value for record, _ in self.pending],
+            snapshots,
+        ]
+        work = WORK if any(kind in WORK_EVENTS for _, kind in self.pending) else ""
+        base = await self.conn.fetchval(
+            COMMIT, first + len(self.pending) - 1, *row_arrays, *event_arrays, work
+        )
+        events = list(self.written)
+        for ord_, ((record, kind), snapshot) in enumerate(
+            zip(self.pending, snapshots, strict=True), start=first
+        ):
+            seq = base + ord_
+            if last_ord[record.id] == ord_:
+                object.__setattr__(record, "seq", seq)  # fresh records, not shared yet
+            events.append(
+                Event(seq, kind, record.updated_at, record.id, record.owner, record.type, record.status,
+                      with_seq(snapshot, seq))
+            )  # fmt: skip
+        return sorted(events, key=lambda e: e.seq)
+
+
+_Op = Callable[[PgTx], Awaitable[Any]]
+_Result = Settlement
+
+
+class _Job(NamedTuple):
+    fn: _Op
+    future: asyncio.Future[Any]
+    mode: Mode
+    task_id: str | None = None
+
+
+@contextlib.asynccontextmanager
+async def indexed_transaction(conn: Connection) -> AsyncIterator[None]:
+    """A transaction whose statements reach rows only through indexes."""
+    await conn.execute(_BEGIN)
+    try:
+        yield
+    except BaseException:
+        if not conn.is_closed():
+            with contextlib.suppress(asyncpg.PostgresError, *CONNECTION_ERRORS):
+                await conn.execute("ROLLBACK")
+        raise
+    await conn.execute("COMMIT")
+
+
+class Writer:
+    """Batches changes into transactions on a few lanes (connections) working in parallel."""
+
+    def __init__(self, pool: asyncpg.Pool, on_commit: Callable[[Sequence[Event]], None], lanes: int) -> None:
+        self._pool = pool
+        self._on_commit = on_commit
+        self._queue: deque[_Job] = deque()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._lanes = [asyncio.create_task(self._lane(), name=f"errands-pg-writer-{i}") for i in range(lanes)]
+
+    def alive(self) -> bool:
+        return all(not lane.done() for lane in self._lanes)
+
+    def submit(self, fn: _Op, *, mode: Mode = "batch", task_id: str | None = None) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if self._stopping:
+            future.set_exception(StoreError("The store is closed."))
+            return future
+        self._queue.append(_Job(fn, future, mode, task_id))
+        self._wake.set()
+        return future
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        await asyncio.gather(*self._lanes, return_exceptions=True)
+        for job in self._queue:
+            if not job.future.done():
+                job.future.set_exception(StoreError("The store is closed."))
+
+    async def _lane(self) -> None:
+        while True:
+            if not self._queue:
+                if self._stopping:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = [self._queue.popleft()]
+            while self._queue and len(batch) < _MAX_BATCH and self._queue[0].mode != "first":
+                batch.append(self._queue.popleft())
+            if self._queue:
+                self._wake.set()  # let another lane take the rest
+            try:
+                await self._run(batch)
+            except Exception:  # never let a lane die; fail the batch instead
+                log.exception("postgres write lane failed")
+                settle(
+                    [
+                        (job.future, None, StoreError("The database could not save the change."))
+                        for job in batch
+                    ]
+                )
+
+    async def _run(self, batch: list[_Job]) -> None:
+        for attempt in range(_ATTEMPTS):
+            try:
+                results, events = await self._transaction(batch)
+            except _RETRYABLE:
+                # A row was locked (NOWAIT): run again, as a younger transaction, once it is free.
+                if attempt == _ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(random.uniform(0.001, 0.004) * (attempt + 1))  # noqa: S311 - jitter
+                continue
+            except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:
+                if len(batch) > 1 and not isinstance(exc, CONNECTION_ERRORS):
+                    for job in batch:  # find the change that broke it; the others still land
+                        await self._run([job])
+                    return
+                log.error("postgres write failed: %s", exc)
+                error = StoreError("The database could not save the change.")
+                error.__cause__ = exc
+                settle([(job.future, None, error) for job in batch])
+                return
+            if events:
+                try:
+                    self._on_commit(events)
+                except Exception:
+                    log.exception("a commit listener failed")
+            settle(results)
+            return
+
+    async def _transaction(self, batch: list[_Job]) -> tuple[list[_Result], list[Event]]:
+        if len(batch) == 1 and batch[0].mode == "alone":
+            fn, future = batch[0].fn, batch[0].future
+            async with self._pool.acquire() as conn:
+                tx = PgTx(conn)
+                try:
+                    result = await fn(tx)
+                except Exception as exc:
+                    if not op_error(exc):
+                        raise
+                    return [(future, None, exc)], tx.written
+                return [(future, result, None)], await tx.commit_changes()
+        async with self._pool.acquire() as conn, indexed_transaction(conn):
+            tx = PgTx(conn)
+            results: list[_Result] = []
+            # The rows the changes will load, locked in one statement rather than one each
+            # (after a claim, which must take the transaction's id itself).
+            keys = [job.task_id for job in batch if job.task_id is not None]
+            for fn, future, mode, _ in batch:
+                if len(keys) > 1 and mode != "first":
+                    await tx.lock(keys)
+                    keys = []
+                mark = await tx.mark()
+                try:
+                    result = await fn(tx)
+                except Exception as exc:
+                    if not op_error(exc):
+                        raise
+                    await tx.reset(mark)
+                    results.append((future, None, exc))
+                else:
+                    results.append((future, result, None))
+            events = await tx.commit_changes()
+        return results, events

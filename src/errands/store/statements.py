@@ -1,0 +1,94 @@
+"""Every statement the shared operations run, by name: each dialect writes its own SQL for each.
+
+The operations (:mod:`errands.store.shared`) name a statement and pass its parameters in the
+order given here; a dialect's statements (``errands.store.sqlite.sql``,
+``errands.store.postgres.sql``) fill every field, so a statement missing in one dialect is a
+start-up error, not a surprise in production. Lists are passed as lists: PostgreSQL takes them
+as arrays, SQLite as JSON (``json_each``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+#: The ordering rule of messages, once for both dialects: a message waits while an earlier one
+#: of the same task to the same destination is pending, so each destination sees a task's
+#: events in order. ``{messages}`` is the table; the message is ``m``.
+FIRST_IN_LINE = (
+    "NOT EXISTS (SELECT 1 FROM {messages} p WHERE p.state = 'pending' AND p.task_id = m.task_id "
+    "AND p.channel = m.channel AND p.target = m.target AND p.seq < m.seq)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Statements:
+    """One dialect's SQL (parameters in the order named)."""
+
+    #: The placeholder of the n-th parameter (1-based), for the statements built per query.
+    param: Callable[[int], str]
+
+    # -- tasks --------------------------------------------------------------------------------
+    select_task: str  # id → task row
+    select_tombstone: str  # id → (id, owner, purged_at)
+    list_tasks: str  # a template with {where} and {limit}; newest first
+    count_pending: str  # owner, cap → (count up to cap,)
+    claim: str  # types, now, window → task rows, queue order (locked where the dialect locks)
+    renew: str  # until, ids, tokens → ids whose lease was extended
+    next_ready: str  # types, after → (earliest run_after of a task in backoff,)
+    set_poll_at: str  # when, id
+    # -- the sweeper's ------------------------------------------------------------------------
+    due_leases: str  # now, limit → ids
+    due_deadlines: str  # now, limit → ids
+    due_expiry: str  # now, limit → ids
+    due_polls: str  # now, limit → ids
+    purge_tasks: str  # finished_before, limit → (id, owner) of the tasks it deleted
+    purge_events: str  # ids → seqs of the events it deleted
+    raise_horizon: str  # seq
+    add_tombstones: str  # ids, owners, now
+    purge_tombstones: str  # before
+    purge_old: tuple[str, ...]  # each: before (receipts, seen delivery ids, messages, attempts)
+    stats_counts: str  # → (status, type, count)
+    stats_waits: str  # since, sample → (queue wait,)
+    stats_runs: str  # since, sample → (run time,)
+    # -- the event log ------------------------------------------------------------------------
+    task_events: str  # task_id, after, limit → event rows
+    log_since: str  # after, limit → event rows with the "behind" flag as a ninth column
+    log_since_headers: str  # the same without snapshots
+    last_seq: str  # → (seq,)
+    all_events_between: str  # after, until, limit → event rows
+    owner_events_between: str  # owner, after, until, limit → event rows
+    horizon: str  # → (seq,)
+    # -- provider reports ---------------------------------------------------------------------
+    receipts: str  # limit → receipt rows, newest first
+    task_receipts: str  # task_id, limit → receipt rows, newest first
+    # -- notifications ------------------------------------------------------------------------
+    insert_endpoint: str  # the endpoint's columns
+    select_endpoint: str  # id → endpoint row
+    lock_endpoint: str  # id → endpoint row, locked
+    list_endpoints: str  # → endpoint rows
+    update_endpoint: str  # the endpoint's columns (id first)
+    delete_endpoint: str  # id
+    fail_pending: str  # why, now, endpoint_id
+    set_health: str  # failing_since, throttled_until, enabled, disabled_reason, updated_at, id
+    notify_cursor: str  # → (cursor,)
+    notify_urls_after: str  # seq → a row if a task with a notify_url changed after it
+    init_notify_cursor: str
+    move_notify_cursor: str  # upto, after (as text)
+    insert_message: str  # the message's columns (skipped if the event already has it)
+    due_messages: str  # now, channels, hooks, limit → message and endpoint columns
+    claim_message: str  # attempts, next_at, lease_token, now, id
+    message_ref: str  # id → (task_id, seq, final)
+    insert_attempt: str  # the attempt's columns
+    finish_message: str  # state, next_at, status, error, now, id, lease_token
+    final_left: str  # task_id, seq → a row if a message counting for that end is undelivered
+    next_message_at: str  # channels, hooks → (earliest next_at,)
+    select_message: str  # id → message row
+    list_messages: str  # a template with {where} and {limit}; newest first
+    list_attempts: str  # a template with {where} and {limit} → attempt rows and id, newest first
+    resend_message: str  # now, id → message row
+    recover_endpoint: str  # now, endpoint_id, since
+    # -- meta ---------------------------------------------------------------------------------
+    meta_setdefault: str  # key, value → (stored value,)
+    add_admin_key: str  # hash, now
+    admin_keys: str  # → (hash,)

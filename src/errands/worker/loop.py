@@ -1,0 +1,360 @@
+"""Workers: claim tasks, hold each under a lease, run it, and write the outcome.
+
+One :class:`Worker` runs up to ``concurrency`` attempts at once in its process. It claims ready
+tasks by priority then age, holds each under a lease it renews on a heartbeat, and writes the
+outcome with the lease token as its fencing token: once the lease is lost (the task was
+cancelled, timed out, or requeued by the sweeper after this process stalled) nothing it writes
+lands. Each attempt is run by its task type's executor: a local handler
+(:mod:`errands.worker.handlers`) or a submission to a provider (:mod:`errands.worker.providers`);
+everything else (leases, timeouts, cancellation, retries) is the same for both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import secrets
+import socket
+import time
+from typing import Any
+
+from errands import model
+from errands.clock import Clock
+from errands.config import Settings
+from errands.context import TaskContext
+from errands.errors import LeaseLost, NotFound, StoreError
+from errands.hub import Hub
+from errands.model import Event, EventType, Status, TaskRecord
+from errands.providers import Callbacks
+from errands.registry import Registry
+from errands.store.base import Decision, Tasks
+from errands.store.records import ClaimSpec
+from errands.worker.attempt import Ended, Executor, Held, StopReason
+from errands.worker.handlers import HandlerExecutor
+from errands.worker.outcomes import INTERNAL_ERROR, Backoff, retry_or_end
+from errands.worker.progress import Progress
+from errands.worker.providers import ProviderExecutor
+
+log = logging.getLogger("errands.worker")
+
+#: The shortest time between a claim that emptied the queue and the next one (see _idle).
+_CLAIM_GAP_S = 0.004
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class Worker:
+    """Runs the tasks of ``registry`` against ``store``; see the module docstring."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        store: Tasks,
+        hub: Hub,
+        settings: Settings,
+        *,
+        clock: Clock,
+        rng: random.Random,
+        callbacks: Callbacks,
+        worker_id: str | None = None,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.settings = settings
+        self.id = worker_id or default_worker_id()
+        self._rng = rng
+        backoff = Backoff(settings.retry_base_s, settings.retry_cap_s)
+        self._handlers: Executor = HandlerExecutor(clock, backoff, rng)
+        self._providers: Executor = ProviderExecutor(
+            clock, backoff, rng, callbacks, settings.provider_timeout_s
+        )
+        self._backoff = backoff
+        self._types = dict(registry.task_types)
+        self._specs = [ClaimSpec(t.name, t.concurrency_per_owner) for t in self._types.values()]
+        self._limited = {t.name for t in self._types.values() if t.concurrency_per_owner is not None}
+        self._ready_at: float | None = None  # when the next task in backoff becomes claimable
+        self._ready_stale = True
+        self._last_claim = -1e9  # loop time of the last claim
+        #: Whether a claim could find something: set by announcements of work, by a claim that
+        #: filled every free slot, and at start; cleared by each claim.
+        self._maybe_work = True
+        self._held: dict[str, Held] = {}
+        self._background: set[asyncio.Task[Any]] = set()
+        self._runs: set[asyncio.Task[Any]] = set()
+        self._wake = asyncio.Event()
+        self._hurry = asyncio.Event()
+        self._stopping = False
+        hub.add_listener(self._on_event)
+        hub.on_work(self._on_work)
+
+    @property
+    def running(self) -> int:
+        return len(self._held)
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """Start a helper coroutine that is kept, and cancelled at shutdown."""
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    # -- events from the hub ------------------------------------------------------------------
+
+    def _on_event(self, event: Event) -> None:
+        held = self._held.get(event.task_id)
+        if (
+            held is not None
+            and not held.finished
+            and event.seq > held.record.seq  # older events (its creation) may arrive after our claim
+            and event.status is not Status.PROCESSING
+        ):
+            # Someone else ended or requeued the task we run: our attempt no longer counts.
+            self.stop_task(
+                event.task_id, StopReason.CANCELLED if event.status is Status.CANCELLED else StopReason.LOST
+            )
+        if event.task_type not in self._types:
+            return
+        if event.type is EventType.RETRYING:
+            self._ready_stale = True
+            self._maybe_work = True
+            self._wake.set()
+        elif event.type is EventType.CREATED or (event.task_type in self._limited and event.status.terminal):
+            # A finished task of a type with concurrency_per_owner may free its owner's turn.
+            self._maybe_work = True
+            self._wake.set()
+
+    def _on_work(self) -> None:
+        # An idle worker claims at once; a busy one hears of new work from the hub, which
+        # gathers the announcements of several commits into one wake-up (under load, every
+        # worker claiming per announcement mostly claims nothing).
+        self._maybe_work = True
+        if not self._held:
+            self._wake.set()
+
+    def stop_task(self, task_id: str, reason: StopReason) -> None:
+        """Stop a handler whose attempt no longer counts; it writes nothing afterwards."""
+        held = self._held.get(task_id)
+        if held is None or held.finished or held.stop_reason is not None:
+            return
+        held.stop_reason = reason
+        held.ctx._cancel()
+        if held.handler is not None:
+            held.handler.cancel()
+        log.info("task %s stopped on worker %s: %s", task_id, self.id, reason)
+
+    # -- the claim loop -----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Claim and run tasks until :meth:`shutdown`."""
+        if not self._specs:
+            log.warning("worker %s has no task types to run", self.id)
+        heartbeat = self.spawn(self._heartbeat())
+        failures = 0
+        try:
+            while not self._stopping:
+                free = self.settings.concurrency - len(self._held)
+                self._wake.clear()
+                if free <= 0:
+                    await self._wake.wait()
+                    continue
+                if not self._maybe_work:
+                    # A slot came free, but the last claim emptied the queue and nothing was
+                    # announced since: claiming now would find nothing.
+                    await self._idle()
+                    if not self._maybe_work:
+                        continue
+                self._maybe_work = False
+                try:
+                    self._last_claim = asyncio.get_running_loop().time()
+                    claimed = await self.store.claim(
+                        worker_id=self.id, specs=self._specs, limit=free, lease_s=self.settings.lease_s
+                    )
+                    failures = 0
+                except StoreError:
+                    failures += 1
+                    log.exception("claiming tasks failed")
+                    await asyncio.sleep(min(10.0, 0.2 * 2**failures))
+                    continue
+                for record in claimed:
+                    self._start(record)
+                if len(claimed) >= free:
+                    self._maybe_work = True  # the queue may hold more than there was room for
+                elif not self._stopping:
+                    await self._idle()
+        finally:
+            heartbeat.cancel()
+
+    async def _idle(self) -> None:
+        """Wait for a wake-up (a new or requeued task, a free slot), the next backoff to run
+        out, or ``poll_s`` at most (for what no event announced)."""
+        timeout = self.settings.poll_s
+        now = self.clock.now()
+        # Only a task.retrying event puts a task in backoff, so the next ready time is read
+        # again only after one, or once it has passed.
+        if self._ready_stale or (self._ready_at is not None and self._ready_at <= now):
+            try:
+                self._ready_at = await self.store.next_ready_at(list(self._types), after=now)
+                self._ready_stale = False
+            except StoreError:
+                self._ready_at = None
+        if self._ready_at is not None:
+            timeout = min(timeout, max(0.001, self._ready_at - now))
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            self._maybe_work = True  # a backoff ran out, or it is time to look anyway
+        # The queue was empty a moment ago. When work arrives as fast as it is taken, every new
+        # task wakes every worker: wait out a short gap since the last claim, so the next claim
+        # takes what came meanwhile instead of each worker claiming (mostly nothing) per task.
+        pause = self._last_claim + _CLAIM_GAP_S - asyncio.get_running_loop().time()
+        if pause > 0:
+            await asyncio.sleep(pause)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            leases = {
+                task_id: held.record.lease_token or ""
+                for task_id, held in self._held.items()
+                if not held.finished and held.stop_reason is None
+            }
+            try:
+                lost = await self.store.renew(leases, self.settings.lease_s)
+            except StoreError:
+                log.exception("renewing leases failed")
+                continue
+            for task_id in lost:
+                self.stop_task(task_id, StopReason.LOST)
+
+    # -- one attempt --------------------------------------------------------------------------
+
+    def _start(self, record: TaskRecord) -> None:
+        task_type = self._types[record.type]
+        token = record.lease_token or ""
+
+        async def write_progress(progress: int | None, message: str | None) -> None:
+            now = self.clock.now()
+            try:
+                await self.store.apply(
+                    record.id,
+                    lambda r: model.report_progress(
+                        r, now=now, lease_token=token, progress=progress, message=message
+                    ),
+                )
+            except LeaseLost:
+                self.stop_task(record.id, StopReason.LOST)
+            except (NotFound, StoreError) as exc:
+                log.warning("progress of task %s not saved: %s", record.id, exc)
+
+        progress = Progress(self.settings.progress_interval_s, write_progress, self.spawn)
+        ctx = TaskContext(
+            task_id=record.id,
+            type=record.type,
+            owner=record.owner,
+            attempt=record.attempt,
+            max_attempts=record.max_attempts,
+            sink=progress,
+        )
+        held = Held(record, task_type, ctx, progress)
+        self._held[record.id] = held
+        run = asyncio.create_task(self._attempt(held), name=f"errands-task-{record.id}")
+        self._runs.add(run)
+        run.add_done_callback(self._runs.discard)
+
+    async def _attempt(self, held: Held) -> None:
+        record = held.record
+        try:
+            decide = await self._execute(held)
+            if decide is not None:
+                held.finished = True
+                await self._write_outcome(record, decide)
+        except LeaseLost:
+            log.info("the outcome of task %s was refused: this worker lost its lease", record.id)
+        except (NotFound, StoreError) as exc:
+            log.error("the outcome of task %s was not saved: %s", record.id, exc)
+        except Exception:
+            log.exception("worker %s failed while finishing task %s", self.id, record.id)
+        finally:
+            held.finished = True
+            self._held.pop(record.id, None)
+            self._wake.set()
+
+    async def _write_outcome(self, record: TaskRecord, decide: Decision) -> None:
+        """Write an attempt's outcome, retrying while the database is unreachable (a restart):
+        for as long as the lease could still be ours, the result is worth keeping."""
+        deadline = time.monotonic() + max(self.settings.lease_s, 5.0)
+        delay = 0.1
+        while True:
+            try:
+                await self.store.apply(record.id, decide)
+                return
+            except StoreError:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("saving the outcome of task %s failed; retrying", record.id)
+                await asyncio.sleep(delay)
+                delay = min(2.0, delay * 2)
+
+    async def _execute(self, held: Held) -> Decision | None:
+        """Run the attempt to its end (or its limit) and decide its outcome; ``None`` when it no
+        longer counts (its lease is gone, or the task was cancelled)."""
+        record, ctx = held.record, held.ctx
+        executor = self._providers if held.task_type.provider is not None else self._handlers
+        future = executor.begin(held)
+        held.handler = future
+        if held.stop_reason is not None:  # stopped between the claim and this first step
+            future.cancel()
+        limit_s = executor.limit_s(held)
+        try:
+            await asyncio.wait({future}, timeout=limit_s)
+        except asyncio.CancelledError:
+            # The worker itself is being torn down: give the task back if we still hold it.
+            held.stop_reason = held.stop_reason or StopReason.SHUTDOWN
+            future.cancel()
+            raise
+        progress, message = held.progress.close()
+        now = self.clock.now()
+        if not future.done():
+            future.cancel()
+            ctx._cancel()
+            return executor.timed_out(held, progress, message, limit_s)
+        if future.cancelled():
+            if held.stop_reason in (StopReason.LOST, StopReason.CANCELLED):
+                return None
+            if held.stop_reason is StopReason.SHUTDOWN:
+                token = record.lease_token or ""
+                return lambda r: model.release(r, now=now, lease_token=token)
+            delay = self._backoff.delay_s(record.attempt, self._rng.random())
+            return retry_or_end(
+                record, INTERNAL_ERROR, now=now, delay_s=delay, progress=progress, message=message
+            )
+        return executor.ended(held, Ended(future, progress, message, now))
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    def hurry(self) -> None:
+        """Cut the grace period of a shutdown short (a second signal)."""
+        self._hurry.set()
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Stop claiming; let running handlers finish within ``grace_s``; give the rest back."""
+        self._stopping = True
+        self._wake.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self._runs and not self._hurry.is_set() and (left := deadline - loop.time()) > 0:
+            hurry = asyncio.ensure_future(self._hurry.wait())
+            await asyncio.wait({*self._runs, hurry}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            hurry.cancel()
+        for task_id in list(self._held):
+            self.stop_task(task_id, StopReason.SHUTDOWN)
+        if self._runs:
+            await asyncio.wait(set(self._runs), timeout=10)
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=5)
