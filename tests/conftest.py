@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -85,3 +90,30 @@ async def drop_database(name: str) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _another_app_churning() -> Iterator[None]:
+    """Under CI, another application churns transactions on another database of the test server
+    for the whole run, one of them always open (``tests/foreign.py``): nothing of errands may
+    wait for it, so the PostgreSQL half of the suite passes beside it."""
+    if os.environ.get("CI") != "true" or postgres_unavailable() is not None:
+        yield
+        return
+    name = run_sync(create_database("another_app"))
+    with tempfile.TemporaryFile() as errors:
+        churner = subprocess.Popen(
+            [sys.executable, "-m", "tests.foreign", "churn", pg_url(name)],
+            cwd=Path(__file__).parent.parent,
+            stderr=errors,
+        )
+        try:
+            yield
+            if churner.poll() is not None:
+                errors.seek(0)
+                said = errors.read().decode(errors="replace")[-2000:]
+                pytest.fail(f"the churner stopped early ({churner.returncode}):\n{said}")
+        finally:
+            churner.terminate()
+            churner.wait(10)
+            run_sync(drop_database(name))

@@ -125,6 +125,7 @@ class Settings(BaseSettings):
     # PostgreSQL
     pg_pool_size: int = Field(8, ge=2, le=100)
     pg_write_lanes: int = Field(3, ge=1, le=32)
+    pg_stall_timeout_s: float = Field(5.0, ge=0.1, le=3600)
 
     @field_validator("notify_schedule", "notify_allow_networks")
     @classmethod

@@ -137,6 +137,26 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     c.close()
 
 
+def sse_lines(url: str, path: str, last: int | None) -> Iterator[tuple[str, str, int | None]]:
+    """(event, data, id) of one SSE connection, until it breaks."""
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    if last is not None:
+        headers["Last-Event-ID"] = str(last)
+    with httpx.stream("GET", url + path, headers=headers, timeout=httpx.Timeout(5, read=30)) as response:
+        event, data, seq = "", "", None
+        for line in response.iter_lines():
+            if not line:
+                if data:
+                    yield event, data, seq
+                event, data, seq = "", "", None
+            elif line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                data = line[6:]
+            elif line.startswith("id: "):
+                seq = int(line[4:])
+
+
 def task_status(client: httpx.Client, task_id: str) -> dict[str, Any]:
     r = client.get(f"/v1/tasks/{task_id}")
     r.raise_for_status()

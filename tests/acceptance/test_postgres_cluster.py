@@ -8,7 +8,6 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.acceptance.conftest import Cluster, eventually, task_status
+from tests.acceptance.conftest import Cluster, eventually, sse_lines, task_status
 from tests.conftest import ADMIN_KEY
 
 pytestmark = pytest.mark.postgres
@@ -27,26 +26,6 @@ FAST = {
     "ERRANDS_RETRY_BASE_S": "0.05",
     "ERRANDS_WATCH_KEEPALIVE_S": "1",
 }
-
-
-def sse_lines(url: str, path: str, last: int | None) -> Iterator[tuple[str, str, int | None]]:
-    """(event, data, id) of one SSE connection, until it breaks."""
-    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    if last is not None:
-        headers["Last-Event-ID"] = str(last)
-    with httpx.stream("GET", url + path, headers=headers, timeout=httpx.Timeout(5, read=30)) as response:
-        event, data, seq = "", "", None
-        for line in response.iter_lines():
-            if not line:
-                if data:
-                    yield event, data, seq
-                event, data, seq = "", "", None
-            elif line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: "):
-                data = line[6:]
-            elif line.startswith("id: "):
-                seq = int(line[4:])
 
 
 class Watcher(threading.Thread):

@@ -93,6 +93,10 @@ async def _pg_schema(url: str) -> dict[str, Any]:
             "SELECT relname, reloptions FROM pg_class WHERE relname LIKE 'errands_%' AND relkind = 'r' ORDER BY relname"
         )
         data = await conn.fetch("SELECT key, value FROM errands_meta ORDER BY key")
+        functions = await conn.fetch(
+            "SELECT proname, pg_get_functiondef(oid) FROM pg_proc "
+            "WHERE pronamespace = 'public'::regnamespace AND proname LIKE 'errands_%' ORDER BY proname"
+        )
     finally:
         await conn.close()
     return {
@@ -101,6 +105,7 @@ async def _pg_schema(url: str) -> dict[str, Any]:
         "constraints": [tuple(r) for r in constraints],
         "options": [(r[0], r[1]) for r in options if r[0] != "errands_schema_migrations"],
         "data": [tuple(r) for r in data],
+        "functions": [tuple(r) for r in functions],
     }
 
 

@@ -14,6 +14,7 @@ from errands.auth import SYSTEM
 from errands.hub import WatchFilter
 from errands.model import EventType
 from errands.service import SubmitRequest
+from errands.store.postgres import session_settings
 from tests.integration.conftest import RuntimeFactory, wait_task
 
 pytestmark = pytest.mark.postgres
@@ -42,7 +43,8 @@ async def test_an_event_that_commits_late_is_still_delivered_in_order(
     template = orjson.loads(
         (await runtime.service.submit(SubmitRequest(type="work", id="t0"), SYSTEM))[0].public_json()
     )
-    older, younger = await asyncpg.connect(url), await asyncpg.connect(url)
+    # Sessions of errands' own (by name): the log waits for their transactions.
+    older, younger = [await asyncpg.connect(url, server_settings=session_settings()) for _ in range(2)]
 
     async def append(conn: asyncpg.Connection, task_id: str) -> int:
         """What the store's commit statement does for one event, without committing."""
@@ -150,15 +152,17 @@ async def test_a_commit_that_makes_work_wakes_the_workers_of_other_nodes(
     another node can claim at once rather than after its hub's next read of the log."""
     node_a = await runtime_factory(app, workers=False)
     node_b = await runtime_factory(app, workers=False)
-    remote, work = asyncio.Event(), asyncio.Event()
-    node_b.hub.add_listener(lambda _event: remote.set())  # node_a's commits reach node_b's hub
+    # Listening announces work once on (re)connect, so that nothing missed meanwhile waits.
+    await asyncio.wait_for(node_b.store.listening.wait(), 10)  # type: ignore[attr-defined]
+    created, cancelled, work = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    seen = {EventType.CREATED: created, EventType.CANCELLED: cancelled}
+    node_b.hub.add_listener(lambda event: seen[event.type].set() if event.type in seen else None)
     node_b.hub.on_work(work.set)
     await node_a.service.submit(SubmitRequest(type="work", id="w1"), SYSTEM)
-    await asyncio.wait_for(work.wait(), 10)
-    remote.clear()
+    await asyncio.wait_for(asyncio.gather(work.wait(), created.wait()), 10)
     work.clear()
     await node_a.service.cancel("w1", SYSTEM)
-    await asyncio.wait_for(remote.wait(), 10)
+    await asyncio.wait_for(cancelled.wait(), 10)
     assert not work.is_set(), "a cancel makes nothing claimable"
 
 

@@ -35,5 +35,12 @@ def open_store(settings: Settings, clock: Clock) -> Store:
             raise ConfigError(
                 "PostgreSQL support needs the asyncpg driver: pip install 'errands[postgres]'."
             ) from None
-        return PostgresStore(url, clock, pool_size=settings.pg_pool_size, write_lanes=settings.pg_write_lanes)
+        return PostgresStore(
+            url,
+            clock,
+            pool_size=settings.pg_pool_size,
+            write_lanes=settings.pg_write_lanes,
+            stall_s=settings.pg_stall_timeout_s,
+            sweep_every_s=settings.sweep_interval_s,
+        )
     raise ConfigError("The database URL must start with sqlite:/// or postgresql://.")

@@ -5,6 +5,13 @@ transactions; a few lanes (pooled connections) work in parallel. Other nodes lea
 through ``LISTEN``/``NOTIFY`` (the payload is only the last seq; the hub reads the log itself),
 with a dedicated connection that reconnects by itself; the hub catches up from its last seq after
 every reconnect, so nothing is missed while it was away.
+
+**errands' own sessions.** Every connection is named ``errands`` (``application_name``): the log
+is read below the oldest transaction still running in a session of that name (migration 0007),
+so nobody else's transaction holds it back. In return errands bounds its own: the server ends a
+session of errands' that sits idle in a transaction for ``stall_s`` (a process frozen in the
+middle of a write, by SIGSTOP or a frozen VM), and the sweeper's and the listener's sessions when
+they stop talking, so a frozen node holds the others back for seconds, not for ever.
 """
 
 from __future__ import annotations
@@ -35,6 +42,30 @@ log = logging.getLogger("errands.store")
 
 T = TypeVar("T")
 _SWEEPER_LOCK = 0x6572_7261_6E64_73  # "errands": the advisory lock one sweeper holds at a time
+#: The name of every session of errands' (see the module docstring and migration 0007).
+APPLICATION_NAME = "errands"
+#: How long the listener's session may stay silent (it checks its connection every 5 s).
+_LISTEN_IDLE_S = 60.0
+
+
+def session_settings(
+    *, idle_in_transaction_s: float | None = None, idle_s: float | None = None
+) -> dict[str, str]:
+    """The settings every session of errands' starts with (they override the URL's)."""
+    settings = {
+        "application_name": APPLICATION_NAME,
+        # The log's bound relies on a fresh snapshot per statement (migration 0007), and the
+        # write path on reading what committed before each statement.
+        "default_transaction_isolation": "read committed",
+    }
+    if idle_in_transaction_s is not None:
+        ms = str(max(1, round(idle_in_transaction_s * 1000)))
+        settings["idle_in_transaction_session_timeout"] = ms
+        # The same bound when the client stops reading what the server sends it.
+        settings["tcp_user_timeout"] = ms
+    if idle_s is not None:
+        settings["idle_session_timeout"] = str(max(1, round(idle_s * 1000)))
+    return settings
 
 
 def safe_url(url: str) -> str:
@@ -64,9 +95,23 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, MetaOps):
     #: more than a query per task per process under load.
     log_read_gap_s = 0.003
 
-    def __init__(self, url: str, clock: Clock, *, pool_size: int = 8, write_lanes: int = 3) -> None:
+    def __init__(
+        self,
+        url: str,
+        clock: Clock,
+        *,
+        pool_size: int = 8,
+        write_lanes: int = 3,
+        stall_s: float = 5.0,
+        sweep_every_s: float = 5.0,
+    ) -> None:
+        """``stall_s``: how long a session of errands' may sit idle in a transaction before the
+        server ends it; ``sweep_every_s``: how often the sweeper renews its lock (its session
+        is ended after a few times that without a word)."""
         self.clock = clock
         self.url = url
+        self._stall_s = stall_s
+        self._lock_idle_s = max(_LISTEN_IDLE_S, 4 * sweep_every_s)
         self._pool_size = max(2, pool_size)
         self._lanes = max(1, min(write_lanes, self._pool_size - 1))
         self._pool: asyncpg.Pool | None = None
@@ -94,9 +139,13 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, MetaOps):
             except Exception:
                 log.exception("the commit subscriber failed")
 
+    async def _session(self, **settings: float) -> asyncpg.Connection:
+        """A connection of its own (not pooled), named as errands' (see the module docstring)."""
+        return await asyncpg.connect(self.url, timeout=10, server_settings=session_settings(**settings))
+
     async def _connect(self) -> asyncpg.Connection:
         try:
-            return await asyncpg.connect(self.url, timeout=10)
+            return await self._session()
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise ConfigError(f"Cannot connect to PostgreSQL at {safe_url(self.url)}: {exc}.") from None
 
@@ -111,6 +160,7 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, MetaOps):
                 command_timeout=30,
                 timeout=10,
                 reset=_keep_session,
+                server_settings=session_settings(idle_in_transaction_s=self._stall_s),
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise ConfigError(f"Cannot connect to PostgreSQL at {safe_url(self.url)}: {exc}.") from None
@@ -143,7 +193,7 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, MetaOps):
         delay = 0.2
         while True:
             try:
-                conn = await asyncpg.connect(self.url, timeout=10)
+                conn = await self._session(idle_s=_LISTEN_IDLE_S)
                 self._listen_conn = conn
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _, gone=lost: gone.set())
@@ -214,7 +264,7 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, MetaOps):
         """Whether this process is the one sweeper (a session advisory lock, lost with its node)."""
         try:
             if self._lock_conn is None or self._lock_conn.is_closed():
-                self._lock_conn = await asyncpg.connect(self.url, timeout=10)
+                self._lock_conn = await self._session(idle_s=self._lock_idle_s)
                 self._lock_held = False
             if not self._lock_held:
                 self._lock_held = bool(

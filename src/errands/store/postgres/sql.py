@@ -8,7 +8,6 @@ from errands.store.columns import (
     COLUMNS,
     ENDPOINTS,
     EVENT_COLUMNS,
-    EVENT_HEADERS,
     MESSAGES,
     MUTABLE,
     PG_TYPES,
@@ -23,8 +22,6 @@ CHANNEL = "errands_events"
 WORK = "+"
 #: The seq base of the transaction (assigning its id if it has none yet), read beside a row.
 BASE = "(pg_current_xact_id()::text::bigint << 16)"
-#: Highest seq a reader may read: below the oldest transaction still running (see the writer).
-SAFE = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16)"
 
 
 def _marks(n: int) -> str:
@@ -78,20 +75,6 @@ WITH ins AS (
     SELECT seq, 'task.created', updated_at, id, owner, type, 'pending', ${n + 2} FROM ins
 )
 SELECT seq, pg_notify('{CHANNEL}', seq::text || '{WORK}') FROM ins
-"""
-
-
-def _since_sql(columns: str) -> str:
-    """Committed events after a seq, below the safe bound, and whether any event lies above it
-    (one round trip, at least one row: the hubs of every process run it after every commit).
-    ``max(seq)`` is one step down the primary key whatever the statistics say; a range probe
-    gets planned as a sequential scan while the table grows faster than ANALYZE."""
-    return f"""
-WITH s AS MATERIALIZED (SELECT {SAFE} AS safe)
-SELECT e.*, (SELECT max(seq) FROM errands_events) >= s.safe
-FROM s LEFT JOIN LATERAL (
-    SELECT {columns} FROM errands_events WHERE seq > $1 AND seq < s.safe ORDER BY seq LIMIT $2
-) e ON true
 """
 
 
@@ -192,9 +175,10 @@ STATEMENTS = Statements(
     task_events=(
         f"SELECT {EVENT_COLUMNS} FROM errands_events WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
     ),
-    log_since=_since_sql(EVENT_COLUMNS),
-    log_since_headers=_since_sql(EVENT_HEADERS.replace("NULL", "NULL::bytea AS task")),
-    last_seq=f"SELECT {SAFE} - 1",
+    # errands_log and errands_log_bound: see migration 0007 (the bound below which all is read).
+    log_since="SELECT * FROM errands_log($1, $2, true)",
+    log_since_headers="SELECT * FROM errands_log($1, $2, false)",
+    last_seq="SELECT errands_log_bound() - 1",
     all_events_between=(
         f"SELECT {EVENT_COLUMNS} FROM errands_events WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3"
     ),

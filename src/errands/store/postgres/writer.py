@@ -9,8 +9,10 @@ A transaction runs in two phases:
 
 **Seqs without gaps.** A sequence hands out numbers in call order, not commit order, so a reader
 following ``seq > last`` could pass a number whose transaction commits later. Here an event's seq
-is ``(writing transaction's id) << 16 | (ordinal within it)``, and readers only read below
-``pg_snapshot_xmin``, the oldest transaction still running: everything below it has finished.
+is ``(writing transaction's id) << 16 | (ordinal within it)``, and readers only read below the
+oldest transaction still running in a session of errands' (``errands_log_bound()``, migration
+0007): everything below it has ended. Other applications' transactions do not count; errands'
+own are kept short by the server (``idle_in_transaction_session_timeout``, see the store).
 
 **A task's events in commit order.** For that, transactions writing the same task must have ids
 in the order they commit. A transaction gets its id with its first lock or write; if it then
