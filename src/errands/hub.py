@@ -8,6 +8,12 @@ everything else (other processes' commits, or anything it missed), so nobody see
 was rolled back or a gap. It also passes on the announcements of work (a commit that made a task
 claimable, here or, where the store can tell, elsewhere), which idle workers act on at once.
 
+A hub of a worker process (no watches, a worker its only listener) whose store tells every
+remote commit with its hints (PostgreSQL) follows only the tasks its worker runs
+(:meth:`Hub.follow_only`): it reads their events when a commit may have stopped one of them, and
+passes the other hints on, so a worker process reads almost nothing of the log however many
+there are.
+
 A watch has a bounded buffer. Offering an event never blocks: a watch whose consumer cannot keep
 up overflows and is closed (its client resumes from the log), so one slow client never slows
 the hub or the others.
@@ -19,14 +25,14 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from errands.errors import TooManyRequests
 from errands.model import Event, Status
-from errands.store.base import WORK_EVENTS, Lifecycle
 from errands.store.base import EventLog as Log
+from errands.store.base import Hint, Lifecycle, TaskLog, hints
 
 log = logging.getLogger("errands.hub")
 
@@ -143,7 +149,11 @@ class Hub:
         self._snapshots = snapshots
         self._poll_s = poll_s
         self._listeners: list[Listener] = []
-        self._work: list[Callable[[], None]] = []
+        self._work: list[tuple[Callable[[], None], Hint]] = []
+        #: follow_only(): the tasks followed (id → the seq after which their events count),
+        #: and the last seq read of each.
+        self._only: Callable[[], Mapping[str, int]] | None = None
+        self._seen: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._behind = False
         self.last_seq = 0
@@ -157,6 +167,10 @@ class Hub:
         self._everything: set[Watch] = set()
         self._per_key: dict[str, int] = {}
         self._count = 0
+
+    @property
+    def serves_watches(self) -> bool:
+        return self._snapshots
 
     # -- watches ------------------------------------------------------------------------------
 
@@ -225,18 +239,30 @@ class Hub:
         """``listener(event)`` is called on the event loop for each event; it must not block."""
         self._listeners.append(listener)
 
-    def on_work(self, callback: Callable[[], None]) -> None:
+    def on_work(self, callback: Callable[[], None], *, ends: bool = False) -> None:
         """``callback()`` runs when a commit may have made a task claimable (a task created or
-        sent back to the queue), here or, where the store can tell, in another process: a
-        worker claims at once instead of waiting for the hub's next read of the log."""
-        self._work.append(callback)
+        sent back to the queue; with ``ends``, also a task ended), here or, where the store can
+        tell, in another process: a worker claims at once instead of waiting for the hub's next
+        read of the log."""
+        self._work.append((callback, Hint.WORK | Hint.ENDED if ends else Hint.WORK))
 
-    def _announce_work(self) -> None:
-        for callback in self._work:
-            try:
-                callback()
-            except Exception:
-                log.exception("a work listener failed")
+    def follow_only(self, tasks: Callable[[], Mapping[str, int]], *, poll_s: float) -> None:
+        """Read only the events of ``tasks()`` (id → the seq after which they count), when the
+        store's hints say one may have been stopped, and every ``poll_s`` (see the module
+        docstring). Only for a hub without watches, on a store that tells remote commits
+        (:class:`TaskLog`)."""
+        if self._snapshots or not isinstance(self._store, TaskLog):
+            raise RuntimeError("only a worker process's hub on a store that tells commits follows tasks")
+        self._only = tasks
+        self._poll_s = poll_s
+
+    def _announce(self, hint: Hint) -> None:
+        for callback, wanted in self._work:
+            if hint & wanted:
+                try:
+                    callback()
+                except Exception:
+                    log.exception("a work listener failed")
 
     def remove_listener(self, listener: Listener) -> None:
         with contextlib.suppress(ValueError):
@@ -254,19 +280,29 @@ class Hub:
     # -- the store's commits (the hub is its one subscriber) ----------------------------------
 
     def committed(self, events: Sequence[Event]) -> None:
+        hint = hints(e.type for e in events)
+        if self._only is not None:
+            self.remote_commit(hint)  # read like any other commit: only the followed tasks
+            return
         # Fast path: our own commit directly follows what we delivered. Otherwise some other
         # process's events sit in between, and reading the log keeps the order.
         if events and events[0].seq == self.last_seq + 1:
             self._deliver(events)
         else:
             self._wake.set()
-        if self._work and any(e.type in WORK_EVENTS for e in events):
-            self._announce_work()
+        # Without follow_only, the listeners see every end in the events themselves.
+        if hint & Hint.WORK:
+            self._announce(Hint.WORK)
 
-    def remote_commit(self, *, work: bool) -> None:
-        self._wake.set()
-        if work:
-            self._announce_work()
+    def remote_commit(self, hint: Hint) -> None:
+        if self._only is None:
+            self._wake.set()
+            if hint & Hint.WORK:
+                self._announce(Hint.WORK)
+            return
+        if hint & Hint.STOPPED:
+            self._wake.set()
+        self._announce(hint)
 
     def _deliver(self, events: Sequence[Event]) -> None:
         for event in events:
@@ -289,7 +325,10 @@ class Hub:
                             watch.offer(event)
 
     async def catch_up(self) -> int:
-        """Deliver every committed event after :attr:`last_seq`; return how many there were."""
+        """Deliver every committed event after :attr:`last_seq` (of the followed tasks, with
+        :meth:`follow_only`); return how many there were."""
+        if self._only is not None:
+            return await self._catch_up_tasks(self._only())
         delivered = 0
         while True:
             read = await self._store.read_log(self.last_seq, limit=1000, snapshots=self._snapshots)
@@ -298,6 +337,24 @@ class Hub:
             delivered += len(read.events)
             if len(read.events) < 1000:
                 return delivered
+
+    async def _catch_up_tasks(self, tasks: Mapping[str, int]) -> int:
+        assert isinstance(self._store, TaskLog)
+        self._seen = after = {t: max(seq, self._seen.get(t, 0)) for t, seq in tasks.items()}
+        if not after:
+            self._behind = False
+            return 0
+        read = await self._store.read_tasks_log(after, limit=1000)
+        self._behind = read.behind or len(read.events) >= 1000
+        for event in read.events:
+            if event.seq > self._seen.get(event.task_id, event.seq):
+                self._seen[event.task_id] = event.seq
+                for listener in list(self._listeners):
+                    try:
+                        listener(event)
+                    except Exception:
+                        log.exception("an event listener failed")
+        return len(read.events)
 
     def stop(self) -> None:
         """Stop following the log (before the store closes) and end every watch."""

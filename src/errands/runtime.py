@@ -30,6 +30,7 @@ from errands.providers import Callbacks
 from errands.registry import Registry
 from errands.service import Service
 from errands.store import open_store
+from errands.store.base import TaskLog
 from errands.supervisor import Supervisor
 from errands.sweeper import Sweeper
 from errands.worker import Worker
@@ -164,6 +165,9 @@ class Runtime:
                     self.app, self.store, self.hub, self.settings, clock=self.clock, rng=self.rng,
                     worker_id=self._worker_id, callbacks=parts.callbacks,
                 )  # fmt: skip
+                if not self.hub.serves_watches and isinstance(self.store, TaskLog):
+                    # Between hints, as often as the worker renews its leases.
+                    self.hub.follow_only(self.worker.followed, poll_s=self.settings.heartbeat_interval_s)
                 self.supervisor.spawn("worker", self.worker.run())
             if sweeper:
                 self.sweeper = Sweeper(

@@ -146,10 +146,15 @@ async def runtime_factory(database_url: str) -> AsyncIterator[RuntimeFactory]:
             sweeper: bool = False,
             notifier: bool | None = None,
             clock: Any = None,
+            serves_watches: bool = True,
             **overrides: Any,
         ) -> Runtime:
             runtime = Runtime(
-                app, make_settings(database_url, **overrides), clock=clock, rng=random.Random(7)
+                app,
+                make_settings(database_url, **overrides),
+                clock=clock,
+                rng=random.Random(7),
+                serves_watches=serves_watches,
             )
             await runtime.start(workers=workers, sweeper=sweeper, api=True, notifier=notifier)
             started.append(runtime)

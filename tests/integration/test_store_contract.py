@@ -14,7 +14,7 @@ from errands.clock import ManualClock
 from errands.errors import IdConflict, InvalidTransition, LeaseLost, NotFound, TooManyRequests
 from errands.hub import Hub
 from errands.model import Event, EventType, Status, TaskError
-from errands.store.base import Store
+from errands.store.base import Hint, Store
 from errands.store.records import ClaimSpec, TaskQuery, Tombstone
 from tests.integration.conftest import new_task
 
@@ -252,13 +252,13 @@ class Recorder:
 
     def __init__(self) -> None:
         self.commits: list[list[int]] = []
-        self.remote: list[bool] = []
+        self.remote: list[Hint] = []
 
     def committed(self, events: Sequence[Event]) -> None:
         self.commits.append([e.seq for e in events])
 
-    def remote_commit(self, *, work: bool) -> None:
-        self.remote.append(work)
+    def remote_commit(self, hint: Hint) -> None:
+        self.remote.append(hint)
 
 
 async def test_the_subscriber_sees_each_commit_in_seq_order(store: Store) -> None:

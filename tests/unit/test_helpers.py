@@ -10,7 +10,10 @@ from errands.config import load_settings
 from errands.context import TaskContext
 from errands.errors import ConfigError, InvalidCursor
 from errands.inputs import new_task_id
+from errands.model import EventType
 from errands.service import decode_cursor, percentile
+from errands.store.base import Hint, hints
+from errands.store.postgres import notification_hint
 
 
 def test_generated_ids_are_valid_client_ids_and_sort_by_time() -> None:
@@ -107,3 +110,36 @@ def test_the_log_filter_rewrites_records(caplog: pytest.LogCaptureFixture) -> No
     )
     assert RedactSecrets().filter(record)
     assert record.getMessage() == "ws - /v1/ws?access_token=[redacted]"
+
+
+@pytest.mark.parametrize(
+    ("types", "expected"),
+    [
+        ([], Hint.NONE),
+        ([EventType.PROCESSING, EventType.PROGRESS, EventType.NOTIFIED], Hint.NONE),
+        ([EventType.CREATED], Hint.WORK),
+        ([EventType.COMPLETED], Hint.ENDED),
+        ([EventType.CANCELLED], Hint.ENDED | Hint.STOPPED),
+        ([EventType.RETRYING], Hint.WORK | Hint.STOPPED),
+        ([EventType.CREATED, EventType.TIMEOUT], Hint.ALL),
+    ],
+)
+def test_a_commits_hints_come_from_its_event_types(types: list[EventType], expected: Hint) -> None:
+    assert hints(types) == expected
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ("123/0", Hint.NONE),
+        ("123/1", Hint.WORK),
+        (f"123/{(Hint.ENDED | Hint.STOPPED).value}", Hint.ENDED | Hint.STOPPED),
+        # A node of an earlier version ("123+" or "123"), or anything unreadable: assume all.
+        ("123+", Hint.ALL),
+        ("123", Hint.ALL),
+        ("123/x", Hint.ALL),
+        ("123/4096", Hint.ALL),
+    ],
+)
+def test_a_notifications_hints_are_read_safely(payload: str, expected: Hint) -> None:
+    assert notification_hint(payload) == expected

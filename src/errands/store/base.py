@@ -24,8 +24,9 @@ Both implementations (SQLite, PostgreSQL) raise only :mod:`errands.errors` excep
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+import enum
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Protocol, runtime_checkable
 
 from errands.model import Change, Event, EventType, NewTask, TaskRecord
 from errands.store.records import (
@@ -53,15 +54,46 @@ Judge = Callable[[TaskRecord], tuple[ReportOutcome, Change | None]]
 WORK_EVENTS = frozenset({EventType.CREATED, EventType.RETRYING})
 
 
+class Hint(enum.Flag):
+    """What a commit may mean to the workers of other processes (carried by its notification)."""
+
+    NONE = 0
+    #: A task became claimable (created, or sent back to the queue).
+    WORK = enum.auto()
+    #: A task ended (which may give its owner's turn to the next, see ``concurrency_per_owner``).
+    ENDED = enum.auto()
+    #: A running task may have been taken from its worker (cancelled, requeued, timed out, failed).
+    STOPPED = enum.auto()
+    ALL = WORK | ENDED | STOPPED
+
+
+_HINTS = {
+    EventType.CREATED: Hint.WORK,
+    EventType.RETRYING: Hint.WORK | Hint.STOPPED,
+    EventType.COMPLETED: Hint.ENDED,
+    EventType.FAILED: Hint.ENDED | Hint.STOPPED,
+    EventType.TIMEOUT: Hint.ENDED | Hint.STOPPED,
+    EventType.CANCELLED: Hint.ENDED | Hint.STOPPED,
+}
+
+
+def hints(types: Iterable[EventType]) -> Hint:
+    """The hints of a commit that wrote events of these types."""
+    found = Hint.NONE
+    for kind in types:
+        found |= _HINTS.get(kind, Hint.NONE)
+    return found
+
+
 class CommitSubscriber(Protocol):
     """The one listener of a store's commits (the hub, which tells everyone else)."""
 
     def committed(self, events: Sequence[Event]) -> None:
         """This process committed ``events`` (in seq order), on the event loop, right after."""
 
-    def remote_commit(self, *, work: bool) -> None:
-        """Another process may have committed events; ``work``: one may have made a task
-        claimable. Stores that cannot tell (SQLite) never call it: readers poll their log."""
+    def remote_commit(self, hint: Hint) -> None:
+        """Another process may have committed events, which may mean ``hint`` (all of it after
+        a reconnect). Stores that cannot tell (SQLite) never call it: readers poll their log."""
 
 
 class Lifecycle(Protocol):
@@ -159,6 +191,16 @@ class EventLog(Protocol):
 
     async def horizon(self) -> int:
         """The highest seq whose event was purged; the log is complete only after it."""
+
+
+@runtime_checkable
+class TaskLog(Protocol):
+    """A store that tells every remote commit with its :class:`Hint` can also read the log of a
+    few tasks alone: what a worker process follows instead of the whole log."""
+
+    async def read_tasks_log(self, tasks: Mapping[str, int], *, limit: int = 1000) -> LogRead:
+        """The committed events of ``tasks`` (id → after this seq), in order, without snapshots;
+        ``behind`` when some of theirs wait for an older transaction."""
 
 
 class Reports(Protocol):

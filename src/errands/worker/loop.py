@@ -39,8 +39,10 @@ from errands.worker.providers import ProviderExecutor
 
 log = logging.getLogger("errands.worker")
 
-#: The shortest time between a claim that emptied the queue and the next one (see _idle).
+#: The shortest time between a claim that emptied the queue and the next one (see _idle),
+#: doubled after each claim in a row that found nothing, up to 2**_MAX_EMPTY times.
 _CLAIM_GAP_S = 0.004
+_MAX_EMPTY = 4
 
 
 def default_worker_id() -> str:
@@ -79,6 +81,7 @@ class Worker:
         self._ready_at: float | None = None  # when the next task in backoff becomes claimable
         self._ready_stale = True
         self._last_claim = -1e9  # loop time of the last claim
+        self._empty_claims = 0  # claims in a row that found nothing
         #: Whether a claim could find something: set by announcements of work, by a claim that
         #: filled every free slot, and at start; cleared by each claim.
         self._maybe_work = True
@@ -89,11 +92,17 @@ class Worker:
         self._hurry = asyncio.Event()
         self._stopping = False
         hub.add_listener(self._on_event)
-        hub.on_work(self._on_work)
+        # A task of a type with concurrency_per_owner that ends may give its owner's turn away.
+        hub.on_work(self._on_work, ends=bool(self._limited))
 
     @property
     def running(self) -> int:
         return len(self._held)
+
+    def followed(self) -> dict[str, int]:
+        """The tasks whose events matter here (those it runs), each after its claim's seq:
+        what a worker process's hub follows (:meth:`Hub.follow_only`)."""
+        return {task_id: held.record.seq for task_id, held in self._held.items() if not held.finished}
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         """Start a helper coroutine that is kept, and cancelled at shutdown."""
@@ -128,11 +137,11 @@ class Worker:
             self._wake.set()
 
     def _on_work(self) -> None:
-        # An idle worker claims at once; a busy one hears of new work from the hub, which
-        # gathers the announcements of several commits into one wake-up (under load, every
-        # worker claiming per announcement mostly claims nothing).
+        # A worker with a free slot claims (after the short gap of _idle, which gathers the
+        # announcements of several commits into one claim); a full one claims when a slot
+        # comes free.
         self._maybe_work = True
-        if not self._held:
+        if len(self._held) < self.settings.concurrency:
             self._wake.set()
 
     def stop_task(self, task_id: str, reason: StopReason) -> None:
@@ -179,6 +188,7 @@ class Worker:
                     log.exception("claiming tasks failed")
                     await asyncio.sleep(min(10.0, 0.2 * 2**failures))
                     continue
+                self._empty_claims = 0 if claimed else min(_MAX_EMPTY, self._empty_claims + 1)
                 for record in claimed:
                     self._start(record)
                 if len(claimed) >= free:
@@ -210,7 +220,10 @@ class Worker:
         # The queue was empty a moment ago. When work arrives as fast as it is taken, every new
         # task wakes every worker: wait out a short gap since the last claim, so the next claim
         # takes what came meanwhile instead of each worker claiming (mostly nothing) per task.
-        pause = self._last_claim + _CLAIM_GAP_S - asyncio.get_running_loop().time()
+        # A worker whose claims keep finding nothing (others took it first) waits longer: the
+        # workers that find work claim at once, the others stop claiming per announcement.
+        gap = _CLAIM_GAP_S * 2**self._empty_claims
+        pause = self._last_claim + gap - asyncio.get_running_loop().time()
         if pause > 0:
             await asyncio.sleep(pause)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
@@ -27,10 +27,12 @@ import asyncpg
 from errands.clock import Clock
 from errands.errors import ConfigError, StoreError
 from errands.model import Event
-from errands.store.base import CommitSubscriber
+from errands.store.base import CommitSubscriber, Hint
+from errands.store.columns import to_event
 from errands.store.migrations import fresh_schema, migrations
-from errands.store.postgres.sql import CHANNEL, STATEMENTS, WORK
+from errands.store.postgres.sql import CHANNEL, HINT_MARK, STATEMENTS
 from errands.store.postgres.writer import CONNECTION_ERRORS, PgTx, Writer
+from errands.store.records import LogRead
 from errands.store.shared import Mode, Tx, op_error
 from errands.store.shared.log import LogOps
 from errands.store.shared.meta import MetaOps
@@ -66,6 +68,16 @@ def session_settings(
     if idle_s is not None:
         settings["idle_session_timeout"] = str(max(1, round(idle_s * 1000)))
     return settings
+
+
+def notification_hint(payload: str) -> Hint:
+    """The hints of a notification (all of them when it cannot be read: a node of another
+    version)."""
+    _seq, mark, value = payload.partition(HINT_MARK)
+    try:
+        return Hint(int(value)) if mark else Hint.ALL
+    except ValueError:
+        return Hint.ALL
 
 
 def safe_url(url: str) -> str:
@@ -132,10 +144,10 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, MetaOps):
         if self._subscriber is not None:
             self._subscriber.committed(events)
 
-    def _remote(self, *, work: bool) -> None:
+    def _remote(self, hint: Hint) -> None:
         if self._subscriber is not None:
             try:
-                self._subscriber.remote_commit(work=work)
+                self._subscriber.remote_commit(hint)
             except Exception:
                 log.exception("the commit subscriber failed")
 
@@ -198,11 +210,11 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, MetaOps):
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _, gone=lost: gone.set())
                 await conn.add_listener(
-                    CHANNEL, lambda _c, _p, _n, payload: self._remote(work=payload.endswith(WORK))
+                    CHANNEL, lambda _c, _p, _n, payload: self._remote(notification_hint(payload))
                 )
                 self.listening.set()
                 delay = 0.2
-                self._remote(work=True)
+                self._remote(Hint.ALL)  # whatever was committed while not listening
                 while not lost.is_set() and not conn.is_closed():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(lost.wait(), 5)
@@ -277,6 +289,18 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, MetaOps):
             self._lock_conn = None
             self._lock_held = False
             return False
+
+    # -- the log of a few tasks (a worker process's, see TaskLog) ------------------------------
+
+    async def read_tasks_log(self, tasks: Mapping[str, int], *, limit: int = 1000) -> LogRead:
+        rows = await self._fetch(
+            "SELECT * FROM errands_task_log($1::text[], $2::int8[], $3)",
+            list(tasks),
+            list(tasks.values()),
+            limit,
+        )
+        behind = bool(rows and rows[0][8])
+        return LogRead([to_event(r, seq_in_snapshot=False) for r in rows if r[0] is not None], behind)
 
     # -- what the shared operations need ------------------------------------------------------
 

@@ -3,6 +3,7 @@ given), and the statements only its write path runs (see :mod:`.writer`)."""
 
 from __future__ import annotations
 
+from errands.store.base import Hint
 from errands.store.columns import (
     ATTEMPTS,
     COLUMNS,
@@ -18,8 +19,8 @@ from errands.store.statements import FIRST_IN_LINE, Statements
 
 #: The channel every commit notifies (the payload is only a wake-up, see the module docstring).
 CHANNEL = "errands_events"
-#: Ends a notification's payload (the commit's last seq) when the commit made a task claimable.
-WORK = "+"
+#: Between a notification's two parts: the commit's last seq, and its hints (a Hint's value).
+HINT_MARK = "/"
 #: The seq base of the transaction (assigning its id if it has none yet), read beside a row.
 BASE = "(pg_current_xact_id()::text::bigint << 16)"
 
@@ -55,7 +56,7 @@ WITH s AS (
     SELECT s.base + e.ord, e.type, e.at, e.task_id, e.owner, e.task_type, e.status, e.task
     FROM s, unnest({event_args}) AS e(ord, type, at, task_id, owner, task_type, status, task)
 )
-SELECT base, pg_notify('{CHANNEL}', (base + $1::int4)::text || ${first_event + len(event_types)}::text) FROM s
+SELECT base, pg_notify('{CHANNEL}', (base + $1::int4)::text || '{HINT_MARK}' || ${first_event + len(event_types)}::text) FROM s
 """
 
 
@@ -74,7 +75,7 @@ WITH ins AS (
     INSERT INTO errands_events ({EVENT_COLUMNS})
     SELECT seq, 'task.created', updated_at, id, owner, type, 'pending', ${n + 2} FROM ins
 )
-SELECT seq, pg_notify('{CHANNEL}', seq::text || '{WORK}') FROM ins
+SELECT seq, pg_notify('{CHANNEL}', seq::text || '{HINT_MARK}{Hint.WORK.value}') FROM ins
 """
 
 

@@ -46,7 +46,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from errands.errors import StoreError
 from errands.model import Change, Event, EventType, TaskRecord
-from errands.store.base import WORK_EVENTS
+from errands.store.base import hints
 from errands.store.columns import COLUMNS, to_record, values, with_seq
 from errands.store.postgres.sql import (
     COMMIT,
@@ -57,7 +57,6 @@ from errands.store.postgres.sql import (
     LOCK_KEYS,
     LOCK_TASKS,
     REPORT_TARGET,
-    WORK,
     WRITTEN,
 )
 from errands.store.records import Receipt
@@ -270,9 +269,9 @@ class PgTx(TxBase):
             [record.status.value for record, _ in self.pending],
             snapshots,
         ]
-        work = WORK if any(kind in WORK_EVENTS for _, kind in self.pending) else ""
+        hint = hints(kind for _, kind in self.pending)
         base = await self.conn.fetchval(
-            COMMIT, first + len(self.pending) - 1, *row_arrays, *event_arrays, work
+            COMMIT, first + len(self.pending) - 1, *row_arrays, *event_arrays, str(hint.value)
         )
         events = list(self.written)
         for ord_, ((record, kind), snapshot) in enumerate(

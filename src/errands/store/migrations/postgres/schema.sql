@@ -237,3 +237,29 @@ BEGIN
     END IF;
 END
 $$;
+
+-- The committed events of a few tasks (each after its own seq), below the same bound, without
+-- snapshots, and whether some of theirs wait above it: what a worker process reads of the log
+-- (the tasks it runs), instead of all of it.
+CREATE FUNCTION errands_task_log(ids text[], afters bigint[], most integer)
+RETURNS TABLE (seq bigint, type text, at double precision, task_id text, owner text,
+               task_type text, status text, task bytea, behind boolean)
+LANGUAGE plpgsql VOLATILE AS $$
+#variable_conflict use_column
+DECLARE
+    bound bigint := errands_log_bound();
+    waiting boolean;
+BEGIN
+    waiting := EXISTS (SELECT 1 FROM unnest(ids) AS f(id)
+                       JOIN errands_events e ON e.task_id = f.id AND e.seq >= bound);
+    RETURN QUERY
+        SELECT e.seq, e.type, e.at, e.task_id, e.owner, e.task_type, e.status, NULL::bytea, waiting
+        FROM unnest(ids, afters) AS f(id, after)
+        JOIN errands_events e ON e.task_id = f.id AND e.seq > f.after AND e.seq < bound
+        ORDER BY e.seq LIMIT most;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT NULL::bigint, NULL::text, NULL::float8, NULL::text, NULL::text,
+                            NULL::text, NULL::text, NULL::bytea, waiting;
+    END IF;
+END
+$$;
