@@ -7,7 +7,8 @@ Dramatiq… the same way) and ``PY`` the Python of a virtualenv with its ``requi
 ``docs/benchmarks.md`` says how to set them up. Nothing of theirs is part of errands.
 
 The workload is the anchors' one: 10,000 no-op tasks submitted one call at a time by one
-process while the workers run, timed from the first submit until all are seen done; and 200
+process while the workers run (errands also with 8 concurrent callers, ``--submitters``),
+timed from the first submit until all are seen done; and 200
 round trips one at a time (submit, then wait for the result) with idle workers. errands runs it
 with ``errands worker`` processes on one fresh database, through the in-process Python API
 (``app.submit``), every change written to the event log; it runs before and after the others,
@@ -68,13 +69,18 @@ async def round_trips(url: str, n: int) -> dict[str, Any]:
     return {"p50_ms": pct(samples, 50), "p95_ms": pct(samples, 95), "p99_ms": pct(samples, 99)}
 
 
-async def errands_pass(label: str, n: int, workers: list[int], latency_n: int) -> dict[str, Any]:
+async def errands_pass(
+    label: str, n: int, workers: list[int], latency_n: int, submitters: list[int]
+) -> dict[str, Any]:
     row: dict[str, Any] = {"system": f"errands ({label})"}
-    for count in workers:
-        url = await fresh_database("errands_bench")
-        result = await drain(url, n, count, concurrency=20, submitters=1)
-        row[f"drain_per_s_{count}_workers"] = round(result["end_to_end_per_s"])
-        row.setdefault("enqueue_per_s", round(result["enqueue_per_s"]))
+    for callers in submitters:
+        for count in workers:
+            url = await fresh_database("errands_bench")
+            result = await drain(url, n, count, concurrency=20, submitters=callers)
+            suffix = "" if callers == 1 else f"_{callers}_submitters"
+            row[f"drain_per_s_{count}_workers{suffix}"] = round(result["end_to_end_per_s"])
+            if callers == 1:
+                row.setdefault("enqueue_per_s", round(result["enqueue_per_s"]))
     url = await fresh_database("errands_bench")
     row["latency"] = await round_trips(url, latency_n)
     return row
@@ -111,16 +117,18 @@ async def main() -> None:
     parser.add_argument("--latency-n", type=int, default=200)
     parser.add_argument("--runs", type=int, default=3, help="repetitions of each anchor measurement")
     parser.add_argument("--workers", default="1,2,4")
+    parser.add_argument("--submitters", default="1,8", help="errands' drains: concurrent callers")
     args = parser.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
-    rows = [await errands_pass("before", args.n, workers, args.latency_n)]
+    submitters = [int(s) for s in args.submitters.split(",")]
+    rows = [await errands_pass("before", args.n, workers, args.latency_n, submitters)]
     print(json.dumps(rows[-1]), flush=True)
     for system in args.systems.split(","):
         rows.append(
             anchor(system, args.anchors.resolve(), args.anchors_python, args.n, args.latency_n, args.runs)
         )
         print(json.dumps(rows[-1]), flush=True)
-    rows.append(await errands_pass("after", args.n, workers, args.latency_n))
+    rows.append(await errands_pass("after", args.n, workers, args.latency_n, submitters))
     print(json.dumps(rows[-1]), flush=True)
     print(json.dumps({"machine": machine()}))
 

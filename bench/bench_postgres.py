@@ -9,8 +9,10 @@
   (every change is written to the log, as always);
 * ``--synchronous-commit off`` runs the drains with PostgreSQL's ``synchronous_commit=off``
   (set in the database URL, as a user would): commits no longer wait for their WAL flush;
-* cross-node event latency: a worker process reports progress stamped with its monotonic clock;
-  an SSE watcher of a different node (``errands serve``) subtracts the stamp on receipt.
+* cross-node event latency: a worker process reports progress (``--rate`` reports a second,
+  from five tasks) stamped with its monotonic clock; a set watch (SSE) of a different node
+  (``errands serve``) subtracts the stamp on receipt; then the same while two transactions of
+  another application are held open (another database; idle in transaction in errands' own).
 """
 
 from __future__ import annotations
@@ -94,31 +96,38 @@ async def drain(url: str, n: int, workers: int, concurrency: int, submitters: in
     }
 
 
-async def cross_node_latency(url: str, watchers: int, ticks: int) -> dict[str, Any]:
+async def cross_node_latency(url: str, rate: int, seconds: float, *, foreign: bool) -> dict[str, Any]:
+    """Progress reports at ``rate`` per second in all (five tasks, each at a fifth of it) from a
+    worker process, received by one set watch (``/v1/watch``) of another node; with
+    ``foreign``, two transactions of another application stay open meanwhile (one on another
+    database, one idle in transaction on a table of its own in errands' database)."""
     env = {"ERRANDS_PROGRESS_INTERVAL_S": "0", "ERRANDS_LOG_LEVEL": "warning"}
     node = Server(url, "--no-workers", "--app", "bench.watch_app:app", env=env)
     worker = Worker.on(url, "--app", "bench.watch_app:app", env=env)
+    holders = await hold_foreign(url) if foreign else []
     try:
         import httpx
 
+        watcher = Watcher()
+        watcher.task = asyncio.create_task(watcher.run(node.port, "/v1/watch"))
+        ticks = int(rate * seconds / 5)
+        body = {"type": "ticker", "input": {"ticks": ticks, "every_s": 5 / rate, "delay_s": 1}}
         async with httpx.AsyncClient(base_url=node.url, headers=node.headers) as client:
-            body = {"type": "ticker", "input": {"ticks": ticks, "every_s": 0.1, "delay_s": 2}}
-            task = (await client.post("/v1/tasks", json=body)).json()
-        clients = [Watcher() for _ in range(watchers)]
-        for w in clients:
-            w.task = asyncio.create_task(w.run(node.port, f"/v1/tasks/{task['id']}/watch"))
-        deadline = time.monotonic() + 60 + ticks * 0.3
-        while any(len(w.latencies_ns) < ticks for w in clients) and time.monotonic() < deadline:  # noqa: ASYNC110
+            for _ in range(5):
+                (await client.post("/v1/tasks", json={**body, "owner": "bench"})).raise_for_status()
+        deadline = time.monotonic() + 60 + seconds * 3
+        while len(watcher.latencies_ns) < ticks * 5 and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
-        samples = [ns / 1e6 for w in clients for ns in w.latencies_ns]
-        for w in clients:
-            assert w.task is not None
-            w.task.cancel()
+        samples = [ns / 1e6 for ns in watcher.latencies_ns]
+        watcher.task.cancel()
     finally:
+        for conn in holders:
+            await conn.close()
         worker.stop()
         node.stop()
     return {
-        "cross_node_watchers": watchers,
+        "events_per_s": rate,
+        "foreign_transactions_open": foreign,
         "samples": len(samples),
         "latency_p50_ms": pct(samples, 50),
         "latency_p99_ms": pct(samples, 99),
@@ -126,12 +135,25 @@ async def cross_node_latency(url: str, watchers: int, ticks: int) -> dict[str, A
     }
 
 
+async def hold_foreign(url: str) -> list[asyncpg.Connection]:
+    """Two transactions of another application, each holding a transaction id, left open."""
+    other = await asyncpg.connect(f"{PG}/postgres", server_settings={"application_name": "another-app"})
+    await other.execute("BEGIN")
+    await other.fetchval("SELECT pg_current_xact_id()")
+    same = await asyncpg.connect(url, server_settings={"application_name": "another-app"})
+    await same.execute("CREATE TABLE IF NOT EXISTS another_app (n integer)")
+    await same.execute("BEGIN")
+    await same.execute("INSERT INTO another_app VALUES (1)")  # then idle in transaction
+    return [other, same]
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--workers", default="1,2,4")
     parser.add_argument("--concurrency", type=int, default=20)
-    parser.add_argument("--ticks", type=int, default=200)
+    parser.add_argument("--rate", type=int, default=500, help="progress events per second")
+    parser.add_argument("--seconds", type=float, default=10.0, help="how long they are reported")
     parser.add_argument("--submitters", default="1,8")
     parser.add_argument("--synchronous-commit", choices=("on", "off"), default="on")
     parser.add_argument("--no-latency", action="store_true", help="measure the drains only")
@@ -147,9 +169,10 @@ async def main() -> None:
     if args.no_latency:
         print(json.dumps({"machine": machine()}))
         return
-    url = await fresh_database("errands_bench")
-    results.append(await cross_node_latency(url, 1, args.ticks))
-    print(json.dumps(results[-1]), flush=True)
+    for foreign in (False, True):
+        url = await fresh_database("errands_bench")
+        results.append(await cross_node_latency(url, args.rate, args.seconds, foreign=foreign))
+        print(json.dumps(results[-1]), flush=True)
     print(json.dumps({"machine": machine()}))
 
 
