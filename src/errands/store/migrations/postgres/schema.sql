@@ -197,15 +197,23 @@ INSERT INTO errands_meta (key, value) SELECT 'notify_cursor', coalesce(max(seq),
 -- which sees every transaction below the bound as ended, and so everything they committed.
 CREATE FUNCTION errands_log_bound() RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
+    snap pg_snapshot;
     next_xid bigint;
     oldest bigint;
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'errands reads its event log under READ COMMITTED only';
     END IF;
+    snap := pg_current_snapshot();
+    -- The cheap bound first: below the oldest transaction of the whole server nothing can
+    -- appear later either, and when every event lies below it (an idle or lightly loaded
+    -- log), it reads the same events. (max(seq) is read after the snapshot was taken.)
+    IF coalesce((SELECT max(e.seq) FROM errands_events e), 0) < pg_snapshot_xmin(snap)::text::bigint << 16 THEN
+        RETURN pg_snapshot_xmin(snap)::text::bigint << 16;
+    END IF;
     -- pg_stat_activity is copied once per transaction: read it afresh.
     PERFORM pg_stat_clear_snapshot();
-    next_xid := pg_snapshot_xmax(pg_current_snapshot())::text::bigint;
+    next_xid := pg_snapshot_xmax(snap)::text::bigint;
     -- backend_xid has 32 bits: each is a distance back from next_xid (wrap-around included).
     SELECT min(next_xid - ((next_xid - a.backend_xid::text::bigint) & 4294967295)) INTO oldest
     FROM pg_stat_activity a

@@ -1,0 +1,101 @@
+"""Issue 13 benchmark: what one read of the PostgreSQL event log costs with its bound computed from
+errands' own sessions (``errands_log``, migration 0007) beside the old bound (the oldest
+transaction of the whole server), as the server's sessions grow.
+
+    .venv/bin/python -m bench.bench_log_bound [--sessions 0,30,90] [--reads 2000]
+
+Each round opens the given number of idle sessions (a third named ``errands``, the rest another
+application's), then times ``--reads`` reads of each kind, alternating, on one connection, with
+the log empty after the cursor (the common case: a hub woken by a commit it already has).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+
+import asyncpg
+
+from bench.bench_postgres import PG, fresh_database
+from bench.common import machine
+from errands.clock import SystemClock
+from errands.config import Settings
+from errands.store import open_store
+from errands.store.postgres import session_settings
+
+NEW = "SELECT * FROM errands_log($1, $2, false)"
+#: The read before migration 0007, written out (events below the server's oldest transaction).
+OLD = """
+WITH b AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16 AS bound)
+SELECT e.seq, e.type, e.at, e.task_id, e.owner, e.task_type, e.status, NULL::bytea,
+       coalesce((SELECT max(seq) FROM errands_events) >= b.bound, false)
+FROM b LEFT JOIN errands_events e ON e.seq > $1 AND e.seq < b.bound
+ORDER BY e.seq LIMIT $2
+"""
+
+
+async def timed(conn: asyncpg.Connection, sql: str, after: int, reads: int) -> float:
+    start = time.perf_counter()
+    for _ in range(reads):
+        await conn.fetch(sql, after, 1000)
+    return (time.perf_counter() - start) / reads * 1e6
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sessions", default="0,30,90")
+    parser.add_argument("--reads", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    url = await fresh_database("errands_bench")
+    store = open_store(Settings(db=url), SystemClock())
+    await store.migrate()
+    conn = await asyncpg.connect(url, server_settings=session_settings())
+    after = int(await conn.fetchval("SELECT errands_log_bound()"))
+    for count in (int(n) for n in args.sessions.split(",")):
+        await measure(conn, url, after, count, args.reads, args.rounds, waiting=False)
+    # Events waiting above the oldest transaction (one of errands' own, still writing): the
+    # new bound then reads pg_stat_activity; the old one is the same read as before.
+    writing = await asyncpg.connect(url, server_settings=session_settings())
+    await writing.execute("BEGIN")
+    await writing.fetchval("SELECT pg_current_xact_id()")
+    await conn.execute(
+        "INSERT INTO errands_events VALUES ((pg_current_xact_id()::text::bigint << 16), "
+        "'task.created', 0, 'bench', 'bench', 'noop', 'pending', '')"
+    )
+    for count in (int(n) for n in args.sessions.split(",")):
+        await measure(conn, url, after, count, args.reads, args.rounds, waiting=True)
+    await writing.close()
+    await conn.close()
+    print(json.dumps({"machine": machine(), "server": PG}))
+
+
+async def measure(
+    conn: asyncpg.Connection, url: str, after: int, count: int, reads: int, rounds: int, *, waiting: bool
+) -> None:
+    idle = [
+        await asyncpg.connect(
+            url, server_settings=session_settings() if i % 3 == 0 else {"application_name": "other"}
+        )
+        for i in range(count)
+    ]
+    new, old = [], []
+    for _ in range(rounds):
+        new.append(await timed(conn, NEW, after, reads))
+        old.append(await timed(conn, OLD, after, reads))
+    for session in idle:
+        await session.close()
+    result = {
+        "idle_sessions": count,
+        "events_waiting": waiting,
+        "new_bound_us_per_read": round(statistics.median(new), 1),
+        "old_bound_us_per_read": round(statistics.median(old), 1),
+    }
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
