@@ -2,9 +2,9 @@
 
 Writes go through a small writer (:mod:`.writer`), as on SQLite, so concurrent changes share
 transactions; a few lanes (pooled connections) work in parallel. Other nodes learn of commits
-through ``LISTEN``/``NOTIFY`` (the payload is only the last seq; the hub reads the log itself),
-with a dedicated connection that reconnects by itself; the hub catches up from its last seq after
-every reconnect, so nothing is missed while it was away.
+through ``LISTEN``/``NOTIFY`` (the payload: the last seq and the commit's hints; the hub reads
+the log itself), with a dedicated connection that reconnects by itself; the hub catches up from
+its last seq after every reconnect, so nothing is missed while it was away.
 
 **errands' own sessions.** Every connection is named ``errands`` (``application_name``): the log
 is read below the oldest transaction still running in a session of that name (migration 0007),

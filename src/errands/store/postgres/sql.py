@@ -17,7 +17,7 @@ from errands.store.columns import (
 )
 from errands.store.statements import FIRST_IN_LINE, Statements
 
-#: The channel every commit notifies (the payload is only a wake-up, see the module docstring).
+#: The channel every commit notifies (the payload is a wake-up with hints, see the store).
 CHANNEL = "errands_events"
 #: Between a notification's two parts: the commit's last seq, and its hints (a Hint's value).
 HINT_MARK = "/"
