@@ -149,11 +149,13 @@ class Hub:
         self._snapshots = snapshots
         self._poll_s = poll_s
         self._listeners: list[Listener] = []
-        self._work: list[tuple[Callable[[], None], Hint]] = []
+        self._work: list[Callable[[Hint], None]] = []
         #: follow_only(): the tasks followed (id → the seq after which their events count),
         #: and the last seq read of each.
         self._only: Callable[[], Mapping[str, int]] | None = None
         self._seen: dict[str, int] = {}
+        #: How many commits may have stopped a task so far (see Worker.run, around a claim).
+        self.stops = 0
         self._wake = asyncio.Event()
         self._behind = False
         self.last_seq = 0
@@ -244,7 +246,14 @@ class Hub:
         sent back to the queue; with ``ends``, also a task ended), here or, where the store can
         tell, in another process: a worker claims at once instead of waiting for the hub's next
         read of the log."""
-        self._work.append((callback, Hint.WORK | Hint.ENDED if ends else Hint.WORK))
+        wanted = Hint.WORK | Hint.ENDED if ends else Hint.WORK
+        self.on_hints(lambda hint: callback() if hint & wanted else None)
+
+    def on_hints(self, callback: Callable[[Hint], None]) -> None:
+        """``callback(hint)`` runs with the hints of each commit that may have made work: only
+        ``WORK`` where the listeners see every event, and every hint with :meth:`follow_only`
+        (where they see only their tasks' events)."""
+        self._work.append(callback)
 
     def follow_only(self, tasks: Callable[[], Mapping[str, int]], *, poll_s: float) -> None:
         """Read only the events of ``tasks()`` (id → the seq after which they count), when the
@@ -257,12 +266,13 @@ class Hub:
         self._poll_s = poll_s
 
     def _announce(self, hint: Hint) -> None:
-        for callback, wanted in self._work:
-            if hint & wanted:
-                try:
-                    callback()
-                except Exception:
-                    log.exception("a work listener failed")
+        if not hint:
+            return
+        for callback in self._work:
+            try:
+                callback(hint)
+            except Exception:
+                log.exception("a work listener failed")
 
     def remove_listener(self, listener: Listener) -> None:
         with contextlib.suppress(ValueError):
@@ -301,6 +311,7 @@ class Hub:
                 self._announce(Hint.WORK)
             return
         if hint & Hint.STOPPED:
+            self.stops += 1
             self._wake.set()
         self._announce(hint)
 

@@ -273,3 +273,33 @@ async def test_meta_setdefault_answers_the_value_a_concurrent_first_start_commit
         await a.execute("DELETE FROM errands_meta WHERE key = 'race'")
         await a.close()
         await b.close()
+
+
+async def test_a_session_of_errands_younger_than_the_snapshot_does_not_sink_the_bound(
+    runtime_factory: RuntimeFactory, database_url: str
+) -> None:
+    """The bound reads each errands session's xid as a distance back from the snapshot's xmax;
+    one that got its id after a foreign transaction still running is ahead of xmax, and must
+    not count as 2^32 transactions old (the log would read nothing while both stay open)."""
+    runtime = await runtime_factory(app, workers=False)
+    foreign = {"application_name": "another-app"}
+    sessions = []
+    try:
+        older = await asyncpg.connect(database_url, server_settings=foreign)
+        sessions.append(older)
+        await older.execute("BEGIN")
+        await older.fetchval("SELECT pg_current_xact_id()")  # a foreign xid, held
+        await runtime.service.submit(SubmitRequest(type="work", id="below"), SYSTEM)  # committed
+        between = await asyncpg.connect(database_url, server_settings=foreign)
+        sessions.append(between)
+        await between.execute("BEGIN")
+        await between.fetchval("SELECT pg_current_xact_id()")  # assigned, not completed
+        ours = await asyncpg.connect(database_url, server_settings=session_settings())
+        sessions.append(ours)
+        await ours.execute("BEGIN")
+        await ours.fetchval("SELECT pg_current_xact_id()")  # errands', ahead of xmax
+        read = await runtime.store.read_log(0)
+        assert "below" in {e.task_id for e in read.events}
+    finally:
+        for conn in sessions:
+            await conn.close()

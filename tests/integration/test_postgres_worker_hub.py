@@ -41,6 +41,17 @@ async def turns(ctx: TaskContext, input: dict[str, Any]) -> None:
     await _hold(ctx)
 
 
+attempts: dict[str, int] = {}
+
+
+@app.task("flaky", max_attempts=3)
+async def flaky(ctx: TaskContext, input: dict[str, Any]) -> str:
+    attempts[ctx.task_id] = ctx.attempt
+    if ctx.attempt == 1:
+        raise RuntimeError("the first attempt fails")
+    return "second time lucky"
+
+
 @pytest.fixture
 def store_kind() -> str:
     return "postgres"
@@ -105,4 +116,14 @@ async def test_a_task_ended_elsewhere_gives_its_owner_the_next_turn_in_a_worker_
     for task_id in ("second", "other"):
         await api.service.cancel(task_id, SYSTEM)
         await wait_task(api, task_id)
+    assert worker.worker is not None
+
+
+async def test_a_worker_process_runs_a_retry_when_its_backoff_ends(runtime_factory: RuntimeFactory) -> None:
+    """The retry's backoff (10-50 ms here) ends long before the worker would poll (60 s): the
+    retry's hints alone tell it to look for the next ready time."""
+    worker, api, _seen = await _nodes(runtime_factory, concurrency=4)
+    await app.submit("flaky", id="again")
+    task = await wait_task(api, "again")
+    assert (task.status, task.result, attempts["again"]) == (Status.COMPLETED, "second time lucky", 2)
     assert worker.worker is not None

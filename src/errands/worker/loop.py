@@ -29,7 +29,7 @@ from errands.hub import Hub
 from errands.model import Event, EventType, Status, TaskRecord
 from errands.providers import Callbacks
 from errands.registry import Registry
-from errands.store.base import Decision, Tasks
+from errands.store.base import Decision, Hint, Tasks
 from errands.store.records import ClaimSpec
 from errands.worker.attempt import Ended, Executor, Held, StopReason
 from errands.worker.handlers import HandlerExecutor
@@ -81,6 +81,7 @@ class Worker:
         self._ready_at: float | None = None  # when the next task in backoff becomes claimable
         self._ready_stale = True
         self._last_claim = -1e9  # loop time of the last claim
+        self._claimed_at = 0.0  # the clock's time as the last claim began
         self._empty_claims = 0  # claims in a row that found nothing
         #: Whether a claim could find something: set by announcements of work, by a claim that
         #: filled every free slot, and at start; cleared by each claim.
@@ -91,9 +92,9 @@ class Worker:
         self._wake = asyncio.Event()
         self._hurry = asyncio.Event()
         self._stopping = False
+        self._hub = hub
         hub.add_listener(self._on_event)
-        # A task of a type with concurrency_per_owner that ends may give its owner's turn away.
-        hub.on_work(self._on_work, ends=bool(self._limited))
+        hub.on_hints(self._on_hints)
 
     @property
     def running(self) -> int:
@@ -136,13 +137,19 @@ class Worker:
             self._maybe_work = True
             self._wake.set()
 
-    def _on_work(self) -> None:
-        # A worker with a free slot claims (after the short gap of _idle, which gathers the
-        # announcements of several commits into one claim); a full one claims when a slot
-        # comes free.
-        self._maybe_work = True
-        if len(self._held) < self.settings.concurrency:
-            self._wake.set()
+    def _on_hints(self, hint: Hint) -> None:
+        # Where the hub follows only this worker's tasks (a worker process), the hints stand in
+        # for the events _on_event would have seen: a retry (work and a stop in one commit) may
+        # have put a task in backoff, and an end may give an owner's turn away.
+        if hint & Hint.WORK and hint & Hint.STOPPED:
+            self._ready_stale = True
+        if hint & Hint.WORK or (hint & Hint.ENDED and self._limited):
+            # A worker with a free slot claims (after the short gap of _idle, which gathers the
+            # announcements of several commits into one claim); a full one claims when a slot
+            # comes free.
+            self._maybe_work = True
+            if len(self._held) < self.settings.concurrency:
+                self._wake.set()
 
     def stop_task(self, task_id: str, reason: StopReason) -> None:
         """Stop a handler whose attempt no longer counts; it writes nothing afterwards."""
@@ -179,6 +186,8 @@ class Worker:
                 self._maybe_work = False
                 try:
                     self._last_claim = asyncio.get_running_loop().time()
+                    stops = self._hub.stops
+                    self._claimed_at = self.clock.now()
                     claimed = await self.store.claim(
                         worker_id=self.id, specs=self._specs, limit=free, lease_s=self.settings.lease_s
                     )
@@ -191,6 +200,9 @@ class Worker:
                 self._empty_claims = 0 if claimed else min(_MAX_EMPTY, self._empty_claims + 1)
                 for record in claimed:
                     self._start(record)
+                if claimed and self._hub.stops != stops:
+                    # A task may have been stopped before the hub knew it was ours: look again.
+                    self._hub.wake()
                 if len(claimed) >= free:
                     self._maybe_work = True  # the queue may hold more than there was room for
                 elif not self._stopping:
@@ -206,11 +218,15 @@ class Worker:
         # Only a task.retrying event puts a task in backoff, so the next ready time is read
         # again only after one, or once it has passed.
         if self._ready_stale or (self._ready_at is not None and self._ready_at <= now):
+            # Cleared before the read: a retry committed while it runs marks it stale again.
+            self._ready_stale = False
             try:
-                self._ready_at = await self.store.next_ready_at(list(self._types), after=now)
-                self._ready_stale = False
+                # After the last claim's time, not now: a backoff that ran out in between is
+                # due, and the wait for it is then short, not poll_s.
+                self._ready_at = await self.store.next_ready_at(list(self._types), after=self._claimed_at)
             except StoreError:
                 self._ready_at = None
+                self._ready_stale = True
         if self._ready_at is not None:
             timeout = min(timeout, max(0.001, self._ready_at - now))
         try:

@@ -215,9 +215,14 @@ BEGIN
     PERFORM pg_stat_clear_snapshot();
     next_xid := pg_snapshot_xmax(snap)::text::bigint;
     -- backend_xid has 32 bits: each is a distance back from next_xid (wrap-around included).
-    SELECT min(next_xid - ((next_xid - a.backend_xid::text::bigint) & 4294967295)) INTO oldest
-    FROM pg_stat_activity a
-    WHERE a.datname = current_database() AND a.application_name = 'errands' AND a.backend_xid IS NOT NULL;
+    -- A transaction that got its id after the snapshot is ahead of next_xid (a "negative"
+    -- distance, 2^31 or more here): the bound is below it anyway, so it is left out.
+    SELECT min(next_xid - s.back) INTO oldest
+    FROM (SELECT (next_xid - a.backend_xid::text::bigint) & 4294967295 AS back
+          FROM pg_stat_activity a
+          WHERE a.datname = current_database() AND a.application_name = 'errands'
+            AND a.backend_xid IS NOT NULL) s
+    WHERE s.back < 2147483648;
     RETURN least(next_xid, oldest) << 16;
 END
 $$;
