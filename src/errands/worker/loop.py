@@ -82,7 +82,8 @@ class Worker:
         self._ready_stale = True
         self._last_claim = -1e9  # loop time of the last claim
         self._claimed_at = 0.0  # the clock's time as the last claim began
-        self._empty_claims = 0  # claims in a row that found nothing
+        self._empty_claims = 0  # claims in a row, made on news of work, that found nothing
+        self._work_news = False  # whether work was announced since the last claim
         #: Whether a claim could find something: set by announcements of work, by a claim that
         #: filled every free slot, and at start; cleared by each claim.
         self._maybe_work = True
@@ -148,6 +149,7 @@ class Worker:
             # announcements of several commits into one claim); a full one claims when a slot
             # comes free.
             self._maybe_work = True
+            self._work_news = self._work_news or bool(hint & Hint.WORK)
             if len(self._held) < self.settings.concurrency:
                 self._wake.set()
 
@@ -186,7 +188,7 @@ class Worker:
                 self._maybe_work = False
                 try:
                     self._last_claim = asyncio.get_running_loop().time()
-                    stops = self._hub.stops
+                    stops, news, self._work_news = self._hub.stops, self._work_news, False
                     self._claimed_at = self.clock.now()
                     claimed = await self.store.claim(
                         worker_id=self.id, specs=self._specs, limit=free, lease_s=self.settings.lease_s
@@ -197,7 +199,12 @@ class Worker:
                     log.exception("claiming tasks failed")
                     await asyncio.sleep(min(10.0, 0.2 * 2**failures))
                     continue
-                self._empty_claims = 0 if claimed else min(_MAX_EMPTY, self._empty_claims + 1)
+                # Only news of work that others took first is a sign to back off (not an end that
+                # freed no turn, nor a full claim's look for more).
+                if claimed:
+                    self._empty_claims = 0
+                elif news:
+                    self._empty_claims = min(_MAX_EMPTY, self._empty_claims + 1)
                 for record in claimed:
                     self._start(record)
                 if claimed and self._hub.stops != stops:
