@@ -58,11 +58,11 @@ def local_ports(pid: int) -> set[int]:
 
 
 def sessions_of(db: str, pid: int) -> list[Any]:
-    """(backend pid, state, backend_xid, wait_event) of the sessions of errands' that process
-    ``pid`` has."""
+    """(backend pid, state, backend_xid, wait_event_type, wait_event) of the sessions of
+    errands' that process ``pid`` has."""
     return query(
         db,
-        "SELECT pid, state, backend_xid::text, wait_event FROM pg_stat_activity "
+        "SELECT pid, state, backend_xid::text, wait_event_type, wait_event FROM pg_stat_activity "
         "WHERE datname = current_database() AND application_name = 'errands' "
         "AND client_port = ANY($1::int[])",
         sorted(local_ports(pid)),
@@ -132,17 +132,19 @@ def freeze_in_a_write(node: Proc, db: str, submitter: Submitter) -> tuple[int, s
     for _ in range(500):
         acked = len(submitter.acked)
         node.signal(signal.SIGSTOP)
-        # What the server was running when the process stopped ends by itself: wait for that
-        # (or until the server waits for the stopped process to read a result: ClientWrite).
-        sessions = eventually(
-            lambda: (
-                (s := sessions_of(db, node.pid))
-                and all(r[1] != "active" or r[3] == "ClientWrite" for r in s)
-                and s
-            ),
-            10,
-            what="the stopped node's sessions to settle",
-        )
+        # What the server was running when the process stopped ends by itself: wait for that,
+        # or until what is left waits (for the stopped process to read a result, or for a lock
+        # that one of its own sessions holds).
+        seen: list[Any] = []
+
+        def settled(seen: list[Any] = seen) -> Any:
+            seen[:] = sessions_of(db, node.pid)
+            return seen and all(r[1] != "active" or r[3] in ("Client", "Lock") for r in seen) and seen
+
+        try:
+            sessions = eventually(settled, 10, what="the stopped node's sessions to settle")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {seen}") from None
         caught = [(r[0], r[2]) for r in sessions if r[1] == "idle in transaction" and r[2] is not None]
         if caught:
             return caught[0]
