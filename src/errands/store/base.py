@@ -50,9 +50,6 @@ Decision = Callable[[TaskRecord], Change | None]
 #: A provider report's decision, with the outcome it amounts to (see :mod:`errands.intake`).
 Judge = Callable[[TaskRecord], tuple[ReportOutcome, Change | None]]
 
-#: Events that make a task claimable.
-WORK_EVENTS = frozenset({EventType.CREATED, EventType.RETRYING})
-
 
 class Hint(enum.Flag):
     """What a commit may mean to the workers of other processes (carried by its notification)."""
