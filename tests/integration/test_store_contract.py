@@ -44,6 +44,49 @@ async def test_concurrent_duplicate_creates_make_one_task(store: Store) -> None:
     assert await event_count(store) == 1
 
 
+async def test_a_burst_of_creates_answers_each_as_if_it_were_alone(store: Store, clock: ManualClock) -> None:
+    """Creates that arrive together are written together (one statement on PostgreSQL): each
+    still gets its own answer, whether its id is new, repeated, in conflict or purged."""
+    await store.create(new_task("purged"))
+    await store.apply("purged", lambda r: model.cancel(r, now=clock.now()))
+    clock.advance(100)
+    assert await store.purge(finished_before=clock.now(), tombstones_before=0, limit=10) == 1
+    await store.create(new_task("there"))
+    news = [new_task(f"n{i}") for i in range(40)]
+    burst = [
+        *news,
+        new_task("n3"),  # the same request twice in the burst
+        new_task("n5", fingerprint="another request"),  # the same id, another request
+        new_task("there"),  # created before, the same request
+        new_task("there", fingerprint="another request"),
+        new_task("purged"),
+    ]
+    results = await asyncio.gather(*(store.create(t) for t in burst), return_exceptions=True)
+    by_id: dict[str, list[object]] = {}
+    for task, result in zip(burst, results, strict=True):
+        by_id.setdefault(task.id, []).append(result)
+    for i in range(40):
+        outcomes = by_id[f"n{i}"]
+        created = [r for r in outcomes if isinstance(r, tuple) and r[1]]
+        assert len(created) == 1, (i, outcomes)
+    assert [r[1] for r in by_id["n3"] if isinstance(r, tuple)].count(False) == 1
+    assert sum(isinstance(r, IdConflict) for r in by_id["n5"]) == 1
+    assert [type(r) for r in by_id["there"]].count(tuple) == 1
+    assert isinstance(by_id["there"][0], tuple) and by_id["there"][0][1] is False
+    assert isinstance(by_id["there"][1], IdConflict)
+    assert isinstance(by_id["purged"][0], IdConflict)
+    # One created event per task, each with the seq of the task's row.
+    log = (await store.read_log(0, limit=10_000)).events
+    created_events = [e for e in log if e.type is EventType.CREATED]
+    assert sorted(e.task_id for e in created_events) == sorted(["there", *(t.id for t in news)])
+    assert len({e.seq for e in log}) == len(log)
+    for task in news:
+        record = await store.get(task.id)
+        assert isinstance(record, model.TaskRecord)
+        [event] = await store.events(task.id)
+        assert event.seq == record.seq and event.type is EventType.CREATED
+
+
 async def test_every_change_appends_exactly_one_event_in_order(store: Store, clock: ManualClock) -> None:
     await store.create(new_task("t1"))
     [claimed] = await store.claim(worker_id="w", specs=SPEC, limit=5, lease_s=30)

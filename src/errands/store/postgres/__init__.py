@@ -26,7 +26,7 @@ import asyncpg
 
 from errands.clock import Clock
 from errands.errors import ConfigError, StoreError
-from errands.model import Event
+from errands.model import Event, TaskRecord
 from errands.store.base import CommitSubscriber, Hint
 from errands.store.columns import to_event
 from errands.store.migrations import fresh_schema, migrations
@@ -313,13 +313,18 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, MetaOps):
             raise StoreError("The database could not be read.") from exc
 
     async def _write(
-        self, op: Callable[[Tx], Awaitable[T]], *, mode: Mode = "batch", task_id: str | None = None
+        self,
+        op: Callable[[Tx], Awaitable[T]],
+        *,
+        mode: Mode = "batch",
+        task_id: str | None = None,
+        creates: TaskRecord | None = None,
     ) -> T:
         if mode == "own":
             return await self._own(op)
         if self._writer is None:
             raise StoreError("The store is closed.")
-        result: T = await self._writer.submit(op, mode=mode, task_id=task_id)
+        result: T = await self._writer.submit(op, mode=mode, task_id=task_id, creates=creates)
         return result
 
     async def _own(self, op: Callable[[PgTx], Awaitable[T]]) -> T:

@@ -79,8 +79,33 @@ SELECT seq, pg_notify('{CHANNEL}', seq::text || '{HINT_MARK}{Hint.WORK.value}') 
 """
 
 
+def _insert_many_sql() -> str:
+    """Several creates in one statement (as :func:`_insert_sql`, a row per array element): the
+    ids it returns were created; the others already exist (or were purged)."""
+    n = len(INSERTED)
+    arrays = ", ".join(f"${i + 1}::{PG_TYPES[c]}[]" for i, c in enumerate(INSERTED))
+    names = ", ".join(INSERTED)
+    return f"""
+WITH r AS (
+    SELECT * FROM unnest({arrays}, ${n + 1}::int4[], ${n + 2}::bytea[]) AS r({names}, ord, snapshot)
+    WHERE NOT EXISTS (SELECT 1 FROM errands_tombstones z WHERE z.id = r.id)
+), ins AS (
+    INSERT INTO errands_tasks ({names}, seq)
+    SELECT {names}, {BASE} + ord FROM r
+    ON CONFLICT (id) DO NOTHING
+    RETURNING seq, id, owner, type, updated_at
+), ev AS (
+    INSERT INTO errands_events ({EVENT_COLUMNS})
+    SELECT ins.seq, 'task.created', ins.updated_at, ins.id, ins.owner, ins.type, 'pending', r.snapshot
+    FROM ins JOIN r ON r.id = ins.id AND {BASE} + r.ord = ins.seq
+)
+SELECT id, seq, pg_notify('{CHANNEL}', (SELECT max(seq) FROM ins)::text || '{HINT_MARK}{Hint.WORK.value}') FROM ins
+"""
+
+
 COMMIT = _commit_sql()
 INSERT_TASK = _insert_sql()
+INSERT_TASKS = _insert_many_sql()
 LOCK_TASKS = f"SELECT {SELECT_LIST}, {BASE} FROM errands_tasks WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE NOWAIT"
 #: Find a report's task, lock it (NOWAIT, as every lock of a task here) and remember the report's
 #: delivery id, in one round trip; the id is remembered only when the task exists.

@@ -53,6 +53,7 @@ from errands.store.postgres.sql import (
     COUNT_RUNNING,
     INSERT_RECEIPTS,
     INSERT_TASK,
+    INSERT_TASKS,
     INSERTED,
     LOCK_KEYS,
     LOCK_TASKS,
@@ -119,6 +120,10 @@ class PgTx(TxBase):
         # Tasks this transaction started, per (type, owner): not yet written, so not counted by
         # a query, but they count against concurrency_per_owner for the next claim in the batch.
         self.starts: dict[tuple[str, str], int] = {}
+        # Creates the batch's jobs declared (``Writer.submit(creates=…)``), not written yet: the
+        # first insert writes them all in one statement, and keeps each one's outcome here.
+        self.declared: list[TaskRecord] = []
+        self.inserted: dict[int, bool] = {}  # by id() of the record: created, or already there
 
     # -- statements ---------------------------------------------------------------------------
 
@@ -159,19 +164,48 @@ class PgTx(TxBase):
         return change.record
 
     async def insert(self, record: TaskRecord) -> bool:
-        """Written at once, with its final seq, not in the second phase."""
-        self.ordinal += 1
-        snapshot = record.public_json()
-        seq = await self.conn.fetchval(INSERT_TASK, *values(record, INSERTED), self.ordinal, snapshot)
-        if seq is None:
-            return False
-        object.__setattr__(record, "seq", seq)  # a fresh record, not shared yet
-        self.overlay[record.id] = self.created[record.id] = record
-        self.written.append(
-            Event(seq, EventType.CREATED, record.updated_at, record.id, record.owner, record.type,
-                  record.status, with_seq(snapshot, seq))
-        )  # fmt: skip
-        return True
+        """Written at once, with its final seq, not in the second phase (and with every other
+        create the batch declared, in one statement)."""
+        if id(record) not in self.inserted:
+            await self.insert_declared([record])
+        return self.inserted.pop(id(record))
+
+    async def insert_declared(self, first: Sequence[TaskRecord] = ()) -> None:
+        """Write ``first`` and the declared creates, the first record of each id (a later one
+        with the same id finds it there, as a concurrent duplicate would)."""
+        group: dict[str, TaskRecord] = {}
+        for record in [*first, *(r for r in self.declared if all(r is not f for f in first))]:
+            if record.id in group:
+                self.inserted[id(record)] = False
+            else:
+                group[record.id] = record
+        self.declared = []
+        records = list(group.values())
+        ordinals = range(self.ordinal + 1, self.ordinal + 1 + len(records))
+        self.ordinal += len(records)
+        snapshots = [r.public_json() for r in records]
+        if len(records) == 1:
+            seq = await self.conn.fetchval(
+                INSERT_TASK, *values(records[0], INSERTED), ordinals[0], snapshots[0]
+            )
+            seqs = {} if seq is None else {records[0].id: seq}
+        else:
+            rows = [values(r, INSERTED) for r in records]
+            arrays = [[row[i] for row in rows] for i in range(len(INSERTED))]
+            seqs = {
+                i: q for i, q, _ in await self.conn.fetch(INSERT_TASKS, *arrays, list(ordinals), snapshots)
+            }
+        for record, snapshot in zip(records, snapshots, strict=True):
+            seq = seqs.get(record.id)
+            self.inserted[id(record)] = seq is not None
+            if seq is None:
+                continue
+            object.__setattr__(record, "seq", seq)  # a fresh record, not shared yet
+            self.overlay[record.id] = self.created[record.id] = record
+            self.written.append(
+                Event(seq, EventType.CREATED, record.updated_at, record.id, record.owner, record.type,
+                      record.status, with_seq(snapshot, seq))
+            )  # fmt: skip
 
     # -- undoing one change -------------------------------------------------------------------
 
@@ -296,6 +330,7 @@ class _Job(NamedTuple):
     future: asyncio.Future[Any]
     mode: Mode
     task_id: str | None = None
+    creates: TaskRecord | None = None
 
 
 @contextlib.asynccontextmanager
@@ -326,12 +361,16 @@ class Writer:
     def alive(self) -> bool:
         return all(not lane.done() for lane in self._lanes)
 
-    def submit(self, fn: _Op, *, mode: Mode = "batch", task_id: str | None = None) -> asyncio.Future[Any]:
+    def submit(
+        self, fn: _Op, *, mode: Mode = "batch", task_id: str | None = None, creates: TaskRecord | None = None
+    ) -> asyncio.Future[Any]:
+        """``creates``: the record ``fn`` inserts before anything else, if it does (then the
+        creates of a batch are written in one statement)."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self._stopping:
             future.set_exception(StoreError("The store is closed."))
             return future
-        self._queue.append(_Job(fn, future, mode, task_id))
+        self._queue.append(_Job(fn, future, mode, task_id, creates))
         self._wake.set()
         return future
 
@@ -368,6 +407,10 @@ class Writer:
                 )
 
     async def _run(self, batch: list[_Job]) -> None:
+        if len(batch) > 1 and all(job.mode == "alone" and job.creates is not None for job in batch):
+            for job in await self._create_many(batch):
+                await self._run([job])
+            return
         for attempt in range(_ATTEMPTS):
             try:
                 results, events = await self._transaction(batch)
@@ -395,6 +438,32 @@ class Writer:
             settle(results)
             return
 
+    async def _create_many(self, batch: list[_Job]) -> list[_Job]:
+        """Creates that each would be one statement alone, as one statement (one commit for all):
+        those created are settled; the others (their id exists, or the statement failed) are
+        returned, to be run alone."""
+        try:
+            async with self._pool.acquire() as conn:
+                tx = PgTx(conn)
+                await tx.insert_declared([job.creates for job in batch if job.creates is not None])
+                created = [job for job in batch if job.creates is not None and tx.inserted[id(job.creates)]]
+                results: list[_Result] = []
+                for job in created:  # each finds its record written: no round trip
+                    try:
+                        results.append((job.future, await job.fn(tx), None))
+                    except Exception as exc:
+                        results.append((job.future, None, exc))
+        except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:
+            log.warning("postgres batch of creates failed, writing them one by one: %s", exc)
+            return batch
+        if tx.written:
+            try:
+                self._on_commit(tx.written)
+            except Exception:
+                log.exception("a commit listener failed")
+        settle(results)
+        return [job for job in batch if all(job is not c for c in created)]
+
     async def _transaction(self, batch: list[_Job]) -> tuple[list[_Result], list[Event]]:
         if len(batch) == 1 and batch[0].mode == "alone":
             fn, future = batch[0].fn, batch[0].future
@@ -409,11 +478,12 @@ class Writer:
                 return [(future, result, None)], await tx.commit_changes()
         async with self._pool.acquire() as conn, indexed_transaction(conn):
             tx = PgTx(conn)
+            tx.declared = [job.creates for job in batch if job.creates is not None]
             results: list[_Result] = []
             # The rows the changes will load, locked in one statement rather than one each
             # (after a claim, which must take the transaction's id itself).
             keys = [job.task_id for job in batch if job.task_id is not None]
-            for fn, future, mode, _ in batch:
+            for fn, future, mode, *_ in batch:
                 if len(keys) > 1 and mode != "first":
                     await tx.lock(keys)
                     keys = []

@@ -147,10 +147,16 @@ class Dialect:
         return await self._fetch(sql, *args)
 
     async def _write(
-        self, op: Callable[[Tx], Awaitable[T]], *, mode: Mode = "batch", task_id: str | None = None
+        self,
+        op: Callable[[Tx], Awaitable[T]],
+        *,
+        mode: Mode = "batch",
+        task_id: str | None = None,
+        creates: TaskRecord | None = None,
     ) -> T:
         """Run ``op`` in a write transaction (see :data:`Mode`); ``task_id``, when known, is the
-        task it will load (locked with the others' of its batch)."""
+        task it will load (locked with the others' of its batch); ``creates``, the record ``op``
+        inserts first, if it does (written with the batch's other creates in one statement)."""
         raise NotImplementedError
 
     def _where(self, conditions: Sequence[tuple[str, tuple[Any, ...] | None]]) -> tuple[str, list[Any]]:

@@ -52,7 +52,7 @@ class TaskOps(Dialect):
 
         # Alone, the insert is one atomic statement (row, event, notification) where the dialect
         # can make it one: then the count for max_pending_per_owner is a soft limit.
-        return await self._write(op, mode="alone")
+        return await self._write(op, mode="alone", creates=record if max_pending_per_owner is None else None)
 
     async def get(self, task_id: str) -> TaskRecord | Tombstone | None:
         rows = await self._fetch(self.sql.select_task, task_id)

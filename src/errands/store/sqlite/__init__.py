@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from errands.clock import Clock
 from errands.errors import ConfigError, StoreError
-from errands.model import Event
+from errands.model import Event, TaskRecord
 from errands.store.base import CommitSubscriber
 from errands.store.migrations import fresh_schema, migrations
 from errands.store.shared import Mode, Tx
@@ -206,9 +206,14 @@ class SqliteStore(TaskOps, LogOps, ReportOps, OutboxOps, MetaOps):
         return await asyncio.to_thread(query)
 
     async def _write(
-        self, op: Callable[[Tx], Awaitable[T]], *, mode: Mode = "batch", task_id: str | None = None
+        self,
+        op: Callable[[Tx], Awaitable[T]],
+        *,
+        mode: Mode = "batch",
+        task_id: str | None = None,
+        creates: TaskRecord | None = None,
     ) -> T:
-        del mode, task_id  # one writer: every change shares its batch, and holds the one lock
+        del mode, task_id, creates  # one writer: every change shares its batch, and holds the one lock
         if self._writer is None:
             raise StoreError("The store is closed.")
         run: Callable[[SqliteTx], Awaitable[T]] = op  # an SqliteTx is a Tx
