@@ -8,7 +8,7 @@ rescues what got stuck.
 from errands.app import Errands
 from errands.client import AsyncClient, Client
 from errands.config import Settings
-from errands.context import Fail, Retry, TaskContext
+from errands.context import Fail, Retry, StreamLimit, TaskContext
 from errands.errors import (
     ApiError,
     ConfigError,
@@ -54,6 +54,7 @@ __all__ = [
     "Settings",
     "Status",
     "StoreError",
+    "StreamLimit",
     "Task",
     "TaskContext",
     "TaskError",

@@ -317,10 +317,13 @@ def submit(
         raise typer.Exit(1)
 
 
-async def follow(client: Any, task_id: str) -> Any:
-    """Draw a live progress bar for a task until it ends; return the final task."""
+async def follow(client: Any, task_id: str, *, streams: bool = True) -> Any:
+    """Draw a live progress bar for a task until it ends (on stderr), and print what it streams
+    as it comes (on stdout: text as it is, other chunks as JSON lines); return the final task."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+    from errands.client import StreamChunk
 
     console = Console(stderr=True)
     columns = [
@@ -331,9 +334,17 @@ async def follow(client: Any, task_id: str) -> Any:
         TextColumn("{task.fields[note]}"),
     ]
     final = None
-    with Progress(*columns, console=console, transient=False) as bar:
+    with Progress(*columns, console=console, transient=False, redirect_stdout=False) as bar:
         line = bar.add_task(task_id, total=100, status="…", note="")
-        async for event in client.watch(task_id):
+        # With streams, from the task's first event: what it streamed before is printed too.
+        async for event in client.watch(task_id, streams=streams, after=0 if streams else None):
+            if isinstance(event, StreamChunk):
+                text = event.value if isinstance(event.value, str) else f"{event}\n"
+                if event.index == 0 and event.attempt > 1:
+                    text = f"\n[attempt {event.attempt}, {event.name}]\n{text}"
+                sys.stdout.write(text)
+                sys.stdout.flush()
+                continue
             task = event.task
             note = task.message or ""
             if task.error is not None and task.status.value in ("pending", "failed", "timeout", "cancelled"):
@@ -350,9 +361,10 @@ def watch(
     task_id: Annotated[str, typer.Argument(help="The task to follow.")],
     url: UrlOpt = "http://127.0.0.1:8000",
     token: TokenOpt = None,
+    streams: Annotated[bool, typer.Option(help="Print what the task streams (stdout).")] = True,
 ) -> None:
     """Follow a task live until it ends; exit 0 only if it completed."""
-    task = _client_call(url, token, lambda c: follow(c, task_id))
+    task = _client_call(url, token, lambda c: follow(c, task_id, streams=streams))
     if task is None or task.status != "completed":
         raise typer.Exit(1)
 

@@ -23,13 +23,13 @@ import logging
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import httpx
 import orjson
 
 from errands import errors
-from errands.model import Task
+from errands.model import Status, Task
 
 T = TypeVar("T")
 
@@ -115,6 +115,29 @@ async def parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[SseMessage]:
 class TaskPage:
     tasks: list[Task]
     next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamChunk:
+    """One chunk of a task's output stream: its ``value`` (a string, or a JSON value), its
+    position in the stream (``index``, from 0 in each attempt) and the ``attempt`` that wrote
+    it (a retry starts its streams again: ``index == 0`` with a greater ``attempt``)."""
+
+    name: str
+    value: Any
+    index: int
+    attempt: int
+
+    def __str__(self) -> str:
+        return self.value if isinstance(self.value, str) else orjson.dumps(self.value).decode()
+
+
+def _chunks(data: dict[str, Any]) -> list[StreamChunk]:
+    part = data["stream"]
+    return [
+        StreamChunk(part["name"], value, index, part["attempt"])
+        for index, value in enumerate(part["chunks"], start=part["index"])
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,8 +242,9 @@ class AsyncClient:
         return Task(**await self._request("POST", f"/v1/tasks/{task_id}/retry"))
 
     async def events(self, task_id: str, *, after: int = 0) -> builtins.list[TaskEvent]:
+        """The task's events from the log (not its output: see :meth:`stream`)."""
         data = await self._request("GET", f"/v1/tasks/{task_id}/events", params={"after": after})
-        return [TaskEvent.from_json(e) for e in data["events"]]
+        return [TaskEvent.from_json(e) for e in data["events"] if e["type"] != "task.stream"]
 
     async def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = await self._request("GET", "/v1/stats")
@@ -279,6 +303,28 @@ class AsyncClient:
         except httpx.TransportError as exc:
             raise errors.Unavailable(f"The stream from {self.url} broke: {type(exc).__name__}.") from exc
 
+    @overload
+    def watch(
+        self,
+        task_id: str,
+        *,
+        after: int | None = ...,
+        poll_s: float = ...,
+        max_backoff_s: float = ...,
+        streams: Literal[False] = ...,
+    ) -> AsyncGenerator[TaskEvent, None]: ...
+
+    @overload
+    def watch(
+        self,
+        task_id: str,
+        *,
+        after: int | None = ...,
+        poll_s: float = ...,
+        max_backoff_s: float = ...,
+        streams: Literal[True],
+    ) -> AsyncGenerator[TaskEvent | StreamChunk, None]: ...
+
     async def watch(
         self,
         task_id: str,
@@ -286,21 +332,31 @@ class AsyncClient:
         after: int | None = None,
         poll_s: float = 2.0,
         max_backoff_s: float = 10.0,
-    ) -> AsyncGenerator[TaskEvent, None]:
+        streams: bool = False,
+    ) -> AsyncGenerator[Any, None]:
         """Every change of a task as it happens, until it ends.
 
         Starts with the task's current state (an event of type ``task.snapshot``) unless
         ``after`` is given, in which case it replays every event after that seq first.
         Reconnects and resumes by itself; falls back to polling when streaming is unavailable.
+        With ``streams=True`` the chunks of its output streams come too, as :class:`StreamChunk`,
+        in order with the events (not while polling).
         """
         last, backoff, streaming = after, 0.2, True
+        params = {"streams": "include" if streams else "none"}
         while True:
             if streaming:
                 try:
-                    async for message in self._stream(f"/v1/tasks/{task_id}/watch", {}, last):
+                    async for message in self._stream(f"/v1/tasks/{task_id}/watch", params, last):
                         if message.event in ("overflow", "") or message.data is None:
                             continue
-                        event = TaskEvent.from_json(orjson.loads(message.data))
+                        data = orjson.loads(message.data)
+                        if message.event == "task.stream":
+                            last, backoff = int(data["seq"]), 0.2
+                            for chunk in _chunks(data):
+                                yield chunk
+                            continue
+                        event = TaskEvent.from_json(data)
                         last, backoff = event.seq, 0.2
                         yield event
                         if event.task.done:
@@ -322,6 +378,35 @@ class AsyncClient:
                     yield event
                 return
             except errors.Unavailable:
+                await asyncio.sleep(backoff)
+                backoff = min(max_backoff_s, backoff * 2)
+
+    async def stream(
+        self, task_id: str, name: str = "text", *, after: int = 0, max_backoff_s: float = 10.0
+    ) -> AsyncGenerator[StreamChunk, None]:
+        """The chunks of one output stream of a task, from its start (or from the events after
+        seq ``after``), live, until the task ends: every chunk once, in order, across
+        reconnects. ``"".join(c.value for c in chunks)`` is the text as stored."""
+        last, backoff = after, 0.2
+        while True:
+            try:
+                async for message in self._stream(f"/v1/tasks/{task_id}/watch", {"streams": "only"}, last):
+                    if message.event in ("overflow", "") or message.data is None:
+                        continue
+                    data = orjson.loads(message.data)
+                    last, backoff = int(data["seq"]), 0.2
+                    if message.event == "task.stream":
+                        for chunk in _chunks(data):
+                            if chunk.name == name:
+                                yield chunk
+                    elif Status(data["task"]["status"]).terminal:
+                        return
+            except StreamingUnavailable:
+                raise errors.Unavailable(
+                    f"{self.url} cannot stream; read GET /v1/tasks/{task_id}/streams/{name}"
+                ) from None
+            except errors.Unavailable as exc:
+                log.info("stream of %s interrupted (%s); resuming", task_id, exc.message)
                 await asyncio.sleep(backoff)
                 backoff = min(max_backoff_s, backoff * 2)
 
@@ -484,8 +569,13 @@ class Client:
     def wait(self, task_id: str, *, timeout_s: float | None = None) -> Task:
         return self._portal.call(self._async.wait(task_id, timeout_s=timeout_s))
 
-    def watch(self, task_id: str, **options: Any) -> Iterator[TaskEvent]:
+    def watch(self, task_id: str, **options: Any) -> Iterator[Any]:
+        """As :meth:`AsyncClient.watch`: :class:`TaskEvent` (and :class:`StreamChunk` with
+        ``streams=True``)."""
         return self._portal.iterate(self._async.watch(task_id, **options))
+
+    def stream(self, task_id: str, name: str = "text", **options: Any) -> Iterator[StreamChunk]:
+        return self._portal.iterate(self._async.stream(task_id, name, **options))
 
     def watch_tasks(self, **options: Any) -> Iterator[TaskEvent]:
         return self._portal.iterate(self._async.watch_tasks(**options))

@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     heartbeat_s: float | None = Field(None, gt=0)
     poll_s: float = Field(1.0, gt=0)
     progress_interval_s: float = Field(0.25, ge=0)
+    stream_flush_s: float = Field(0.02, ge=0)
+    stream_max_bytes: int = Field(16 * 1024 * 1024, ge=1)
     shutdown_grace_s: float = Field(25.0, ge=0)
     retry_base_s: float = Field(1.0, ge=0)
     retry_cap_s: float = Field(300.0, ge=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Generator
+from collections.abc import Awaitable, Generator
 from typing import Any, Protocol
 
 from errands.inputs import check_text
@@ -38,8 +38,21 @@ class Retry(Exception):
         self.message = message
 
 
+class StreamLimit(Fail):
+    """Raised by :meth:`TaskContext.stream` once the attempt's streams reached their size limit
+    (``ERRANDS_STREAM_MAX_BYTES``): nothing more is written. Uncaught, the task fails with code
+    ``stream_too_large``."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__("stream_too_large", f"The task's streams reached their limit of {max_bytes} bytes.")
+
+
 class ProgressSink(Protocol):
     def report(self, progress: int | None, message: str | None) -> None: ...
+
+
+class StreamSink(Protocol):
+    def add(self, name: str, chunk: Any) -> Awaitable[None]: ...
 
 
 class _Reported:
@@ -77,6 +90,7 @@ class TaskContext:
         attempt: int,
         max_attempts: int,
         sink: ProgressSink,
+        streams: StreamSink | None = None,
     ) -> None:
         self.task_id = task_id
         self.type = type
@@ -85,6 +99,7 @@ class TaskContext:
         self.max_attempts = max_attempts
         self.log = logging.getLogger(f"errands.task.{type}")
         self._sink = sink
+        self._streams = streams
         self._cancelled = False
 
     def progress(self, percent: float | None = None, message: str | None = None) -> _Reported:
@@ -107,6 +122,21 @@ class TaskContext:
         if value is not None or message is not None:
             self._sink.report(value, message)
         return _REPORTED
+
+    def stream(self, name: str, chunk: Any) -> Awaitable[None]:
+        """Append ``chunk`` (a string, or any JSON value) to the attempt's stream ``name``.
+
+        Watchers receive it live, in order, as a ``task.stream`` event, and
+        ``GET /v1/tasks/{id}/streams/{name}`` keeps it. Chunks are written in batches, a few tens
+        a second, the first after a pause at once; awaiting is optional, but a handler that makes
+        chunks much faster than they are written waits when it awaits (a sync handler's thread
+        waits in the call). Past the size limit it raises :class:`StreamLimit`
+        (a :class:`Fail`: uncaught, the task fails with code ``stream_too_large``). A retry's
+        attempt starts its streams again, from index 0.
+        """
+        if self._streams is None:
+            raise RuntimeError("this context cannot stream (no worker runs it)")
+        return self._streams.add(name, chunk)
 
     @property
     def cancelled(self) -> bool:

@@ -8,6 +8,8 @@ Task types:
 * ``flaky`` ``{"failures": 1}`` — raises on its first attempts, then succeeds (shows retries);
 * ``noop`` — does nothing (what the benchmarks run);
 * ``sync_sleep`` ``{"seconds": 2}`` — a plain function run in a thread;
+* ``write`` ``{"words": 60, "every_s": 0.05}`` — streams text word by word on its stream
+  ``text``, as a language model writes tokens (watch it, or read ``/v1/tasks/{id}/streams/text``);
 * ``fake_ai`` — run by an external provider, ``errands dev-provider``, which reports by signed
   webhook: the whole webhook path, offline. ``errands serve`` starts one in its own process for
   the demo unless ``ERRANDS_DEV_PROVIDER_URL`` points at one.
@@ -89,3 +91,25 @@ def sync_sleep(ctx: TaskContext, input: dict[str, Any]) -> dict[str, Any]:
         time.sleep(min(0.1, left))
         ctx.progress(100 - int(100 * max(0.0, deadline - time.monotonic()) / max(seconds, 1e-9)))
     return {"slept_s": seconds}
+
+
+_TEXT = (
+    "errands sends what a task makes while it makes it and a reader that loses its connection "
+    "comes back to exactly what it missed so the page shows the whole text"
+)
+_WORDS = _TEXT.split(" ")
+
+
+@app.task("write", timeout_s=3700)
+async def write(ctx: TaskContext, input: dict[str, Any]) -> dict[str, int]:
+    words, every_s = input.get("words", 60), input.get("every_s", 0.05)
+    if isinstance(words, bool) or not isinstance(words, int) or not 0 <= words <= 100_000:
+        raise Fail("bad_input", "words must be an integer from 0 to 100000.")
+    if isinstance(every_s, bool) or not isinstance(every_s, int | float) or not 0 <= every_s <= 60:
+        raise Fail("bad_input", "every_s must be a number from 0 to 60.")
+    for i in range(words):
+        await ctx.stream("text", ("" if i == 0 else " ") + _WORDS[i % len(_WORDS)])
+        if i % 10 == 9:
+            await ctx.progress(100 * (i + 1) // words)
+        await asyncio.sleep(every_s)
+    return {"words": words}

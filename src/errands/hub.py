@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from errands.errors import TooManyRequests
-from errands.model import Event, Status
+from errands.model import Event, EventType, Status
 from errands.store.base import EventLog as Log
 from errands.store.base import Hint, Lifecycle, TaskLog, hints
 
@@ -51,8 +51,16 @@ class WatchFilter:
     owner: str | None = None
     type: str | None = None
     status: Status | None = None
+    #: Output streams: ``none`` (no ``task.stream`` events), ``include`` (them and every other
+    #: event), ``only`` (them, and the event that ends the task).
+    streams: str = "none"
 
     def matches(self, event: Event) -> bool:
+        if event.type is EventType.STREAM:
+            if self.streams == "none":
+                return False
+        elif self.streams == "only" and not event.status.terminal:
+            return False
         if self.task_id is not None and event.task_id != self.task_id:
             return False
         if self.owner is not None and event.owner != self.owner:

@@ -32,6 +32,7 @@ MIN_INT64 = -(2**63)
 
 TASK_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 TYPE_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+STREAM_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 #: Text that PostgreSQL can store (it has no NUL in ``text``).
 NO_NUL_PATTERN = r"^[^\u0000]*$"
 OWNER_MAX_CHARS = 256

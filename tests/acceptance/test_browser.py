@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
+import socket
 import threading
 from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -145,3 +147,127 @@ def test_a_browser_watches_a_task_to_completion_and_falls_back(
         if transports[-1] != "poll":  # streams deliver every event; polling may merge a few
             assert seqs[1:] == [e["seq"] for e in log if e["seq"] > seqs[0]]
     assert ADMIN_KEY not in cluster.procs[0].output()
+
+
+class CuttableProxy:
+    """A TCP proxy in front of the server whose open connections the test can cut, as a mobile
+    network does: the page's client must notice and resume by itself."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open: set[socket.socket] = set()
+        self.cuts = 0
+        self.accepted = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            with self._lock:
+                self.open.update((client, upstream))
+                self.accepted += 1
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+            with self._lock:
+                self.open.discard(source)
+                self.open.discard(sink)
+
+    def cut(self) -> None:
+        with self._lock:
+            sockets = list(self.open)
+        for s in sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        self.cuts += 1
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+STREAM_PAGE = """<!doctype html><meta charset="utf-8"><title>stream</title>
+<script type="module">
+const params = new URLSearchParams(location.search);
+const { watchTask, wxAdapter } = await import(params.get("api") + "/client/errands.js");
+window.lengths = [];
+// A mini-program's wx.connectSocket, built on the browser's WebSocket (as in PAGE).
+const wx = {
+  connectSocket({ url }) {
+    const ws = new WebSocket(url);
+    return {
+      send: ({ data }) => ws.send(data),
+      close: () => ws.close(),
+      onOpen: (fn) => ws.addEventListener("open", () => fn({})),
+      onMessage: (fn) => ws.addEventListener("message", (m) => fn({ data: m.data })),
+      onClose: (fn) => ws.addEventListener("close", () => fn({})),
+      onError: (fn) => ws.addEventListener("error", () => fn({ errMsg: "error" })),
+    };
+  },
+  request() { throw new Error("not used"); },
+};
+const handle = watchTask(params.get("id"), {
+  adapter: params.get("wx") ? wxAdapter(wx) : undefined,
+  baseUrl: params.get("api"),
+  token: params.get("token"),
+  after: 0,
+  onStream: () => {
+    window.text = handle.text("text");
+    window.lengths.push([performance.now(), window.text.length]);
+  },
+  onEnd: (task) => { window.done = task; },
+});
+</script>"""
+
+
+@pytest.mark.parametrize("wx", [False, True], ids=["browser", "mini-program"])
+def test_a_page_shows_streamed_text_growing_and_exact_after_its_connection_is_cut(
+    browser: Any, cluster: Cluster, site: str, tmp_path: Path, wx: bool
+) -> None:
+    (tmp_path / "stream.html").write_text(STREAM_PAGE)
+    _, client = cluster.serve(env={"ERRANDS_CORS_ORIGINS": site})
+    proxy = CuttableProxy(int(str(client.base_url).rstrip("/").rsplit(":", 1)[1]))
+    try:
+        api = f"http://127.0.0.1:{proxy.port}"
+        task = client.post(
+            "/v1/tasks", json={"type": "write", "owner": "web", "input": {"words": 160, "every_s": 0.03}}
+        )
+        task_id = task.json()["id"]
+        token = client.post("/v1/tokens", json={"owner": "web", "task_id": task_id}).json()["token"]
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(f"{site}/stream.html?id={task_id}&token={token}&api={api}" + ("&wx=1" if wx else ""))
+        for at_least in (10, 200):  # cut the page's stream twice while the text grows
+            page.wait_for_function(f"() => (window.text || '').length > {at_least}", timeout=30_000)
+            proxy.cut()
+        page.wait_for_function("() => window.done !== undefined", timeout=60_000)
+        text, lengths = page.evaluate("() => [window.text, window.lengths]")
+        context.close()
+        reconnected = proxy.accepted
+    finally:
+        proxy.close()
+    stored = client.get(f"/v1/tasks/{task_id}/streams/text")
+    assert stored.status_code == 200 and len(stored.text.split(" ")) == 160
+    assert text == stored.text
+    # The text grew on the page while it was written (about 5 s), not all at once at the end.
+    assert lengths[-1][0] - lengths[0][0] > 1000
+    assert [n for _, n in lengths] == sorted(n for _, n in lengths)
+    assert reconnected >= 3, "the page connected again after each cut"

@@ -8,9 +8,9 @@ def test_public_exports_are_pinned() -> None:
         [
             "ApiError", "AsyncClient", "Client", "ConfigError", "Conflict", "ErrandsError", "Errands",
             "EventType", "Fail", "Forbidden", "Gone", "HookEvent", "IdConflict", "InvalidRequest",
-            "InvalidTransition", "LeaseLost", "NotFound", "Retry", "Settings", "Status", "StoreError", "Task",
-            "TaskContext", "TaskError", "TooManyRequests", "Unauthorized", "Unavailable", "UnknownTaskType",
-            "WeChatTemplate", "__version__",
+            "InvalidTransition", "LeaseLost", "NotFound", "Retry", "Settings", "Status", "StoreError",
+            "StreamLimit", "Task", "TaskContext", "TaskError", "TooManyRequests", "Unauthorized",
+            "Unavailable", "UnknownTaskType", "WeChatTemplate", "__version__",
         ]
     )  # fmt: skip
     for name in errands.__all__:

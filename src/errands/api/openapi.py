@@ -45,7 +45,7 @@ def _models(routes: Sequence[Route]) -> list[tuple[type[BaseModel], str]]:
         ):
             if isinstance(model, type) and issubclass(model, BaseModel):
                 found[(model, mode)] = None
-        for _, answer in route.answers.values():
+        for answer in [*(a for _, a in route.answers.values()), *route.more_media.values()]:
             if isinstance(answer, type) and issubclass(answer, BaseModel):
                 found[(answer, "serialization")] = None
     return list(found)
@@ -108,6 +108,8 @@ def document(
         success: dict[str, Any] = {"description": _success(route)}
         if route.response is not None:
             success["content"] = {route.media_type: {"schema": ref(route.response, "serialization")}}
+            for media_type, schema in route.more_media.items():
+                success["content"][media_type] = {"schema": ref(schema, "serialization")}
         responses[str(route.status)] = success
         for status, (description, answer) in route.answers.items():
             entry: dict[str, Any] = {"description": description}

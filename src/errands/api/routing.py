@@ -71,6 +71,8 @@ class Route:
     body: type[BaseModel] | None = None
     response: type[BaseModel] | Mapping[str, Any] | None = None
     media_type: str = "application/json"
+    #: The success answer's other content types, each with its schema (a model or a schema).
+    more_media: Mapping[str, type[BaseModel] | Mapping[str, Any]] = field(default_factory=dict)
     errors: tuple[int, ...] = (400, 401, 403, 404, 413, 422, 429)
     auth: Auth = "token"
     #: More documented answers: ``{status: (description, model or schema or None)}``.

@@ -20,6 +20,7 @@ from errands.model.decisions import (
     release,
     report_progress,
     start_attempt,
+    stream_output,
 )
 from errands.model.task import (
     EVENT_TYPES,
@@ -69,5 +70,6 @@ __all__ = [
     "release",
     "report_progress",
     "start_attempt",
+    "stream_output",
     "valid_pattern",
 ]

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import orjson
+
 from errands.errors import Conflict, InvalidTransition, LeaseLost
 from errands.model.task import (
     TERMINAL_EVENT,
@@ -114,6 +116,18 @@ def report_progress(
         _move(record, Status.PROCESSING, now, progress=new_progress, message=new_message),
         EventType.PROGRESS,
     )
+
+
+def stream_output(
+    record: TaskRecord, *, now: float, lease_token: str, name: str, index: int, chunks: Sequence[Any]
+) -> Change:
+    """Chunks of the running attempt's stream ``name``, the first of them its ``index``-th (from
+    0 in each attempt), from the worker holding the lease: an attempt that lost it writes none."""
+    _require_lease(record, lease_token)
+    payload = orjson.dumps(
+        {"name": name, "attempt": record.attempt, "index": index, "chunks": list(chunks), "seq": 0}
+    )
+    return Change(record.evolve(updated_at=now), EventType.STREAM, payload)
 
 
 def complete(

@@ -42,12 +42,15 @@ class EventType(enum.StrEnum):
     CANCELLED = "task.cancelled"
     #: The task's notifications (webhooks, WeChat messages) about its end were all delivered.
     NOTIFIED = "task.notified"
+    #: Output of the running attempt: chunks appended to one of its named streams.
+    STREAM = "task.stream"
 
 
 #: Every event type, by name.
 EVENT_TYPES = frozenset(e.value for e in EventType)
-#: Patterns match every event type but this one, which is about notifications themselves.
-_NOT_BY_PATTERN = frozenset({EventType.NOTIFIED.value})
+#: Patterns match every event type but these: one is about notifications themselves, the other
+#: is output (many per task), which goes only where it is asked for by name.
+_NOT_BY_PATTERN = frozenset({EventType.NOTIFIED.value, EventType.STREAM.value})
 
 
 def valid_pattern(pattern: str) -> bool:
@@ -57,7 +60,7 @@ def valid_pattern(pattern: str) -> bool:
 
 def matches(patterns: Sequence[str], event_type: str) -> bool:
     """Whether an event type is one of ``patterns`` (exact types, or ``task.*`` / ``*`` for all
-    but ``task.notified``, which only an exact subscription receives)."""
+    but ``task.notified`` and ``task.stream``, which only an exact subscription receives)."""
     for pattern in patterns:
         if pattern == event_type:
             return True
@@ -227,10 +230,17 @@ _evolve = _make_evolve()
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    """A decided change: the record after it and the event it appends."""
+    """A decided change: the record after it and the event it appends. The event carries the
+    task after the change, or ``payload`` when given (a serialised object whose last field is
+    ``"seq"``, as a task's is: the stores set it)."""
 
     record: TaskRecord
     event: EventType
+    payload: bytes | None = None
+
+    def snapshot(self) -> bytes:
+        """What the event carries, serialised."""
+        return self.record.public_json() if self.payload is None else self.payload
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +248,8 @@ class Event:
     """One committed change of one task, numbered by ``seq`` (unique and increasing).
 
     ``task_json`` is the task after the change, serialised once when the change was written; its
-    ``seq`` field equals the event's.
+    ``seq`` field equals the event's. A ``task.stream`` event carries its chunks instead
+    (``{name, attempt, index, chunks, seq}``), not the task.
     """
 
     seq: int
@@ -255,10 +266,17 @@ class Event:
         """The event as the API shows it: ``{seq, type, at, task}`` (rendered once, then shared
         by every watcher it is sent to)."""
         if not self._json:
-            self._json.append(
-                b'{"seq":%d,"type":"%s","at":"%s","task":%s}'
-                % (self.seq, self.type.value.encode(), (iso(self.at) or "").encode(), self.task_json)
-            )
+            at = (iso(self.at) or "").encode()
+            if self.type is EventType.STREAM:
+                self._json.append(
+                    b'{"seq":%d,"type":"task.stream","at":"%s","task_id":%s,"stream":%s}'
+                    % (self.seq, at, orjson.dumps(self.task_id), self.task_json)
+                )
+            else:
+                self._json.append(
+                    b'{"seq":%d,"type":"%s","at":"%s","task":%s}'
+                    % (self.seq, self.type.value.encode(), at, self.task_json)
+                )
         return self._json[0]
 
     def sse(self) -> bytes:

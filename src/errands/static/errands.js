@@ -7,8 +7,16 @@
 //     onChange: (event) => render(event.task), // event: {type, seq, task}
 //     onEnd: (task) => done(task),             // the task reached a final state
 //     onError: (error) => console.warn(error), // transport trouble; the client keeps trying
+//     onStream: (name, chunk, info) => show(handle.text("text")), // output, as it is made
 //   });
 //   handle.close();
+//
+// With onStream (or `streams: "include"`), the task's output streams come too: each chunk once,
+// in order, whatever the reconnects; handle.text(name) is the text of the latest attempt so far
+// and handle.chunks(name) its chunks (info: {attempt, index, restarted}: a retry's attempt starts
+// its streams again, with restarted true on its first chunk). `after: 0` loads the stream's past.
+// `compact: true` asks the server for changed fields only (the client still hands onChange the
+// whole task, merged).
 //
 // Transports, tried in this order unless `transport` says otherwise: Server-Sent Events
 // (EventSource), WebSocket, then polling with backoff. Every transport resumes after the last
@@ -16,7 +24,7 @@
 
 const TASK_EVENTS = [
   "task.snapshot", "task.created", "task.processing", "task.progress", "task.retrying",
-  "task.completed", "task.failed", "task.timeout", "task.cancelled", "task.notified",
+  "task.completed", "task.failed", "task.timeout", "task.cancelled", "task.notified", "task.stream",
 ];
 const FINAL = new Set(["completed", "failed", "timeout", "cancelled"]);
 const OPEN_FAILURES_BEFORE_FALLBACK = 2;
@@ -93,6 +101,12 @@ class Watcher {
     this.onEnd = options.onEnd || (() => {});
     this.onError = options.onError || (() => {});
     this.onTransport = options.onTransport || (() => {});
+    this.onStream = options.onStream || (() => {});
+    this.streams = options.streams || (options.onStream ? "include" : "none");
+    this.output = new Map(); // stream name -> {attempt, chunks}
+    // compact: the server sends only what changed; the client keeps each task whole.
+    this.compact = Boolean(options.compact);
+    this.tasks = new Map(); // task id -> the task as last known (compact only)
     this.pollMs = options.pollMs || 2000;
     this.adapter = options.adapter || browserAdapter();
     const wanted = options.transport || "auto";
@@ -104,6 +118,35 @@ class Watcher {
     this.timer = null;
     this.seen = new Map(); // task id -> seq, for polling a set of tasks
     this.next(0);
+  }
+
+  /** The chunks of stream `name` received so far (of the latest attempt). */
+  chunks(name) {
+    const stream = this.output.get(name);
+    return stream ? stream.chunks.slice() : [];
+  }
+
+  /** The text of stream `name` so far (of the latest attempt; JSON chunks as JSON). */
+  text(name) {
+    return this.chunks(name).map((c) => (typeof c === "string" ? c : JSON.stringify(c))).join("");
+  }
+
+  stream(part) {
+    let stream = this.output.get(part.name);
+    let restarted = false;
+    if (!stream || part.attempt > stream.attempt) {
+      restarted = Boolean(stream);
+      stream = { attempt: part.attempt, chunks: [] };
+      this.output.set(part.name, stream);
+    } else if (part.attempt < stream.attempt) {
+      return;
+    }
+    part.chunks.forEach((chunk, i) => {
+      const index = part.index + i;
+      if (index !== stream.chunks.length) return; // already have it
+      stream.chunks.push(chunk);
+      this.onStream(part.name, chunk, { attempt: part.attempt, index, restarted: restarted && index === 0 });
+    });
   }
 
   close() {
@@ -132,19 +175,31 @@ class Watcher {
   // Deliver one item; returns true once the watch is over.
   deliver(type, data) {
     if (type === "tasks.snapshot") {
-      for (const task of data.tasks) this.onChange({ type: "task.snapshot", seq: task.seq, task });
+      for (const task of data.tasks) {
+        if (this.compact) this.tasks.set(task.id, task);
+        this.onChange({ type: "task.snapshot", seq: task.seq, task });
+      }
       this.lastSeq = data.seq;
       return false;
     }
     if (type === "reset" || type === "overflow") return false;
     if (this.lastSeq !== null && data.seq <= this.lastSeq && type !== "task.snapshot") return false;
     this.lastSeq = data.seq;
-    this.onChange({ type, seq: data.seq, task: data.task });
-    if (this.kind === "task" && FINAL.has(data.task.status)) {
+    if (type === "task.stream") {
+      if (this.streams !== "none") this.stream(data.stream);
+      return false;
+    }
+    let task = data.task;
+    if (this.compact) {
+      task = type === "task.snapshot" ? task : { ...(this.tasks.get(task.id) || {}), ...task };
+      this.tasks.set(task.id, task);
+    }
+    this.onChange({ type, seq: data.seq, task });
+    if (this.kind === "task" && FINAL.has(task.status)) {
       this.closed = true;
       if (this.current) this.current();
       this.current = null;
-      this.onEnd(data.task);
+      this.onEnd(task);
       return true;
     }
     return false;
@@ -156,7 +211,9 @@ class Watcher {
 
   sse() {
     const filter = this.kind === "tasks" ? this.target : {};
-    const url = this.baseUrl + this.path() + query({ ...filter, access_token: this.token, after: this.lastSeq });
+    const url = this.baseUrl + this.path() +
+      query({ ...filter, access_token: this.token, after: this.lastSeq, streams: this.streams,
+        compact: this.compact ? "true" : undefined });
     const source = this.adapter.eventSource(url);
     let opened = false;
     this.current = () => source.close();
@@ -194,6 +251,8 @@ class Watcher {
       if (this.kind === "task") message.task_id = this.target;
       else message.filter = this.target;
       if (this.lastSeq !== null) message.after = this.lastSeq;
+      message.streams = this.streams;
+      if (this.compact) message.compact = true;
       socket.send(JSON.stringify(message));
     });
     socket.onMessage((text) => {

@@ -13,6 +13,7 @@ from errands.model import TaskRecord
 from errands.registry import TaskType
 from errands.store.base import Decision
 from errands.worker.progress import Progress
+from errands.worker.streams import Streams
 
 
 class StopReason(enum.StrEnum):
@@ -31,6 +32,7 @@ class Held:
     task_type: TaskType
     ctx: TaskContext
     progress: Progress
+    streams: Streams
     handler: asyncio.Future[Any] | None = None
     stop_reason: StopReason | None = None
     finished: bool = False

@@ -36,6 +36,7 @@ from errands.worker.handlers import HandlerExecutor
 from errands.worker.outcomes import INTERNAL_ERROR, Backoff, retry_or_end
 from errands.worker.progress import Progress
 from errands.worker.providers import ProviderExecutor
+from errands.worker.streams import Part, Streams
 
 log = logging.getLogger("errands.worker")
 
@@ -286,7 +287,28 @@ class Worker:
             except (NotFound, StoreError) as exc:
                 log.warning("progress of task %s not saved: %s", record.id, exc)
 
+        async def write_streams(parts: list[Part]) -> None:
+            now = self.clock.now()
+            try:
+                for part in parts:
+                    await self.store.apply(
+                        record.id,
+                        lambda r, p=part: model.stream_output(  # type: ignore[misc]
+                            r, now=now, lease_token=token, name=p.name, index=p.index, chunks=p.chunks
+                        ),
+                    )
+            except LeaseLost:
+                self.stop_task(record.id, StopReason.LOST)
+            except (NotFound, StoreError) as exc:
+                log.warning("stream output of task %s not saved: %s", record.id, exc)
+
         progress = Progress(self.settings.progress_interval_s, write_progress, self.spawn)
+        streams = Streams(
+            write_streams,
+            self.spawn,
+            flush_s=self.settings.stream_flush_s,
+            max_bytes=self.settings.stream_max_bytes,
+        )
         ctx = TaskContext(
             task_id=record.id,
             type=record.type,
@@ -294,8 +316,9 @@ class Worker:
             attempt=record.attempt,
             max_attempts=record.max_attempts,
             sink=progress,
+            streams=streams,
         )
-        held = Held(record, task_type, ctx, progress)
+        held = Held(record, task_type, ctx, progress, streams)
         self._held[record.id] = held
         run = asyncio.create_task(self._attempt(held), name=f"errands-task-{record.id}")
         self._runs.add(run)
@@ -353,6 +376,8 @@ class Worker:
             future.cancel()
             raise
         progress, message = held.progress.close()
+        # What the handler streamed lands before its outcome (unless the attempt no longer counts).
+        await held.streams.close(write=held.stop_reason not in (StopReason.LOST, StopReason.CANCELLED))
         now = self.clock.now()
         if not future.done():
             future.cancel()

@@ -21,12 +21,14 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import orjson
+
 from errands.auth import READ, Principal
 from errands.clock import iso
 from errands.errors import BadRequest, Forbidden
 from errands.hub import Watch, WatchClosed, WatchFilter
 from errands.inputs import BadValue, parse_seq
-from errands.model import Event, Status, TaskRecord
+from errands.model import Event, EventType, Status, TaskRecord
 from errands.store.records import TaskQuery
 
 if TYPE_CHECKING:
@@ -53,6 +55,42 @@ def event_item(event: Event) -> Item:
     return Item(event.type.value, event.seq, event.to_json(), event)
 
 
+_ALWAYS = ("id", "status", "seq")
+
+
+class Render:
+    """How one watch renders events: as written (the bytes every watcher shares), or compact:
+    after a task's first event (or snapshot) on this watch, only the fields that changed, with
+    ``id``, ``status`` and ``seq`` (a progress event is then a few dozen bytes, not the task)."""
+
+    def __init__(self, compact: bool) -> None:
+        self.compact = compact
+        self._known: dict[str, dict[str, object]] = {}
+
+    def remember(self, task: dict[str, object]) -> None:
+        if self.compact:
+            self._known[str(task["id"])] = task
+
+    def event(self, event: Event) -> Item:
+        if not self.compact or event.type is EventType.STREAM:
+            return event_item(event)
+        task = orjson.loads(event.task_json)
+        before = self._known.get(event.task_id)
+        if event.status.terminal:
+            self._known.pop(event.task_id, None)
+        else:
+            self._known[event.task_id] = task
+        if before is not None:
+            task = {k: v for k, v in task.items() if k in _ALWAYS or before.get(k) != v}
+        data = b'{"seq":%d,"type":"%s","at":"%s","task":%s}' % (
+            event.seq,
+            event.type.value.encode(),
+            (iso(event.at) or "").encode(),
+            orjson.dumps(task),
+        )
+        return Item(event.type.value, event.seq, data)
+
+
 def _snapshot_item(record: TaskRecord) -> Item:
     data = b'{"seq":%d,"type":"task.snapshot","at":"%s","task":%s}' % (
         record.seq,
@@ -74,28 +112,32 @@ Batch = list[Item]
 
 
 async def task_items(
-    runtime: Runtime, watch: Watch, task_id: str, after: int | None
+    runtime: Runtime, watch: Watch, task_id: str, after: int | None, *, compact: bool = False
 ) -> AsyncGenerator[Batch, None]:
     """The items of a watch of one task (see the module docstring), in batches: everything
     ready at once goes out together. Closes ``watch`` at the end."""
     keepalive_s = runtime.settings.watch_keepalive_s
     until = runtime.hub.last_seq
+    render = Render(compact)
     try:
         found = await runtime.store.get(task_id)
         if not isinstance(found, TaskRecord):
             return
         if after is None:
+            render.remember(found.public())
             yield [_snapshot_item(found)]
             last, done = found.seq, found.status.terminal
         else:
             last, done = after, False
             while True:
-                page = await runtime.store.events(task_id, after=last, limit=REPLAY_PAGE)
-                page = [e for e in page if e.seq <= until]
+                read = await runtime.store.events(task_id, after=last, limit=REPLAY_PAGE)
+                page = [e for e in read if e.seq <= until]
                 if page:
-                    yield [event_item(e) for e in page]
+                    wanted = [render.event(e) for e in page if watch.filter.matches(e)]
+                    if wanted:
+                        yield wanted
                     last, done = page[-1].seq, page[-1].status.terminal
-                if len(page) < REPLAY_PAGE:
+                if len(read) < REPLAY_PAGE:
                     break
             # Nothing newer than the resume point and the task has ended: the stream is complete.
             done = done or (found.status.terminal and found.seq <= last)
@@ -113,7 +155,7 @@ async def task_items(
             for event in events:
                 if event.seq <= last:
                     continue
-                batch.append(event_item(event))
+                batch.append(render.event(event))
                 last = event.seq
                 if event.status.terminal:
                     done = True
@@ -124,7 +166,9 @@ async def task_items(
         watch.close()
 
 
-async def _snapshot(runtime: Runtime, f: WatchFilter, until: int) -> tuple[Item, dict[str, int]]:
+async def _snapshot(
+    runtime: Runtime, f: WatchFilter, until: int, render: Render
+) -> tuple[Item, dict[str, int]]:
     statuses = [f.status] if f.status is not None else [Status.PENDING, Status.PROCESSING]
     tasks: list[TaskRecord] = []
     for status in statuses:
@@ -135,6 +179,8 @@ async def _snapshot(runtime: Runtime, f: WatchFilter, until: int) -> tuple[Item,
     tasks.sort(key=lambda r: (r.created_at, r.id), reverse=True)
     truncated = len(tasks) > SNAPSHOT_LIMIT
     tasks = tasks[:SNAPSHOT_LIMIT]
+    for record in tasks:
+        render.remember(record.public())
     data = b'{"seq":%d,"type":"tasks.snapshot","truncated":%s,"tasks":[%s]}' % (
         until,
         b"true" if truncated else b"false",
@@ -143,9 +189,12 @@ async def _snapshot(runtime: Runtime, f: WatchFilter, until: int) -> tuple[Item,
     return Item("tasks.snapshot", until, data), {r.id: r.seq for r in tasks}
 
 
-async def set_items(runtime: Runtime, watch: Watch, after: int | None) -> AsyncGenerator[Batch, None]:
+async def set_items(
+    runtime: Runtime, watch: Watch, after: int | None, *, compact: bool = False
+) -> AsyncGenerator[Batch, None]:
     """The items of a watch of a set of tasks (see the module docstring). Closes ``watch``."""
     keepalive_s = runtime.settings.watch_keepalive_s
+    render = Render(compact)
     f = watch.filter
     until = runtime.hub.last_seq
     covered: dict[str, int] = {}
@@ -155,14 +204,14 @@ async def set_items(runtime: Runtime, watch: Watch, after: int | None) -> AsyncG
             reset = Item("reset", None, b'{"type":"reset","reason":"the resume point is older than the log"}')
             after = None
         if after is None:
-            item, covered = await _snapshot(runtime, f, until)
+            item, covered = await _snapshot(runtime, f, until, render)
             yield [item] if reset is None else [reset, item]
             last = until
         else:
             last = after
             while last < until:
                 page = await runtime.store.owner_events(f.owner, after=last, until=until, limit=REPLAY_PAGE)
-                matching = [event_item(e) for e in page if f.matches(e)]
+                matching = [render.event(e) for e in page if f.matches(e)]
                 if matching:
                     yield matching
                 if page:
@@ -184,7 +233,7 @@ async def set_items(runtime: Runtime, watch: Watch, after: int | None) -> AsyncG
             for event in events:
                 if event.seq <= last or event.seq <= covered.get(event.task_id, 0):
                     continue
-                batch.append(event_item(event))
+                batch.append(render.event(event))
                 last = event.seq
             if batch:
                 yield batch
@@ -201,14 +250,22 @@ def resume_point(last_event_id: str | None, after: int | None) -> int | None:
     return after
 
 
-async def open_task_watch(runtime: Runtime, principal: Principal, task_id: str) -> Watch:
+async def open_task_watch(
+    runtime: Runtime, principal: Principal, task_id: str, *, streams: str = "include"
+) -> Watch:
     """Check the caller may watch the task, then register the watch (before reading anything)."""
     await runtime.service.get(task_id, principal)
-    return runtime.hub.watch(WatchFilter(task_id=task_id), key=_owner_key(principal))
+    return runtime.hub.watch(WatchFilter(task_id=task_id, streams=streams), key=_owner_key(principal))
 
 
 def open_set_watch(
-    runtime: Runtime, principal: Principal, *, type: str | None, status: Status | None, owner: str | None
+    runtime: Runtime,
+    principal: Principal,
+    *,
+    type: str | None,
+    status: Status | None,
+    owner: str | None,
+    streams: str = "none",
 ) -> Watch:
     principal.require(READ)
     if principal.task_id is not None:
@@ -219,5 +276,5 @@ def open_set_watch(
         raise Forbidden("Only an admin may watch another owner's tasks.")
     else:
         watch_owner = principal.owner
-    f = WatchFilter(owner=watch_owner, type=type, status=status)
+    f = WatchFilter(owner=watch_owner, type=type, status=status, streams=streams)
     return runtime.hub.watch(f, key=_owner_key(principal))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
@@ -24,6 +24,7 @@ from errands.hub import Watch
 from errands.inputs import TYPE_PATTERN, Owner, Seq
 from errands.model import Status
 
+StreamChoice = Literal["include", "only", "none"]
 SSE_HEADERS = {
     "Cache-Control": "no-cache, no-transform",
     "X-Accel-Buffering": "no",  # nginx and friends must not buffer the stream
@@ -91,9 +92,23 @@ class TaskWatchQuery(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     after: Annotated[Seq | None, Field(description="Resume after this seq (or send Last-Event-ID).")] = None
+    streams: Annotated[
+        StreamChoice,
+        Field(description="Streams: `include` (task.stream events too), `only` (them, and the end), `none`."),
+    ] = "include"
+    compact: Annotated[
+        bool,
+        Field(
+            description="After a task's first event, send only the fields that changed (and id, status, seq)."
+        ),
+    ] = False
 
 
 class SetWatchQuery(TaskWatchQuery):
+    streams: Annotated[
+        StreamChoice,
+        Field(description="Streams: `none`, `include` (task.stream events too), `only` (them, and ends)."),
+    ] = "none"
     type: Annotated[str, Field(pattern=TYPE_PATTERN, description="Only tasks of this type.")] | None = None
     status: Annotated[Status | None, Field(description="Only events that leave a task in this status.")] = (
         None
@@ -112,8 +127,8 @@ async def watch_task(call: Call) -> Response:
     q = call.query(TaskWatchQuery)
     resume = _resume(call, q.after)
     task_id = call.path_params["task_id"]
-    watch = await open_task_watch(call.runtime, call.principal, task_id)
-    return EventStream(task_items(call.runtime, watch, task_id, resume), watch)
+    watch = await open_task_watch(call.runtime, call.principal, task_id, streams=q.streams)
+    return EventStream(task_items(call.runtime, watch, task_id, resume, compact=q.compact), watch)
 
 
 async def watch_tasks(call: Call) -> Response:
@@ -121,5 +136,7 @@ async def watch_tasks(call: Call) -> Response:
     for one task; a resume point older than the log gets ``reset`` and a fresh snapshot."""
     q = call.query(SetWatchQuery)
     resume = _resume(call, q.after)
-    watch = open_set_watch(call.runtime, call.principal, type=q.type, status=q.status, owner=q.owner)
-    return EventStream(set_items(call.runtime, watch, resume), watch)
+    watch = open_set_watch(
+        call.runtime, call.principal, type=q.type, status=q.status, owner=q.owner, streams=q.streams
+    )
+    return EventStream(set_items(call.runtime, watch, resume, compact=q.compact), watch)

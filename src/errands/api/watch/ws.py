@@ -48,6 +48,9 @@ class WsMessage(BaseModel):
     task_id: Annotated[str, Field(pattern=TASK_ID_PATTERN)] | None = None
     filter: WsFilter | None = None
     after: Seq | None = None
+    #: Output streams (see the SSE routes); default ``include`` for a task, ``none`` for a filter.
+    streams: Literal["include", "only", "none"] | None = None
+    compact: bool = False
 
 
 MAX_SUBSCRIPTIONS_PER_SOCKET = 100
@@ -119,14 +122,23 @@ class _Socket:
             if (message.task_id is None) == (message.filter is None):
                 raise BadRequest("Subscribe to either a task_id or a filter.")
             if message.task_id is not None:
-                watch = await open_task_watch(self.runtime, self.principal, message.task_id)
-                items = task_items(self.runtime, watch, message.task_id, message.after)
+                watch = await open_task_watch(
+                    self.runtime, self.principal, message.task_id, streams=message.streams or "include"
+                )
+                items = task_items(
+                    self.runtime, watch, message.task_id, message.after, compact=message.compact
+                )
             else:
                 f = message.filter or WsFilter()
                 watch = open_set_watch(
-                    self.runtime, self.principal, type=f.type, status=f.status, owner=f.owner
+                    self.runtime,
+                    self.principal,
+                    type=f.type,
+                    status=f.status,
+                    owner=f.owner,
+                    streams=message.streams or "none",
                 )
-                items = set_items(self.runtime, watch, message.after)
+                items = set_items(self.runtime, watch, message.after, compact=message.compact)
         except ApiError as exc:
             await self.error(sub, exc)
             return

@@ -110,7 +110,7 @@ class PgTx(TxBase):
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self.pending: list[tuple[TaskRecord, EventType]] = []
+        self.pending: list[Change] = []
         self.overlay: dict[str, TaskRecord] = {}
         self.ordinal = 0  # events numbered so far in this transaction (the low bits of their seqs)
         self.written: list[Event] = []  # events already written (creates)
@@ -159,7 +159,7 @@ class PgTx(TxBase):
 
     def write(self, change: Change, before: TaskRecord) -> TaskRecord:
         del before  # the second phase writes every mutable column
-        self.pending.append((change.record, change.event))
+        self.pending.append(change)
         self.overlay[change.record.id] = change.record
         return change.record
 
@@ -217,7 +217,7 @@ class PgTx(TxBase):
         # raise do so before they write).
         assert isinstance(mark, int)
         del self.pending[mark:]
-        self.overlay = {**self.created, **{record.id: record for record, _ in self.pending}}
+        self.overlay = {**self.created, **{c.record.id: c.record for c in self.pending}}
 
     async def release(self, mark: object) -> None:
         """Nothing to do: a kept change is simply not undone."""
@@ -286,31 +286,30 @@ class PgTx(TxBase):
             raise StoreError("Too many changes in one transaction.")
         first = self.ordinal + 1
         last_ord: dict[str, int] = {}
-        for ord_, (record, _) in enumerate(self.pending, start=first):
-            last_ord[record.id] = ord_
-        finals = [self.pending[o - first][0] for o in last_ord.values()]
+        for ord_, change in enumerate(self.pending, start=first):
+            last_ord[change.record.id] = ord_
+        finals = [self.pending[o - first].record for o in last_ord.values()]
         row_arrays: list[list[Any]] = [[r.id for r in finals], list(last_ord.values())]
         written = [values(r, WRITTEN) for r in finals]
         row_arrays.extend([row[i] for row in written] for i in range(len(WRITTEN)))
-        snapshots = [record.public_json() for record, _ in self.pending]
+        snapshots = [c.snapshot() for c in self.pending]
         event_arrays: list[list[Any]] = [
             list(range(first, first + len(self.pending))),
-            [kind.value for _, kind in self.pending],
-            [record.updated_at for record, _ in self.pending],
-            [record.id for record, _ in self.pending],
-            [record.owner for record, _ in self.pending],
-            [record.type for record, _ in self.pending],
-            [record.status.value for record, _ in self.pending],
+            [c.event.value for c in self.pending],
+            [c.record.updated_at for c in self.pending],
+            [c.record.id for c in self.pending],
+            [c.record.owner for c in self.pending],
+            [c.record.type for c in self.pending],
+            [c.record.status.value for c in self.pending],
             snapshots,
         ]
-        hint = hints(kind for _, kind in self.pending)
+        hint = hints(c.event for c in self.pending)
         base = await self.conn.fetchval(
             COMMIT, first + len(self.pending) - 1, *row_arrays, *event_arrays, str(hint.value)
         )
         events = list(self.written)
-        for ord_, ((record, kind), snapshot) in enumerate(
-            zip(self.pending, snapshots, strict=True), start=first
-        ):
+        for ord_, (change, snapshot) in enumerate(zip(self.pending, snapshots, strict=True), start=first):
+            record, kind = change.record, change.event
             seq = base + ord_
             if last_ord[record.id] == ord_:
                 object.__setattr__(record, "seq", seq)  # fresh records, not shared yet

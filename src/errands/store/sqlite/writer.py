@@ -23,7 +23,7 @@ import orjson
 
 from errands.errors import StoreError
 from errands.model import Change, Event, EventType, TaskRecord
-from errands.store.columns import COLUMNS, SELECT_LIST, changed_columns, to_record, values
+from errands.store.columns import COLUMNS, SELECT_LIST, changed_columns, to_record, values, with_seq
 from errands.store.records import Receipt
 from errands.store.shared import Settlement, TxBase, settle
 from errands.store.sqlite.sql import LAST_SEQ
@@ -119,11 +119,11 @@ class SqliteTx(TxBase):
                 f"UPDATE tasks SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?"
             )
         self.conn.execute(sql, [*values(record, columns), record.id])
-        self._event(record, change.event)
+        self._event(record, change.event, change.payload)
         return record
 
-    def _event(self, record: TaskRecord, kind: EventType) -> None:
-        task_json = record.public_json()
+    def _event(self, record: TaskRecord, kind: EventType, payload: bytes | None = None) -> None:
+        task_json = record.public_json() if payload is None else with_seq(payload, record.seq)
         self.conn.execute(
             _INSERT_EVENT,
             (record.seq, kind.value, record.updated_at, record.id, record.owner, record.type,
