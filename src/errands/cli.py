@@ -195,6 +195,7 @@ def dev_provider(
     bad_signature: Annotated[float, typer.Option(help="Probability a webhook is signed badly.")] = 0.0,
     reorder: Annotated[float, typer.Option(help="Probability a stale report follows the final one.")] = 0.0,
     fail_rate: Annotated[float, typer.Option("--fail", help="Probability a job fails.")] = 0.0,
+    stream: Annotated[int, typer.Option(help="Text chunks a job streams per progress report.")] = 0,
     seed: Annotated[int | None, typer.Option(help="Seed for the misbehaviour, for repeatable runs.")] = None,
 ) -> None:
     """Run a fake AI service that reports by signed webhook (for development and tests)."""
@@ -210,6 +211,7 @@ def dev_provider(
         bad_signature=bad_signature,
         reorder=reorder,
         fail=fail_rate,
+        stream=stream,
     )
     try:
         provider = DevProvider(secret or DEV_SECRET, chaos, seed=seed)

@@ -5,7 +5,10 @@ It speaks what :class:`errands.providers.standard.StandardProvider` expects:
 * ``POST /jobs`` ``{"input", "callback_url", "metadata"?}`` → ``{"id", "status": "queued"}``;
   the job then runs for ``delay_s``, reporting progress and its end by signed webhook
   (Standard Webhooks) to ``callback_url``, retrying a delivery that is not answered ``2xx``;
-* ``GET /jobs/{id}`` → ``{"id", "status", "progress", "message", "output", "error"}``;
+* ``GET /jobs/{id}`` → ``{"id", "status", "progress", "message", "output", "error", "stream"?}``;
+* with ``stream`` (chunks per step), the job streams text: each progress webhook carries the
+  chunks made since the one before (``{"name": "text", "index", "chunks"}``), the final webhook
+  and the status all of them, so errands keeps each chunk once whatever was lost;
 * ``POST /jobs/{id}/cancel`` → the job ends ``canceled`` (and says so by webhook).
 
 On request it misbehaves, by probability per webhook (``drop``, ``duplicate``, ``bad_signature``),
@@ -53,6 +56,7 @@ class Chaos:
     bad_signature: float = 0.0
     reorder: float = 0.0
     fail: float = 0.0
+    stream: int = 0  # text chunks made per step
 
     def override(self, values: Any) -> Chaos:
         if not isinstance(values, dict):
@@ -61,7 +65,7 @@ class Chaos:
         changes: dict[str, Any] = {}
         for key, value in values.items():
             if key in known and isinstance(value, int | float) and not isinstance(value, bool):
-                changes[key] = int(value) if key == "steps" else float(value)
+                changes[key] = int(value) if key in ("steps", "stream") else float(value)
             elif key in ("fail", "reorder", "drop", "duplicate", "bad_signature") and isinstance(value, bool):
                 changes[key] = 1.0 if value else 0.0
         return replace(self, **changes)
@@ -79,9 +83,10 @@ class Job:
     output: Any = None
     error: str | None = None
     sent: list[str] = field(default_factory=list)
+    streamed: list[str] = field(default_factory=list)
 
-    def report(self) -> dict[str, Any]:
-        return {
+    def report(self, stream_from: int = 0) -> dict[str, Any]:
+        report = {
             "id": self.id,
             "status": self.status,
             "progress": self.progress,
@@ -89,6 +94,9 @@ class Job:
             "output": self.output,
             "error": self.error,
         }
+        if self.streamed:
+            report["stream"] = {"name": "text", "index": stream_from, "chunks": self.streamed[stream_from:]}
+        return report
 
 
 class DevProvider:
@@ -181,7 +189,9 @@ class DevProvider:
             if job.status != "running":
                 return  # canceled meanwhile
             job.progress, job.message = step * 100 // (steps + 1), f"step {step} of {steps}"
-            report = job.report()
+            made = len(job.streamed)
+            job.streamed.extend([f"chunk {made + i} " for i in range(chaos.stream)])
+            report = job.report(stream_from=made)
             stale = report
             await self._deliver(job, report)
         await asyncio.sleep(chaos.delay_s / (steps + 1))

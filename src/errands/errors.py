@@ -106,6 +106,12 @@ class Conflict(ApiError):
     code = "conflict"
 
 
+class StreamGap(Conflict):
+    """Stream chunks that would leave a gap: the chunks before them have not arrived."""
+
+    code = "stream_gap"
+
+
 class IdConflict(Conflict):
     """A different task already uses this id."""
 

@@ -13,6 +13,7 @@ The answers (:class:`Answer`) are what the HTTP routes send back: every accepted
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -20,29 +21,56 @@ from typing import Any, Protocol
 from errands import model
 from errands.auth import CapabilitySigner
 from errands.clock import Clock
-from errands.errors import ApiError, BadRequest, InvalidTransition, LeaseLost, NotFound, Unauthorized
+from errands.errors import (
+    ApiError,
+    BadRequest,
+    InvalidTransition,
+    LeaseLost,
+    NotFound,
+    StreamGap,
+    Unauthorized,
+)
 from errands.model import Change, TaskError, TaskRecord
 from errands.providers import Inbound, Provider, Update
 from errands.registry import Registry, TaskType
-from errands.store.base import Decision, Judge, Reports, Tasks
+from errands.store.base import Changes, Decision, Judge, Reports, Tasks
 from errands.store.records import Receipt, ReportOutcome
 
 DETAIL_CHARS = 200
+log = logging.getLogger("errands.intake")
 
 
 class _Store(Tasks, Reports, Protocol):
     """What the intake needs of a store."""
 
 
-def decision(update: Update, *, now: float, by_webhook: bool, job: str | None) -> Decision:
-    """The change a provider's report about ``job`` asks for (a report about another job than
-    the task's current one, or after the end, is refused by the model)."""
+def decision(
+    update: Update, *, now: float, by_webhook: bool, job: str | None, stream_max_bytes: int | None = None
+) -> Decision:
+    """The changes a provider's report about ``job`` asks for: the chunks it carries for the
+    task's streams, then what it says of the job (a report about another job than the task's
+    current one, or after the end, is refused by the model)."""
     error = None
     if update.status == "failed":
         error = TaskError(update.error_code or "provider_failed", update.error_message or "")
 
-    def decide(record: TaskRecord) -> Change | None:
-        return model.external_report(
+    def decide(record: TaskRecord) -> list[Change] | None:
+        changes = []
+        for part in update.streams:
+            try:
+                streamed = model.stream_output(
+                    record, now=now, lease_token=None, external_id=job, name=part.name, index=part.index,
+                    chunks=part.chunks, max_bytes=stream_max_bytes,
+                )  # fmt: skip
+            except StreamGap as exc:
+                # A report before this one was lost: its chunks can only come from a later
+                # report that starts earlier (a final report, a poll). The rest of this one counts.
+                log.info("stream chunks of task %s skipped: %s", record.id, exc.message)
+                continue
+            if streamed is not None:
+                changes.append(streamed)
+                record = streamed.record
+        reported = model.external_report(
             record,
             now=now,
             external_id=job,
@@ -53,6 +81,9 @@ def decision(update: Update, *, now: float, by_webhook: bool, job: str | None) -
             error=error,
             by_webhook=by_webhook,
         )
+        if reported is not None:
+            changes.append(reported)
+        return changes or None
 
     return decide
 
@@ -61,7 +92,7 @@ def judge(decide: Decision) -> Judge:
     """What a report's decision amounts to: applied, unchanged (nothing new), or late (the
     state machine refused it: the task had moved on)."""
 
-    def judged(record: TaskRecord) -> tuple[ReportOutcome, Change | None]:
+    def judged(record: TaskRecord) -> tuple[ReportOutcome, Changes]:
         try:
             change = decide(record)
         except (InvalidTransition, LeaseLost):
@@ -90,6 +121,7 @@ class Intake:
         capabilities: CapabilitySigner,
         run_soon: Callable[[str, Coroutine[Any, Any, Any]], None],
         provider_timeout_s: float,
+        stream_max_bytes: int | None = None,
     ) -> None:
         self._registry = registry
         self._store = store
@@ -97,6 +129,7 @@ class Intake:
         self._capabilities = capabilities
         self._run_soon = run_soon
         self._provider_timeout_s = provider_timeout_s
+        self._stream_max_bytes = stream_max_bytes
 
     async def _refuse(self, receipt: Receipt, outcome: ReportOutcome, error: ApiError) -> Answer:
         refused = Receipt(
@@ -107,7 +140,13 @@ class Intake:
         return Answer(outcome, error)
 
     async def _apply(self, receipt: Receipt, update: Update, job: tuple[list[str], str] | None) -> Answer:
-        decide = decision(update, now=receipt.received_at, by_webhook=True, job=update.external_id)
+        decide = decision(
+            update,
+            now=receipt.received_at,
+            by_webhook=True,
+            job=update.external_id,
+            stream_max_bytes=self._stream_max_bytes,
+        )
         outcome, _ = await self._store.apply_report(receipt, judge(decide), job=job)
         if outcome is ReportOutcome.UNKNOWN_TASK:
             return Answer(outcome, NotFound("No such task."))
@@ -176,7 +215,13 @@ class Intake:
     async def polled(self, record: TaskRecord, update: Update) -> TaskRecord | None:
         """The answer to a poll of the task's job, applied; ``None`` when it changed nothing
         because the task had moved on (or is gone)."""
-        decide = decision(update, now=self._clock.now(), by_webhook=False, job=record.external_id)
+        decide = decision(
+            update,
+            now=self._clock.now(),
+            by_webhook=False,
+            job=record.external_id,
+            stream_max_bytes=self._stream_max_bytes,
+        )
         try:
             return await self._store.apply(record.id, decide)
         except (InvalidTransition, LeaseLost, NotFound):

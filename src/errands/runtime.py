@@ -202,6 +202,7 @@ class Runtime:
             capabilities,
             self.supervisor.run_soon,
             self.settings.provider_timeout_s,
+            self.settings.stream_max_bytes,
         )
         return Parts(
             credentials=credentials,

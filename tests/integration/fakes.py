@@ -83,15 +83,19 @@ class FakeReplicate:
                 return
             prediction["logs"] = f"step {step}\n{step * 100 // (self.steps + 1)}%|###"
             await self._send(webhook, prediction, "logs" in events)
+            tokens = prediction["input"].get("tokens")
+            if tokens:  # a language model: the output so far, with every "output" webhook
+                prediction["output"] = tokens[: len(tokens) * step // (self.steps + 1)]
+                await self._send(webhook, prediction, "output" in events)
         await asyncio.sleep(0.05)
         if prediction["status"] != "processing":
             return
         if prediction["input"].get("fail"):
             prediction.update(status="failed", error="the model failed")
         else:
-            prediction.update(
-                status="succeeded", output=[f"https://replicate.delivery/{prediction['id']}.png"]
-            )
+            tokens = prediction["input"].get("tokens")
+            output = tokens or [f"https://replicate.delivery/{prediction['id']}.png"]
+            prediction.update(status="succeeded", output=output)
         await self._send(webhook, prediction, True)
 
     async def _send(self, url: str | None, prediction: dict[str, Any], wanted: bool) -> None:

@@ -15,6 +15,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from errands import Errands, signing
+from errands.auth import SYSTEM
 from errands.devprovider import DEV_SECRET, Chaos, DevProvider, dev_standard_provider
 from errands.model import Status
 from errands.providers.coze import CozeProvider
@@ -318,6 +319,17 @@ async def test_replicate_against_its_fake(live: LiveFactory) -> None:
             e["task"]["progress"] for e in await events_of(runtime, ok.id) if e["type"] == "task.progress"
         ]
         assert 66 in progress  # read from the logs' progress bar
+        # A language model: its output (the tokens so far, with every "output" webhook) is the
+        # task's stream "output", each token once and in order.
+        tokens = [f"tok{i} " for i in range(12)]
+        chat = await runtime.app.submit("paint", {"prompt": "hi", "tokens": tokens})
+        said = await wait_task(runtime, chat.id)
+        assert said.status is Status.COMPLETED and said.result == tokens
+        streamed = [e for e in await events_of(runtime, chat.id) if e["type"] == "task.stream"]
+        assert [c for e in streamed for c in e["stream"]["chunks"]] == tokens
+        assert len(streamed) >= 2, "the tokens arrived while the prediction ran"
+        read = await runtime.service.stream(chat.id, SYSTEM, "output", attempt=None, offset=0)
+        assert read.chunks == tokens
         # Without webhooks, polling finds the end; cancel reaches the prediction.
         fake.send_webhooks = False
         polled = await runtime.app.submit("paint", {"prompt": "quiet"})
@@ -328,8 +340,6 @@ async def test_replicate_against_its_fake(live: LiveFactory) -> None:
         fake.steps = 50
         slow = await runtime.app.submit("paint", {"prompt": "slow"})
         handed = await wait_task(runtime, slow.id, until=lambda r: r.external_id is not None)
-        from errands.auth import SYSTEM
-
         await runtime.service.cancel(slow.id, SYSTEM)
         for _ in range(200):
             if fake.predictions[handed.external_id]["status"] == "canceled":
@@ -367,3 +377,34 @@ async def test_coze_against_its_fake(live: LiveFactory) -> None:
         # The rate limit holds for every call to Coze: never more than 20 in any second.
         times = fake.request_times
         assert max(sum(1 for t in times if start <= t < start + 1) for start in times) <= 20
+
+
+async def test_a_provider_streams_and_each_chunk_lands_once_in_order_whatever_its_webhooks_do(
+    live: LiveFactory, dev: DevProvider
+) -> None:
+    """The dev provider streams text with its progress webhooks, losing, repeating and delaying
+    some of them; the final report carries the whole stream. What errands keeps, and what a
+    watcher receives, is the provider's stream exactly."""
+    dev.chaos = Chaos(delay_s=0.6, steps=6, stream=5, drop=0.3, duplicate=0.3, jitter_s=0.05)
+    runtime, url = await live(external_app(dev.url), **FAST)  # type: ignore[attr-defined]
+    for n in range(4):
+        task = await runtime.app.submit("ext", {"n": n})
+        received: list[Any] = []
+        async with httpx.AsyncClient(
+            base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+        ) as client:
+            async with client.stream("GET", f"/v1/tasks/{task.id}/watch", params={"after": 0}) as response:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = orjson.loads(line[6:])
+                    if data["type"] == "task.stream":
+                        assert data["stream"]["index"] == len(received)
+                        received.extend(data["stream"]["chunks"])
+                    elif data["type"] == "task.completed":
+                        break
+            stored = (await client.get(f"/v1/tasks/{task.id}/streams/text", params={"format": "json"})).json()
+        done = await wait_task(runtime, task.id)
+        job = dev.jobs[done.external_id]
+        assert job.streamed == [f"chunk {i} " for i in range(30)]
+        assert stored["chunks"] == job.streamed == received, n

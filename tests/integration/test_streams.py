@@ -287,3 +287,24 @@ async def test_compact_events_carry_only_what_changed_and_merge_into_the_task(li
                     break
             assert merged == final
     assert sizes[True] * 3 < sizes[False], sizes
+
+
+async def test_a_page_with_part_of_the_text_asks_for_the_rest_by_byte_range(live: LiveFactory) -> None:
+    runtime, url = await live(app)
+    await runtime.service.submit(SubmitRequest(type="chatter", id="r", input={"n": 20}), SYSTEM)
+    await wait_task(runtime, "r")
+    async with httpx.AsyncClient(base_url=url, headers=auth(), timeout=30) as client:
+        whole = await client.get("/v1/tasks/r/streams/text")
+        assert whole.headers["accept-ranges"] == "bytes"
+        text = whole.content
+        rest = await client.get("/v1/tasks/r/streams/text", headers={"Range": "bytes=10-"})
+        assert rest.status_code == 206 and rest.content == text[10:]
+        assert rest.headers["content-range"] == f"bytes 10-{len(text) - 1}/{len(text)}"
+        middle = await client.get("/v1/tasks/r/streams/text", headers={"Range": "bytes=2-5"})
+        assert middle.status_code == 206 and middle.content == text[2:6]
+        past = await client.get("/v1/tasks/r/streams/text", headers={"Range": f"bytes={len(text)}-"})
+        assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{len(text)}"
+        assert past.json()["error"]["code"] == "range_not_satisfiable"
+        for ignored in ("bytes=-5", "items=0-", "bytes=5-2", "bytes=x-"):
+            r = await client.get("/v1/tasks/r/streams/text", headers={"Range": ignored})
+            assert r.status_code == 200 and r.content == text, ignored

@@ -7,10 +7,10 @@ import pytest
 
 from errands import model
 from errands.context import StreamLimit
-from errands.errors import LeaseLost
+from errands.errors import Conflict, InvalidTransition, LeaseLost, StreamGap
 from errands.model import Event, EventType, Status, TaskRecord
-from errands.model.streams import read_stream, streams
-from errands.worker.streams import MAX_STREAMS, StreamBuffer, encode_chunk
+from errands.model.streams import MAX_STREAMS, read_stream, streams
+from errands.worker.streams import StreamBuffer, encode_chunk
 
 
 def buffer(**overrides: float) -> StreamBuffer:
@@ -169,3 +169,70 @@ def test_a_stream_event_carries_its_chunks_not_the_task() -> None:
     assert data["type"] == "task.stream" and data["task_id"] == "t1" and "task" not in data
     assert data["stream"] == {"name": "text", "attempt": 1, "index": 0, "chunks": ["a"], "seq": 7}
     assert not model.matches(["*"], "task.stream") and model.matches(["task.stream"], "task.stream")
+
+
+def test_a_stream_keeps_each_chunk_once_and_in_order_whatever_a_provider_repeats() -> None:
+    record = _running()
+    record = record.evolve(external_id="job1")
+
+    def send(r: TaskRecord, index: int, chunks: list[object], **kw: object) -> TaskRecord | None:
+        change = model.stream_output(
+            r, now=3.0, lease_token=None, external_id="job1", name="text", index=index, chunks=chunks, **kw
+        )  # type: ignore[arg-type]
+        if change is None:
+            return None
+        assert orjson.loads(change.snapshot())["index"] == (r.stream_positions or {}).get("text", 0)
+        return change.record
+
+    first = send(record, 0, ["a", "b"])
+    assert first is not None and first.stream_positions == {"text": 2, "#bytes": 6}
+    assert send(first, 0, ["a", "b"]) is None  # the same report again: nothing new
+    overlap = model.stream_output(
+        first, now=3.0, lease_token=None, external_id="job1", name="text", index=1, chunks=["b", "c"]
+    )
+    assert overlap is not None and orjson.loads(overlap.snapshot())["chunks"] == ["c"]
+    with pytest.raises(StreamGap, match="gap"):
+        send(first, 5, ["f"])
+    with pytest.raises(InvalidTransition):
+        model.stream_output(
+            first, now=3.0, lease_token=None, external_id="job0", name="text", index=2, chunks=["x"]
+        )
+    with pytest.raises(Conflict, match="limit"):
+        send(first, 2, ["x" * 100], max_bytes=50)
+    # A new attempt starts its streams again.
+    pending_again = first.evolve(status=Status.PENDING, lease_token=None)
+    retried = model.start_attempt(pending_again, now=6.0, worker_id="w", lease_token="l2", lease_s=30).record
+    assert retried.stream_positions is None
+
+
+def test_a_report_carries_stream_parts_checked_like_everything_it_says() -> None:
+    from errands.errors import BadRequest
+    from errands.providers import parse_generic
+
+    def report(stream: object) -> dict[str, object]:
+        return {"id": "j", "status": "running", "stream": stream}
+
+    update = parse_generic(
+        {"id": "j", "status": "running", "stream": {"index": 3, "chunks": ["a", {"k": 1}]}}
+    )
+    [part] = update.streams
+    assert (part.name, part.index, part.chunks) == ("text", 3, ("a", {"k": 1}))
+    many = parse_generic(
+        {"id": "j", "status": "running", "stream": [{"name": "a", "index": 0, "chunks": []}] * 2}
+    )
+    assert len(many.streams) == 2
+    for bad in [
+        {"index": 0},
+        {"chunks": ["a"]},
+        {"index": "0", "chunks": []},
+        {"index": True, "chunks": []},
+        {"name": "bad name", "index": 0, "chunks": []},
+        {"name": 3, "index": 0, "chunks": []},
+        {"index": -1, "chunks": []},
+        {"index": 0, "chunks": ["a\x00"]},
+        {"index": 0, "chunks": [float("nan")]},
+        "text",
+        [{"index": 0, "chunks": []}] * 17,
+    ]:
+        with pytest.raises(BadRequest):
+            parse_generic(report(bad))

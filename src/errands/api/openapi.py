@@ -29,6 +29,7 @@ _ERRORS = {
     409: "The request conflicts with the current state.",
     410: "The task finished and was purged.",
     413: "The body is too large.",
+    416: "The range asked for starts past the end (Content-Range says the size).",
     422: "A value is not valid; the message says which.",
     429: "Too many requests or watches; try again after Retry-After.",
     503: "The store is unavailable; try again shortly.",
@@ -114,7 +115,8 @@ def document(
         for status, (description, answer) in route.answers.items():
             entry: dict[str, Any] = {"description": description}
             if answer is not None:
-                entry["content"] = {"application/json": {"schema": ref(answer, "serialization")}}
+                media_type = route.media_type if 200 <= status < 300 else "application/json"
+                entry["content"] = {media_type: {"schema": ref(answer, "serialization")}}
             responses[str(status)] = entry
         error_schema = ref(ErrorBody, "serialization")
         for status in sorted({*route.errors, 405, 503}):

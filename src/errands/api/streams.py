@@ -6,13 +6,15 @@ A page that opens late loads a stream here, then watches the task with ``after``
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
-from errands.api.routing import Call, PathParam, Route
+from errands.api.errors import error_response
+from errands.api.routing import Call, Header, PathParam, Route
 from errands.api.tasks import TASK_ID, json
 from errands.inputs import STREAM_NAME_PATTERN
 
@@ -86,12 +88,38 @@ async def get_stream(call: Call) -> Response:
         return Response(body, media_type="application/json", headers=headers)
     if form == "text":
         text = "".join(c if isinstance(c, str) else orjson.dumps(c).decode() for c in read.chunks)
-        return Response(text.encode(), media_type="text/plain; charset=utf-8", headers=headers)
+        return _text(text.encode(), headers, call.header(b"range"))
     lines = b"".join(orjson.dumps(c) + b"\n" for c in read.chunks)
     return Response(lines, media_type="application/x-ndjson", headers=headers)
 
 
-_ERRORS = (400, 401, 403, 404, 410, 422)
+def _text(body: bytes, headers: dict[str, str], asked: str | None) -> Response:
+    """The text, or the part of it a ``Range: bytes=start-[end]`` header asks for (``206``); a
+    range that starts past the end is ``416``; any other Range header is ignored, as HTTP says."""
+    headers = {**headers, "Accept-Ranges": "bytes"}
+    media_type = "text/plain; charset=utf-8"
+    match = _RANGE.match(asked.strip()) if asked is not None else None
+    if match is None:
+        return Response(body, media_type=media_type, headers=headers)
+    start = int(match.group(1))
+    end = min(len(body) - 1, int(match.group(2))) if match.group(2) else len(body) - 1
+    if start >= len(body):
+        headers["Content-Range"] = f"bytes */{len(body)}"
+        return error_response(416, "range_not_satisfiable", f"The text has {len(body)} bytes.", headers)
+    if end < start:
+        return Response(body, media_type=media_type, headers=headers)
+    headers["Content-Range"] = f"bytes {start}-{end}/{len(body)}"
+    return Response(body[start : end + 1], status_code=206, media_type=media_type, headers=headers)
+
+
+_RANGE = re.compile(r"^bytes=([0-9]{1,15})-([0-9]{1,15})?$")
+_ERRORS = (400, 401, 403, 404, 410, 416, 422)
+RANGE = Header(
+    "Range",
+    {"type": "string"},
+    "format=text only: `bytes=START-` or `bytes=START-END` of the text (a page that has the "
+    "first START bytes asks for the rest); answered 206 with Content-Range.",
+)
 
 ROUTES = [
     Route(
@@ -112,6 +140,8 @@ ROUTES = [
         "streams",
         path_params=(TASK_ID, NAME),
         query=StreamQuery,
+        headers=(RANGE,),
+        answers={206: ("Part of the text, as the Range header asked.", {"type": "string"})},
         response={"type": "string", "description": "The chunks, concatenated (format=text)."},
         media_type="text/plain",
         more_media={

@@ -14,7 +14,8 @@ from typing import Any
 
 import orjson
 
-from errands.errors import Conflict, InvalidTransition, LeaseLost
+from errands.errors import Conflict, InvalidTransition, LeaseLost, StreamGap
+from errands.model.streams import BYTES_KEY, MAX_STREAMS
 from errands.model.task import (
     TERMINAL_EVENT,
     Change,
@@ -96,6 +97,7 @@ def start_attempt(
         external_id=None,
         poll_at=None,
         callback_nonce=callback_nonce,
+        stream_positions=None,  # a new attempt starts its streams again
     )
     return Change(new, EventType.PROCESSING)
 
@@ -119,15 +121,49 @@ def report_progress(
 
 
 def stream_output(
-    record: TaskRecord, *, now: float, lease_token: str, name: str, index: int, chunks: Sequence[Any]
-) -> Change:
+    record: TaskRecord,
+    *,
+    now: float,
+    lease_token: str | None,
+    name: str,
+    index: int,
+    chunks: Sequence[Any],
+    external_id: str | None = None,
+    max_bytes: int | None = None,
+) -> Change | None:
     """Chunks of the running attempt's stream ``name``, the first of them its ``index``-th (from
-    0 in each attempt), from the worker holding the lease: an attempt that lost it writes none."""
-    _require_lease(record, lease_token)
+    0 in each attempt), from the worker holding the lease (``lease_token``), or from a provider
+    about the task's current job (``lease_token=None``, ``external_id``): an attempt that lost
+    its lease, or a report about another job, writes none.
+
+    Each chunk lands once and in order: chunks the stream already holds are dropped (``None``
+    when nothing is new), and chunks that would leave a gap are refused (:class:`StreamGap`:
+    the missing ones must come first). ``max_bytes``: what the attempt's streams may hold in all.
+    """
+    if lease_token is not None:
+        _require_lease(record, lease_token)
+    elif record.status is not Status.PROCESSING:
+        raise InvalidTransition(f"The task is already {record.status.value}.")
+    elif external_id is not None and record.external_id != external_id:
+        raise InvalidTransition("The report is about another job than the task's current one.")
+    positions = dict(record.stream_positions or {})
+    expected = positions.get(name, 0)
+    if index > expected:
+        raise StreamGap(f"Stream {name!r} holds {expected} chunks: chunk {index} would leave a gap.")
+    fresh = list(chunks)[expected - index :]
+    if not fresh:
+        return None
+    if name not in positions and len(positions) - (BYTES_KEY in positions) >= MAX_STREAMS:
+        raise Conflict(f"A task may write at most {MAX_STREAMS} streams.")
+    size = sum(len(orjson.dumps(c)) for c in fresh) + positions.get(BYTES_KEY, 0)
+    if max_bytes is not None and size > max_bytes:
+        raise Conflict(f"The task's streams would exceed their limit of {max_bytes} bytes.")
+    positions[name] = expected + len(fresh)
+    positions[BYTES_KEY] = size
     payload = orjson.dumps(
-        {"name": name, "attempt": record.attempt, "index": index, "chunks": list(chunks), "seq": 0}
+        {"name": name, "attempt": record.attempt, "index": expected, "chunks": fresh, "seq": 0}
     )
-    return Change(record.evolve(updated_at=now), EventType.STREAM, payload)
+    return Change(record.evolve(updated_at=now, stream_positions=positions), EventType.STREAM, payload)
 
 
 def complete(

@@ -11,6 +11,21 @@ import orjson
 
 from errands.model.task import Event, EventType
 
+#: How many streams one attempt may write.
+MAX_STREAMS = 16
+#: The key of ``TaskRecord.stream_positions`` that counts the bytes (stream names cannot be it).
+BYTES_KEY = "#bytes"
+
+
+@dataclass(frozen=True, slots=True)
+class StreamPart:
+    """Chunks for one stream, the first at position ``index`` (a provider's report carries
+    these; positions make a repeated or overlapping report land once)."""
+
+    name: str
+    index: int
+    chunks: tuple[Any, ...]
+
 
 @dataclass(frozen=True, slots=True)
 class StreamInfo:

@@ -165,6 +165,9 @@ class TaskRecord:
     poll_at: float | None = None  # when to ask the provider next (external tasks)
     callback_nonce: str | None = None  # makes this attempt's capability URL unguessable
     notify_url: str | None = None  # told of the task's end, signed with the default secret
+    #: Where the current attempt's output streams stand: each name's next position, and
+    #: ``"#bytes"``, what they hold in all (see :func:`errands.model.stream_output`).
+    stream_positions: Mapping[str, int] | None = None
 
     def public(self) -> dict[str, Any]:
         """The task object of the API, in its documented field order."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ import httpx
 
 from errands.auth import CapabilitySigner
 from errands.errors import BadRequest, ErrandsError
-from errands.inputs import BadValue, check_json, check_text, load_json
+from errands.inputs import STREAM_NAME_PATTERN, BadValue, check_json, check_text, load_json
+from errands.model.streams import MAX_STREAMS, StreamPart
 
 UpdateStatus = Literal["running", "completed", "failed"]
 
@@ -61,6 +63,8 @@ class Update:
     result: Any = None
     error_code: str | None = None
     error_message: str | None = None
+    #: Chunks for the task's output streams (see :func:`parse_streams`).
+    streams: tuple[StreamPart, ...] = ()
 
     def __post_init__(self) -> None:
         # Every report (webhook, capability URL, poll) becomes an Update: the one place where
@@ -75,6 +79,18 @@ class Update:
                 if text is not None:
                     check_text(text, f"The report's {what}")
             check_json(self.result, what="output")
+            for part in self.streams:
+                if not re.match(STREAM_NAME_PATTERN, part.name):
+                    raise BadValue(
+                        f"the stream name {part.name[:64]!r} is not 1 to 64 letters, digits, '_', '.' or '-'"
+                    )
+                if not 0 <= part.index < 2**31:
+                    raise BadValue("a stream index is an integer from 0")
+                for chunk in part.chunks:
+                    if isinstance(chunk, str):
+                        check_text(chunk, "A stream chunk")
+                    else:
+                        check_json(chunk, what="a stream chunk")
         except BadValue as exc:
             raise BadRequest(f"{exc}.") from None
 
@@ -226,8 +242,33 @@ _STATUS: dict[str, UpdateStatus] = {
 }
 
 
+def parse_streams(value: Any) -> tuple[StreamPart, ...]:
+    """A report's ``stream``: ``{"name", "index", "chunks": [...]}``, or a list of them (``name``
+    defaults to ``text``; ``index`` is the first chunk's position in the attempt's stream, from 0,
+    so that a repeated report lands once)."""
+    if value is None:
+        return ()
+    parts = value if isinstance(value, list) else [value]
+    if len(parts) > MAX_STREAMS:
+        raise BadRequest(f"A report carries chunks for at most {MAX_STREAMS} streams.")
+    found = []
+    for part in parts:
+        if not isinstance(part, dict):
+            raise BadRequest("stream must be an object {name, index, chunks} or a list of them.")
+        name, index, chunks = part.get("name", "text"), part.get("index"), part.get("chunks")
+        if not isinstance(name, str):
+            raise BadRequest("A stream's name must be a string.")
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise BadRequest("A stream's index must be an integer (the first chunk's position).")
+        if not isinstance(chunks, list):
+            raise BadRequest("A stream's chunks must be a list.")
+        found.append(StreamPart(name, index, tuple(chunks)))
+    return tuple(found)
+
+
 def parse_generic(data: Any) -> Update:
-    """The generic report: ``{"id"?, "status", "progress"?, "message"?, "output"?, "error"?}``.
+    """The generic report: ``{"id"?, "status", "progress"?, "message"?, "output"?, "error"?,
+    "stream"?}`` (``stream``: see :func:`parse_streams`).
 
     ``status`` is one of queued, running, succeeded, failed or canceled (and a few synonyms);
     ``error`` is a string or ``{"code", "message"}``.
@@ -256,6 +297,7 @@ def parse_generic(data: Any) -> Update:
         text = (text or "The provider reported a failure.")[:500]
     external_id = data.get("id")
     return Update(
+        streams=parse_streams(data.get("stream")),
         status=status,
         external_id=None if external_id is None else str(external_id),
         progress=None if progress is None else max(0, min(100, int(progress))),

@@ -8,6 +8,9 @@
   ``failed`` → failed with ``error``; ``canceled``/``aborted`` → failed (``provider_cancelled``);
 * progress: the last percentage in the logs (models print progress bars), message: the last
   log line;
+* output as it is made: a language model's ``output`` is the list of tokens so far, sent with
+  every ``output`` webhook; each list becomes the task's stream ``output`` from position 0, so
+  errands keeps each token once (``stream=None`` turns it off);
 * poll: ``GET /v1/predictions/{id}`` — needed: Replicate stops retrying a webhook about a
   minute after the prediction finished;
 * cancel: ``POST /v1/predictions/{id}/cancel``.
@@ -21,6 +24,7 @@ from typing import Any
 from urllib.parse import quote
 
 from errands.errors import BadRequest
+from errands.model.streams import StreamPart
 from errands.providers import HttpProvider, Inbound, ProviderError, Submission, Update, UpdateStatus
 from errands.signing import Verifier
 
@@ -35,7 +39,7 @@ _STATES: dict[str, UpdateStatus] = {
 _PERCENT = re.compile(r"(\d{1,3})%")
 
 
-def prediction_update(prediction: Any) -> Update:
+def prediction_update(prediction: Any, *, stream: str | None = "output") -> Update:
     if not isinstance(prediction, dict) or not prediction.get("id"):
         raise BadRequest("The body is not a prediction.")
     raw = str(prediction.get("status", ""))
@@ -50,7 +54,12 @@ def prediction_update(prediction: Any) -> Update:
     if status == "failed":
         code = "provider_cancelled" if raw in ("canceled", "aborted") else "provider_failed"
         message = str(prediction.get("error") or f"The prediction was {raw}.")[:500]
+    output = prediction.get("output")
+    parts: tuple[StreamPart, ...] = ()
+    if stream is not None and isinstance(output, list) and output and status != "failed":
+        parts = (StreamPart(stream, 0, tuple(output)),)
     return Update(
+        streams=parts,
         status=status,
         external_id=str(prediction["id"]),
         progress=progress if status == "running" else None,
@@ -73,8 +82,10 @@ class ReplicateProvider(HttpProvider):
         name: str = "replicate",
         events: Sequence[str] = ("start", "output", "logs", "completed"),
         rate_per_s: float | None = None,
+        stream: str | None = "output",
     ) -> None:
-        """Give ``version`` (a model version id) or ``model`` (``owner/name``, for official models)."""
+        """Give ``version`` (a model version id) or ``model`` (``owner/name``, for official models);
+        ``stream``: the task stream a list output goes to as it is made (``None``: none)."""
         if (version is None) == (model is None):
             raise ValueError("give either a model version or a model name")
         super().__init__(headers={"Authorization": f"Bearer {api_token}"}, rate_per_s=rate_per_s)
@@ -83,6 +94,7 @@ class ReplicateProvider(HttpProvider):
         self.version = version
         self.model = model
         self.events = list(events)
+        self.stream = stream
         self._verifier = Verifier(
             [webhook_secret] if isinstance(webhook_secret, str) else list(webhook_secret)
         )
@@ -107,12 +119,12 @@ class ReplicateProvider(HttpProvider):
         return self._verifier.verify(inbound.headers, inbound.body, now=now)
 
     def parse(self, inbound: Inbound) -> Update:
-        return prediction_update(inbound.json())
+        return prediction_update(inbound.json(), stream=self.stream)
 
     async def poll(self, external_id: str) -> Update:
         answer = await self._request("GET", f"{self.base_url}/v1/predictions/{quote(external_id, safe='')}")
         try:
-            return prediction_update(answer)
+            return prediction_update(answer, stream=self.stream)
         except BadRequest as exc:
             raise ProviderError("replicate answered an unreadable prediction") from exc
 

@@ -46,9 +46,12 @@ from errands.store.records import (
     Tombstone,
 )
 
-Decision = Callable[[TaskRecord], Change | None]
+#: What a decision asks for: nothing, a change, or changes to write in order (each made from the
+#: record the one before it left), one event each.
+Changes = Change | Sequence[Change] | None
+Decision = Callable[[TaskRecord], Changes]
 #: A provider report's decision, with the outcome it amounts to (see :mod:`errands.intake`).
-Judge = Callable[[TaskRecord], tuple[ReportOutcome, Change | None]]
+Judge = Callable[[TaskRecord], tuple[ReportOutcome, Changes]]
 
 
 class Hint(enum.Flag):

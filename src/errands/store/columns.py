@@ -84,6 +84,12 @@ TASK_COLUMNS: tuple[Column, ...] = (
     Column("poll_at", "float8"),
     Column("callback_nonce", "text"),
     Column("notify_url", "text", mutable=False),
+    Column(
+        "stream_positions",
+        "text",
+        encode="None if r.stream_positions is None else dump_json(r.stream_positions)",
+        decode="load_json({})",
+    ),
 )
 
 #: Column order of every ``SELECT`` of a task row.

@@ -21,10 +21,10 @@ import orjson
 
 from errands.context import StreamLimit
 from errands.inputs import STREAM_NAME_PATTERN, BadValue, check_text
+from errands.model.streams import MAX_STREAMS
 
 #: A stream's name: what ``GET /v1/tasks/{id}/streams/{name}`` and the events call it.
 STREAM_NAME = re.compile(STREAM_NAME_PATTERN)
-MAX_STREAMS = 16
 
 
 @dataclass(slots=True)

@@ -18,7 +18,7 @@ from typing import Any, Literal, Protocol, TypeVar
 from errands.clock import Clock
 from errands.errors import ErrandsError, NotFound, StoreError
 from errands.model import Change, TaskRecord
-from errands.store.base import Decision
+from errands.store.base import Changes, Decision
 from errands.store.records import Receipt
 from errands.store.statements import Statements
 
@@ -56,6 +56,9 @@ class Tx(Protocol):
         """Write a decided change of ``before`` (the row as loaded) with its event."""
 
     async def apply(self, task_id: str, decide: Decision) -> TaskRecord: ...
+
+    def write_all(self, changes: Changes, current: TaskRecord) -> TaskRecord:
+        """Write what a decision asked for (nothing, a change, or changes in order)."""
 
     async def mark(self) -> object:
         """A point to undo back to (``reset``) or keep (``release``)."""
@@ -126,8 +129,13 @@ class TxBase:
         current = await self.load(task_id)
         if current is None:
             raise NotFound()
-        change = decide(current)
-        return current if change is None else self.write(change, current)
+        return self.write_all(decide(current), current)
+
+    def write_all(self, changes: Changes, current: TaskRecord) -> TaskRecord:
+        """Write what a decision asked for, in order; the record as it is after."""
+        for change in () if changes is None else (changes,) if isinstance(changes, Change) else changes:
+            current = self.write(change, current)
+        return current
 
 
 class Dialect:

@@ -117,6 +117,9 @@ CREATE INDEX errands_webhook_deliveries_received ON errands_webhook_deliveries (
 ALTER TABLE errands_tasks ADD COLUMN notify_url text;
 CREATE INDEX errands_tasks_notify_url ON errands_tasks (seq) WHERE notify_url IS NOT NULL;
 
+-- Output streams: where each stream of the current attempt stands.
+ALTER TABLE errands_tasks ADD COLUMN stream_positions text;
+
 CREATE TABLE errands_endpoints (
     id                    text PRIMARY KEY,
     url                   text NOT NULL,

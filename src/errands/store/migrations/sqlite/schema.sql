@@ -35,7 +35,7 @@ CREATE TABLE tasks (
     deadline_at       REAL,
     worker_id         TEXT,
     manual_retries    INTEGER NOT NULL DEFAULT 0
-, poll_at REAL, callback_nonce TEXT, notify_url TEXT);
+, poll_at REAL, callback_nonce TEXT, notify_url TEXT, stream_positions TEXT);
 
 CREATE INDEX tasks_queue ON tasks (priority DESC, created_at, id) WHERE status = 'pending';
 
