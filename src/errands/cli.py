@@ -339,11 +339,13 @@ async def follow(client: Any, task_id: str, *, streams: bool = True) -> Any:
     with Progress(*columns, console=console, transient=False, redirect_stdout=False) as bar:
         line = bar.add_task(task_id, total=100, status="…", note="")
         # With streams, from the task's first event: what it streamed before is printed too.
+        printed: set[str] = set()
         async for event in client.watch(task_id, streams=streams, after=0 if streams else None):
             if isinstance(event, StreamChunk):
                 text = event.value if isinstance(event.value, str) else f"{event}\n"
-                if event.index == 0 and event.attempt > 1:
-                    text = f"\n[attempt {event.attempt}, {event.name}]\n{text}"
+                if event.index == 0 and event.name in printed:  # the stream starts over
+                    text = f"\n[{event.name}, attempt {event.attempt}, from the start]\n{text}"
+                printed.add(event.name)
                 sys.stdout.write(text)
                 sys.stdout.flush()
                 continue

@@ -386,15 +386,18 @@ class AsyncClient:
     ) -> AsyncGenerator[StreamChunk, None]:
         """The chunks of one output stream of a task, from its start (or from the events after
         seq ``after``), live, until the task ends: every chunk once, in order, across
-        reconnects. ``"".join(c.value for c in chunks)`` is the text as stored."""
+        reconnects. A chunk at ``index`` 0 after others starts the stream over (a retry's
+        attempt, or the same attempt run again after a worker gave it back): the text so far is
+        ``"".join(c.value for c in chunks)`` from the last chunk at index 0."""
         last, backoff = after, 0.2
         while True:
+            heard = False
             try:
                 async for message in self._stream(f"/v1/tasks/{task_id}/watch", {"streams": "only"}, last):
                     if message.event in ("overflow", "") or message.data is None:
                         continue
                     data = orjson.loads(message.data)
-                    last, backoff = int(data["seq"]), 0.2
+                    last, backoff, heard = int(data["seq"]), 0.2, True
                     if message.event == "task.stream":
                         for chunk in _chunks(data):
                             if chunk.name == name:
@@ -407,6 +410,12 @@ class AsyncClient:
                 ) from None
             except errors.Unavailable as exc:
                 log.info("stream of %s interrupted (%s); resuming", task_id, exc.message)
+                await asyncio.sleep(backoff)
+                backoff = min(max_backoff_s, backoff * 2)
+                continue
+            if not heard:  # closed at once: the task ended before ``last``, or the server is stopping
+                if (await self.get(task_id)).done:
+                    return
                 await asyncio.sleep(backoff)
                 backoff = min(max_backoff_s, backoff * 2)
 

@@ -24,10 +24,10 @@ from errands.clock import Clock
 from errands.errors import (
     ApiError,
     BadRequest,
+    Conflict,
     InvalidTransition,
     LeaseLost,
     NotFound,
-    StreamGap,
     Unauthorized,
 )
 from errands.model import Change, TaskError, TaskRecord
@@ -45,7 +45,13 @@ class _Store(Tasks, Reports, Protocol):
 
 
 def decision(
-    update: Update, *, now: float, by_webhook: bool, job: str | None, stream_max_bytes: int | None = None
+    update: Update,
+    *,
+    now: float,
+    by_webhook: bool,
+    job: str | None,
+    stream_max_bytes: int | None = None,
+    attempt: int | None = None,
 ) -> Decision:
     """The changes a provider's report about ``job`` asks for: the chunks it carries for the
     task's streams, then what it says of the job (a report about another job than the task's
@@ -55,6 +61,8 @@ def decision(
         error = TaskError(update.error_code or "provider_failed", update.error_message or "")
 
     def decide(record: TaskRecord) -> list[Change] | None:
+        if attempt is not None and record.attempt != attempt:
+            raise InvalidTransition("The report is about an earlier attempt.")
         changes = []
         for part in update.streams:
             try:
@@ -62,9 +70,10 @@ def decision(
                     record, now=now, lease_token=None, external_id=job, name=part.name, index=part.index,
                     chunks=part.chunks, max_bytes=stream_max_bytes,
                 )  # fmt: skip
-            except StreamGap as exc:
-                # A report before this one was lost: its chunks can only come from a later
-                # report that starts earlier (a final report, a poll). The rest of this one counts.
+            except Conflict as exc:
+                # A gap (a report before this one was lost: its chunks can only come from a
+                # later report that starts earlier, a final report or a poll), or the streams'
+                # limits: these chunks cannot be kept, and the rest of the report still counts.
                 log.info("stream chunks of task %s skipped: %s", record.id, exc.message)
                 continue
             if streamed is not None:
@@ -139,13 +148,16 @@ class Intake:
         await self._store.record_receipt(refused)
         return Answer(outcome, error)
 
-    async def _apply(self, receipt: Receipt, update: Update, job: tuple[list[str], str] | None) -> Answer:
+    async def _apply(
+        self, receipt: Receipt, update: Update, job: tuple[list[str], str] | None, attempt: int | None = None
+    ) -> Answer:
         decide = decision(
             update,
             now=receipt.received_at,
             by_webhook=True,
             job=update.external_id,
             stream_max_bytes=self._stream_max_bytes,
+            attempt=attempt,
         )
         outcome, _ = await self._store.apply_report(receipt, judge(decide), job=job)
         if outcome is ReportOutcome.UNKNOWN_TASK:
@@ -210,7 +222,7 @@ class Intake:
             outcome = ReportOutcome.UNKNOWN_TASK if exc.status_code == 404 else ReportOutcome.MALFORMED
             return await self._refuse(base, outcome, exc)
         receipt = Receipt(f"callback:{provider.name}", delivery_id, record.id, "", 200, now)
-        return await self._apply(receipt, update, None)
+        return await self._apply(receipt, update, None, attempt=parsed[1])
 
     async def polled(self, record: TaskRecord, update: Update) -> TaskRecord | None:
         """The answer to a poll of the task's job, applied; ``None`` when it changed nothing

@@ -114,7 +114,7 @@ class WeChatConfig:
         if len(set(keys)) != len(keys):
             raise ConfigError("Two WeChat templates have the same name.")
         for template in self.templates:
-            bad = [e for e in template.events if not valid_pattern(e)]
+            bad = [e for e in template.events if not valid_pattern(e) or e == "task.stream"]
             if bad:
                 raise ConfigError(f"Unknown event type {bad[0]!r} in a WeChat template.")
         if self.miniprogram_state not in ("formal", "trial", "developer"):
@@ -219,6 +219,10 @@ class Registry:
         unknown = [e for e in events if not valid_pattern(e)]
         if unknown:
             raise ConfigError(f"Unknown event type {unknown[0]!r}.")
+        if "task.stream" in events:
+            raise ConfigError(
+                "Hooks hear a task's events, not its output: task.stream is for watches and endpoints."
+            )
         if timeout_s is not None and timeout_s <= 0:
             raise ConfigError("timeout_s must be positive.")
 

@@ -393,7 +393,8 @@ async def test_a_provider_streams_and_each_chunk_lands_once_in_order_whatever_it
         async with httpx.AsyncClient(
             base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
         ) as client:
-            async with client.stream("GET", f"/v1/tasks/{task.id}/watch", params={"after": 0}) as response:
+            watch = {"after": 0, "streams": "include"}
+            async with client.stream("GET", f"/v1/tasks/{task.id}/watch", params=watch) as response:
                 async for line in response.aiter_lines():
                     if not line.startswith("data: "):
                         continue
@@ -408,3 +409,16 @@ async def test_a_provider_streams_and_each_chunk_lands_once_in_order_whatever_it
         job = dev.jobs[done.external_id]
         assert job.streamed == [f"chunk {i} " for i in range(30)]
         assert stored["chunks"] == job.streamed == received, n
+
+
+async def test_a_report_whose_chunks_pass_the_limit_still_ends_its_task(
+    live: LiveFactory, dev: DevProvider
+) -> None:
+    dev.chaos = Chaos(delay_s=0.3, steps=3, stream=5)
+    runtime, _ = await live(external_app(dev.url), stream_max_bytes=60, **FAST)  # type: ignore[attr-defined]
+    task = await runtime.app.submit("ext", {"n": 1})
+    done = await wait_task(runtime, task.id)
+    assert done.status is Status.COMPLETED
+    read = await runtime.service.stream(task.id, SYSTEM, "text", attempt=None, offset=0)
+    assert read.chunks == [f"chunk {i} " for i in range(len(read.chunks))]
+    assert 0 < sum(len(orjson.dumps(c)) for c in read.chunks) <= 60

@@ -72,7 +72,8 @@ async def watch_with_cuts(
     while not ended:
         budget = rng.randint(1, 40)
         headers = {} if last is None else {"Last-Event-ID": str(last)}
-        async for message in sse(client, f"/v1/tasks/{task_id}/watch", headers=headers):
+        path = f"/v1/tasks/{task_id}/watch"
+        async for message in sse(client, path, headers=headers, params={"streams": "include"}):
             data = orjson.loads(message.data)
             if message.event == "task.stream":
                 part = data["stream"]
@@ -128,8 +129,15 @@ async def test_watchers_cut_at_random_points_receive_every_chunk_once(live: Live
             ("text", 2, n), ("pages", 2, len(pages)),
         }  # fmt: skip
         # Far fewer writes than chunks: the log holds a few events per hundred chunks.
-        events = (await client.get("/v1/tasks/long/events", params={"limit": 1000})).json()["events"]
+        params = {"limit": 1000, "streams": "include"}
+        events = (await client.get("/v1/tasks/long/events", params=params)).json()["events"]
         assert len(events) < 1000
+        assert sum(e["type"] == "task.stream" for e in events) > 20
+        # The log leaves output out unless asked, or gives only it (and the end).
+        plain = (await client.get("/v1/tasks/long/events")).json()["events"]
+        assert [e["seq"] for e in plain] == [e["seq"] for e in events if e["type"] != "task.stream"]
+        only = (await client.get("/v1/tasks/long/events", params={"streams": "only"})).json()["events"]
+        assert {e["type"] for e in only} == {"task.stream", "task.completed"}
 
 
 async def test_a_page_that_opens_late_loads_the_past_then_watches_exactly_the_rest(live: LiveFactory) -> None:

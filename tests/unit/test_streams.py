@@ -157,6 +157,11 @@ def test_reading_a_stream_folds_the_log_and_a_retry_starts_it_again() -> None:
     first = read_stream(log, "text", attempt=1, offset=1)
     assert (first.chunks, first.offset, first.next_offset) == (["lo", " wor"], 1, 3)
     assert read_stream(log, "other", attempt=None, offset=0).text is False
+    # The same attempt run again (a worker gave it back): position 0 starts the stream over.
+    rerun = [*log, _event(6, "text", 2, 0, ["Once"]), _event(7, "text", 2, 1, [" more"])]
+    again = read_stream(rerun, "text", attempt=None, offset=0)
+    assert (again.attempt, again.chunks) == (2, ["Once", " more"])
+    assert [(s.attempt, s.chunks) for s in streams(rerun) if s.name == "text"] == [(1, 3), (2, 2)]
     nothing = read_stream(log, "missing", attempt=None, offset=0)
     assert nothing.attempt is None and nothing.chunks == []
     assert [(s.name, s.attempt, s.chunks, s.seq) for s in streams(log)] == [
@@ -236,3 +241,19 @@ def test_a_report_carries_stream_parts_checked_like_everything_it_says() -> None
     ]:
         with pytest.raises(BadRequest):
             parse_generic(report(bad))
+
+
+def test_output_reaches_an_endpoint_only_by_name_with_its_task_and_never_a_hook() -> None:
+    from errands import Errands
+    from errands.errors import ConfigError
+    from errands.notify.policy import payload
+
+    body = orjson.loads(payload(_event(9, "text", 1, 4, ["a"])))
+    assert body["type"] == "task.stream"
+    assert body["data"] == {
+        "task_id": "t1",
+        "stream": {"name": "text", "attempt": 1, "index": 4, "chunks": ["a"], "seq": 9},
+    }
+    app = Errands()
+    with pytest.raises(ConfigError, match="output"):
+        app.on("task.stream")(lambda event: None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
@@ -36,6 +36,10 @@ class EventsQuery(BaseModel):
 
     after: Annotated[Seq, Field(description="Only events with a greater seq.")] = 0
     limit: Annotated[int, Field(ge=1, le=1000)] = 1000
+    streams: Annotated[
+        Literal["include", "only", "none"],
+        Field(description="Output (task.stream events): `none`, `include`, or `only` them (and ends)."),
+    ] = "none"
 
 
 async def submit(call: Call) -> Response:
@@ -78,7 +82,7 @@ async def task_events(call: Call) -> Response:
     """The task's events from the log, oldest first."""
     q = call.query(EventsQuery)
     events = await call.runtime.service.events(
-        call.path_params["task_id"], call.principal, after=q.after, limit=q.limit
+        call.path_params["task_id"], call.principal, after=q.after, limit=q.limit, streams=q.streams
     )
     return json(b'{"events":[%s]}' % b",".join(e.to_json() for e in events))
 

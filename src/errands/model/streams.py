@@ -81,7 +81,7 @@ def streams(events: Iterable[Event]) -> list[StreamInfo]:
     for event, part in parts(events):
         key = (part["name"], part["attempt"])
         size = sum(len(orjson.dumps(c)) for c in part["chunks"])
-        was = found.get(key)
+        was = None if part["index"] == 0 else found.get(key)  # position 0: the stream starts again
         count, total = (0, 0) if was is None else (was.chunks, was.bytes)
         found[key] = StreamInfo(key[0], key[1], count + len(part["chunks"]), total + size, event.seq)
     return list(found.values())
@@ -89,12 +89,14 @@ def streams(events: Iterable[Event]) -> list[StreamInfo]:
 
 def read_stream(events: Iterable[Event], name: str, *, attempt: int | None, offset: int) -> StreamRead:
     """Fold ``events`` (a task's, in seq order) into one stream's chunks. ``attempt=None``: the
-    latest attempt that wrote to it (a retry's attempt starts from position 0 again)."""
+    latest attempt that wrote to it. A part at position 0 starts the stream again, replacing
+    what came before: a retry's attempt, or the same attempt run again after a worker gave it
+    back (the store keeps each position once per run, so 0 is only ever a run's first part)."""
     read = StreamRead(name, attempt, offset)
     for _, part in parts(events):
         if part["name"] != name or (attempt is not None and part["attempt"] != attempt):
             continue
-        if part["attempt"] != read.attempt:  # a later attempt: its stream replaces the earlier one
+        if part["attempt"] != read.attempt or part["index"] == 0:
             read.attempt, read.chunks = part["attempt"], []
         start = part["index"]
         for i, chunk in enumerate(part["chunks"], start=start):

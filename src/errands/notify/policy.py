@@ -59,11 +59,17 @@ def endpoint_route(endpoint: Endpoint) -> Route:
 
 
 def payload(event: Event) -> bytes:
-    """The body of every notification of ``event``: ``{type, timestamp, data: {task}}``."""
-    return b'{"type":"%s","timestamp":"%s","data":{"task":%s}}' % (
+    """The body of every notification of ``event``: ``{type, timestamp, data: {task}}``, or for
+    output (``task.stream``, to endpoints that ask for it) ``data: {task_id, stream}``."""
+    data = (
+        b'{"task_id":%s,"stream":%s}' % (orjson.dumps(event.task_id), event.task_json)
+        if event.type is EventType.STREAM
+        else b'{"task":%s}' % event.task_json
+    )
+    return b'{"type":"%s","timestamp":"%s","data":%s}' % (
         event.type.value.encode(),
         (iso(event.at) or "").encode(),
-        event.task_json,
+        data,
     )
 
 

@@ -12,9 +12,11 @@
 //   handle.close();
 //
 // With onStream (or `streams: "include"`), the task's output streams come too: each chunk once,
-// in order, whatever the reconnects; handle.text(name) is the text of the latest attempt so far
-// and handle.chunks(name) its chunks (info: {attempt, index, restarted}: a retry's attempt starts
-// its streams again, with restarted true on its first chunk). `after: 0` loads the stream's past.
+// in order, whatever the reconnects; handle.text(name) is the text received so far and
+// handle.chunks(name) its chunks (for a set watch, text(name, taskId)). info: {taskId, attempt,
+// index, restarted}: a retry's attempt, or the same attempt run again after a worker gave it
+// back, starts its streams over (restarted is true on its first chunk). A watch that starts at
+// the task's current state receives what is written from then on; `after: 0` loads the past.
 // `compact: true` asks the server for changed fields only (the client still hands onChange the
 // whole task, merged).
 //
@@ -120,32 +122,34 @@ class Watcher {
     this.next(0);
   }
 
-  /** The chunks of stream `name` received so far (of the latest attempt). */
-  chunks(name) {
-    const stream = this.output.get(name);
+  /** The chunks of stream `name` this watch received, of the latest run (`taskId`: for a set watch). */
+  chunks(name, taskId) {
+    const stream = this.output.get(`${taskId ?? this.target}\u0000${name}`);
     return stream ? stream.chunks.slice() : [];
   }
 
-  /** The text of stream `name` so far (of the latest attempt; JSON chunks as JSON). */
-  text(name) {
-    return this.chunks(name).map((c) => (typeof c === "string" ? c : JSON.stringify(c))).join("");
+  /** The text of stream `name` this watch received (JSON chunks as JSON); see chunks(). */
+  text(name, taskId) {
+    return this.chunks(name, taskId).map((c) => (typeof c === "string" ? c : JSON.stringify(c))).join("");
   }
 
-  stream(part) {
-    let stream = this.output.get(part.name);
+  stream(taskId, part) {
+    const key = `${taskId}\u0000${part.name}`;
+    let stream = this.output.get(key);
+    if (stream && part.attempt < stream.attempt) return;
     let restarted = false;
-    if (!stream || part.attempt > stream.attempt) {
+    // A later attempt, or position 0 again (the same attempt run again), starts the stream over;
+    // a watch that joins late starts where it joined (`after: 0` loads everything).
+    if (!stream || part.attempt > stream.attempt || part.index === 0) {
       restarted = Boolean(stream);
-      stream = { attempt: part.attempt, chunks: [] };
-      this.output.set(part.name, stream);
-    } else if (part.attempt < stream.attempt) {
-      return;
+      stream = { attempt: part.attempt, offset: part.index, chunks: [] };
+      this.output.set(key, stream);
     }
     part.chunks.forEach((chunk, i) => {
       const index = part.index + i;
-      if (index !== stream.chunks.length) return; // already have it
+      if (index !== stream.offset + stream.chunks.length) return; // already have it
       stream.chunks.push(chunk);
-      this.onStream(part.name, chunk, { attempt: part.attempt, index, restarted: restarted && index === 0 });
+      this.onStream(part.name, chunk, { taskId, attempt: part.attempt, index, restarted: restarted && i === 0 });
     });
   }
 
@@ -186,7 +190,7 @@ class Watcher {
     if (this.lastSeq !== null && data.seq <= this.lastSeq && type !== "task.snapshot") return false;
     this.lastSeq = data.seq;
     if (type === "task.stream") {
-      if (this.streams !== "none") this.stream(data.stream);
+      if (this.streams !== "none") this.stream(data.task_id, data.stream);
       return false;
     }
     let task = data.task;
@@ -287,7 +291,7 @@ class Watcher {
           if (this.deliver("task.snapshot", { seq: r.data.seq, task: r.data })) return;
         }
         const r = await this.adapter.request(
-          `${this.baseUrl}/v1/tasks/${id}/events` + query({ after: this.lastSeq }), headers);
+          `${this.baseUrl}/v1/tasks/${id}/events` + query({ after: this.lastSeq, streams: this.streams }), headers);
         if (r.status !== 200) throw new Error(`HTTP ${r.status}`);
         for (const event of r.data.events) {
           if (this.deliver(event.type, event)) return;

@@ -24,7 +24,7 @@ from errands import model
 from errands.clock import Clock
 from errands.config import Settings
 from errands.context import TaskContext
-from errands.errors import LeaseLost, NotFound, StoreError
+from errands.errors import LeaseLost, NotFound, StoreError, StreamGap
 from errands.hub import Hub
 from errands.model import Event, EventType, Status, TaskRecord
 from errands.providers import Callbacks
@@ -288,19 +288,33 @@ class Worker:
                 log.warning("progress of task %s not saved: %s", record.id, exc)
 
         async def write_streams(parts: list[Part]) -> None:
-            now = self.clock.now()
-            try:
-                for part in parts:
-                    await self.store.apply(
-                        record.id,
-                        lambda r, p=part: model.stream_output(  # type: ignore[misc]
-                            r, now=now, lease_token=token, name=p.name, index=p.index, chunks=p.chunks
-                        ),
-                    )
-            except LeaseLost:
-                self.stop_task(record.id, StopReason.LOST)
-            except (NotFound, StoreError) as exc:
-                log.warning("stream output of task %s not saved: %s", record.id, exc)
+            """Each part, retried while the database is unreachable for as long as the lease
+            could still be ours (positions make a repeat harmless); never raises."""
+            deadline = time.monotonic() + max(self.settings.lease_s, 5.0)
+            for part in parts:
+                delay = 0.1
+                while True:
+                    now = self.clock.now()
+                    try:
+                        await self.store.apply(
+                            record.id,
+                            lambda r, p=part, at=now: model.stream_output(  # type: ignore[misc]
+                                r, now=at, lease_token=token, name=p.name, index=p.index, chunks=p.chunks
+                            ),
+                        )
+                        break
+                    except LeaseLost:
+                        self.stop_task(record.id, StopReason.LOST)
+                        return
+                    except StreamGap as exc:  # an earlier write of this stream was given up
+                        log.warning("stream output of task %s not saved: %s", record.id, exc.message)
+                        break
+                    except (NotFound, StoreError) as exc:
+                        if isinstance(exc, NotFound) or time.monotonic() + delay > deadline:
+                            log.warning("stream output of task %s not saved: %s", record.id, exc)
+                            break
+                        await asyncio.sleep(delay)
+                        delay = min(2.0, delay * 2)
 
         progress = Progress(self.settings.progress_interval_s, write_progress, self.spawn)
         streams = Streams(
@@ -377,7 +391,10 @@ class Worker:
             raise
         progress, message = held.progress.close()
         # What the handler streamed lands before its outcome (unless the attempt no longer counts).
-        await held.streams.close(write=held.stop_reason not in (StopReason.LOST, StopReason.CANCELLED))
+        try:
+            await held.streams.close(write=held.stop_reason not in (StopReason.LOST, StopReason.CANCELLED))
+        except Exception:  # the outcome matters more than the last chunks
+            log.exception("the streams of task %s were not closed cleanly", record.id)
         now = self.clock.now()
         if not future.done():
             future.cancel()

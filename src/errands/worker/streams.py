@@ -142,9 +142,9 @@ class Streams:
 
     def add(self, name: str, chunk: Any) -> Awaitable[None]:
         size = encode_chunk(name, chunk)
-        if self._closed:
-            raise RuntimeError("the attempt has ended: its streams are closed")
         with self._lock:
+            if self._closed:
+                raise RuntimeError("the attempt has ended: its streams are closed")
             self._buffer.add(name, chunk, size, time.monotonic())
             over = self._buffer.pending_bytes >= 4 * self._buffer.flush_bytes
         if threading.get_ident() == self._loop_thread:
@@ -153,9 +153,9 @@ class Streams:
                 return _DONE
             self._room.clear()
             return asyncio.ensure_future(self._wait_room())
-        with contextlib.suppress(RuntimeError):  # the loop is gone: the attempt is over
+        with contextlib.suppress(RuntimeError, TimeoutError):  # the loop is gone or stuck
             if over:  # a sync handler's thread waits here until its chunks fit again
-                asyncio.run_coroutine_threadsafe(self._make_room(), self._loop).result()
+                asyncio.run_coroutine_threadsafe(self._make_room(), self._loop).result(_THREAD_WAIT_S)
             else:
                 self._loop.call_soon_threadsafe(self._schedule)
         return _DONE
@@ -164,6 +164,8 @@ class Streams:
         await self._room.wait()
 
     async def _make_room(self) -> None:
+        if self._closed:
+            return
         self._room.clear()
         self._schedule()
         await self._room.wait()
@@ -198,7 +200,8 @@ class Streams:
     async def close(self, *, write: bool = True) -> None:
         """End the attempt's streams: wait for the write in flight, then write what is left
         (unless ``write`` is false: the attempt no longer counts)."""
-        self._closed = True
+        with self._lock:
+            self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -209,6 +212,10 @@ class Streams:
         self._room.set()
         if parts and write:
             await self._write_out(parts)
+
+
+#: The longest a sync handler's thread waits for room (the attempt may have ended meanwhile).
+_THREAD_WAIT_S = 30.0
 
 
 class _Done:

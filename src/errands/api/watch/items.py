@@ -251,7 +251,7 @@ def resume_point(last_event_id: str | None, after: int | None) -> int | None:
 
 
 async def open_task_watch(
-    runtime: Runtime, principal: Principal, task_id: str, *, streams: str = "include"
+    runtime: Runtime, principal: Principal, task_id: str, *, streams: str = "none"
 ) -> Watch:
     """Check the caller may watch the task, then register the watch (before reading anything)."""
     await runtime.service.get(task_id, principal)

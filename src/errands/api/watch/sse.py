@@ -94,8 +94,8 @@ class TaskWatchQuery(BaseModel):
     after: Annotated[Seq | None, Field(description="Resume after this seq (or send Last-Event-ID).")] = None
     streams: Annotated[
         StreamChoice,
-        Field(description="Streams: `include` (task.stream events too), `only` (them, and the end), `none`."),
-    ] = "include"
+        Field(description="Streams: `none`, `include` (task.stream events too), `only` (them, and the end)."),
+    ] = "none"
     compact: Annotated[
         bool,
         Field(

@@ -48,8 +48,8 @@ class WsMessage(BaseModel):
     task_id: Annotated[str, Field(pattern=TASK_ID_PATTERN)] | None = None
     filter: WsFilter | None = None
     after: Seq | None = None
-    #: Output streams (see the SSE routes); default ``include`` for a task, ``none`` for a filter.
-    streams: Literal["include", "only", "none"] | None = None
+    #: Output streams (see the SSE routes).
+    streams: Literal["include", "only", "none"] = "none"
     compact: bool = False
 
 
@@ -123,7 +123,7 @@ class _Socket:
                 raise BadRequest("Subscribe to either a task_id or a filter.")
             if message.task_id is not None:
                 watch = await open_task_watch(
-                    self.runtime, self.principal, message.task_id, streams=message.streams or "include"
+                    self.runtime, self.principal, message.task_id, streams=message.streams
                 )
                 items = task_items(
                     self.runtime, watch, message.task_id, message.after, compact=message.compact
@@ -136,7 +136,7 @@ class _Socket:
                     type=f.type,
                     status=f.status,
                     owner=f.owner,
-                    streams=message.streams or "none",
+                    streams=message.streams,
                 )
                 items = set_items(self.runtime, watch, message.after, compact=message.compact)
         except ApiError as exc:
