@@ -10,7 +10,8 @@ its own process (``bench.watch_app:streamer``, each chunk stamped with CLOCK_MON
 
 Measured: chunk latency from ``ctx.stream`` to the watcher (p50/p99/max), the stream events
 (writes) and, on PostgreSQL, the commits per second of errands' database over the run, and the
-CPU the server process used (seconds of CPU per second: 1.0 is one core of the two).
+CPU the server process and the watchers' process used (seconds of CPU per second: 1.0 is one
+core of the two).
 """
 
 from __future__ import annotations
@@ -91,9 +92,15 @@ async def xact_commits(url: str) -> int:
         await conn.close()
 
 
-async def run_shape(db: str, store: str, shape: str, seconds: float, rate: int) -> dict[str, Any]:
+async def run_shape(
+    db: str, store: str, shape: str, seconds: float, rate: int, flush_s: float
+) -> dict[str, Any]:
     tasks, watchers_per_task = (100, 1) if shape == "many" else (1, 1000)
-    env = {"ERRANDS_CONCURRENCY": str(tasks + 10), "ERRANDS_MAX_WATCHES_PER_OWNER": "5000"}
+    env = {
+        "ERRANDS_CONCURRENCY": str(tasks + 10),
+        "ERRANDS_MAX_WATCHES_PER_OWNER": "5000",
+        "ERRANDS_STREAM_FLUSH_S": str(flush_s),
+    }
     server = Server(db, "--app", "bench.watch_app:app", env=env)
     watchers: list[ChunkWatcher] = []
     try:
@@ -116,15 +123,17 @@ async def run_shape(db: str, store: str, shape: str, seconds: float, rate: int) 
         # The run: from the first chunk (connect_s after submit) to the last.
         await asyncio.sleep(max(0.0, connect_s - 1))
         commits_before = await xact_commits(db) if store == "postgres" else 0
-        cpu_before, t0 = cpu_s(server.proc.pid), time.monotonic()
+        cpu_before, t0, client_before = cpu_s(server.proc.pid), time.monotonic(), time.process_time()
         deadline = t0 + seconds * 3 + 30
         while any(w.chunks < chunks for w in watchers) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
         elapsed = time.monotonic() - t0
         cpu = (cpu_s(server.proc.pid) - cpu_before) / elapsed
+        client_cpu = (time.process_time() - client_before) / elapsed
         commits = (await xact_commits(db) - commits_before) / elapsed if store == "postgres" else None
         async with httpx.AsyncClient(base_url=server.url, headers=server.headers, timeout=60) as client:
-            events = (await client.get(f"/v1/tasks/{ids[0]}/events", params={"limit": 1000})).json()["events"]
+            params = {"limit": 1000, "streams": "only"}
+            events = (await client.get(f"/v1/tasks/{ids[0]}/events", params=params)).json()["events"]
         writes_per_task = sum(1 for e in events if e["type"] == "task.stream")
     finally:
         for w in watchers:
@@ -139,6 +148,7 @@ async def run_shape(db: str, store: str, shape: str, seconds: float, rate: int) 
         "tasks": tasks,
         "watchers": tasks * watchers_per_task,
         "chunks_per_s_per_task": rate,
+        "stream_flush_s": flush_s,
         "chunks_received": len(samples),
         "chunks_expected": chunks * tasks * watchers_per_task,
         "latency_p50_ms": round(pct(samples, 50), 2),
@@ -147,6 +157,7 @@ async def run_shape(db: str, store: str, shape: str, seconds: float, rate: int) 
         "stream_writes_per_s": round(writes_per_task * tasks / seconds, 1),
         "pg_commits_per_s": None if commits is None else round(commits, 1),
         "server_cpu_s_per_s": round(cpu, 2),
+        "watchers_cpu_s_per_s": round(client_cpu, 2),  # this process: every watcher's reads
     }
 
 
@@ -156,6 +167,7 @@ async def main() -> None:
     parser.add_argument("--shapes", default="many,fanout")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rate", type=int, default=100, help="chunks per second per task")
+    parser.add_argument("--flush-s", type=float, default=0.02, help="ERRANDS_STREAM_FLUSH_S")
     args = parser.parse_args()
     for store in args.stores.split(","):
         for shape in args.shapes.split(","):
@@ -163,7 +175,10 @@ async def main() -> None:
                 db = f"sqlite:///{tempfile.mkdtemp(prefix='errands-bench-')}/errands.db"
             else:
                 db = await fresh_database("errands_bench")
-            print(json.dumps(await run_shape(db, store, shape, args.seconds, args.rate)), flush=True)
+            print(
+                json.dumps(await run_shape(db, store, shape, args.seconds, args.rate, args.flush_s)),
+                flush=True,
+            )
     print(json.dumps({"machine": machine()}))
 
 
