@@ -414,10 +414,18 @@ class AsyncClient:
                 backoff = min(max_backoff_s, backoff * 2)
                 continue
             if not heard:  # closed at once: the task ended before ``last``, or the server is stopping
-                if (await self.get(task_id)).done:
-                    return
+                try:
+                    if (await self.get(task_id)).done and not await self._events_after(task_id, last):
+                        return
+                except errors.Unavailable:
+                    pass
                 await asyncio.sleep(backoff)
                 backoff = min(max_backoff_s, backoff * 2)
+
+    async def _events_after(self, task_id: str, after: int) -> bool:
+        """Whether the log holds output (or an end) of the task after ``after``."""
+        params = {"after": after, "limit": 1, "streams": "only"}
+        return bool((await self._request("GET", f"/v1/tasks/{task_id}/events", params=params))["events"])
 
     async def _poll_task(self, task_id: str, last: int | None, poll_s: float) -> AsyncIterator[TaskEvent]:
         if last is None:

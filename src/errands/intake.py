@@ -51,7 +51,7 @@ def decision(
     by_webhook: bool,
     job: str | None,
     stream_max_bytes: int | None = None,
-    attempt: int | None = None,
+    attempt: tuple[int, str | None] | None = None,
 ) -> Decision:
     """The changes a provider's report about ``job`` asks for: the chunks it carries for the
     task's streams, then what it says of the job (a report about another job than the task's
@@ -61,7 +61,7 @@ def decision(
         error = TaskError(update.error_code or "provider_failed", update.error_message or "")
 
     def decide(record: TaskRecord) -> list[Change] | None:
-        if attempt is not None and record.attempt != attempt:
+        if attempt is not None and (record.attempt, record.callback_nonce) != attempt:
             raise InvalidTransition("The report is about an earlier attempt.")
         changes = []
         for part in update.streams:
@@ -70,6 +70,8 @@ def decision(
                     record, now=now, lease_token=None, external_id=job, name=part.name, index=part.index,
                     chunks=part.chunks, max_bytes=stream_max_bytes,
                 )  # fmt: skip
+            except InvalidTransition:
+                break  # the report is late: external_report below says so
             except Conflict as exc:
                 # A gap (a report before this one was lost: its chunks can only come from a
                 # later report that starts earlier, a final report or a poll), or the streams'
@@ -149,7 +151,11 @@ class Intake:
         return Answer(outcome, error)
 
     async def _apply(
-        self, receipt: Receipt, update: Update, job: tuple[list[str], str] | None, attempt: int | None = None
+        self,
+        receipt: Receipt,
+        update: Update,
+        job: tuple[list[str], str] | None,
+        attempt: tuple[int, str | None] | None = None,
     ) -> Answer:
         decide = decision(
             update,
@@ -222,7 +228,9 @@ class Intake:
             outcome = ReportOutcome.UNKNOWN_TASK if exc.status_code == 404 else ReportOutcome.MALFORMED
             return await self._refuse(base, outcome, exc)
         receipt = Receipt(f"callback:{provider.name}", delivery_id, record.id, "", 200, now)
-        return await self._apply(receipt, update, None, attempt=parsed[1])
+        # The attempt (and its nonce) the URL was checked against: a report that reaches the
+        # task after it moved to another attempt (or a rerun of this one) is late.
+        return await self._apply(receipt, update, None, attempt=(record.attempt, record.callback_nonce))
 
     async def polled(self, record: TaskRecord, update: Update) -> TaskRecord | None:
         """The answer to a poll of the task's job, applied; ``None`` when it changed nothing

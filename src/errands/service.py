@@ -23,7 +23,6 @@ from errands.clock import Clock, iso
 from errands.config import Settings
 from errands.errors import Forbidden, Gone, InvalidCursor, InvalidRequest, NotFound, UnknownTaskType
 from errands.guard import AddressPolicy, Refused
-from errands.hub import WatchFilter
 from errands.inputs import (
     TASK_ID_PATTERN,
     BadValue,
@@ -247,18 +246,9 @@ class Service:
         self, task_id: str, principal: Principal, *, after: int, limit: int, streams: str = "include"
     ) -> list[Event]:
         """The task's events after seq ``after``, up to ``limit`` of those ``streams`` asks for
-        (see :class:`~errands.hub.WatchFilter`)."""
+        (see :meth:`~errands.store.base.EventLog.events`)."""
         await self.get(task_id, principal)
-        limit = max(1, min(limit, 1000))
-        wanted = WatchFilter(task_id=task_id, streams=streams)
-        found: list[Event] = []
-        while len(found) < limit:
-            page = await self.store.events(task_id, after=after, limit=1000)
-            found.extend(e for e in page if wanted.matches(e))
-            if len(page) < 1000:
-                break
-            after = page[-1].seq
-        return found[:limit]
+        return await self.store.events(task_id, after=after, limit=max(1, min(limit, 1000)), streams=streams)
 
     async def _all_events(self, task_id: str) -> list[Event]:
         events: list[Event] = []

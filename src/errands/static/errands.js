@@ -105,7 +105,7 @@ class Watcher {
     this.onTransport = options.onTransport || (() => {});
     this.onStream = options.onStream || (() => {});
     this.streams = options.streams || (options.onStream ? "include" : "none");
-    this.output = new Map(); // stream name -> {attempt, chunks}
+    this.output = new Map(); // task id + "\u0000" + stream name -> {attempt, offset, chunks}
     // compact: the server sends only what changed; the client keeps each task whole.
     this.compact = Boolean(options.compact);
     this.tasks = new Map(); // task id -> the task as last known (compact only)
@@ -124,7 +124,9 @@ class Watcher {
 
   /** The chunks of stream `name` this watch received, of the latest run (`taskId`: for a set watch). */
   chunks(name, taskId) {
-    const stream = this.output.get(`${taskId ?? this.target}\u0000${name}`);
+    const id = taskId ?? (this.kind === "task" ? this.target : null);
+    if (id === null) throw new Error("a set watch's streams are per task: chunks(name, taskId)");
+    const stream = this.output.get(`${id}\u0000${name}`);
     return stream ? stream.chunks.slice() : [];
   }
 

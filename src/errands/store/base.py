@@ -174,7 +174,11 @@ class Sweeping(Protocol):
 
 
 class EventLog(Protocol):
-    async def events(self, task_id: str, *, after: int = 0, limit: int = 1000) -> list[Event]: ...
+    async def events(
+        self, task_id: str, *, after: int = 0, limit: int = 1000, streams: str = "include"
+    ) -> list[Event]:
+        """A task's events after ``after``, in order; ``streams``: with its ``task.stream``
+        events (``include``), without (``none``), or only them and those that end it (``only``)."""
 
     async def read_log(self, after: int, *, limit: int = 1000, snapshots: bool = True) -> LogRead:
         """Committed events with ``seq > after``, in order, never skipping one that commits later.

@@ -12,9 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from errands.model import TERMINAL
+
 #: The ordering rule of messages, once for both dialects: a message waits while an earlier one
 #: of the same task to the same destination is pending, so each destination sees a task's
 #: events in order. ``{messages}`` is the table; the message is ``m``.
+#: The statuses that end a task, as an SQL list (an event that leaves a task in one ends it).
+ENDED = "(" + ", ".join(sorted(f"'{s.value}'" for s in TERMINAL)) + ")"
 FIRST_IN_LINE = (
     "NOT EXISTS (SELECT 1 FROM {messages} p WHERE p.state = 'pending' AND p.task_id = m.task_id "
     "AND p.channel = m.channel AND p.target = m.target AND p.seq < m.seq)"
@@ -53,6 +57,8 @@ class Statements:
     stats_runs: str  # since, sample → (run time,)
     # -- the event log ------------------------------------------------------------------------
     task_events: str  # task_id, after, limit → event rows
+    task_events_plain: str  # the same without task.stream events
+    task_events_output: str  # the same, only task.stream events and those that end the task
     log_since: str  # after, limit → event rows with the "behind" flag as a ninth column
     log_since_headers: str  # the same without snapshots
     last_seq: str  # → (seq,)

@@ -287,10 +287,12 @@ class Worker:
             except (NotFound, StoreError) as exc:
                 log.warning("progress of task %s not saved: %s", record.id, exc)
 
+        give_up_at: list[float] = []  # once writes fail: when this attempt stops retrying them
+
         async def write_streams(parts: list[Part]) -> None:
-            """Each part, retried while the database is unreachable for as long as the lease
-            could still be ours (positions make a repeat harmless); never raises."""
-            deadline = time.monotonic() + max(self.settings.lease_s, 5.0)
+            """Each part, retried while the database is unreachable, for at most a lease's time
+            in all this attempt and never once the attempt is stopped (positions make a repeat
+            harmless); never raises."""
             for part in parts:
                 delay = 0.1
                 while True:
@@ -310,7 +312,11 @@ class Worker:
                         log.warning("stream output of task %s not saved: %s", record.id, exc.message)
                         break
                     except (NotFound, StoreError) as exc:
-                        if isinstance(exc, NotFound) or time.monotonic() + delay > deadline:
+                        if not give_up_at:
+                            give_up_at.append(time.monotonic() + max(self.settings.lease_s, 5.0))
+                        held_now = self._held.get(record.id)
+                        stopped = held_now is not None and held_now.stop_reason is not None
+                        if isinstance(exc, NotFound) or stopped or time.monotonic() + delay > give_up_at[0]:
                             log.warning("stream output of task %s not saved: %s", record.id, exc)
                             break
                         await asyncio.sleep(delay)
@@ -390,15 +396,18 @@ class Worker:
             future.cancel()
             raise
         progress, message = held.progress.close()
+        timed_out = not future.done()
+        if timed_out:
+            future.cancel()
+            ctx._cancel()
         # What the handler streamed lands before its outcome (unless the attempt no longer counts).
         try:
-            await held.streams.close(write=held.stop_reason not in (StopReason.LOST, StopReason.CANCELLED))
+            keep = held.stop_reason not in (StopReason.LOST, StopReason.CANCELLED)
+            await asyncio.wait_for(held.streams.close(write=keep), max(self.settings.lease_s, 5.0))
         except Exception:  # the outcome matters more than the last chunks
             log.exception("the streams of task %s were not closed cleanly", record.id)
         now = self.clock.now()
-        if not future.done():
-            future.cancel()
-            ctx._cancel()
+        if timed_out:
             return executor.timed_out(held, progress, message, limit_s)
         if future.cancelled():
             if held.stop_reason in (StopReason.LOST, StopReason.CANCELLED):

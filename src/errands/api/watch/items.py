@@ -130,7 +130,9 @@ async def task_items(
         else:
             last, done = after, False
             while True:
-                read = await runtime.store.events(task_id, after=last, limit=REPLAY_PAGE)
+                read = await runtime.store.events(
+                    task_id, after=last, limit=REPLAY_PAGE, streams=watch.filter.streams
+                )
                 page = [e for e in read if e.seq <= until]
                 if page:
                     wanted = [render.event(e) for e in page if watch.filter.matches(e)]

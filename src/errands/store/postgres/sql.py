@@ -15,7 +15,7 @@ from errands.store.columns import (
     RECEIPTS,
     SELECT_LIST,
 )
-from errands.store.statements import FIRST_IN_LINE, Statements
+from errands.store.statements import ENDED, FIRST_IN_LINE, Statements
 
 #: The channel every commit notifies (the payload is a wake-up with hints, see the store).
 CHANNEL = "errands_events"
@@ -200,6 +200,14 @@ STATEMENTS = Statements(
     # -- the event log
     task_events=(
         f"SELECT {EVENT_COLUMNS} FROM errands_events WHERE task_id = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+    ),
+    task_events_plain=(
+        f"SELECT {EVENT_COLUMNS} FROM errands_events WHERE task_id = $1 AND seq > $2 AND type != 'task.stream' "
+        "ORDER BY seq LIMIT $3"
+    ),
+    task_events_output=(
+        f"SELECT {EVENT_COLUMNS} FROM errands_events WHERE task_id = $1 AND seq > $2 "
+        f"AND (type = 'task.stream' OR status IN {ENDED}) ORDER BY seq LIMIT $3"
     ),
     # errands_log and errands_log_bound: see migration 0007 (the bound below which all is read).
     log_since="SELECT * FROM errands_log($1, $2, true)",

@@ -9,8 +9,13 @@ from errands.store.shared import Dialect
 
 
 class LogOps(Dialect):
-    async def events(self, task_id: str, *, after: int = 0, limit: int = 1000) -> list[Event]:
-        rows = await self._fetch(self.sql.task_events, task_id, after, limit)
+    async def events(
+        self, task_id: str, *, after: int = 0, limit: int = 1000, streams: str = "include"
+    ) -> list[Event]:
+        sql = {"include": self.sql.task_events, "none": self.sql.task_events_plain}.get(
+            streams, self.sql.task_events_output
+        )
+        rows = await self._fetch(sql, task_id, after, limit)
         return [to_event(r, seq_in_snapshot=self.snapshots_have_seq) for r in rows]
 
     async def read_log(self, after: int, *, limit: int = 1000, snapshots: bool = True) -> LogRead:

@@ -11,7 +11,7 @@ from errands.store.columns import (
     RECEIPTS,
     SELECT_LIST,
 )
-from errands.store.statements import FIRST_IN_LINE, Statements
+from errands.store.statements import ENDED, FIRST_IN_LINE, Statements
 
 
 def _marks(n: int) -> str:
@@ -97,6 +97,14 @@ STATEMENTS = Statements(
     ),
     # -- the event log
     task_events=f"SELECT {EVENT_COLUMNS} FROM events WHERE task_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+    task_events_plain=(
+        f"SELECT {EVENT_COLUMNS} FROM events WHERE task_id = ? AND seq > ? AND type != 'task.stream' "
+        "ORDER BY seq LIMIT ?"
+    ),
+    task_events_output=(
+        f"SELECT {EVENT_COLUMNS} FROM events WHERE task_id = ? AND seq > ? "
+        f"AND (type = 'task.stream' OR status IN {ENDED}) ORDER BY seq LIMIT ?"
+    ),
     log_since=f"SELECT {EVENT_COLUMNS}, 0 FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
     log_since_headers=f"SELECT {EVENT_HEADERS}, 0 FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
     last_seq=LAST_SEQ,
