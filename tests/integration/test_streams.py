@@ -316,3 +316,18 @@ async def test_a_page_with_part_of_the_text_asks_for_the_rest_by_byte_range(live
         for ignored in ("bytes=-5", "items=0-", "bytes=5-2", "bytes=x-"):
             r = await client.get("/v1/tasks/r/streams/text", headers={"Range": ignored})
             assert r.status_code == 200 and r.content == text, ignored
+
+
+async def test_the_sdk_reads_a_finished_stream_and_stops(live: LiveFactory) -> None:
+    from errands import AsyncClient
+
+    runtime, url = await live(app)
+    await runtime.service.submit(SubmitRequest(type="chatter", id="f", input={"n": 30}), SYSTEM)
+    done = await wait_task(runtime, "f")
+    async with AsyncClient(url, ADMIN_KEY) as client:
+        async with asyncio.timeout(20):
+            chunks = [c async for c in client.stream("f", "text")]
+            assert [c.value for c in chunks] == [f"{i}," for i in range(30)]
+            assert [c.index for c in chunks] == list(range(30)) and {c.attempt for c in chunks} == {1}
+            # Resuming after the end: nothing more, and it returns rather than waits.
+            assert [c async for c in client.stream("f", "text", after=done.seq)] == []
