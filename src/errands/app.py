@@ -10,7 +10,7 @@ from typing import Any
 from errands.auth import SYSTEM
 from errands.clock import Clock
 from errands.config import Settings, load_settings
-from errands.errors import Unavailable
+from errands.errors import ApiError, Unavailable
 from errands.inputs import validate
 from errands.model import Task
 from errands.registry import Registry
@@ -107,3 +107,12 @@ class Errands(Registry):
         )
         record, _ = await self._runtime.service.submit(request, SYSTEM)
         return record.to_task()
+
+    async def submit_many(self, tasks: list[dict[str, Any]]) -> list[Task | ApiError]:
+        """Up to 1,000 submissions in one transaction, each a dict of ``POST /v1/tasks``'s body
+        (``{"type", "input"?, "id"?, "owner"?, …}``): for each, in order, its task or the error
+        that refused it (returned, not raised: one refused item refuses only itself)."""
+        if self._runtime is None:
+            raise Unavailable("The app is not running; use `async with app.running():` or `errands serve`.")
+        answers = await self._runtime.service.submit_many(tasks, SYSTEM)
+        return [a[0].to_task() if isinstance(a, tuple) else a for a in answers]

@@ -66,16 +66,21 @@ def _raise_for(response: httpx.Response) -> None:
         code, message = str(body["code"]), str(body["message"])
     except (ValueError, KeyError, TypeError):
         code, message = "http_error", f"HTTP {response.status_code}"
-    cls = _BY_CODE.get(code) or _BY_STATUS.get(response.status_code, errors.ApiError)
+    try:
+        retry_after = float(response.headers.get("retry-after", "1"))
+    except ValueError:
+        retry_after = 1.0
+    raise _error(response.status_code, code, message, retry_after)
+
+
+def _error(status: int, code: str, message: str, retry_after_s: float = 1.0) -> errors.ApiError:
+    """The exception for an error the API answered (``status``, ``{code, message}``)."""
+    cls = _BY_CODE.get(code) or _BY_STATUS.get(status, errors.ApiError)
     if cls is errors.TooManyRequests:
-        try:
-            retry_after = float(response.headers.get("retry-after", "1"))
-        except ValueError:
-            retry_after = 1.0
-        raise errors.TooManyRequests(message, retry_after_s=retry_after, code=code)
+        return errors.TooManyRequests(message, retry_after_s=retry_after_s, code=code)
     error = cls(message, code=code)
-    error.status_code = response.status_code
-    raise error
+    error.status_code = status
+    return error
 
 
 class StreamingUnavailable(errors.ErrandsError):
@@ -215,6 +220,20 @@ class AsyncClient:
             if value is not None:
                 body[key] = value
         return Task(**await self._request("POST", "/v1/tasks", json=body))
+
+    async def submit_many(
+        self, tasks: builtins.list[dict[str, Any]]
+    ) -> builtins.list[Task | errors.ApiError]:
+        """Up to 1,000 submissions (each a ``POST /v1/tasks`` body: ``{"type", "input"?, "id"?,
+        …}``) in one call and one transaction: for each, in order, its task, or the error that
+        refused it (an :class:`~errands.errors.ApiError`, not raised: one refused item refuses
+        only itself). Items with an ``id`` are idempotent, as alone."""
+        data = await self._request("POST", "/v1/tasks/batch", json={"tasks": tasks})
+        return [
+            Task(**r["task"]) if "task" in r and r["task"] is not None
+            else _error(int(r["status"]), str(r["error"]["code"]), str(r["error"]["message"]))
+            for r in data["results"]
+        ]  # fmt: skip
 
     async def get(self, task_id: str) -> Task:
         return Task(**await self._request("GET", f"/v1/tasks/{task_id}"))
@@ -561,6 +580,9 @@ class Client:
 
     def submit(self, type: str, input: dict[str, Any] | None = None, **options: Any) -> Task:
         return self._portal.call(self._async.submit(type, input, **options))
+
+    def submit_many(self, tasks: builtins.list[dict[str, Any]]) -> builtins.list[Task | errors.ApiError]:
+        return self._portal.call(self._async.submit_many(tasks))
 
     def get(self, task_id: str) -> Task:
         return self._portal.call(self._async.get(task_id))

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from errands import model
 from errands.auth import READ, WRITE, Principal, TokenSigner
 from errands.clock import Clock, iso
 from errands.config import Settings
-from errands.errors import Forbidden, Gone, InvalidCursor, InvalidRequest, NotFound, UnknownTaskType
+from errands.errors import ApiError, Forbidden, Gone, InvalidCursor, InvalidRequest, NotFound, UnknownTaskType
 from errands.guard import AddressPolicy, Refused
 from errands.inputs import (
     TASK_ID_PATTERN,
@@ -32,6 +32,7 @@ from errands.inputs import (
     TypeName,
     check_json,
     integral,
+    invalid,
     new_task_id,
 )
 from errands.intake import Intake
@@ -47,6 +48,10 @@ class _Store(Tasks, Sweeping, EventLog, Protocol):
 
 
 MAX_LIST_LIMIT = 200
+
+
+#: The most tasks one batch may submit.
+MAX_BATCH = 1000
 
 
 class SubmitRequest(BaseModel):
@@ -145,6 +150,40 @@ class Service:
 
     async def submit(self, request: SubmitRequest, principal: Principal) -> tuple[TaskRecord, bool]:
         """Create a task; ``(task, False)`` when the same request was already accepted."""
+        new = await self._prepare(request, principal)
+        return await self.store.create(new, max_pending_per_owner=self.settings.max_pending_per_owner)
+
+    async def submit_many(
+        self, items: Sequence[Any], principal: Principal
+    ) -> list[tuple[TaskRecord, bool] | ApiError]:
+        """Several submissions (each a ``POST /v1/tasks`` body) in one transaction: each one's
+        answer, in order (its task and whether it was created, or the error that refused it;
+        one refused item refuses only itself)."""
+        principal.require(WRITE)
+        if not 1 <= len(items) <= MAX_BATCH:
+            raise InvalidRequest(f"A batch holds 1 to {MAX_BATCH} tasks.")
+        answers: list[tuple[TaskRecord, bool] | ApiError | None] = [None] * len(items)
+        prepared: list[tuple[int, NewTask]] = []
+        for i, item in enumerate(items):
+            try:
+                # As POST /v1/tasks reads its body, so that an item is held to the same rules.
+                request = SubmitRequest.model_validate_json(orjson.dumps(item))
+            except ValidationError as exc:
+                answers[i] = invalid(list(exc.errors()))
+                continue
+            try:
+                prepared.append((i, await self._prepare(request, principal)))
+            except ApiError as exc:
+                answers[i] = exc
+        created = await self.store.create_many(
+            [new for _, new in prepared], max_pending_per_owner=self.settings.max_pending_per_owner
+        )
+        for (i, _), answer in zip(prepared, created, strict=True):
+            answers[i] = answer if isinstance(answer, tuple | ApiError) else InvalidRequest(str(answer))
+        return [a for a in answers if a is not None]
+
+    async def _prepare(self, request: SubmitRequest, principal: Principal) -> NewTask:
+        """A submission checked, authorised and made a :class:`NewTask`."""
         principal.require(WRITE)
         task_type = self.registry.task_types.get(request.type)
         if task_type is None:
@@ -173,7 +212,7 @@ class Service:
         fingerprint = hashlib.sha256(
             orjson.dumps([request.model_dump(exclude={"id", "owner"}), owner], option=orjson.OPT_SORT_KEYS)
         ).hexdigest()
-        new = NewTask(
+        return NewTask(
             id=request.id or new_task_id(),
             type=request.type,
             owner=owner,
@@ -185,7 +224,6 @@ class Service:
             fingerprint=fingerprint,
             notify_url=request.notify_url,
         )
-        return await self.store.create(new, max_pending_per_owner=self.settings.max_pending_per_owner)
 
     async def get(self, task_id: str, principal: Principal) -> TaskRecord:
         principal.require(READ)

@@ -8,10 +8,10 @@ from typing import Any
 import httpx
 import pytest
 
-from errands import Errands, Fail, TaskContext
+from errands import Errands, Fail, Status, Task, TaskContext
 from errands.runtime import Runtime
 from tests.conftest import ADMIN_KEY
-from tests.integration.conftest import RuntimeFactory, http, log_rows, wait_task
+from tests.integration.conftest import LiveFactory, RuntimeFactory, http, log_rows, wait_task
 
 app = Errands()
 
@@ -317,3 +317,69 @@ async def test_readyz_reports_a_closed_store(runtime: Runtime) -> None:
         assert r.status_code == 503 and r.json()["ready"] is False
         assert (await admin.get("/v1/tasks/x")).status_code == 503
         await runtime.store.open()
+
+
+async def test_a_batch_answers_each_item_in_one_transaction(runtime_factory: RuntimeFactory) -> None:
+    runtime = await runtime_factory(app, workers=False, max_pending_per_owner=995)
+    async with http(runtime) as admin:
+        first = await admin.post("/v1/tasks", json={"type": "hold", "id": "taken", "input": {"a": 1}})
+        assert first.status_code == 202
+        before = await log_size(runtime)
+        items: list[Any] = [{"type": "hold", "id": f"b{i}", "owner": "carol"} for i in range(990)]
+        items += [
+            {"type": "hold", "id": "b7", "owner": "carol"},  # the same request twice in the batch
+            {"type": "hold", "id": "b8", "owner": "dave"},  # the id again, another request
+            {"type": "hold", "id": "taken", "input": {"a": 1}},  # accepted before: answered as such
+            {"type": "hold", "id": "taken", "input": {"a": 2}},  # taken by another request
+            {"type": "nope"},  # an unknown type
+            {"type": "hold", "priority": "high"},  # not a valid body
+            "not an object",
+        ]
+        r = await admin.post("/v1/tasks/batch", json={"tasks": items})
+        assert r.status_code == 200, r.text
+        results = r.json()["results"]
+        assert len(results) == len(items)
+        assert [x["status"] for x in results[:990]] == [202] * 990
+        assert [x["status"] for x in results[990:]] == [200, 409, 200, 409, 422, 422, 422]
+        assert results[992]["task"]["id"] == "taken" and results[990]["task"]["id"] == "b7"
+        assert all(x["error"]["code"] for x in results[991:] if x["status"] >= 400)
+        assert await log_size(runtime) == before + 990  # one created event per new task
+        # The same batch again: nothing new, every item answered as before.
+        again = (await admin.post("/v1/tasks/batch", json={"tasks": items})).json()["results"]
+        assert [x["status"] for x in again] == [200] * 991 + [409, 200, 409, 422, 422, 422]
+        assert await log_size(runtime) == before + 990
+        # The owner's limit (995 pending): of 10 more for carol, 5 fit; a repeat takes no room.
+        more = [{"type": "hold", "id": f"m{i}", "owner": "carol"} for i in range(10)] + [items[0]]
+        limited = (await admin.post("/v1/tasks/batch", json={"tasks": more})).json()["results"]
+        assert [x["status"] for x in limited] == [202] * 5 + [429] * 5 + [200]
+        assert limited[-2]["error"]["code"] == "too_many_pending"
+        # The size limit, and bodies that are not a batch.
+        for body, status in (
+            ({"tasks": [{"type": "hold"}] * 1001}, 422),
+            ({"tasks": []}, 422),
+            ({"tasks": {"type": "hold"}}, 422),
+            ({"items": []}, 422),
+        ):
+            r = await admin.post("/v1/tasks/batch", json=body)
+            assert r.status_code == status, (body, r.text)
+        assert await log_size(runtime) == before + 995
+
+
+async def test_submit_many_in_the_python_api_and_the_sdk(live: LiveFactory) -> None:
+    from errands import AsyncClient, IdConflict, InvalidRequest
+
+    _, url = await live(app, workers=False)
+    answers = await app.submit_many(
+        [{"type": "hold", "id": "p1"}, {"type": "hold", "id": "p1", "priority": 3}]
+    )
+    assert isinstance(answers[0], Task) and answers[0].id == "p1"
+    assert isinstance(answers[1], IdConflict)
+    with pytest.raises(InvalidRequest):
+        await app.submit_many([])
+    async with AsyncClient(url, ADMIN_KEY) as client:
+        got = await client.submit_many(
+            [{"type": "hold", "id": "s1"}, {"type": "nope"}, {"type": "hold", "id": "p1"}]
+        )
+        assert isinstance(got[0], Task) and got[0].id == "s1" and got[0].status is Status.PENDING
+        assert got[1].code == "unknown_type" and got[1].status_code == 422  # type: ignore[union-attr]
+        assert isinstance(got[2], Task) and got[2].id == "p1"

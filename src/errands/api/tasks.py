@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,7 +12,7 @@ from errands.api.routing import Call, PathParam, Route
 from errands.api.schemas import EventPage, TaskPage
 from errands.inputs import TASK_ID_PATTERN, TYPE_PATTERN, Owner, Seq
 from errands.model import Status, Task
-from errands.service import SubmitRequest
+from errands.service import MAX_BATCH, SubmitRequest
 
 TASK_ID = PathParam("task_id", TASK_ID_PATTERN, "The task id.")
 
@@ -48,6 +48,46 @@ async def submit(call: Call) -> Response:
     request = await call.json(SubmitRequest)
     record, created = await call.runtime.service.submit(request, call.principal)
     return json(record.public_json(), 202 if created else 200)
+
+
+class BatchRequest(BaseModel):
+    """The body of ``POST /v1/tasks/batch``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    tasks: Annotated[
+        list[Any], Field(min_length=1, max_length=MAX_BATCH, description="Each a POST /v1/tasks body.")
+    ]
+
+
+class BatchResult(BaseModel):
+    """One item's answer: ``status`` 202 (created) or 200 (the same request, already accepted)
+    with its ``task``, or a 4xx with its ``error``."""
+
+    status: int
+    task: Task | None = None
+    error: dict[str, str] | None = None
+
+
+class BatchAnswer(BaseModel):
+    results: list[BatchResult]
+
+
+async def submit_batch(call: Call) -> Response:
+    """Up to 1,000 submissions in one transaction, far cheaper than one call each: a result per
+    item, in order. One refused item (invalid, a conflict, the owner's limit) refuses only
+    itself; each item is idempotent by its id, as alone."""
+    request = await call.json(BatchRequest)
+    answers = await call.runtime.service.submit_many(request.tasks, call.principal)
+    parts = []
+    for answer in answers:
+        if isinstance(answer, tuple):
+            record, created = answer
+            parts.append(b'{"status":%d,"task":%s}' % (202 if created else 200, record.public_json()))
+        else:
+            error = orjson.dumps({"code": answer.code, "message": answer.message})
+            parts.append(b'{"status":%d,"error":%s}' % (answer.status_code, error))
+    return json(b'{"results":[%s]}' % b",".join(parts))
 
 
 async def list_tasks(call: Call) -> Response:
@@ -101,6 +141,16 @@ ROUTES = [
         response=Task,
         answers={200: ("The same request was already accepted.", Task)},
         errors=(400, 401, 403, 409, 413, 422, 429),
+    ),
+    Route(
+        "POST",
+        "/v1/tasks/batch",
+        submit_batch,
+        "Submit many tasks at once",
+        "tasks",
+        body=BatchRequest,
+        response=BatchAnswer,
+        errors=(400, 401, 403, 413, 422, 429),
     ),
     Route(
         "GET",

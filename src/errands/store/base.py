@@ -28,6 +28,7 @@ import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
+from errands.errors import ErrandsError
 from errands.model import Change, Event, EventType, NewTask, TaskRecord
 from errands.store.records import (
     Attempt,
@@ -132,6 +133,12 @@ class Tasks(Protocol):
         and :class:`TooManyRequests` when the owner already has ``max_pending_per_owner``
         pending tasks.
         """
+
+    async def create_many(
+        self, news: Sequence[NewTask], *, max_pending_per_owner: int | None = None
+    ) -> list[tuple[TaskRecord, bool] | ErrandsError]:
+        """Several creates in one transaction, each answered as :meth:`create` would (its task
+        and whether it was created, or the error that refused it), in order."""
 
     async def get(self, task_id: str) -> TaskRecord | Tombstone | None: ...
 

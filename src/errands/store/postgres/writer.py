@@ -117,6 +117,7 @@ class PgTx(TxBase):
         self.receipts: list[Receipt] = []  # provider reports to record, with the batch
         self.created: dict[str, TaskRecord] = {}
         self.locked: dict[str, TaskRecord] = {}  # rows locked here, as they were read
+        self.absent: set[str] = set()  # ids a lock found no row for (until this one inserts them)
         # Tasks this transaction started, per (type, owner): not yet written, so not counted by
         # a query, but they count against concurrency_per_owner for the next claim in the batch.
         self.starts: dict[tuple[str, str], int] = {}
@@ -150,12 +151,15 @@ class PgTx(TxBase):
         return self.locked.get(task_id)
 
     async def lock(self, task_ids: Iterable[str]) -> None:
-        ids = sorted({i for i in task_ids if i not in self.overlay and i not in self.locked})
+        ids = sorted(
+            {i for i in task_ids if i not in self.overlay and i not in self.locked and i not in self.absent}
+        )
         if not ids:
             return
         for row in await self.conn.fetch(LOCK_TASKS, ids):
             record = to_record(_older(row))
             self.locked[record.id] = record
+        self.absent.update(i for i in ids if i not in self.locked)
 
     def write(self, change: Change, before: TaskRecord) -> TaskRecord:
         del before  # the second phase writes every mutable column
@@ -169,6 +173,10 @@ class PgTx(TxBase):
         if id(record) not in self.inserted:
             await self.insert_declared([record])
         return self.inserted.pop(id(record))
+
+    async def insert_many(self, records: Sequence[TaskRecord]) -> list[bool]:
+        await self.insert_declared(records)
+        return [self.inserted.pop(id(r)) for r in records]
 
     async def insert_declared(self, first: Sequence[TaskRecord] = ()) -> None:
         """Write ``first`` and the declared creates, the first record of each id (a later one

@@ -52,6 +52,10 @@ class Tx(Protocol):
         """Insert a new task with its event; ``False`` (nothing written) if its id is taken, or
         was taken by a task since purged."""
 
+    async def insert_many(self, records: Sequence[TaskRecord]) -> list[bool]:
+        """:meth:`insert` for each record, in as few statements as the dialect can (a later
+        record with an id an earlier one took is not inserted)."""
+
     def write(self, change: Change, before: TaskRecord) -> TaskRecord:
         """Write a decided change of ``before`` (the row as loaded) with its event."""
 

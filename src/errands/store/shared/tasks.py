@@ -6,7 +6,7 @@ import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from errands.errors import IdConflict, TooManyRequests
+from errands.errors import ErrandsError, IdConflict, TooManyRequests
 from errands.model import NewTask, TaskRecord, choose_claims, claim_window, create, start_attempt
 from errands.store.base import Decision
 from errands.store.columns import to_record
@@ -53,6 +53,55 @@ class TaskOps(Dialect):
         # Alone, the insert is one atomic statement (row, event, notification) where the dialect
         # can make it one: then the count for max_pending_per_owner is a soft limit.
         return await self._write(op, mode="alone", creates=record if max_pending_per_owner is None else None)
+
+    async def create_many(
+        self, news: Sequence[NewTask], *, max_pending_per_owner: int | None = None
+    ) -> list[tuple[TaskRecord, bool] | ErrandsError]:
+        now = self.clock.now()
+        records = [create(new, now=now) for new in news]
+
+        async def op(tx: Tx) -> list[tuple[TaskRecord, bool] | ErrandsError]:
+            out: list[tuple[TaskRecord, bool] | ErrandsError | None] = [None] * len(news)
+            tried = list(range(len(news)))
+            if max_pending_per_owner is not None:
+                # Room per owner: what the limit leaves, given out in order (a repeat of an
+                # accepted request takes none, and is answered below like any other).
+                room: dict[str, int] = {}
+                for owner in dict.fromkeys(n.owner for n in news):
+                    row = await tx.fetchrow(self.sql.count_pending, owner, max_pending_per_owner)
+                    room[owner] = max_pending_per_owner - (row[0] if row is not None else 0)
+                tried = []
+                for i, new in enumerate(news):
+                    if room[new.owner] > 0:
+                        room[new.owner] -= 1
+                        tried.append(i)
+            inserted = await tx.insert_many([records[i] for i in tried])
+            held_back = set(range(len(news))) - set(tried)
+            for i, ok in zip(tried, inserted, strict=True):
+                if ok:
+                    out[i] = (records[i], True)
+            await tx.lock(news[i].id for i in range(len(news)) if out[i] is None)  # one statement
+            for i, new in enumerate(news):
+                if out[i] is not None:
+                    continue
+                existing = await tx.load(new.id)
+                if existing is None:
+                    out[i] = (
+                        TooManyRequests(
+                            "The owner already has the most pending tasks allowed.",
+                            code="too_many_pending",
+                            retry_after_s=5,
+                        )
+                        if i in held_back
+                        else IdConflict("This id belonged to a task that has been purged.")
+                    )
+                elif existing.fingerprint != new.fingerprint:
+                    out[i] = IdConflict()
+                else:
+                    out[i] = (existing, False)
+            return [r for r in out if r is not None]
+
+        return await self._write(op)
 
     async def get(self, task_id: str) -> TaskRecord | Tombstone | None:
         rows = await self._fetch(self.sql.select_task, task_id)

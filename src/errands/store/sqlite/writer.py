@@ -107,6 +107,9 @@ class SqliteTx(TxBase):
         self._event(record, EventType.CREATED)
         return True
 
+    async def insert_many(self, records: Sequence[TaskRecord]) -> list[bool]:
+        return [await self.insert(r) for r in records]
+
     def write(self, change: Change, before: TaskRecord) -> TaskRecord:
         """Only the columns the change changed, so indexes on the others are left alone."""
         self.seq += 1
