@@ -149,10 +149,13 @@ def load_json(body: bytes) -> Any:
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
+_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # 10 bits → two characters
+
+
 def new_task_id() -> str:
     """A 26-character id that sorts by creation time (48-bit milliseconds, 80 random bits)."""
     n = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
-    return "".join(_CROCKFORD[(n >> shift) & 31] for shift in range(125, -1, -5))
+    return "".join([_PAIRS[(n >> shift) & 1023] for shift in range(120, -1, -10)])
 
 
 # -- validation errors, as clients are told them -----------------------------------------------

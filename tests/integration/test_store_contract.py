@@ -87,6 +87,37 @@ async def test_a_burst_of_creates_answers_each_as_if_it_were_alone(store: Store,
         assert event.seq == record.seq and event.type is EventType.CREATED
 
 
+async def test_create_many_answers_each_create_in_one_transaction(store: Store, clock: ManualClock) -> None:
+    await store.create(new_task("purged"))
+    await store.apply("purged", lambda r: model.cancel(r, now=clock.now()))
+    clock.advance(100)
+    assert await store.purge(finished_before=clock.now(), tombstones_before=0, limit=10) == 1
+    await store.create(new_task("there"))
+    before = await event_count(store)
+    news = [new_task(f"m{i}") for i in range(20)]
+    batch = [
+        *news,
+        new_task("m3"),
+        new_task("m4", fingerprint="other"),
+        new_task("there"),
+        new_task("purged"),
+    ]
+    answers = await store.create_many(batch)
+    assert [a[1] if isinstance(a, tuple) else type(a).__name__ for a in answers] == [True] * 20 + [
+        False, "IdConflict", False, "IdConflict",
+    ]  # fmt: skip
+    assert await event_count(store) == before + 20
+    for task, answer in zip(news, answers, strict=False):
+        assert isinstance(answer, tuple)
+        [event] = await store.events(task.id)
+        assert event.seq == answer[0].seq and event.type is EventType.CREATED
+    limited = await store.create_many(
+        [new_task(f"l{i}", owner="bob") for i in range(10)], max_pending_per_owner=4
+    )
+    assert [isinstance(a, tuple) for a in limited] == [True] * 4 + [False] * 6
+    assert all(isinstance(a, TooManyRequests) for a in limited[4:])
+
+
 async def test_every_change_appends_exactly_one_event_in_order(store: Store, clock: ManualClock) -> None:
     await store.create(new_task("t1"))
     [claimed] = await store.claim(worker_id="w", specs=SPEC, limit=5, lease_s=30)
