@@ -52,6 +52,8 @@ MAX_LIST_LIMIT = 200
 
 #: The most tasks one batch may submit.
 MAX_BATCH = 1000
+#: Ids no task may have: they name routes (``/v1/tasks/batch``).
+RESERVED_IDS = frozenset({"batch"})
 
 
 class SubmitRequest(BaseModel):
@@ -185,6 +187,8 @@ class Service:
     async def _prepare(self, request: SubmitRequest, principal: Principal) -> NewTask:
         """A submission checked, authorised and made a :class:`NewTask`."""
         principal.require(WRITE)
+        if request.id in RESERVED_IDS:
+            raise InvalidRequest(f"id: {request.id!r} is reserved (it names a route).")
         task_type = self.registry.task_types.get(request.type)
         if task_type is None:
             raise UnknownTaskType(f"No handler or provider is registered for task type '{request.type}'.")

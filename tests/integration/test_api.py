@@ -363,6 +363,11 @@ async def test_a_batch_answers_each_item_in_one_transaction(runtime_factory: Run
             r = await admin.post("/v1/tasks/batch", json=body)
             assert r.status_code == status, (body, r.text)
         assert await log_size(runtime) == before + 995
+        # The route's name is no task's id: GET /v1/tasks/batch is not a task.
+        reserved = await admin.post("/v1/tasks", json={"type": "hold", "id": "batch"})
+        assert reserved.status_code == 422 and "reserved" in reserved.json()["error"]["message"]
+        r = await admin.get("/v1/tasks/batch")
+        assert r.status_code == 405 and r.headers["allow"] == "POST"
 
 
 async def test_submit_many_in_the_python_api_and_the_sdk(live: LiveFactory) -> None:

@@ -195,6 +195,10 @@ class Router:
                 raise ValueError(f"{route.method} {route.path} is declared twice")
             seen.add((route.method, route.path))
             (self._ws if route.websocket else self._http).append(_Compiled(route))
+        # A path without parameters wins over a template it also matches (/v1/tasks/batch is
+        # not the task "batch", which is why no task may have that id).
+        self._literal = {c.route.path: [d for d in self._http if d.route.path == c.route.path]
+                         for c in self._http if "{" not in c.route.path}  # fmt: skip
         open_paths = [_pattern(r.path, named=False) for r in routes if r.auth != "token"]
         self._open = re.compile("^(?:" + "|".join(open_paths or ["(?!)"]) + ")$")
 
@@ -217,7 +221,7 @@ class Router:
     async def _serve(self, scope: Scope, receive: Receive) -> Response:
         path, method = scope["path"], scope["method"]
         allowed: list[str] = []
-        for compiled in self._http:
+        for compiled in self._literal.get(path, self._http):
             match = compiled.regex.match(path)
             if match is None:
                 continue
