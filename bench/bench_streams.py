@@ -30,7 +30,7 @@ import asyncpg
 import httpx
 
 from bench.bench_postgres import fresh_database
-from bench.common import ADMIN_KEY, Server, machine, pct
+from bench.common import Server, machine, open_sse, pct
 
 TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
@@ -50,10 +50,7 @@ class ChunkWatcher:
         self.task: asyncio.Task[None] | None = None
 
     async def run(self, port: int, path: str) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        request = f"GET {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {ADMIN_KEY}\r\n\r\n"
-        writer.write(request.encode())
-        await writer.drain()
+        reader, writer = await open_sse(port, path)
         pending = b""
         try:
             while True:

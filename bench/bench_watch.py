@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import ADMIN_KEY, Server, machine, pct
+from bench.common import Server, machine, open_sse, pct
 
 
 def rss_mb(pid: int) -> float:
@@ -49,10 +49,7 @@ class Watcher:
         self.task: asyncio.Task[None] | None = None
 
     async def run(self, port: int, path: str) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        request = f"GET {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {ADMIN_KEY}\r\n\r\n"
-        writer.write(request.encode())
-        await writer.drain()
+        reader, writer = await open_sse(port, path)
         event_name = b""
         try:
             while True:

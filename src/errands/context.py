@@ -65,7 +65,8 @@ class _Reported:
         yield  # pragma: no cover - makes this a generator
 
 
-_REPORTED = _Reported()
+#: Already done (what a report returns when it needs no waiting).
+DONE = _Reported()
 MAX_MESSAGE_CHARS = 1000
 
 
@@ -121,7 +122,7 @@ class TaskContext:
             message = check_text(message[:MAX_MESSAGE_CHARS], "The progress message")
         if value is not None or message is not None:
             self._sink.report(value, message)
-        return _REPORTED
+        return DONE
 
     def stream(self, name: str, chunk: Any) -> Awaitable[None]:
         """Append ``chunk`` (a string, or any JSON value) to the attempt's stream ``name``.

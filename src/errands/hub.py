@@ -31,6 +31,7 @@ from typing import Protocol
 
 from errands.errors import TooManyRequests
 from errands.model import Event, EventType, Status
+from errands.model.streams import StreamChoice
 from errands.store.base import EventLog as Log
 from errands.store.base import Hint, Lifecycle, TaskLog, hints
 
@@ -53,7 +54,7 @@ class WatchFilter:
     status: Status | None = None
     #: Output streams: ``none`` (no ``task.stream`` events), ``include`` (them and every other
     #: event), ``only`` (them, and the event that ends the task).
-    streams: str = "none"
+    streams: StreamChoice = "none"
 
     def matches(self, event: Event) -> bool:
         if event.type is EventType.STREAM:

@@ -37,7 +37,7 @@ from errands.inputs import (
 )
 from errands.intake import Intake
 from errands.model import Event, NewTask, Status, TaskRecord
-from errands.model.streams import StreamInfo, StreamRead, read_stream, streams
+from errands.model.streams import StreamChoice, StreamInfo, StreamRead, read_stream, streams
 from errands.registry import Registry
 from errands.store.base import EventLog, Sweeping, Tasks
 from errands.store.records import TaskQuery, Tombstone
@@ -285,33 +285,36 @@ class Service:
         )
 
     async def events(
-        self, task_id: str, principal: Principal, *, after: int, limit: int, streams: str = "include"
+        self, task_id: str, principal: Principal, *, after: int, limit: int, streams: StreamChoice = "include"
     ) -> list[Event]:
         """The task's events after seq ``after``, up to ``limit`` of those ``streams`` asks for
         (see :meth:`~errands.store.base.EventLog.events`)."""
         await self.get(task_id, principal)
         return await self.store.events(task_id, after=after, limit=max(1, min(limit, 1000)), streams=streams)
 
-    async def _all_events(self, task_id: str) -> list[Event]:
+    async def _stream_events(self, task_id: str) -> list[Event]:
+        """Every ``task.stream`` event of the task (and those that ended it), oldest first."""
         events: list[Event] = []
         while True:
-            page = await self.store.events(task_id, after=events[-1].seq if events else 0, limit=1000)
+            after = events[-1].seq if events else 0
+            page = await self.store.events(task_id, after=after, limit=1000, streams="only")
             events.extend(page)
             if len(page) < 1000:
                 return events
 
     async def streams(self, task_id: str, principal: Principal) -> list[StreamInfo]:
         await self.get(task_id, principal)
-        return streams(await self._all_events(task_id))
+        return streams(await self._stream_events(task_id))
 
     async def stream(
         self, task_id: str, principal: Principal, name: str, *, attempt: int | None, offset: int
     ) -> StreamRead:
         """Stream ``name`` as written so far (empty if nothing was), and the seq to watch after."""
-        await self.get(task_id, principal)
-        events = await self._all_events(task_id)
+        record = await self.get(task_id, principal)
+        events = await self._stream_events(task_id)
         read = read_stream(events, name, attempt=attempt, offset=offset)
-        read.seq = events[-1].seq if events else 0
+        # The task's latest event when the read began, or a later chunk the read included.
+        read.seq = max(record.seq, events[-1].seq if events else 0)
         return read
 
     # -- admin --------------------------------------------------------------------------------

@@ -29,13 +29,8 @@ FLAGS = [
     "--disable-sync",
 ]
 
-PAGE = """<!doctype html><meta charset="utf-8"><title>watch</title>
-<script type="module">
-const params = new URLSearchParams(location.search);
-const { watchTask, wxAdapter } = await import(params.get("api") + "/client/errands.js");
-window.events = []; window.transports = []; window.errors = [];
-// What a WeChat mini-program provides (wx.connectSocket, wx.request), built on the browser's own.
-const wx = {
+#: What a WeChat mini-program provides (wx.connectSocket, wx.request), built on the browser's own.
+WX = """const wx = {
   connectSocket({ url }) {
     const ws = new WebSocket(url);
     return {
@@ -53,7 +48,17 @@ const wx = {
       .catch((e) => fail({ errMsg: String(e) }));
   },
 };
-watchTask(params.get("id"), {
+"""
+
+PAGE = (
+    """<!doctype html><meta charset="utf-8"><title>watch</title>
+<script type="module">
+const params = new URLSearchParams(location.search);
+const { watchTask, wxAdapter } = await import(params.get("api") + "/client/errands.js");
+window.events = []; window.transports = []; window.errors = [];
+"""
+    + WX
+    + """watchTask(params.get("id"), {
   adapter: params.get("wx") ? wxAdapter(wx) : undefined,
   baseUrl: params.get("api"),
   token: params.get("token"),
@@ -64,6 +69,7 @@ watchTask(params.get("id"), {
   onTransport: (t) => window.transports.push(t),
 });
 </script>"""
+)
 
 
 @pytest.fixture(scope="module")
@@ -204,27 +210,15 @@ class CuttableProxy:
         self.cut()
 
 
-STREAM_PAGE = """<!doctype html><meta charset="utf-8"><title>stream</title>
+STREAM_PAGE = (
+    """<!doctype html><meta charset="utf-8"><title>stream</title>
 <script type="module">
 const params = new URLSearchParams(location.search);
 const { watchTask, wxAdapter } = await import(params.get("api") + "/client/errands.js");
 window.lengths = [];
-// A mini-program's wx.connectSocket, built on the browser's WebSocket (as in PAGE).
-const wx = {
-  connectSocket({ url }) {
-    const ws = new WebSocket(url);
-    return {
-      send: ({ data }) => ws.send(data),
-      close: () => ws.close(),
-      onOpen: (fn) => ws.addEventListener("open", () => fn({})),
-      onMessage: (fn) => ws.addEventListener("message", (m) => fn({ data: m.data })),
-      onClose: (fn) => ws.addEventListener("close", () => fn({})),
-      onError: (fn) => ws.addEventListener("error", () => fn({ errMsg: "error" })),
-    };
-  },
-  request() { throw new Error("not used"); },
-};
-const handle = watchTask(params.get("id"), {
+"""
+    + WX
+    + """const handle = watchTask(params.get("id"), {
   adapter: params.get("wx") ? wxAdapter(wx) : undefined,
   baseUrl: params.get("api"),
   token: params.get("token"),
@@ -236,6 +230,7 @@ const handle = watchTask(params.get("id"), {
   onEnd: (task) => { window.done = task; },
 });
 </script>"""
+)
 
 
 @pytest.mark.parametrize("wx", [False, True], ids=["browser", "mini-program"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
@@ -12,6 +12,7 @@ from errands.api.routing import Call, PathParam, Route
 from errands.api.schemas import EventPage, TaskPage
 from errands.inputs import TASK_ID_PATTERN, TYPE_PATTERN, Owner, Seq
 from errands.model import Status, Task
+from errands.model.streams import StreamChoice
 from errands.service import MAX_BATCH, SubmitRequest
 
 TASK_ID = PathParam("task_id", TASK_ID_PATTERN, "The task id.")
@@ -37,7 +38,7 @@ class EventsQuery(BaseModel):
     after: Annotated[Seq, Field(description="Only events with a greater seq.")] = 0
     limit: Annotated[int, Field(ge=1, le=1000)] = 1000
     streams: Annotated[
-        Literal["include", "only", "none"],
+        StreamChoice,
         Field(description="Output (task.stream events): `none`, `include`, or `only` them (and ends)."),
     ] = "none"
 

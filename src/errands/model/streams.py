@@ -5,12 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
 from errands.model.task import Event, EventType
 
+#: Which events a reader wants, as to output: ``none`` (no ``task.stream`` events), ``include``
+#: (them and every other event), ``only`` (them, and the events that end the task).
+StreamChoice = Literal["include", "only", "none"]
 #: How many streams one attempt may write.
 MAX_STREAMS = 16
 #: The key of ``TaskRecord.stream_positions`` that counts the bytes (stream names cannot be it).

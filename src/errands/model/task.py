@@ -246,6 +246,16 @@ class Change:
         return self.record.public_json() if self.payload is None else self.payload
 
 
+def event_json(seq: int, kind: EventType, at: float, task_json: bytes) -> bytes:
+    """An event as the API shows it, ``{seq, type, at, task}``, with ``task_json`` as its task."""
+    return b'{"seq":%d,"type":"%s","at":"%s","task":%s}' % (
+        seq,
+        kind.value.encode(),
+        (iso(at) or "").encode(),
+        task_json,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """One committed change of one task, numbered by ``seq`` (unique and increasing).
@@ -276,10 +286,7 @@ class Event:
                     % (self.seq, at, orjson.dumps(self.task_id), self.task_json)
                 )
             else:
-                self._json.append(
-                    b'{"seq":%d,"type":"%s","at":"%s","task":%s}'
-                    % (self.seq, self.type.value.encode(), at, self.task_json)
-                )
+                self._json.append(event_json(self.seq, self.type, self.at, self.task_json))
         return self._json[0]
 
     def sse(self) -> bytes:

@@ -30,6 +30,7 @@ from typing import Protocol, runtime_checkable
 
 from errands.errors import ErrandsError
 from errands.model import Change, Event, EventType, NewTask, TaskRecord
+from errands.model.streams import StreamChoice
 from errands.store.records import (
     Attempt,
     AttemptResult,
@@ -182,7 +183,7 @@ class Sweeping(Protocol):
 
 class EventLog(Protocol):
     async def events(
-        self, task_id: str, *, after: int = 0, limit: int = 1000, streams: str = "include"
+        self, task_id: str, *, after: int = 0, limit: int = 1000, streams: StreamChoice = "include"
     ) -> list[Event]:
         """A task's events after ``after``, in order; ``streams``: with its ``task.stream``
         events (``include``), without (``none``), or only them and those that end it (``only``)."""

@@ -13,18 +13,20 @@ import contextlib
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from errands.context import StreamLimit
+from errands.context import DONE, StreamLimit
 from errands.inputs import STREAM_NAME_PATTERN, BadValue, check_text
 from errands.model.streams import MAX_STREAMS
 
 #: A stream's name: what ``GET /v1/tasks/{id}/streams/{name}`` and the events call it.
 STREAM_NAME = re.compile(STREAM_NAME_PATTERN)
+#: The longest a sync handler's thread waits for room (the attempt may have ended meanwhile).
+_THREAD_WAIT_S = 30.0
 
 
 @dataclass(slots=True)
@@ -150,7 +152,7 @@ class Streams:
         if threading.get_ident() == self._loop_thread:
             self._schedule()
             if not over:
-                return _DONE
+                return DONE
             self._room.clear()
             return asyncio.ensure_future(self._wait_room())
         with contextlib.suppress(RuntimeError, TimeoutError):  # the loop is gone or stuck
@@ -158,7 +160,7 @@ class Streams:
                 asyncio.run_coroutine_threadsafe(self._make_room(), self._loop).result(_THREAD_WAIT_S)
             else:
                 self._loop.call_soon_threadsafe(self._schedule)
-        return _DONE
+        return DONE
 
     async def _wait_room(self) -> None:
         await self._room.wait()
@@ -212,21 +214,3 @@ class Streams:
         self._room.set()
         if parts and write:
             await self._write_out(parts)
-
-
-#: The longest a sync handler's thread waits for room (the attempt may have ended meanwhile).
-_THREAD_WAIT_S = 30.0
-
-
-class _Done:
-    """Awaitable and already done: what ``add`` returns when the chunk fits (awaiting it is
-    optional, as for progress)."""
-
-    __slots__ = ()
-
-    def __await__(self) -> Generator[Any, None, None]:
-        return
-        yield  # pragma: no cover - makes this a generator
-
-
-_DONE = _Done()

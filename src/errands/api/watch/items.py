@@ -29,6 +29,8 @@ from errands.errors import BadRequest, Forbidden
 from errands.hub import Watch, WatchClosed, WatchFilter
 from errands.inputs import BadValue, parse_seq
 from errands.model import Event, EventType, Status, TaskRecord
+from errands.model.streams import StreamChoice
+from errands.model.task import event_json
 from errands.store.records import TaskQuery
 
 if TYPE_CHECKING:
@@ -82,13 +84,9 @@ class Render:
             self._known[event.task_id] = task
         if before is not None:
             task = {k: v for k, v in task.items() if k in _ALWAYS or before.get(k) != v}
-        data = b'{"seq":%d,"type":"%s","at":"%s","task":%s}' % (
-            event.seq,
-            event.type.value.encode(),
-            (iso(event.at) or "").encode(),
-            orjson.dumps(task),
+        return Item(
+            event.type.value, event.seq, event_json(event.seq, event.type, event.at, orjson.dumps(task))
         )
-        return Item(event.type.value, event.seq, data)
 
 
 def _snapshot_item(record: TaskRecord) -> Item:
@@ -253,7 +251,7 @@ def resume_point(last_event_id: str | None, after: int | None) -> int | None:
 
 
 async def open_task_watch(
-    runtime: Runtime, principal: Principal, task_id: str, *, streams: str = "none"
+    runtime: Runtime, principal: Principal, task_id: str, *, streams: StreamChoice = "none"
 ) -> Watch:
     """Check the caller may watch the task, then register the watch (before reading anything)."""
     await runtime.service.get(task_id, principal)
@@ -267,7 +265,7 @@ def open_set_watch(
     type: str | None,
     status: Status | None,
     owner: str | None,
-    streams: str = "none",
+    streams: StreamChoice = "none",
 ) -> Watch:
     principal.require(READ)
     if principal.task_id is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
@@ -23,8 +23,8 @@ from errands.api.watch.items import (
 from errands.hub import Watch
 from errands.inputs import TYPE_PATTERN, Owner, Seq
 from errands.model import Status
+from errands.model.streams import StreamChoice
 
-StreamChoice = Literal["include", "only", "none"]
 SSE_HEADERS = {
     "Cache-Control": "no-cache, no-transform",
     "X-Accel-Buffering": "no",  # nginx and friends must not buffer the stream

@@ -25,6 +25,7 @@ from errands.errors import ApiError, BadRequest, NotFound
 from errands.hub import Watch
 from errands.inputs import TASK_ID_PATTERN, TYPE_PATTERN, Owner, Seq
 from errands.model import Status
+from errands.model.streams import StreamChoice
 
 if TYPE_CHECKING:
     from errands.runtime import Runtime
@@ -49,7 +50,7 @@ class WsMessage(BaseModel):
     filter: WsFilter | None = None
     after: Seq | None = None
     #: Output streams (see the SSE routes).
-    streams: Literal["include", "only", "none"] = "none"
+    streams: StreamChoice = "none"
     compact: bool = False
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from errands.model import Event
+from errands.model.streams import StreamChoice
 from errands.store.columns import to_event
 from errands.store.records import LogRead
 from errands.store.shared import Dialect
@@ -10,7 +11,7 @@ from errands.store.shared import Dialect
 
 class LogOps(Dialect):
     async def events(
-        self, task_id: str, *, after: int = 0, limit: int = 1000, streams: str = "include"
+        self, task_id: str, *, after: int = 0, limit: int = 1000, streams: StreamChoice = "include"
     ) -> list[Event]:
         sql = {"include": self.sql.task_events, "none": self.sql.task_events_plain}.get(
             streams, self.sql.task_events_output

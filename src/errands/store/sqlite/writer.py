@@ -131,27 +131,8 @@ class SqliteTx(TxBase):
                 _set_seq(record, self.seq)
                 fresh.append(record)
         self.conn.executemany(_INSERT_TASK, [values(r) for r in fresh])
-        snapshots = [r.public_json() for r in fresh]
-        self.conn.executemany(
-            _INSERT_EVENT,
-            [
-                (
-                    r.seq,
-                    EventType.CREATED.value,
-                    r.updated_at,
-                    r.id,
-                    r.owner,
-                    r.type,
-                    r.status.value,
-                    snapshot,
-                )
-                for r, snapshot in zip(fresh, snapshots, strict=True)
-            ],
-        )
-        self.events.extend(
-            Event(r.seq, EventType.CREATED, r.updated_at, r.id, r.owner, r.type, r.status, snapshot)
-            for r, snapshot in zip(fresh, snapshots, strict=True)
-        )
+        self._events([Event(r.seq, EventType.CREATED, r.updated_at, r.id, r.owner, r.type, r.status,
+                            r.public_json()) for r in fresh])  # fmt: skip
         return done
 
     def write(self, change: Change, before: TaskRecord) -> TaskRecord:
@@ -171,23 +152,18 @@ class SqliteTx(TxBase):
 
     def _event(self, record: TaskRecord, kind: EventType, payload: bytes | None = None) -> None:
         task_json = record.public_json() if payload is None else with_seq(payload, record.seq)
-        self.conn.execute(
-            _INSERT_EVENT,
-            (record.seq, kind.value, record.updated_at, record.id, record.owner, record.type,
-             record.status.value, task_json),
-        )  # fmt: skip
-        self.events.append(
-            Event(
-                record.seq,
-                kind,
-                record.updated_at,
-                record.id,
-                record.owner,
-                record.type,
-                record.status,
-                task_json,
-            )
-        )
+        self._events([Event(record.seq, kind, record.updated_at, record.id, record.owner, record.type,
+                            record.status, task_json)])  # fmt: skip
+
+    def _events(self, events: list[Event]) -> None:
+        """Append events to the log, and to what the commit will announce."""
+        rows = [(e.seq, e.type.value, e.at, e.task_id, e.owner, e.task_type, e.status.value, e.task_json)
+                for e in events]  # fmt: skip
+        if len(rows) == 1:  # every change of a task: the plain call is the cheaper one
+            self.conn.execute(_INSERT_EVENT, rows[0])
+        else:
+            self.conn.executemany(_INSERT_EVENT, rows)
+        self.events.extend(events)
 
     # -- undoing one change -------------------------------------------------------------------
 
