@@ -310,7 +310,7 @@ def submit(
         task = await client.submit(type, data, id=id, owner=owner, priority=priority)
         if wait:
             typer.echo(f"submitted {task.id}", err=True)
-            task = await follow(client, task.id)
+            task = await follow(client, task.id, streams=False)  # stdout is the task's JSON
         return task
 
     task = _client_call(url, token, call)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import threading
@@ -77,6 +78,12 @@ def test_errands_watch_prints_what_the_task_streams(cluster: Cluster) -> None:
     assert result.returncode == 0, result.stderr
     stored = client.get(f"/v1/tasks/{task['id']}/streams/text").text
     assert len(stored.split(" ")) == 80 and result.stdout == stored
+    # submit --wait prints the task's JSON, not what it streams.
+    waited = subprocess.run(
+        [ERRANDS, "submit", "write", "--input", '{"words": 5, "every_s": 0}', "--wait"],
+        env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert waited.returncode == 0 and json.loads(waited.stdout)["status"] == "completed"
 
 
 def test_the_sdk_stream_resumes_across_a_server_crash_and_shows_the_retry(cluster: Cluster) -> None:
