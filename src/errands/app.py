@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
 from typing import Any
 
 from errands.auth import SYSTEM
@@ -82,12 +83,16 @@ class Errands(Registry):
         max_attempts: int | None = None,
         expires_in_s: float | None = None,
         notify_url: str | None = None,
+        run_at: datetime | None = None,
+        delay_s: float | None = None,
+        start_within_s: float | None = None,
     ) -> Task:
         """Submit a task from code living next to the service; returns at once with the task.
 
         Same rules as ``POST /v1/tasks``: an ``id`` makes the call idempotent; a value the API
         would refuse raises the same error (:class:`errands.errors.InvalidRequest`, with the
-        same message).
+        same message). ``run_at`` (an aware datetime) or ``delay_s`` delays its first run;
+        never started within ``start_within_s`` of then, it ends ``timeout`` (``not_started``).
         """
         if self._runtime is None:
             raise Unavailable("The app is not running; use `async with app.running():` or `errands serve`.")
@@ -103,6 +108,9 @@ class Errands(Registry):
                 "max_attempts": max_attempts,
                 "expires_in_s": None if expires_in_s is None else float(expires_in_s),
                 "notify_url": notify_url,
+                "run_at": run_at,
+                "delay_s": None if delay_s is None else float(delay_s),
+                "start_within_s": None if start_within_s is None else float(start_within_s),
             },
         )
         record, _ = await self._runtime.service.submit(request, SYSTEM)

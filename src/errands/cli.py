@@ -294,6 +294,15 @@ def submit(
     ] = None,
     owner: Annotated[str | None, typer.Option(help="Owner of the task (admin keys only).")] = None,
     priority: Annotated[int | None, typer.Option(help="Higher runs first.")] = None,
+    run_at: Annotated[
+        str | None, typer.Option("--run-at", help="When it may first run (RFC 3339, with an offset).")
+    ] = None,
+    delay: Annotated[
+        float | None, typer.Option("--delay", help="Seconds to wait before its first run.", min=0)
+    ] = None,
+    start_within: Annotated[
+        float | None, typer.Option("--start-within", help="Time out if not started this many seconds after.")
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the task until it ends.")] = False,
     url: UrlOpt = "http://127.0.0.1:8000",
     token: TokenOpt = None,
@@ -307,7 +316,16 @@ def submit(
         fail("--input must be a JSON object.", 2)
 
     async def call(client: Any) -> Any:
-        task = await client.submit(type, data, id=id, owner=owner, priority=priority)
+        task = await client.submit(
+            type,
+            data,
+            id=id,
+            owner=owner,
+            priority=priority,
+            run_at=run_at,
+            delay_s=delay,
+            start_within_s=start_within,
+        )
         if wait:
             typer.echo(f"submitted {task.id}", err=True)
             task = await follow(client, task.id, streams=False)  # stdout is the task's JSON
@@ -414,6 +432,61 @@ def token(
     typer.echo(
         _client_call(url, token, lambda c: c.mint_token(owner, scopes=scopes, task_id=task_id, ttl_s=ttl_s))
     )
+
+
+schedules_cli = typer.Typer(help="Cron schedules (admin): list, set, pause, resume, delete.")
+cli.add_typer(schedules_cli, name="schedules")
+NameArg = Annotated[str, typer.Argument(help="The schedule's name.")]
+
+
+@schedules_cli.command("list")
+def schedules_list(url: UrlOpt = "http://127.0.0.1:8000", token: TokenOpt = None) -> None:
+    """Every schedule and its next run."""
+    found = _client_call(url, token, lambda c: c.schedules())
+    for s in found:
+        when = "paused" if s["paused"] else s["next_at"] or "no more runs"
+        typer.echo(f"{s['name']:<24} {s['cron']:<16} {s['tz']:<20} {s['type']:<16} {when}")
+    if not found:
+        typer.echo("no schedules")
+
+
+@schedules_cli.command("set")
+def schedules_set(
+    name: NameArg,
+    cron: Annotated[str, typer.Option(help="When: a cron expression, e.g. '0 9 * * *'.")],
+    type: Annotated[str, typer.Option("--type", help="The task type it submits.")],
+    tz: Annotated[str, typer.Option(help="The time zone the expression is read in.")] = "UTC",
+    input: Annotated[str, typer.Option("--input", help="The tasks' input, a JSON object.")] = "{}",
+    missed: Annotated[str, typer.Option(help="Missed slots: 'last' runs the latest, 'skip' none.")] = "last",
+    url: UrlOpt = "http://127.0.0.1:8000",
+    token: TokenOpt = None,
+) -> None:
+    """Create or replace a schedule; print it with its next runs."""
+    try:
+        data = orjson.loads(input)
+    except orjson.JSONDecodeError:
+        fail("--input is not valid JSON.", 2)
+    options = {"tz": tz, "input": data, "missed": missed}
+    _print_json(_client_call(url, token, lambda c: c.put_schedule(name, type=type, cron=cron, **options)))
+
+
+@schedules_cli.command("pause")
+def schedules_pause(name: NameArg, url: UrlOpt = "http://127.0.0.1:8000", token: TokenOpt = None) -> None:
+    """No slot fires until it is resumed."""
+    _print_json(_client_call(url, token, lambda c: c.pause_schedule(name)))
+
+
+@schedules_cli.command("resume")
+def schedules_resume(name: NameArg, url: UrlOpt = "http://127.0.0.1:8000", token: TokenOpt = None) -> None:
+    """Fire again from the next slot (those that passed while paused do not run)."""
+    _print_json(_client_call(url, token, lambda c: c.pause_schedule(name, paused=False)))
+
+
+@schedules_cli.command("delete")
+def schedules_delete(name: NameArg, url: UrlOpt = "http://127.0.0.1:8000", token: TokenOpt = None) -> None:
+    """Delete a schedule (the tasks it submitted stay)."""
+    _client_call(url, token, lambda c: c.delete_schedule(name))
+    typer.echo(f"deleted {name}")
 
 
 def main() -> None:

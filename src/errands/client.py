@@ -23,6 +23,7 @@ import logging
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal, TypeVar, overload
 
 import httpx
@@ -193,7 +194,7 @@ class AsyncClient:
         except httpx.TransportError as exc:
             raise errors.Unavailable(f"Cannot reach errands at {self.url}: {type(exc).__name__}.") from exc
         _raise_for(response)
-        return response.json()
+        return response.json() if response.content else None
 
     async def submit(
         self,
@@ -206,8 +207,14 @@ class AsyncClient:
         timeout_s: float | None = None,
         max_attempts: int | None = None,
         expires_in_s: float | None = None,
+        notify_url: str | None = None,
+        run_at: datetime | str | None = None,
+        delay_s: float | None = None,
+        start_within_s: float | None = None,
     ) -> Task:
-        """Submit a task; with ``id`` the call is idempotent (safe to repeat)."""
+        """Submit a task; with ``id`` the call is idempotent (safe to repeat). ``run_at`` (an
+        aware datetime, or RFC 3339 text) or ``delay_s`` delays its first run; never started
+        within ``start_within_s`` of then, it ends ``timeout`` with code ``not_started``."""
         body: dict[str, Any] = {"type": type, "input": input or {}}
         for key, value in (
             ("id", id),
@@ -216,6 +223,10 @@ class AsyncClient:
             ("timeout_s", timeout_s),
             ("max_attempts", max_attempts),
             ("expires_in_s", expires_in_s),
+            ("notify_url", notify_url),
+            ("run_at", run_at.isoformat() if isinstance(run_at, datetime) else run_at),
+            ("delay_s", delay_s),
+            ("start_within_s", start_within_s),
         ):
             if value is not None:
                 body[key] = value
@@ -284,6 +295,32 @@ class AsyncClient:
         if task_id is not None:
             body["task_id"] = task_id
         return str((await self._request("POST", "/v1/tokens", json=body))["token"])
+
+    async def schedules(self) -> builtins.list[dict[str, Any]]:
+        """Every schedule (admin), as ``GET /v1/schedules`` shows them."""
+        data = await self._request("GET", "/v1/schedules")
+        return builtins.list(data["schedules"])
+
+    async def schedule(self, name: str, *, next: int = 5) -> dict[str, Any]:
+        """A schedule and its next ``next`` runs (admin)."""
+        data: dict[str, Any] = await self._request("GET", f"/v1/schedules/{name}", params={"next": next})
+        return data
+
+    async def put_schedule(self, name: str, *, type: str, cron: str, **options: Any) -> dict[str, Any]:
+        """Create or replace a schedule (admin); ``options``: ``tz``, ``input``, ``owner``,
+        ``priority``, ``missed`` (``"last"`` or ``"skip"``), ``grace_s``."""
+        body = {"type": type, "cron": cron, **options}
+        data: dict[str, Any] = await self._request("PUT", f"/v1/schedules/{name}", json=body)
+        return data
+
+    async def pause_schedule(self, name: str, *, paused: bool = True) -> dict[str, Any]:
+        """Pause a schedule, or with ``paused=False`` resume it from its next slot (admin)."""
+        action = "pause" if paused else "resume"
+        data: dict[str, Any] = await self._request("POST", f"/v1/schedules/{name}/{action}")
+        return data
+
+    async def delete_schedule(self, name: str) -> None:
+        await self._request("DELETE", f"/v1/schedules/{name}")
 
     async def wait(self, task_id: str, *, timeout_s: float | None = None) -> Task:
         """The task once it has ended (watched live); ``TimeoutError`` after ``timeout_s``."""
@@ -604,6 +641,21 @@ class Client:
 
     def mint_token(self, owner: str, **options: Any) -> str:
         return self._portal.call(self._async.mint_token(owner, **options))
+
+    def schedules(self) -> builtins.list[dict[str, Any]]:
+        return self._portal.call(self._async.schedules())
+
+    def schedule(self, name: str, *, next: int = 5) -> dict[str, Any]:
+        return self._portal.call(self._async.schedule(name, next=next))
+
+    def put_schedule(self, name: str, *, type: str, cron: str, **options: Any) -> dict[str, Any]:
+        return self._portal.call(self._async.put_schedule(name, type=type, cron=cron, **options))
+
+    def pause_schedule(self, name: str, *, paused: bool = True) -> dict[str, Any]:
+        return self._portal.call(self._async.pause_schedule(name, paused=paused))
+
+    def delete_schedule(self, name: str) -> None:
+        self._portal.call(self._async.delete_schedule(name))
 
     def wait(self, task_id: str, *, timeout_s: float | None = None) -> Task:
         return self._portal.call(self._async.wait(task_id, timeout_s=timeout_s))

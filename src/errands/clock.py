@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -24,12 +25,25 @@ class ManualClock:
 
     def __init__(self, start: float = 1_800_000_000.0) -> None:
         self._now = start
+        self._listeners: list[Callable[[], None]] = []
 
     def now(self) -> float:
         return self._now
 
     def advance(self, seconds: float) -> None:
         self._now += seconds
+        for listener in list(self._listeners):
+            listener()
+
+    def on_advance(self, listener: Callable[[], None]) -> None:
+        """``listener()`` runs after each :meth:`advance` (timers waiting on this clock look again)."""
+        self._listeners.append(listener)
+
+
+def on_advance(clock: Clock, listener: Callable[[], None]) -> None:
+    """Run ``listener()`` whenever a controlled clock is moved (the real one moves by itself)."""
+    if isinstance(clock, ManualClock):
+        clock.on_advance(listener)
 
 
 _PREFIXES: dict[int, str] = {}

@@ -91,6 +91,8 @@ class Settings(BaseSettings):
     sweep_batch: int = Field(500, ge=1)
     retention_s: float = Field(86_400.0, ge=0)
     tombstone_s: float = Field(7 * 86_400.0, ge=0)
+    # schedules: how soon a node sees a schedule another node stored (its own, at once)
+    schedule_poll_s: float = Field(10.0, gt=0)
 
     # watches
     watch_keepalive_s: float = Field(15.0, gt=0)

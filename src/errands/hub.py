@@ -299,7 +299,7 @@ class Hub:
     # -- the store's commits (the hub is its one subscriber) ----------------------------------
 
     def committed(self, events: Sequence[Event]) -> None:
-        hint = hints(e.type for e in events)
+        hint = hints((e.type, e.waits) for e in events)
         if self._only is not None:
             self.remote_commit(hint)  # read like any other commit: only the followed tasks
             return

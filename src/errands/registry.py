@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,6 +19,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from errands.errors import ConfigError
 from errands.inputs import TYPE_PATTERN
 from errands.model import Task, valid_pattern
+from errands.model.schedules import BadSchedule, Missed, ScheduleSpec
+from errands.model.schedules import check as check_schedule
 
 if TYPE_CHECKING:
     from errands.context import TaskContext
@@ -133,6 +136,7 @@ class Registry:
         self.providers: dict[str, Provider] = {}
         self.hooks: dict[str, Hook] = {}
         self.wechat_config: WeChatConfig | None = None
+        self.schedules: dict[str, ScheduleSpec] = {}
 
     def _check(
         self, name: str, timeout_s: float | None, max_attempts: int | None, concurrency_per_owner: int | None
@@ -204,6 +208,49 @@ class Registry:
                 max_attempts=max_attempts,
                 concurrency_per_owner=concurrency_per_owner,
             )
+            return handler
+
+        return register
+
+    def schedule(
+        self,
+        name: str,
+        *,
+        cron: str,
+        type: str | None = None,
+        tz: str = "UTC",
+        input: dict[str, Any] | None = None,
+        owner: str | None = None,
+        priority: int = 0,
+        missed: Missed = "last",
+        grace_s: float = 60.0,
+    ) -> Callable[[H], H]:
+        """Submit a task of ``type`` at each slot of ``cron`` (five fields, or six with seconds
+        first) in time zone ``tz``, once per slot across every node (see
+        :mod:`errands.model.schedules`). Used as a decorator on a handler (``@app.schedule(...)``
+        above ``@app.task(...)``), ``type`` defaults to that handler's task type; called with
+        ``type``, it declares the schedule alone. Slots missed while errands did not run:
+        ``missed="last"`` runs the latest of them, ``"skip"`` only one at most ``grace_s`` late."""
+        if name in self.schedules:
+            raise ConfigError(f"Schedule '{name}' is declared twice.")
+
+        def declare(task_type: str) -> None:
+            spec = ScheduleSpec(name, task_type, cron, tz, input or {}, owner, priority, missed, grace_s)
+            try:
+                check_schedule(spec, now=time.time())
+            except BadSchedule as exc:
+                raise ConfigError(f"Schedule '{name}': {exc}") from None
+            self.schedules[name] = spec
+
+        if type is not None:
+            declare(type)
+
+        def register(handler: H) -> H:
+            if type is None:
+                names = [t.name for t in self.task_types.values() if t.handler is handler]
+                if len(names) != 1:
+                    raise ConfigError(f"Schedule '{name}': put it above @app.task, or give type=.")
+                declare(names[0])
             return handler
 
         return register

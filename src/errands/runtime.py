@@ -28,6 +28,7 @@ from errands.notify.endpoints import NotifyAdmin
 from errands.notify.notifier import Notifier
 from errands.providers import Callbacks
 from errands.registry import Registry
+from errands.scheduler import Scheduler
 from errands.service import Service
 from errands.store import open_store
 from errands.store.base import TaskLog
@@ -59,6 +60,7 @@ class Parts:
     intake: Intake
     service: Service
     notify_admin: NotifyAdmin
+    scheduler: Scheduler
 
 
 class Runtime:
@@ -123,6 +125,10 @@ class Runtime:
         return self.parts.notify_admin
 
     @property
+    def scheduler(self) -> Scheduler:
+        return self.parts.scheduler
+
+    @property
     def authenticator(self) -> Authenticator | None:
         return None if self._parts is None else self._parts.authenticator
 
@@ -179,6 +185,8 @@ class Runtime:
                     intake=parts.intake,
                 )
                 self.supervisor.spawn("sweeper", self.sweeper.run())
+                await parts.scheduler.declare()
+                self.supervisor.spawn("scheduler", parts.scheduler.run())
             if sweeper if notifier is None else notifier:
                 self.notifier = Notifier(
                     self.app, self.store, self.hub, self.settings, clock=self.clock, rng=self.rng,
@@ -204,22 +212,18 @@ class Runtime:
             self.settings.provider_timeout_s,
             self.settings.stream_max_bytes,
         )
+        service = Service(
+            self.app, self.store, self.settings, self.clock, signer=signer, guard=self.guard, intake=intake
+        )
         return Parts(
             credentials=credentials,
             authenticator=Authenticator(signer, credentials.admin_hashes),
             capabilities=capabilities,
             callbacks=Callbacks(self.base_url, capabilities),
             intake=intake,
-            service=Service(
-                self.app,
-                self.store,
-                self.settings,
-                self.clock,
-                signer=signer,
-                guard=self.guard,
-                intake=intake,
-            ),
+            service=service,
             notify_admin=NotifyAdmin(self.store, self.settings, self.clock, self.guard),
+            scheduler=Scheduler(self.store, service, self.app, self.settings, clock=self.clock),
         )
 
     async def _credentials(self, *, generate_admin_key: bool) -> Credentials:
@@ -277,6 +281,8 @@ class Runtime:
         problems.extend(f"{name}: {state}" for name, state in self.supervisor.failures.items())
         if self.sweeper is not None and self.sweeper.last_error is not None:
             problems.append("sweeper: the last sweep failed")
+        if self.sweeper is not None and self.parts.scheduler.last_error is not None:
+            problems.append("scheduler: firing schedules failed")
         if self.notifier is not None and self.notifier.last_error is not None:
             problems.append(f"notifier: {self.notifier.last_error}")
         return {"ready": not problems, "problems": problems, "loops": self.supervisor.alive()}

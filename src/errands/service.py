@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from errands import model
 from errands.auth import READ, WRITE, Principal, TokenSigner
@@ -50,6 +50,8 @@ class _Store(Tasks, Sweeping, EventLog, Protocol):
 MAX_LIST_LIMIT = 200
 
 
+#: How far ahead a task may be delayed.
+MAX_DELAY_S = 366 * 86_400
 #: The most tasks one batch may submit.
 MAX_BATCH = 1000
 #: Ids no task may have: they name routes (``/v1/tasks/batch``).
@@ -70,7 +72,19 @@ class SubmitRequest(BaseModel):
     max_attempts: Annotated[int, Field(ge=1, le=100), integral] | None = None
     expires_in_s: float | None = Field(None, gt=0, le=30 * 86_400)
     notify_url: Annotated[Text, Field(min_length=1, max_length=2048)] | None = None
+    #: When it may first run (RFC 3339 with an offset), or how long after submit; not both.
+    run_at: AwareDatetime | None = None
+    delay_s: float | None = Field(None, ge=0, le=MAX_DELAY_S)
+    start_within_s: float | None = Field(None, gt=0, le=30 * 86_400)
 
+    @model_validator(mode="after")
+    def _one_time(self) -> SubmitRequest:
+        if self.run_at is not None and self.delay_s is not None:
+            raise ValueError("give run_at or delay_s, not both")
+        return self
+
+
+_LATER_FIELDS = ("run_at", "delay_s", "start_within_s")
 
 Scope = Literal["read", "write"]
 ALL_SCOPES: tuple[Scope, ...] = ("read", "write")
@@ -152,7 +166,7 @@ class Service:
 
     async def submit(self, request: SubmitRequest, principal: Principal) -> tuple[TaskRecord, bool]:
         """Create a task; ``(task, False)`` when the same request was already accepted."""
-        new = await self._prepare(request, principal)
+        new = await self.prepare(request, principal)
         return await self.store.create(new, max_pending_per_owner=self.settings.max_pending_per_owner)
 
     async def submit_many(
@@ -174,7 +188,7 @@ class Service:
                 answers[i] = invalid(list(exc.errors()))
                 continue
             try:
-                prepared.append((i, await self._prepare(request, principal)))
+                prepared.append((i, await self.prepare(request, principal)))
             except ApiError as exc:
                 answers[i] = exc
         created = await self.store.create_many(
@@ -184,7 +198,7 @@ class Service:
             answers[i] = answer if isinstance(answer, tuple | ApiError) else InvalidRequest(str(answer))
         return [a for a in answers if a is not None]
 
-    async def _prepare(self, request: SubmitRequest, principal: Principal) -> NewTask:
+    async def prepare(self, request: SubmitRequest, principal: Principal) -> NewTask:
         """A submission checked, authorised and made a :class:`NewTask`."""
         principal.require(WRITE)
         if request.id in RESERVED_IDS:
@@ -213,8 +227,16 @@ class Service:
             check_json(request.input, what="input", max_depth=self.settings.max_json_depth)
         except BadValue as exc:
             raise InvalidRequest(f"{exc}.") from None
+        run_at = None if request.run_at is None else request.run_at.timestamp()
+        if run_at is not None and run_at - self.clock.now() > MAX_DELAY_S:
+            raise InvalidRequest(f"run_at: at most {MAX_DELAY_S // 86_400} days ahead.")
+        # The fields added since 0.1 count only when given, so that the requests accepted before
+        # them still match their fingerprints.
+        unset = {k for k in _LATER_FIELDS if getattr(request, k) is None}
         fingerprint = hashlib.sha256(
-            orjson.dumps([request.model_dump(exclude={"id", "owner"}), owner], option=orjson.OPT_SORT_KEYS)
+            orjson.dumps(
+                [request.model_dump(exclude={"id", "owner", *unset}), owner], option=orjson.OPT_SORT_KEYS
+            )
         ).hexdigest()
         return NewTask(
             id=request.id or new_task_id(),
@@ -227,6 +249,9 @@ class Service:
             expires_in_s=request.expires_in_s or self.settings.default_expires_in_s,
             fingerprint=fingerprint,
             notify_url=request.notify_url,
+            run_at=run_at,
+            delay_s=request.delay_s or 0.0,
+            start_within_s=request.start_within_s,
         )
 
     async def get(self, task_id: str, principal: Principal) -> TaskRecord:

@@ -7,6 +7,8 @@ Each pass looks for
 * running tasks past their attempt's deadline (a worker that cannot enforce it, such as a hung
   sync handler): the same, ending ``timeout``;
 * unfinished tasks past ``expires_at``: ``timeout`` with code ``expired``;
+* pending tasks never started by their ``start_by`` (``start_within_s``): ``timeout`` with code
+  ``not_started``;
 * finished tasks older than the retention period: purged with their events, leaving a tombstone
   so their owner gets ``410 Gone``;
 * external tasks whose provider has not reported in time: polled (every ``poll_every_s`` of their
@@ -51,12 +53,20 @@ class SweepReport:
     requeued_or_failed: int = 0
     timed_out: int = 0
     expired: int = 0
+    not_started: int = 0
     purged: int = 0
     polled: int = 0
 
     @property
     def total(self) -> int:
-        return self.requeued_or_failed + self.timed_out + self.expired + self.purged + self.polled
+        return (
+            self.requeued_or_failed
+            + self.timed_out
+            + self.expired
+            + self.not_started
+            + self.purged
+            + self.polled
+        )
 
 
 class Sweeper:
@@ -127,6 +137,14 @@ class Sweeper:
 
         return decide
 
+    def _not_started(self, now: float) -> Decision:
+        def decide(r: TaskRecord) -> Change | None:
+            if r.status is not Status.PENDING or not model.too_late_to_start(r, now):
+                return None
+            return model.not_started(r, now=now)
+
+        return decide
+
     async def sweep(self) -> SweepReport:
         """One pass; returns what it changed."""
         now = self.clock.now()
@@ -134,6 +152,7 @@ class Sweeper:
         counts = []
         for ids, decide in (
             (due.expired, self._expired(now)),
+            (due.not_started, self._not_started(now)),
             (due.past_deadline, self._past_deadline(now)),
             (due.lease_expired, self._lease_expired(now)),
         ):
@@ -157,7 +176,12 @@ class Sweeper:
             limit=self.settings.sweep_batch,
         )
         report = SweepReport(
-            expired=counts[0], timed_out=counts[1], requeued_or_failed=counts[2], purged=purged, polled=polled
+            expired=counts[0],
+            not_started=counts[1],
+            timed_out=counts[2],
+            requeued_or_failed=counts[3],
+            purged=purged,
+            polled=polled,
         )
         if report.total:
             log.info("sweep: %s", report)

@@ -42,8 +42,9 @@ WX = """const wx = {
       onError: (fn) => ws.addEventListener("error", () => fn({ errMsg: "error" })),
     };
   },
-  request({ url, header, success, fail }) {
-    fetch(url, { headers: header })
+  request({ url, header, method, data, success, fail }) {
+    const body = data === undefined ? undefined : JSON.stringify(data);
+    fetch(url, { headers: header, method: method || "GET", body })
       .then(async (r) => success({ statusCode: r.status, data: await r.json() }))
       .catch((e) => fail({ errMsg: String(e) }));
   },
@@ -153,6 +154,52 @@ def test_a_browser_watches_a_task_to_completion_and_falls_back(
         if transports[-1] != "poll":  # streams deliver every event; polling may merge a few
             assert seqs[1:] == [e["seq"] for e in log if e["seq"] > seqs[0]]
     assert ADMIN_KEY not in cluster.procs[0].output()
+
+
+SUBMIT_PAGE = (
+    """<!doctype html><meta charset="utf-8"><title>submit</title>
+<script type="module">
+const params = new URLSearchParams(location.search);
+const { submitTask, submitTasks, watchTask, wxAdapter } =
+  await import(params.get("api") + "/client/errands.js");
+"""
+    + WX
+    + """const options = { baseUrl: params.get("api"), token: params.get("token"),
+                  adapter: params.get("wx") ? wxAdapter(wx) : undefined };
+const id = params.get("id");
+const task = await submitTask({ type: "echo", id, input: { n: 1 }, delay_s: 0.5 }, options);
+const again = await submitTask({ type: "echo", id, input: { n: 1 }, delay_s: 0.5 }, options);
+let refused = null;
+try { await submitTask({ type: "echo", delay_s: -1 }, options); } catch (e) { refused = [e.status, e.code]; }
+const batch = await submitTasks([{ type: "echo", id: id + "-b" }, { type: "nope" }], options);
+const summary = batch.map((r) => [r.status, r.task ? r.task.id : r.error.code]);
+window.result = { task, again, refused, batch: summary };
+watchTask(id, { ...options, onEnd: (t) => { window.done = t; } });
+</script>"""
+)
+
+
+def test_a_page_submits_delayed_tasks_and_batches_through_errands_js(
+    browser: Any, cluster: Cluster, tmp_path: Path, site: str
+) -> None:
+    _, client = cluster.serve(env={"ERRANDS_CORS_ORIGINS": site})
+    api = str(client.base_url).rstrip("/")
+    token = client.post("/v1/tokens", json={"owner": "web"}).json()["token"]
+    (tmp_path / "submit.html").write_text(SUBMIT_PAGE)
+    for wx in (False, True):
+        task_id = f"page-{int(wx)}"
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(f"{site}/submit.html?id={task_id}&token={token}&api={api}" + ("&wx=1" if wx else ""))
+        page.wait_for_function("() => window.done !== undefined", timeout=30_000)
+        result = page.evaluate("() => ({...window.result, done: window.done})")
+        context.close()
+        assert result["task"]["owner"] == "web" and result["task"]["scheduled_for"] is not None
+        assert result["again"]["seq"] == result["task"]["seq"]  # the same request: the same task
+        assert result["refused"] == [422, "invalid_request"]
+        assert result["batch"] == [[202, f"{task_id}-b"], [422, "unknown_type"]]
+        assert result["done"]["status"] == "completed"
+        assert result["done"]["started_at"] >= result["task"]["scheduled_for"]
 
 
 class CuttableProxy:

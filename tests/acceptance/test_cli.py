@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -24,6 +25,35 @@ def test_serve_runs_the_demo_app_end_to_end(cluster: Cluster) -> None:
     assert "task.progress" in types
     assert client.get("/healthz").json() == {"status": "ok"}
     assert ADMIN_KEY not in proc.output()
+
+
+def test_cli_delays_tasks_and_manages_schedules(cluster: Cluster) -> None:
+    _, client = cluster.serve()
+    env = {**cluster.env, "ERRANDS_URL": str(client.base_url)}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [ERRANDS, *args], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        return done
+
+    later = json.loads(run("submit", "echo", "--delay", "3600", "--start-within", "60").stdout)
+    assert later["status"] == "pending" and later["scheduled_for"] and later["start_by"]
+    at = json.loads(run("submit", "echo", "--run-at", "2000-01-01T00:00:00+08:00", "--wait").stdout)
+    assert at["status"] == "completed" and at["scheduled_for"] is None  # a time past: at once
+    shown = json.loads(run("schedules", "set", "nightly", "--cron", "0 3 * * *", "--type", "echo",
+                           "--tz", "Asia/Shanghai", "--input", '{"n": 1}').stdout)  # fmt: skip
+    assert shown["next_at"].endswith("T19:00:00.000Z") and len(shown["next_runs"]) == 5
+    assert "nightly" in run("schedules", "list").stdout
+    assert json.loads(run("schedules", "pause", "nightly").stdout)["paused"] is True
+    assert "paused" in run("schedules", "list").stdout
+    assert json.loads(run("schedules", "resume", "nightly").stdout)["paused"] is False
+    run("schedules", "delete", "nightly")
+    assert "no schedules" in run("schedules", "list").stdout
+    bad = subprocess.run([ERRANDS, "schedules", "set", "x", "--cron", "0 25 * * *", "--type", "echo"],
+                         env=env, capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert bad.returncode != 0 and "cron" in bad.stderr
 
 
 def test_first_start_generates_and_prints_an_admin_key_once(cluster: Cluster) -> None:

@@ -76,6 +76,8 @@ async def world(runtime_factory: RuntimeFactory) -> AsyncIterator[World]:
         assert (
             await admin.post("/v1/tasks", json={"type": "work", "id": "t1", "owner": "alice"})
         ).status_code == 202
+        s1 = {"name": "s1", "type": "work", "cron": "0 9 * * *"}
+        assert (await admin.post("/v1/schedules", json=s1)).status_code == 201
         r = await admin.post("/v1/endpoints", json={"url": "https://93.184.215.14/hook"})
         assert r.status_code == 201, r.text
         await runtime.app.submit("ext", {"x": 1}, id="ext-1", owner="alice")
@@ -191,6 +193,57 @@ CASES: list[Case] = [
          params={"cursor": _cursor(b'[1e400, "a"]')}),
     Case("cursor with an integer of 400 digits", "GET", "/v1/tasks", 422, "invalid_request",
          params={"cursor": _cursor(b"[" + b"9" * 400 + b', "a"]')}),
+    # -- when a task may run --------------------------------------------------------------------
+    Case("run_at without an offset", "POST", "/v1/tasks", 422, "invalid_request",
+         json={"type": "work", "run_at": "2030-01-01T09:00:00"}),
+    Case("run_at not a time", "POST", "/v1/tasks", 422, json={"type": "work", "run_at": "tomorrow"}),
+    Case("run_at month 13", "POST", "/v1/tasks", 422, json={"type": "work", "run_at": "2030-13-01T00:00:00Z"}),
+    Case("run_at a number", "POST", "/v1/tasks", 422, json={"type": "work", "run_at": 1900000000}),
+    Case("run_at of 400 digits", "POST", "/v1/tasks", 422, json={"type": "work", "run_at": HUGE_TEXT}),
+    Case("run_at with NUL", "POST", "/v1/tasks", 422, json={"type": "work", "run_at": "2030-01-01T00:00:00Z\x00"}),
+    Case("run_at past the last day allowed", "POST", "/v1/tasks", 422, "invalid_request",
+         json={"type": "work", "run_at": "9999-12-31T23:59:00-14:00"}),
+    Case("run_at and delay_s both", "POST", "/v1/tasks", 422, "invalid_request",
+         json={"type": "work", "run_at": "2030-01-01T00:00:00Z", "delay_s": 5}),
+    Case("delay_s negative", "POST", "/v1/tasks", 422, json={"type": "work", "delay_s": -1}),
+    Case("delay_s 1e400", "POST", "/v1/tasks", 422, send=raw_json('{"type": "work", "delay_s": 1e400}')),
+    Case("delay_s NaN", "POST", "/v1/tasks", 422, send=raw_json('{"type": "work", "delay_s": NaN}')),
+    Case("delay_s beyond a year", "POST", "/v1/tasks", 422, json={"type": "work", "delay_s": 400 * 86400}),
+    Case("delay_s as text", "POST", "/v1/tasks", 422, json={"type": "work", "delay_s": "5"}),
+    Case("start_within_s zero", "POST", "/v1/tasks", 422, json={"type": "work", "start_within_s": 0}),
+    Case("start_within_s 2^64", "POST", "/v1/tasks", 422, json={"type": "work", "start_within_s": 2**64}),
+    # -- schedules -----------------------------------------------------------------------------
+    *[
+        Case(f"schedule {what}", "POST", "/v1/schedules", status, code,
+             json={"name": "s2", "type": "work", "cron": "0 9 * * *", **fields})
+        for what, fields, status, code in (
+            ("cron minute 61", {"cron": "61 * * * *"}, 422, "invalid_request"),
+            ("cron of three fields", {"cron": "* * *"}, 422, "invalid_request"),
+            ("cron on February 30th", {"cron": "0 0 30 2 *"}, 422, "invalid_request"),
+            ("cron with NUL", {"cron": "0 9 * * *\x00"}, 422, "invalid_request"),
+            ("tz unknown", {"tz": "Mars/Olympus"}, 422, "invalid_request"),
+            ("tz a path", {"tz": "../../../etc/passwd"}, 422, "invalid_request"),
+            ("tz with NUL", {"tz": "Asia/Shanghai\x00"}, 422, "invalid_request"),
+            ("type unknown", {"type": "nope"}, 422, None),
+            ("name with a space", {"name": "a b"}, 422, "invalid_request"),
+            ("name of 41 characters", {"name": "n" * 41}, 422, "invalid_request"),
+            ("name missing", {"name": None}, 422, "invalid_request"),
+            ("missed unknown", {"missed": "sometimes"}, 422, "invalid_request"),
+            ("grace_s 0", {"grace_s": 0}, 422, "invalid_request"),
+            ("priority 2^63", {"priority": 2**63}, 422, "invalid_request"),
+            ("input beyond 64 bits", {"input": {"n": 2**64}}, 422, "invalid_request"),
+            ("an unknown field", {"every": "day"}, 422, "invalid_request"),
+            ("s1 with another definition", {"name": "s1", "cron": "0 10 * * *"}, 409, "schedule_exists"),
+        )
+    ],
+    Case("schedule next=1000", "GET", "/v1/schedules/s1", 422, params={"next": 1000}),
+    Case("schedule next=-1", "GET", "/v1/schedules/s1", 422, params={"next": -1}),
+    Case("schedule next 2^64", "GET", "/v1/schedules/s1", 422, params={"next": 2**64}),
+    Case("schedule put naming another", "PUT", "/v1/schedules/s1", 422, "invalid_request",
+         json={"name": "s3", "type": "work", "cron": "0 9 * * *"}),
+    Case("schedule put bad cron", "PUT", "/v1/schedules/s1", 422, json={"type": "work", "cron": "0 9 * *"}),
+    Case("pause an unknown schedule", "POST", "/v1/schedules/nope/pause", 404, "not_found"),
+    Case("delete an unknown schedule", "DELETE", "/v1/schedules/nope", 404, "not_found"),
     # -- NUL characters in text errands stores as text -----------------------------------------
     Case("owner with NUL", "POST", "/v1/tasks", 422, "invalid_request", json={"type": "work", "owner": "a\x00b"}),
     Case("list ?owner= with NUL", "GET", "/v1/tasks", 422, params={"owner": "a\x00b"}),

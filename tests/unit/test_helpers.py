@@ -121,11 +121,18 @@ def test_the_log_filter_rewrites_records(caplog: pytest.LogCaptureFixture) -> No
         ([EventType.COMPLETED], Hint.ENDED),
         ([EventType.CANCELLED], Hint.ENDED | Hint.STOPPED),
         ([EventType.RETRYING], Hint.WORK | Hint.STOPPED),
-        ([EventType.CREATED, EventType.TIMEOUT], Hint.ALL),
+        ([EventType.CREATED, EventType.TIMEOUT], Hint.WORK | Hint.ENDED | Hint.STOPPED),
     ],
 )
 def test_a_commits_hints_come_from_its_event_types(types: list[EventType], expected: Hint) -> None:
-    assert hints(types) == expected
+    assert hints((t, False) for t in types) == expected
+
+
+def test_a_change_that_leaves_its_task_waiting_hints_later_not_work() -> None:
+    # A delayed task's creation, a retry into backoff: nothing to claim now, a timer to reset.
+    assert hints([(EventType.CREATED, True)]) == Hint.LATER
+    assert hints([(EventType.RETRYING, True)]) == Hint.STOPPED | Hint.LATER
+    assert hints([(EventType.CREATED, True), (EventType.CREATED, False)]) == Hint.WORK | Hint.LATER
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp
 
-from errands.api import admin, inbound, notify, openapi, streams, tasks, watch
+from errands.api import admin, inbound, notify, openapi, schedules, streams, tasks, watch
 from errands.api.middleware import GuardMiddleware, OriginPolicy
 from errands.api.routing import Call, Route, Router
 
@@ -22,7 +22,15 @@ SUMMARY = "Long-running jobs: submit, run, watch live, notify, rescue."
 
 def routes() -> list[Route]:
     """Every route of the API, in the order the document lists them."""
-    return [*tasks.ROUTES, *streams.ROUTES, *watch.ROUTES, *inbound.ROUTES, *notify.ROUTES, *admin.ROUTES]
+    return [
+        *tasks.ROUTES,
+        *streams.ROUTES,
+        *watch.ROUTES,
+        *inbound.ROUTES,
+        *notify.ROUTES,
+        *schedules.ROUTES,
+        *admin.ROUTES,
+    ]
 
 
 def create_api(runtime: Runtime) -> ASGIApp:
@@ -67,7 +75,7 @@ def create_api(runtime: Runtime) -> ASGIApp:
         app = CORSMiddleware(
             app,
             allow_origins=origins,
-            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
             max_age=600,
         )

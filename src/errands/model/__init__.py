@@ -17,10 +17,12 @@ from errands.model.decisions import (
     hand_off,
     manual_retry,
     mark_notified,
+    not_started,
     release,
     report_progress,
     start_attempt,
     stream_output,
+    too_late_to_start,
 )
 from errands.model.task import (
     EVENT_TYPES,
@@ -67,9 +69,11 @@ __all__ = [
     "manual_retry",
     "mark_notified",
     "matches",
+    "not_started",
     "release",
     "report_progress",
     "start_attempt",
     "stream_output",
+    "too_late_to_start",
     "valid_pattern",
 ]

@@ -49,7 +49,9 @@ _NO_LEASE: dict[str, Any] = {
 
 
 def create(new: NewTask, *, now: float) -> TaskRecord:
-    """The record of a task as it is created (``seq`` is set when its event is written)."""
+    """The record of a task as it is created (``seq`` is set when its event is written). A
+    delayed task waits, pending, until it is due; it expires ``expires_in_s`` after that."""
+    due = now + new.delay_s if new.run_at is None else max(now, new.run_at)
     return TaskRecord(
         id=new.id,
         type=new.type,
@@ -61,11 +63,12 @@ def create(new: NewTask, *, now: float) -> TaskRecord:
         timeout_s=new.timeout_s,
         created_at=now,
         updated_at=now,
-        expires_at=now + new.expires_in_s,
+        expires_at=due + new.expires_in_s,
         fingerprint=new.fingerprint,
-        run_after=now,
-        queued_at=now,
+        run_after=due,
+        queued_at=due,
         notify_url=new.notify_url,
+        start_by=None if new.start_within_s is None else due + new.start_within_s,
     )
 
 
@@ -79,7 +82,7 @@ def start_attempt(
     callback_nonce: str | None = None,
 ) -> Change:
     """pending → processing under a new lease; the attempt counter goes up by one."""
-    if record.status is not Status.PENDING or record.run_after > now:
+    if record.status is not Status.PENDING or record.run_after > now or too_late_to_start(record, now):
         raise InvalidTransition("The task is not ready to run.")
     new = _move(
         record,
@@ -375,6 +378,21 @@ def expire(record: TaskRecord, *, now: float) -> Change:
     return Change(new, EventType.TIMEOUT)
 
 
+NOT_STARTED = TaskError("not_started", "The task was not started in time (start_within_s).")
+
+
+def too_late_to_start(record: TaskRecord, now: float) -> bool:
+    """Whether a task never started has passed its ``start_by``: it may no longer start."""
+    return record.attempt == 0 and record.start_by is not None and record.start_by < now
+
+
+def not_started(record: TaskRecord, *, now: float) -> Change:
+    """A pending task never started by its ``start_by`` ends ``timeout`` (code ``not_started``)."""
+    if record.status is not Status.PENDING or not too_late_to_start(record, now):
+        raise InvalidTransition("The task may still start.")
+    return Change(_move(record, Status.TIMEOUT, now, error=NOT_STARTED, finished_at=now), EventType.TIMEOUT)
+
+
 def backoff_s(attempt: int, *, base_s: float, cap_s: float, jitter: float) -> float:
     """Exponential backoff for the retry after ``attempt`` (1-based), with ``jitter`` in [0, 1).
 
@@ -397,16 +415,20 @@ def choose_claims(
     caps: Mapping[str, int | None],
     running: Mapping[tuple[str, str], int | None],
     limit: int,
+    now: float,
 ) -> list[TaskRecord]:
     """The tasks a claim starts, in queue order: at most ``limit``, and of a type with a cap per
     owner (``caps[type]``) no more than the cap running at once per (type, owner), counting
     those started by this claim. ``running[(type, owner)]`` is how many run now; ``None`` when
-    the count could not be taken safely (another claim is counting that owner): skip them."""
+    the count could not be taken safely (another claim is counting that owner): skip them.
+    A task past its ``start_by`` is not started (the sweeper ends it)."""
     taken: list[TaskRecord] = []
     counts = dict(running)
     for record in candidates:
         if len(taken) >= limit:
             break
+        if too_late_to_start(record, now):
+            continue  # the sweeper ends it
         cap = caps.get(record.type)
         if cap is not None:
             key = (record.type, record.owner)

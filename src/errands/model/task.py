@@ -123,6 +123,12 @@ class NewTask:
     expires_in_s: float
     fingerprint: str
     notify_url: str | None = None
+    #: When it may first run: ``run_at`` (epoch seconds) if given, else ``delay_s`` after it is
+    #: created. A time already past means at once.
+    run_at: float | None = None
+    delay_s: float = 0.0
+    #: Not started within this long of that time, it ends ``timeout`` (code ``not_started``).
+    start_within_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +174,21 @@ class TaskRecord:
     #: Where the current attempt's output streams stand: each name's next position, and
     #: ``"#bytes"``, what they hold in all (see :func:`errands.model.stream_output`).
     stream_positions: Mapping[str, int] | None = None
+    #: Never started by then (``start_within_s`` after it was due), it ends ``timeout``.
+    start_by: float | None = None
+
+    @property
+    def scheduled_for(self) -> float | None:
+        """When a pending task becomes claimable, where that is later than its creation (a
+        delayed submit, a retry's backoff); ``None`` otherwise."""
+        if self.status is Status.PENDING and self.run_after > self.created_at:
+            return self.run_after
+        return None
+
+    @property
+    def waits(self) -> bool:
+        """Whether the task is pending but not claimable until after its last change."""
+        return self.status is Status.PENDING and self.run_after > self.updated_at
 
     def public(self) -> dict[str, Any]:
         """The task object of the API, in its documented field order."""
@@ -192,6 +213,8 @@ class TaskRecord:
             "started_at": iso(self.started_at),
             "finished_at": iso(self.finished_at),
             "expires_at": iso(self.expires_at),
+            "scheduled_for": iso(self.scheduled_for),
+            "start_by": iso(self.start_by),
             "notify_url": self.notify_url,
             "seq": self.seq,
         }
@@ -206,12 +229,15 @@ class TaskRecord:
     def to_task(self) -> Task:
         """The public :class:`Task` (what ``app.submit`` returns)."""
         data = self.public()
-        for key in ("created_at", "updated_at", "started_at", "finished_at", "expires_at"):
+        for key in _TIMES:
             ts = getattr(self, key)
             data[key] = None if ts is None else datetime.fromtimestamp(ts, tz=UTC)
         data["status"] = self.status
         data["error"] = self.error
         return Task.model_construct(**data)
+
+
+_TIMES = ("created_at", "updated_at", "started_at", "finished_at", "expires_at", "scheduled_for", "start_by")
 
 
 def _make_evolve() -> Callable[[TaskRecord, dict[str, Any]], TaskRecord]:
@@ -273,6 +299,8 @@ class Event:
     task_type: str
     status: Status
     task_json: bytes
+    #: The change left the task waiting to be due (known to the process that wrote it).
+    waits: bool = dataclasses.field(default=False, compare=False)
     _json: list[bytes] = dataclasses.field(default_factory=list, compare=False, repr=False)
 
     def to_json(self) -> bytes:
@@ -324,6 +352,8 @@ class Task(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     expires_at: datetime | None = None
+    scheduled_for: datetime | None = None
+    start_by: datetime | None = None
     notify_url: str | None = None
     seq: int = 0
 

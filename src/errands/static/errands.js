@@ -55,8 +55,10 @@ function browserAdapter() {
         onError: (fn) => ws.addEventListener("error", fn),
       };
     },
-    async request(url, headers) {
-      const response = await fetch(url, { headers });
+    async request(url, headers, method = "GET", body = undefined) {
+      const init = body === undefined ? { headers, method }
+        : { headers: { ...headers, "Content-Type": "application/json" }, method, body: JSON.stringify(body) };
+      const response = await fetch(url, init);
       const text = await response.text();
       return { status: response.status, data: text ? JSON.parse(text) : null };
     },
@@ -81,10 +83,11 @@ export function wxAdapter(wx) {
         onError: (fn) => task.onError(fn),
       };
     },
-    request(url, headers) {
+    request(url, headers, method = "GET", body = undefined) {
       return new Promise((resolve, reject) => {
         wx.request({
-          url, header: headers, method: "GET",
+          url, header: body === undefined ? headers : { ...headers, "Content-Type": "application/json" },
+          method, data: body,
           success: (r) => resolve({ status: r.statusCode, data: r.data }),
           fail: (e) => reject(new Error(e && e.errMsg ? e.errMsg : "request failed")),
         });
@@ -317,6 +320,35 @@ class Watcher {
     }
     if (!this.closed) this.timer = setTimeout(() => this.poll(failures), delay);
   }
+}
+
+async function post(path, body, options) {
+  const adapter = options.adapter || browserAdapter();
+  const headers = options.token ? { Authorization: `Bearer ${options.token}` } : {};
+  const r = await adapter.request(`${(options.baseUrl || "").replace(/\/$/, "")}${path}`, headers, "POST", body);
+  if (r.status >= 400) {
+    const error = (r.data && r.data.error) || { code: "http_error", message: `HTTP ${r.status}` };
+    throw Object.assign(new Error(error.message), { status: r.status, code: error.code });
+  }
+  return r.data;
+}
+
+/**
+ * Submit a task: `body` is a POST /v1/tasks body ({type, input, id, run_at, delay_s,
+ * start_within_s, ...}); resolves to the task, rejects with an Error carrying `status` and
+ * `code`. Options: {token, baseUrl, adapter}, as for watchTask.
+ */
+export function submitTask(body, options = {}) {
+  return post("/v1/tasks", body, options);
+}
+
+/**
+ * Submit up to 1,000 tasks in one transaction; resolves to one result per task, in order:
+ * {status, task} when accepted (202 created, 200 the same request again), {status, error} when
+ * refused (one refused task refuses only itself).
+ */
+export async function submitTasks(tasks, options = {}) {
+  return (await post("/v1/tasks/batch", { tasks }, options)).results;
 }
 
 /** Watch one task until it ends. Returns a handle with close(). */

@@ -15,6 +15,7 @@ protocol       what it keeps                               used by
 ``EventLog``   the log: by task, after a seq, by owner     hub, watches, notifier
 ``Reports``    provider reports and their receipts         intake, admin API
 ``Outbox``     endpoints, messages, the delivery log       notifier, notification admin
+``Schedules``  cron schedules and the firing of slots      scheduler, schedules API
 ``Meta``       the service's own small state               runtime (credentials)
 ``Lifecycle``  open, migrate, close, the one subscriber    runtime, hub
 =============  ==========================================  =================================
@@ -30,6 +31,7 @@ from typing import Protocol, runtime_checkable
 
 from errands.errors import ErrandsError
 from errands.model import Change, Event, EventType, NewTask, TaskRecord
+from errands.model.schedules import Schedule, ScheduleSpec
 from errands.model.streams import StreamChoice
 from errands.store.records import (
     Attempt,
@@ -66,7 +68,10 @@ class Hint(enum.Flag):
     ENDED = enum.auto()
     #: A running task may have been taken from its worker (cancelled, requeued, timed out, failed).
     STOPPED = enum.auto()
-    ALL = WORK | ENDED | STOPPED
+    #: A task will become claimable later (delayed, or retried after a backoff): workers read
+    #: when the next one is due again.
+    LATER = enum.auto()
+    ALL = WORK | ENDED | STOPPED | LATER
 
 
 _HINTS = {
@@ -79,11 +84,13 @@ _HINTS = {
 }
 
 
-def hints(types: Iterable[EventType]) -> Hint:
-    """The hints of a commit that wrote events of these types."""
+def hints(events: Iterable[tuple[EventType, bool]]) -> Hint:
+    """The hints of a commit that wrote events of these types, each with whether it left its
+    task waiting to be due (:attr:`errands.model.TaskRecord.waits`)."""
     found = Hint.NONE
-    for kind in types:
-        found |= _HINTS.get(kind, Hint.NONE)
+    for kind, waits in events:
+        hint = _HINTS.get(kind, Hint.NONE)
+        found |= hint & ~Hint.WORK | Hint.LATER if waits else hint
     return found
 
 
@@ -304,6 +311,36 @@ class Outbox(Protocol):
         """Send again every failed message of the endpoint created since ``since``; the count."""
 
 
+class Schedules(Protocol):
+    async def put_schedule(
+        self, spec: ScheduleSpec, *, source: str, next_at: float | None, replace: bool
+    ) -> tuple[Schedule, bool]:
+        """Store a schedule; ``(it, True)`` when new. An existing one stays as it is unless
+        ``replace`` (its definition and next slot change; a paused one stays paused)."""
+
+    async def get_schedule(self, name: str) -> Schedule | None: ...
+
+    async def list_schedules(self) -> list[Schedule]:
+        """Every schedule, by name."""
+
+    async def delete_schedule(self, name: str) -> bool: ...
+
+    async def pause_schedule(self, name: str, *, paused: bool, next_at: float | None) -> Schedule | None:
+        """Pause a schedule, or resume it from ``next_at``; ``None`` if there is none."""
+
+    async def due_schedules(self, *, now: float, limit: int) -> list[Schedule]:
+        """Unpaused schedules whose next slot has come, the earliest first."""
+
+    async def next_schedule_at(self) -> float | None:
+        """The earliest next slot of an unpaused schedule."""
+
+    async def fire_schedule(
+        self, schedule: Schedule, *, slot: float | None, next_at: float | None, task: NewTask | None
+    ) -> tuple[bool, TaskRecord | None]:
+        """Move a due schedule on (a compare-and-set on its ``next_at``) and create the slot's
+        task in the same transaction; ``(False, None)`` when another node moved it first."""
+
+
 class Meta(Protocol):
     async def meta_setdefault(self, key: str, value: str) -> str:
         """Store ``value`` under ``key`` unless one is there; return the stored value."""
@@ -313,5 +350,5 @@ class Meta(Protocol):
     async def admin_key_hashes(self) -> set[str]: ...
 
 
-class Store(Lifecycle, Tasks, Sweeping, EventLog, Reports, Outbox, Meta, Protocol):
+class Store(Lifecycle, Tasks, Sweeping, EventLog, Reports, Outbox, Schedules, Meta, Protocol):
     """Everything a store does (what the runtime opens and hands out, by concern)."""

@@ -90,6 +90,7 @@ TASK_COLUMNS: tuple[Column, ...] = (
         encode="None if r.stream_positions is None else dump_json(r.stream_positions)",
         decode="load_json({})",
     ),
+    Column("start_by", "float8", mutable=False),
 )
 
 #: Column order of every ``SELECT`` of a task row.

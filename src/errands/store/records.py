@@ -53,6 +53,7 @@ class DueTasks:
     past_deadline: Sequence[str]
     expired: Sequence[str]
     to_poll: Sequence[str] = ()
+    not_started: Sequence[str] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,7 @@ class Statements:
     due_leases: str  # now, limit → ids
     due_deadlines: str  # now, limit → ids
     due_expiry: str  # now, limit → ids
+    due_starts: str  # now, limit → ids of tasks never started by start_by
     due_polls: str  # now, limit → ids
     purge_tasks: str  # finished_before, limit → (id, owner) of the tasks it deleted
     purge_events: str  # ids → seqs of the events it deleted

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from errands import model
-from errands.clock import Clock
+from errands.clock import Clock, on_advance
 from errands.config import Settings
 from errands.context import TaskContext
 from errands.errors import LeaseLost, NotFound, StoreError, StreamGap
@@ -92,6 +92,7 @@ class Worker:
         self._background: set[asyncio.Task[Any]] = set()
         self._runs: set[asyncio.Task[Any]] = set()
         self._wake = asyncio.Event()
+        on_advance(clock, self._wake.set)  # a controlled clock's timers fire as it is moved
         self._hurry = asyncio.Event()
         self._stopping = False
         self._hub = hub
@@ -130,21 +131,24 @@ class Worker:
             )
         if event.task_type not in self._types:
             return
-        if event.type is EventType.RETRYING:
-            self._ready_stale = True
-            self._maybe_work = True
+        if event.waits:
+            self._ready_stale = True  # it is due later: the timer may have to fire sooner
             self._wake.set()
-        elif event.type is EventType.CREATED or (event.task_type in self._limited and event.status.terminal):
+        elif event.type in (EventType.CREATED, EventType.RETRYING) or (
+            event.task_type in self._limited and event.status.terminal
+        ):
             # A finished task of a type with concurrency_per_owner may free its owner's turn.
             self._maybe_work = True
             self._wake.set()
 
     def _on_hints(self, hint: Hint) -> None:
         # Where the hub follows only this worker's tasks (a worker process), the hints stand in
-        # for the events _on_event would have seen: a retry (work and a stop in one commit) may
-        # have put a task in backoff, and an end may give an owner's turn away.
-        if hint & Hint.WORK and hint & Hint.STOPPED:
+        # for the events _on_event would have seen: a task may wait to be due (delayed, or a
+        # retry's backoff), and an end may give an owner's turn away.
+        if hint & Hint.LATER:
             self._ready_stale = True
+            if len(self._held) < self.settings.concurrency:
+                self._wake.set()
         if hint & Hint.WORK or (hint & Hint.ENDED and self._limited):
             # A worker with a free slot claims (after the short gap of _idle, which gathers the
             # announcements of several commits into one claim); a full one claims when a slot
@@ -223,8 +227,8 @@ class Worker:
         out, or ``poll_s`` at most (for what no event announced)."""
         timeout = self.settings.poll_s
         now = self.clock.now()
-        # Only a task.retrying event puts a task in backoff, so the next ready time is read
-        # again only after one, or once it has passed.
+        # Only a change that leaves a task waiting (event.waits, Hint.LATER) makes a task due
+        # later, so the next ready time is read again only after one, or once it has passed.
         if self._ready_stale or (self._ready_at is not None and self._ready_at <= now):
             # Cleared before the read: a retry committed while it runs marks it stale again.
             self._ready_stale = False
@@ -241,6 +245,8 @@ class Worker:
             await asyncio.wait_for(self._wake.wait(), timeout)
         except TimeoutError:
             self._maybe_work = True  # a backoff ran out, or it is time to look anyway
+        if self._ready_at is not None and self._ready_at <= self.clock.now():
+            self._maybe_work = True  # a delayed task came due
         # The queue was empty a moment ago. When work arrives as fast as it is taken, every new
         # task wakes every worker: wait out a short gap since the last claim, so the next claim
         # takes what came meanwhile instead of each worker claiming (mostly nothing) per task.

@@ -38,6 +38,7 @@ from errands.store.shared.log import LogOps
 from errands.store.shared.meta import MetaOps
 from errands.store.shared.outbox import OutboxOps
 from errands.store.shared.reports import ReportOps
+from errands.store.shared.schedules import ScheduleOps
 from errands.store.shared.tasks import TaskOps
 
 log = logging.getLogger("errands.store")
@@ -95,10 +96,11 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     (no LISTEN, no session locks, no cursors), and asyncpg's reset costs a round trip each time."""
 
 
-class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, MetaOps):
+class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps):
     """A :class:`~errands.store.base.Store` on PostgreSQL (see the module docstring)."""
 
     dialect = "postgres"
+    schedules_table = "errands_schedules"
     sql = STATEMENTS
     snapshots_have_seq = False  # a snapshot is written before its seq is known
     #: NOTIFY wakes the hub at once; this is only the safety net.

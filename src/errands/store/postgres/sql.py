@@ -145,9 +145,16 @@ STATEMENTS = Statements(
     count_pending=(
         "SELECT count(*) FROM (SELECT 1 FROM errands_tasks WHERE owner = $1 AND status = 'pending' LIMIT $2) p"
     ),
+    # The queue (claimable since created) and the tasks that came due (delayed, or retried),
+    # each read from its own index, merged in queue order.
     claim=(
-        f"SELECT {SELECT_LIST} FROM errands_tasks WHERE status = 'pending' AND type = ANY($1::text[]) "
-        "AND run_after <= $2 ORDER BY priority DESC, created_at, id LIMIT $3 FOR UPDATE SKIP LOCKED"
+        f"WITH queued AS (SELECT {SELECT_LIST} FROM errands_tasks WHERE status = 'pending' "
+        "AND run_after <= created_at AND run_after <= $2 AND type = ANY($1::text[]) "
+        "ORDER BY priority DESC, created_at, id LIMIT $3 FOR UPDATE SKIP LOCKED), "
+        f"due AS (SELECT {SELECT_LIST} FROM errands_tasks WHERE status = 'pending' "
+        "AND run_after > created_at AND run_after <= $2 AND type = ANY($1::text[]) "
+        "ORDER BY priority DESC, created_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) "
+        "SELECT * FROM queued UNION ALL SELECT * FROM due ORDER BY priority DESC, created_at, id LIMIT $3"
     ),
     renew=(
         "UPDATE errands_tasks t SET lease_expires_at = $1 FROM unnest($2::text[], $3::text[]) AS l(id, token) "
@@ -168,6 +175,10 @@ STATEMENTS = Statements(
     due_deadlines="SELECT id FROM errands_tasks WHERE status = 'processing' AND deadline_at < $1 LIMIT $2",
     due_expiry=(
         "SELECT id FROM errands_tasks WHERE status IN ('pending', 'processing') AND expires_at < $1 LIMIT $2"
+    ),
+    due_starts=(
+        "SELECT id FROM errands_tasks WHERE status = 'pending' AND attempt = 0 AND start_by IS NOT NULL "
+        "AND start_by < $1 LIMIT $2"
     ),
     due_polls=(
         "SELECT id FROM errands_tasks WHERE status = 'processing' AND poll_at IS NOT NULL AND poll_at <= $1 LIMIT $2"

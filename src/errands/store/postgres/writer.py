@@ -212,7 +212,7 @@ class PgTx(TxBase):
             self.overlay[record.id] = self.created[record.id] = record
             self.written.append(
                 Event(seq, EventType.CREATED, record.updated_at, record.id, record.owner, record.type,
-                      record.status, with_seq(snapshot, seq))
+                      record.status, with_seq(snapshot, seq), record.waits)
             )  # fmt: skip
 
     # -- undoing one change -------------------------------------------------------------------
@@ -311,7 +311,7 @@ class PgTx(TxBase):
             [c.record.status.value for c in self.pending],
             snapshots,
         ]
-        hint = hints(c.event for c in self.pending)
+        hint = hints((c.event, c.record.waits) for c in self.pending)
         base = await self.conn.fetchval(
             COMMIT, first + len(self.pending) - 1, *row_arrays, *event_arrays, str(hint.value)
         )
@@ -323,7 +323,7 @@ class PgTx(TxBase):
                 object.__setattr__(record, "seq", seq)  # fresh records, not shared yet
             events.append(
                 Event(seq, kind, record.updated_at, record.id, record.owner, record.type, record.status,
-                      with_seq(snapshot, seq))
+                      with_seq(snapshot, seq), record.waits)
             )  # fmt: skip
         return sorted(events, key=lambda e: e.seq)
 

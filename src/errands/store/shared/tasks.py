@@ -165,7 +165,7 @@ class TaskOps(Dialect):
             candidates = [to_record(r) for r in await tx.fetch(self.sql.claim, list(caps), now, window)]
             keys = {(r.type, r.owner) for r in candidates if caps.get(r.type) is not None}
             running = await tx.running(keys) if keys else {}
-            chosen = choose_claims(candidates, caps=caps, running=running, limit=limit)
+            chosen = choose_claims(candidates, caps=caps, running=running, limit=limit, now=now)
             tx.started(chosen)
             return [
                 tx.write(
@@ -219,6 +219,7 @@ class TaskOps(Dialect):
             lease_expired=ids(await self._fetch(self.sql.due_leases, now, limit)),
             past_deadline=ids(await self._fetch(self.sql.due_deadlines, now, limit)),
             expired=ids(await self._fetch(self.sql.due_expiry, now, limit)),
+            not_started=ids(await self._fetch(self.sql.due_starts, now, limit)),
             to_poll=ids(await self._fetch(self.sql.due_polls, now, limit)),
         )
 

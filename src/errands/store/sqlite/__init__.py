@@ -32,6 +32,7 @@ from errands.store.shared.log import LogOps
 from errands.store.shared.meta import MetaOps
 from errands.store.shared.outbox import OutboxOps
 from errands.store.shared.reports import ReportOps
+from errands.store.shared.schedules import ScheduleOps
 from errands.store.shared.tasks import TaskOps
 from errands.store.sqlite.sql import STATEMENTS
 from errands.store.sqlite.writer import SqliteTx, Writer, bind
@@ -56,10 +57,11 @@ def statements_of(script: str) -> list[str]:
     return out
 
 
-class SqliteStore(TaskOps, LogOps, ReportOps, OutboxOps, MetaOps):
+class SqliteStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps):
     """A :class:`~errands.store.base.Store` on one SQLite file (see the module docstring)."""
 
     dialect = "sqlite"
+    schedules_table = "schedules"
     sql = STATEMENTS
     #: Other processes sharing the file are only seen by reading the log, so read it often.
     log_poll_s = 0.05

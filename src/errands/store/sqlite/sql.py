@@ -49,9 +49,14 @@ STATEMENTS = Statements(
     select_tombstone="SELECT id, owner, purged_at FROM tombstones WHERE id = ?",
     list_tasks=f"SELECT {SELECT_LIST} FROM tasks {{where}} ORDER BY created_at DESC, id DESC LIMIT {{limit}}",
     count_pending="SELECT count(*) FROM (SELECT 1 FROM tasks WHERE owner = ? AND status = 'pending' LIMIT ?)",
+    # The queue (claimable since created) and the tasks that came due (delayed, or retried),
+    # each read from its own index, merged in queue order.
     claim=(
-        f"SELECT {SELECT_LIST} FROM tasks WHERE status = 'pending' AND type IN {_each(1)} AND run_after <= ?2 "
-        "ORDER BY priority DESC, created_at, id LIMIT ?3"
+        f"SELECT * FROM (SELECT {SELECT_LIST} FROM tasks WHERE status = 'pending' AND run_after <= created_at "
+        f"AND run_after <= ?2 AND type IN {_each(1)} ORDER BY priority DESC, created_at, id LIMIT ?3) "
+        f"UNION ALL SELECT * FROM (SELECT {SELECT_LIST} FROM tasks WHERE status = 'pending' "
+        f"AND run_after > created_at AND run_after <= ?2 AND type IN {_each(1)} "
+        "ORDER BY priority DESC, created_at, id LIMIT ?3) ORDER BY priority DESC, created_at, id LIMIT ?3"
     ),
     renew=(
         "UPDATE tasks SET lease_expires_at = ?1 FROM (SELECT i.value AS id, t.value AS token "
@@ -69,6 +74,10 @@ STATEMENTS = Statements(
     ),
     due_deadlines="SELECT id FROM tasks WHERE status = 'processing' AND deadline_at < ? LIMIT ?",
     due_expiry="SELECT id FROM tasks WHERE status IN ('pending', 'processing') AND expires_at < ? LIMIT ?",
+    due_starts=(
+        "SELECT id FROM tasks WHERE status = 'pending' AND attempt = 0 AND start_by IS NOT NULL "
+        "AND start_by < ? LIMIT ?"
+    ),
     due_polls="SELECT id FROM tasks WHERE status = 'processing' AND poll_at IS NOT NULL AND poll_at <= ? LIMIT ?",
     purge_tasks=(
         "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ? "

@@ -39,7 +39,7 @@ CREATE TABLE errands_tasks (
     manual_retries    integer NOT NULL DEFAULT 0
 );
 
-CREATE INDEX errands_tasks_queue ON errands_tasks (priority DESC, created_at, id) WHERE status = 'pending';
+CREATE INDEX errands_tasks_queue ON errands_tasks (priority DESC, created_at, id) WHERE status = 'pending' AND run_after <= created_at;
 CREATE INDEX errands_tasks_backoff ON errands_tasks (run_after) WHERE status = 'pending' AND run_after > created_at;
 CREATE INDEX errands_tasks_running ON errands_tasks (type, owner) WHERE status = 'processing';
 CREATE INDEX errands_tasks_pending_owner ON errands_tasks (owner) WHERE status = 'pending';
@@ -119,6 +119,10 @@ CREATE INDEX errands_tasks_notify_url ON errands_tasks (seq) WHERE notify_url IS
 
 -- Output streams: where each stream of the current attempt stands.
 ALTER TABLE errands_tasks ADD COLUMN stream_positions text;
+
+-- Delayed tasks: start_within_s.
+ALTER TABLE errands_tasks ADD COLUMN start_by double precision;
+CREATE INDEX errands_tasks_start_by ON errands_tasks (start_by) WHERE status = 'pending' AND attempt = 0 AND start_by IS NOT NULL;
 
 CREATE TABLE errands_endpoints (
     id                    text PRIMARY KEY,
@@ -279,3 +283,16 @@ BEGIN
     END IF;
 END
 $$;
+
+CREATE TABLE errands_schedules (
+    name         text PRIMARY KEY,
+    definition   text NOT NULL,
+    source       text NOT NULL,
+    paused       integer NOT NULL DEFAULT 0,
+    next_at      double precision,
+    last_slot    double precision,
+    last_task_id text,
+    created_at   double precision NOT NULL,
+    updated_at   double precision NOT NULL
+);
+CREATE INDEX errands_schedules_due ON errands_schedules (next_at) WHERE paused = 0;

@@ -35,9 +35,11 @@ CREATE TABLE tasks (
     deadline_at       REAL,
     worker_id         TEXT,
     manual_retries    INTEGER NOT NULL DEFAULT 0
-, poll_at REAL, callback_nonce TEXT, notify_url TEXT, stream_positions TEXT);
+, poll_at REAL, callback_nonce TEXT, notify_url TEXT, stream_positions TEXT, start_by REAL);
 
-CREATE INDEX tasks_queue ON tasks (priority DESC, created_at, id) WHERE status = 'pending';
+CREATE INDEX tasks_queue ON tasks (priority DESC, created_at, id) WHERE status = 'pending' AND run_after <= created_at;
+
+CREATE INDEX tasks_start_by ON tasks (start_by) WHERE status = 'pending' AND attempt = 0 AND start_by IS NOT NULL;
 
 CREATE INDEX tasks_backoff ON tasks (run_after) WHERE status = 'pending' AND run_after > created_at;
 
@@ -186,6 +188,20 @@ CREATE INDEX message_attempts_target ON message_attempts (target, id);
 CREATE INDEX message_attempts_message ON message_attempts (message_id, id);
 
 CREATE INDEX message_attempts_time ON message_attempts (attempted_at);
+
+CREATE TABLE schedules (
+    name         TEXT PRIMARY KEY,
+    definition   TEXT NOT NULL,
+    source       TEXT NOT NULL,
+    paused       INTEGER NOT NULL DEFAULT 0,
+    next_at      REAL,
+    last_slot    REAL,
+    last_task_id TEXT,
+    created_at   REAL NOT NULL,
+    updated_at   REAL NOT NULL
+);
+
+CREATE INDEX schedules_due ON schedules (next_at) WHERE paused = 0;
 
 INSERT INTO meta (key, value) VALUES ('horizon', '0');
 
