@@ -145,16 +145,17 @@ STATEMENTS = Statements(
     count_pending=(
         "SELECT count(*) FROM (SELECT 1 FROM errands_tasks WHERE owner = $1 AND status = 'pending' LIMIT $2) p"
     ),
-    # The queue (claimable since created) and the tasks that came due (delayed, or retried),
-    # each read from its own index, merged in queue order.
+    # The queue (claimable since created) and the tasks that came due (delayed, retried or
+    # released), each read in order from its own index, merged in queue order: priority, then
+    # queued_at (the creation of the first, when the others came due).
     claim=(
         f"WITH queued AS (SELECT {SELECT_LIST} FROM errands_tasks WHERE status = 'pending' "
         "AND run_after <= created_at AND run_after <= $2 AND type = ANY($1::text[]) "
         "ORDER BY priority DESC, created_at, id LIMIT $3 FOR UPDATE SKIP LOCKED), "
         f"due AS (SELECT {SELECT_LIST} FROM errands_tasks WHERE status = 'pending' "
         "AND run_after > created_at AND run_after <= $2 AND type = ANY($1::text[]) "
-        "ORDER BY priority DESC, created_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) "
-        "SELECT * FROM queued UNION ALL SELECT * FROM due ORDER BY priority DESC, created_at, id LIMIT $3"
+        "ORDER BY priority DESC, run_after, id LIMIT $3 FOR UPDATE SKIP LOCKED) "
+        "SELECT * FROM queued UNION ALL SELECT * FROM due ORDER BY priority DESC, queued_at, id LIMIT $3"
     ),
     renew=(
         "UPDATE errands_tasks t SET lease_expires_at = $1 FROM unnest($2::text[], $3::text[]) AS l(id, token) "

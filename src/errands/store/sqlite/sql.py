@@ -49,14 +49,15 @@ STATEMENTS = Statements(
     select_tombstone="SELECT id, owner, purged_at FROM tombstones WHERE id = ?",
     list_tasks=f"SELECT {SELECT_LIST} FROM tasks {{where}} ORDER BY created_at DESC, id DESC LIMIT {{limit}}",
     count_pending="SELECT count(*) FROM (SELECT 1 FROM tasks WHERE owner = ? AND status = 'pending' LIMIT ?)",
-    # The queue (claimable since created) and the tasks that came due (delayed, or retried),
-    # each read from its own index, merged in queue order.
+    # The queue (claimable since created) and the tasks that came due (delayed, retried or
+    # released), each read in order from its own index, merged in queue order: priority, then
+    # queued_at (the creation of the first, when the others came due).
     claim=(
         f"SELECT * FROM (SELECT {SELECT_LIST} FROM tasks WHERE status = 'pending' AND run_after <= created_at "
         f"AND run_after <= ?2 AND type IN {_each(1)} ORDER BY priority DESC, created_at, id LIMIT ?3) "
         f"UNION ALL SELECT * FROM (SELECT {SELECT_LIST} FROM tasks WHERE status = 'pending' "
         f"AND run_after > created_at AND run_after <= ?2 AND type IN {_each(1)} "
-        "ORDER BY priority DESC, created_at, id LIMIT ?3) ORDER BY priority DESC, created_at, id LIMIT ?3"
+        "ORDER BY priority DESC, run_after, id LIMIT ?3) ORDER BY priority DESC, queued_at, id LIMIT ?3"
     ),
     renew=(
         "UPDATE tasks SET lease_expires_at = ?1 FROM (SELECT i.value AS id, t.value AS token "
