@@ -113,6 +113,10 @@ class DevProvider:
         self._tasks: set[asyncio.Task[None]] = set()
         self._client: httpx.AsyncClient | None = None
         self.webhooks_sent = 0
+        #: The next this many job submissions are refused with HTTP 429 and ``Retry-After``.
+        self.busy = 0
+        self.busy_retry_after_s = 2
+        self.refused = 0
         self.app = Starlette(
             routes=[
                 Route("/jobs", self._create, methods=["POST"]),
@@ -147,6 +151,13 @@ class DevProvider:
         return self._json({"status": "ok", "jobs": len(self.jobs), "webhooks_sent": self.webhooks_sent})
 
     async def _create(self, request: Request) -> Response:
+        if self.busy > 0:
+            self.busy -= 1
+            self.refused += 1
+            retry_after = {"Retry-After": str(self.busy_retry_after_s)}
+            return Response(
+                b'{"error": "too many requests"}', 429, retry_after, media_type="application/json"
+            )
         try:
             body = orjson.loads(await request.body())
             callback_url = str(body["callback_url"])

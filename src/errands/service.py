@@ -39,11 +39,11 @@ from errands.intake import Intake
 from errands.model import Event, NewTask, Status, TaskRecord
 from errands.model.streams import StreamChoice, StreamInfo, StreamRead, read_stream, streams
 from errands.registry import Registry
-from errands.store.base import EventLog, Sweeping, Tasks
+from errands.store.base import EventLog, Meta, Sweeping, Tasks
 from errands.store.records import TaskQuery, Tombstone
 
 
-class _Store(Tasks, Sweeping, EventLog, Protocol):
+class _Store(Tasks, Sweeping, EventLog, Meta, Protocol):
     """What the service needs of a store."""
 
 
@@ -358,12 +358,17 @@ class Service:
         def summary(values: Sequence[float]) -> dict[str, Any]:
             return {"n": len(values), "p50": percentile(values, 50), "p95": percentile(values, 95)}
 
+        now = self.clock.now()
         return {
             "by_status": by_status,
             "by_type": by_type,
             "window_s": window_s,
             "queue_wait_s": summary(rows.waits_s),
             "run_time_s": summary(rows.runs_s),
+            # Providers that asked to wait (429, 503 with Retry-After): until when.
+            "providers_held": {
+                name: iso(until) for name, until in (await self.store.holds()).items() if until > now
+            },
         }
 
     def mint_token(self, request: TokenRequest, principal: Principal) -> dict[str, Any]:

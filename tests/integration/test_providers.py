@@ -16,6 +16,7 @@ from standardwebhooks.webhooks import Webhook
 
 from errands import Errands, signing
 from errands.auth import SYSTEM
+from errands.clock import ManualClock
 from errands.devprovider import DEV_SECRET, Chaos, DevProvider, dev_standard_provider
 from errands.model import Status
 from errands.providers.coze import CozeProvider
@@ -422,3 +423,37 @@ async def test_a_report_whose_chunks_pass_the_limit_still_ends_its_task(
     read = await runtime.service.stream(task.id, SYSTEM, "text", attempt=None, offset=0)
     assert read.chunks == [f"chunk {i} " for i in range(len(read.chunks))]
     assert 0 < sum(len(orjson.dumps(c)) for c in read.chunks) <= 60
+
+
+async def test_a_provider_answering_429_holds_all_its_tasks_and_fails_none(
+    live: LiveFactory, dev: DevProvider
+) -> None:
+    clock = ManualClock(time.time())  # webhooks are signed with the real time: start from it
+    dev.busy, dev.busy_retry_after_s = 1, 2
+    app = external_app(dev.url, max_attempts=1)  # type: ignore[attr-defined]
+    runtime, url = await live(app, clock=clock, **FAST)
+    first = await runtime.app.submit("ext", {"n": 0})
+
+    def given_back(r: Any) -> bool:
+        return bool(r.status is Status.PENDING and r.seq > first.seq)
+
+    held = await wait_task(runtime, first.id, until=given_back)
+    assert held.attempt == 0 and held.message is not None and "429" in held.message
+    assert held.scheduled_for == pytest.approx(clock.now() + 2)
+    assert (await runtime.store.holds())["dev"] == pytest.approx(clock.now() + 2)
+    others = [await runtime.app.submit("ext", {"n": i}) for i in range(1, 4)]
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
+        stats = (await client.get("/v1/stats")).json()
+    assert list(stats["providers_held"]) == ["dev"]
+    clock.advance(1.9)
+    await runtime.sweeper.sweep()  # type: ignore[union-attr]
+    # Nothing of the provider starts while it is held: no claim, no submission, no attempt spent.
+    for task in [first, *others]:
+        record = await runtime.store.get(task.id)
+        assert record.status is Status.PENDING and record.attempt == 0  # type: ignore[union-attr]
+    assert dev.refused == 1 and not dev.jobs
+    clock.advance(0.1)
+    for task in [first, *others]:
+        done = await wait_task(runtime, task.id)
+        assert (done.status, done.attempt) == (Status.COMPLETED, 1)  # max_attempts=1, none spent
+    assert len(dev.jobs) == 4 and dev.refused == 1

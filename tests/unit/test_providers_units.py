@@ -233,3 +233,27 @@ def test_inbound_json() -> None:
     assert Inbound({}, b'{"a": 1}').json() == {"a": 1}
     with pytest.raises(BadRequest):
         Inbound({}, b"nope").json()
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("2", 2.0),
+        (" 120 ", 120.0),
+        ("0", 0.0),
+        ("999999", 3600.0),  # a provider's mistake does not stop it for days
+        ("Wed, 02 Dec 2026 10:00:30 GMT", 30.0),
+        ("Wed, 02 Dec 2026 09:59:00 GMT", 0.0),  # a date already past: at once
+        ("-5", None),
+        ("soon", None),
+        ("9" * 40, None),
+        (None, None),
+    ],
+)
+def test_retry_after_is_read_as_seconds_or_a_date_and_bounded(
+    header: str | None, expected: float | None
+) -> None:
+    from errands.providers import retry_after_s
+
+    now = datetime(2026, 12, 2, 10, 0, 0, tzinfo=UTC).timestamp()
+    assert retry_after_s(header, now=now) == expected

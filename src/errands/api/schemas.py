@@ -63,6 +63,7 @@ class StatsOut(BaseModel):
     window_s: float
     queue_wait_s: Summary
     run_time_s: Summary
+    providers_held: dict[str, str]
 
 
 class Health(BaseModel):

@@ -296,16 +296,27 @@ def external_report(
     return Change(change.record.evolve(**flag), change.event) if flag else change
 
 
-def release(record: TaskRecord, *, now: float, lease_token: str) -> Change:
-    """Give a task back unfinished (worker shutting down): pending again, the attempt not counted."""
+def release(
+    record: TaskRecord,
+    *,
+    now: float,
+    lease_token: str,
+    until: float | None = None,
+    message: str | None = None,
+) -> Change:
+    """Give a task back unfinished, pending again with the attempt not counted: a worker shutting
+    down (claimable at once), or a provider that asked to wait (back-pressure: claimable at
+    ``until``, with ``message`` saying why; no attempt of ``max_attempts`` is spent on a quota)."""
     _require_lease(record, lease_token)
+    due = now if until is None else max(now, until)
     new = _move(
         record,
         Status.PENDING,
         now,
         attempt=max(0, record.attempt - 1),
-        run_after=now,
-        queued_at=now,
+        run_after=due,
+        queued_at=due,
+        **({} if message is None else {"message": message}),
         **_NO_LEASE,
     )
     return Change(new, EventType.RETRYING)

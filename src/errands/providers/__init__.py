@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import email.utils
 import re
 import time
 from collections.abc import Mapping
@@ -37,6 +38,39 @@ UpdateStatus = Literal["running", "completed", "failed"]
 
 class ProviderError(ErrandsError):
     """The provider could not be reached or refused the request."""
+
+
+class ProviderBusy(ProviderError):
+    """The provider asked to be left alone for ``retry_after_s`` (HTTP 429, or 503 with
+    ``Retry-After``; an adapter may raise it for its service's quota errors too). Every task of
+    the provider then waits that long, and the attempt does not count."""
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+#: A Retry-After beyond this is taken as this (a provider's mistake must not stop it for days).
+MAX_RETRY_AFTER_S = 3600.0
+#: How long a 429 without Retry-After holds its provider.
+DEFAULT_RETRY_AFTER_S = 5.0
+
+
+def retry_after_s(value: str | None, *, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delay-seconds or an HTTP date), within
+    ``[0, MAX_RETRY_AFTER_S]``; ``None`` when absent or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit() and len(value) < 12:
+        return min(float(value), MAX_RETRY_AFTER_S)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, min(when.timestamp() - now, MAX_RETRY_AFTER_S))
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +244,15 @@ class HttpProvider(Provider):
                 response = await self._http().request(method, url, json=json)
         except httpx.HTTPError as exc:
             raise ProviderError(f"{type(exc).__name__} while calling {self.name}") from exc
+        if response.status_code in (429, 503):
+            wait_s = retry_after_s(response.headers.get("retry-after"), now=time.time())
+            if wait_s is None and response.status_code == 429:
+                wait_s = DEFAULT_RETRY_AFTER_S
+            if wait_s is not None:
+                raise ProviderBusy(
+                    f"{self.name} answered HTTP {response.status_code}, to wait {wait_s:g} s",
+                    retry_after_s=wait_s,
+                )
         if response.status_code >= 400:
             raise ProviderError(f"{self.name} answered HTTP {response.status_code}")
         if not response.content:

@@ -345,6 +345,13 @@ class Meta(Protocol):
     async def meta_setdefault(self, key: str, value: str) -> str:
         """Store ``value`` under ``key`` unless one is there; return the stored value."""
 
+    async def hold(self, name: str, until: float) -> float:
+        """Hold ``name`` (a provider) until ``until``, or later if it is held longer already;
+        when it is held until now."""
+
+    async def holds(self) -> dict[str, float]:
+        """Every hold, name → until (those that have passed too)."""
+
     async def add_admin_key(self, key_hash: str) -> None: ...
 
     async def admin_key_hashes(self) -> set[str]: ...

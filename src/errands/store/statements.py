@@ -97,5 +97,7 @@ class Statements:
     recover_endpoint: str  # now, endpoint_id, since
     # -- meta ---------------------------------------------------------------------------------
     meta_setdefault: str  # key, value → (stored value,)
+    hold: str  # 'hold:' + name, until (text) → (stored until,): the later of the two is kept
+    holds: str  # → (key, until) of every hold
     add_admin_key: str  # hash, now
     admin_keys: str  # → (hash,)

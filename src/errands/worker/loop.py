@@ -18,7 +18,7 @@ import random
 import secrets
 import socket
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from errands import model
 from errands.clock import Clock, on_advance
@@ -27,12 +27,13 @@ from errands.context import TaskContext
 from errands.errors import LeaseLost, NotFound, StoreError, StreamGap
 from errands.hub import Hub
 from errands.model import Event, EventType, Status, TaskRecord
-from errands.providers import Callbacks
+from errands.providers import Callbacks, ProviderBusy
 from errands.registry import Registry
-from errands.store.base import Decision, Hint, Tasks
+from errands.store.base import Decision, Hint, Meta, Tasks
 from errands.store.records import ClaimSpec
 from errands.worker.attempt import Ended, Executor, Held, StopReason
 from errands.worker.handlers import HandlerExecutor
+from errands.worker.holds import Holds
 from errands.worker.outcomes import INTERNAL_ERROR, Backoff, retry_or_end
 from errands.worker.progress import Progress
 from errands.worker.providers import ProviderExecutor
@@ -50,13 +51,17 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
+class _Store(Tasks, Meta, Protocol):
+    """What a worker needs of a store."""
+
+
 class Worker:
     """Runs the tasks of ``registry`` against ``store``; see the module docstring."""
 
     def __init__(
         self,
         registry: Registry,
-        store: Tasks,
+        store: _Store,
         hub: Hub,
         settings: Settings,
         *,
@@ -79,6 +84,7 @@ class Worker:
         self._types = dict(registry.task_types)
         self._specs = [ClaimSpec(t.name, t.concurrency_per_owner) for t in self._types.values()]
         self._limited = {t.name for t in self._types.values() if t.concurrency_per_owner is not None}
+        self._holds = Holds(store, {t.name: t.provider.name for t in self._types.values() if t.provider})
         self._ready_at: float | None = None  # when the next task in backoff becomes claimable
         self._ready_stale = True
         self._last_claim = -1e9  # loop time of the last claim
@@ -133,6 +139,7 @@ class Worker:
             return
         if event.waits:
             self._ready_stale = True  # it is due later: the timer may have to fire sooner
+            self._holds.stale = True  # ...perhaps because its provider asked to wait
             self._wake.set()
         elif event.type in (EventType.CREATED, EventType.RETRYING) or (
             event.task_type in self._limited and event.status.terminal
@@ -147,6 +154,7 @@ class Worker:
         # retry's backoff), and an end may give an owner's turn away.
         if hint & Hint.LATER:
             self._ready_stale = True
+            self._holds.stale = True
             if len(self._held) < self.settings.concurrency:
                 self._wake.set()
         if hint & Hint.WORK or (hint & Hint.ENDED and self._limited):
@@ -195,8 +203,10 @@ class Worker:
                     self._last_claim = asyncio.get_running_loop().time()
                     stops, news, self._work_news = self._hub.stops, self._work_news, False
                     self._claimed_at = self.clock.now()
+                    held = await self._holds.held_types(self._claimed_at)
+                    specs = [s for s in self._specs if s.type not in held] if held else self._specs
                     claimed = await self.store.claim(
-                        worker_id=self.id, specs=self._specs, limit=free, lease_s=self.settings.lease_s
+                        worker_id=self.id, specs=specs, limit=free, lease_s=self.settings.lease_s
                     )
                     failures = 0
                 except StoreError:
@@ -415,6 +425,14 @@ class Worker:
         now = self.clock.now()
         if timed_out:
             return executor.timed_out(held, progress, message, limit_s)
+        busy = None if future.cancelled() else future.exception()
+        if isinstance(busy, ProviderBusy) and held.task_type.provider is not None:
+            # Every task of the provider waits, not only this one, and the attempt does not count.
+            until = now + busy.retry_after_s
+            await self._holds.hold(record.type, until)
+            token = record.lease_token or ""
+            note = f"waiting: {busy.message}"[:200]
+            return lambda r: model.release(r, now=now, lease_token=token, until=until, message=note)
         if future.cancelled():
             if held.stop_reason in (StopReason.LOST, StopReason.CANCELLED):
                 return None

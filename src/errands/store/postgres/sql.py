@@ -308,6 +308,12 @@ STATEMENTS = Statements(
         "updated_at = $1 WHERE channel = 'endpoint' AND target = $2 AND state = 'failed' AND created_at >= $3"
     ),
     # -- meta
+    hold=(
+        "INSERT INTO errands_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = "
+        "CASE WHEN errands_meta.value::float8 < excluded.value::float8 THEN excluded.value "
+        "ELSE errands_meta.value END RETURNING value::float8"
+    ),
+    holds="SELECT key, value::float8 FROM errands_meta WHERE key >= 'hold:' AND key < 'hold;'",
     meta_setdefault=(
         # DO UPDATE rather than DO NOTHING plus a read: under READ COMMITTED, a key inserted by a
         # transaction that committed while this statement waited for it is invisible to the

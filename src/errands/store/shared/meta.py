@@ -14,6 +14,17 @@ class MetaOps(Dialect):
 
         return await self._write(op, mode="alone")
 
+    async def hold(self, name: str, until: float) -> float:
+        async def op(tx: Tx) -> float:
+            row = await tx.fetchrow(self.sql.hold, f"hold:{name}", repr(until))
+            assert row is not None, "the statement always answers the stored value"
+            return float(row[0])
+
+        return await self._write(op, mode="alone")
+
+    async def holds(self) -> dict[str, float]:
+        return {r[0].removeprefix("hold:"): float(r[1]) for r in await self._fetch(self.sql.holds)}
+
     async def add_admin_key(self, key_hash: str) -> None:
         now = self.clock.now()
 

@@ -183,6 +183,12 @@ STATEMENTS = Statements(
         "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = meta.value "
         "RETURNING value"
     ),
+    hold=(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = "
+        "CASE WHEN CAST(meta.value AS REAL) < CAST(excluded.value AS REAL) THEN excluded.value "
+        "ELSE meta.value END RETURNING CAST(value AS REAL)"
+    ),
+    holds="SELECT key, CAST(value AS REAL) FROM meta WHERE key >= 'hold:' AND key < 'hold;'",
     add_admin_key="INSERT OR IGNORE INTO admin_keys (hash, created_at) VALUES (?, ?)",
     admin_keys="SELECT hash FROM admin_keys",
 )
