@@ -23,13 +23,16 @@ ST = str(Path(sys.executable).parent / "st")
 
 #: Where a schema-valid request may still be refused: the checks that need the world (a
 #: notify_url or endpoint URL inside the network or whose name does not resolve, a cursor that
-#: this service did not make, a secret given without rotate_secret) are not JSON Schema.
+#: this service did not make, a secret given without rotate_secret, a cron expression or time
+#: zone that names no time) are not JSON Schema.
 CONFIG = """
 max-stream-events = 3
 request-timeout = 5
 
 [[operations]]
-include-operation-id = ["submit", "create_endpoint", "update_endpoint", "list_tasks"]
+include-operation-id = [
+  "submit", "create_endpoint", "update_endpoint", "list_tasks", "create_schedule", "replace_schedule",
+]
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "422", "429"]
 
 [[operations]]

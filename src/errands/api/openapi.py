@@ -183,11 +183,12 @@ def _query_parameters(model: type[BaseModel], schemas: dict[str, Any]) -> list[d
 
 
 def _name_task_types(schemas: dict[str, Any], task_types: Sequence[str]) -> None:
-    """A submission's ``type`` is one of the types this service runs: say which."""
-    submit = schemas.get("SubmitRequest")
-    if submit is not None and task_types:
-        submit["properties"]["type"] = {
-            "type": "string",
-            "enum": sorted(task_types),
-            "description": "A task type this service runs (a handler's or a provider's).",
-        }
+    """A submission's (and a schedule's) ``type`` is one of the types this service runs: say which."""
+    for name in ("SubmitRequest", "ScheduleRequest"):
+        body = schemas.get(name)
+        if body is not None and task_types:
+            body["properties"]["type"] = {
+                "type": "string",
+                "enum": sorted(task_types),
+                "description": "A task type this service runs (a handler's or a provider's).",
+            }
