@@ -27,7 +27,7 @@ from errands.errors import (
     Unavailable,
     UnknownTaskType,
 )
-from errands.model import EventType, Status, Task, TaskError
+from errands.model import EventType, Limit, Status, Task, TaskError
 from errands.registry import HookEvent, WeChatTemplate
 
 __version__ = "0.1.0"
@@ -49,6 +49,7 @@ __all__ = [
     "InvalidRequest",
     "InvalidTransition",
     "LeaseLost",
+    "Limit",
     "NotFound",
     "Retry",
     "Settings",

@@ -86,6 +86,7 @@ class Errands(Registry):
         run_at: datetime | None = None,
         delay_s: float | None = None,
         start_within_s: float | None = None,
+        key: str | None = None,
     ) -> Task:
         """Submit a task from code living next to the service; returns at once with the task.
 
@@ -93,6 +94,7 @@ class Errands(Registry):
         would refuse raises the same error (:class:`errands.errors.InvalidRequest`, with the
         same message). ``run_at`` (an aware datetime) or ``delay_s`` delays its first run;
         never started within ``start_within_s`` of then, it ends ``timeout`` (``not_started``).
+        ``key`` names whose share of ``per="key"`` limits it uses (default: its owner's).
         """
         if self._runtime is None:
             raise Unavailable("The app is not running; use `async with app.running():` or `errands serve`.")
@@ -111,6 +113,7 @@ class Errands(Registry):
                 "run_at": run_at,
                 "delay_s": None if delay_s is None else float(delay_s),
                 "start_within_s": None if start_within_s is None else float(start_within_s),
+                "key": key,
             },
         )
         record, _ = await self._runtime.service.submit(request, SYSTEM)

@@ -303,6 +303,9 @@ def submit(
     start_within: Annotated[
         float | None, typer.Option("--start-within", help="Time out if not started this many seconds after.")
     ] = None,
+    key: Annotated[
+        str | None, typer.Option("--key", help="Whose share of per-key limits it uses (default: the owner).")
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the task until it ends.")] = False,
     url: UrlOpt = "http://127.0.0.1:8000",
     token: TokenOpt = None,
@@ -325,6 +328,7 @@ def submit(
             run_at=run_at,
             delay_s=delay,
             start_within_s=start_within,
+            key=key,
         )
         if wait:
             typer.echo(f"submitted {task.id}", err=True)

@@ -211,12 +211,14 @@ class AsyncClient:
         run_at: datetime | str | None = None,
         delay_s: float | None = None,
         start_within_s: float | None = None,
+        key: str | None = None,
     ) -> Task:
         """Submit a task; with ``id`` the call is idempotent (safe to repeat). ``run_at`` (an
         aware datetime, or RFC 3339 text) or ``delay_s`` delays its first run; never started
-        within ``start_within_s`` of then, it ends ``timeout`` with code ``not_started``."""
+        within ``start_within_s`` of then, it ends ``timeout`` with code ``not_started``.
+        ``key`` names whose share of the type's ``per="key"`` limits it uses."""
         body: dict[str, Any] = {"type": type, "input": input or {}}
-        for key, value in (
+        for name, value in (
             ("id", id),
             ("owner", owner),
             ("priority", priority),
@@ -227,9 +229,10 @@ class AsyncClient:
             ("run_at", run_at.isoformat() if isinstance(run_at, datetime) else run_at),
             ("delay_s", delay_s),
             ("start_within_s", start_within_s),
+            ("key", key),
         ):
             if value is not None:
-                body[key] = value
+                body[name] = value
         return Task(**await self._request("POST", "/v1/tasks", json=body))
 
     async def submit_many(

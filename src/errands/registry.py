@@ -1,4 +1,4 @@
-"""What an app declares: its task types (and who performs them), lifecycle hooks, WeChat templates.
+"""What an app declares: its task types (who performs them, their limits), hooks, WeChat templates.
 
 Every loop of a running process reads it (workers, the sweeper, the notifier, the service); none
 changes it. :class:`errands.Errands` is a registry with the means to run it in-process on top.
@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from errands.errors import ConfigError
 from errands.inputs import TYPE_PATTERN
-from errands.model import Task, valid_pattern
+from errands.model import Bound, Limit, Task, valid_pattern
 from errands.model.schedules import BadSchedule, Missed, ScheduleSpec
 from errands.model.schedules import check as check_schedule
 
@@ -47,6 +47,8 @@ class TaskType:
     provider: Provider | None = None
     poll_after_s: float = 60.0
     poll_every_s: float = 10.0
+    #: Flow control of the type (:mod:`errands.model.flow`), ``concurrency_per_owner`` included.
+    limits: tuple[Limit, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +139,7 @@ class Registry:
         self.hooks: dict[str, Hook] = {}
         self.wechat_config: WeChatConfig | None = None
         self.schedules: dict[str, ScheduleSpec] = {}
+        self.provider_limits: dict[str, tuple[Limit, ...]] = {}
 
     def _check(
         self, name: str, timeout_s: float | None, max_attempts: int | None, concurrency_per_owner: int | None
@@ -152,6 +155,53 @@ class Registry:
         if concurrency_per_owner is not None and concurrency_per_owner < 1:
             raise ConfigError("concurrency_per_owner must be at least 1.")
 
+    @staticmethod
+    def _limits(
+        what: str, limits: Sequence[Limit], concurrency_per_owner: int | None = None
+    ) -> tuple[Limit, ...]:
+        found = list(limits)
+        if any(not isinstance(limit, Limit) for limit in found):
+            raise ConfigError(f"{what}: limits must be errands.Limit(...) values.")
+        if concurrency_per_owner is not None:
+            found.append(Limit(concurrency=concurrency_per_owner, per="owner"))
+        pers = [limit.per for limit in found]
+        for per in set(pers):
+            if pers.count(per) > 1:
+                raise ConfigError(
+                    f"{what}: two limits per {per}; give their concurrency and rate in one Limit "
+                    "(or use concurrency_per_owner or a per='owner' limit, not both)."
+                )
+        return tuple(found)
+
+    def limit_provider(self, name: str, *limits: Limit) -> None:
+        """Limits shared by every task type ``name`` performs (a quota of the provider's, or of
+        each customer's key with ``per="key"``), on top of each type's own."""
+        if not re.fullmatch(TYPE_PATTERN, name):
+            raise ConfigError(f"'{name}' is not a provider's name.")
+        if name in self.provider_limits:
+            raise ConfigError(f"The limits of provider '{name}' are declared twice.")
+        if not limits:
+            raise ConfigError(f"Provider '{name}': give at least one limit.")
+        self.provider_limits[name] = self._limits(f"Provider '{name}'", limits)
+
+    def bounds(self) -> dict[str, tuple[Bound, ...]]:
+        """Each task type's limits as they apply (see :mod:`errands.model.flow`)."""
+        by_provider: dict[str, list[str]] = {}
+        for t in self.task_types.values():
+            if t.provider is not None:
+                by_provider.setdefault(t.provider.name, []).append(t.name)
+        found = {}
+        for t in self.task_types.values():
+            own = [Bound(f"type:{t.name}", (t.name,), limit) for limit in t.limits]
+            if t.provider is not None:
+                pool = tuple(by_provider[t.provider.name])
+                own += [
+                    Bound(f"provider:{t.provider.name}", pool, limit)
+                    for limit in self.provider_limits.get(t.provider.name, ())
+                ]
+            found[t.name] = tuple(own)
+        return found
+
     def external(
         self,
         name: str,
@@ -162,6 +212,7 @@ class Registry:
         poll_after_s: float = 60.0,
         poll_every_s: float = 10.0,
         concurrency_per_owner: int | None = None,
+        limits: Sequence[Limit] = (),
     ) -> None:
         """Register a task type that ``provider`` performs (see :mod:`errands.providers`).
 
@@ -170,6 +221,7 @@ class Registry:
         submission, the sweeper polls every ``poll_every_s`` until the task ends or times out.
         """
         self._check(name, timeout_s, max_attempts, concurrency_per_owner)
+        own = self._limits(f"Task type '{name}'", limits, concurrency_per_owner)
         if poll_after_s < 0 or poll_every_s <= 0:
             raise ConfigError("poll_after_s must not be negative and poll_every_s must be positive.")
         known = self.providers.get(provider.name)
@@ -186,6 +238,7 @@ class Registry:
             provider=provider,
             poll_after_s=poll_after_s,
             poll_every_s=poll_every_s,
+            limits=own,
         )
 
     def task(
@@ -195,9 +248,12 @@ class Registry:
         timeout_s: float | None = None,
         max_attempts: int | None = None,
         concurrency_per_owner: int | None = None,
+        limits: Sequence[Limit] = (),
     ) -> Callable[[H], H]:
-        """Register a handler for ``name``; sync handlers run in a thread of their own."""
+        """Register a handler for ``name``; sync handlers run in a thread of their own.
+        ``limits`` caps how many run at once and start per period (:class:`errands.Limit`)."""
         self._check(name, timeout_s, max_attempts, concurrency_per_owner)
+        own = self._limits(f"Task type '{name}'", limits, concurrency_per_owner)
 
         def register(handler: H) -> H:
             self.task_types[name] = TaskType(
@@ -207,6 +263,7 @@ class Registry:
                 timeout_s=timeout_s,
                 max_attempts=max_attempts,
                 concurrency_per_owner=concurrency_per_owner,
+                limits=own,
             )
             return handler
 

@@ -10,7 +10,7 @@ import base64
 import hashlib
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Protocol
 
@@ -36,7 +36,8 @@ from errands.inputs import (
     new_task_id,
 )
 from errands.intake import Intake
-from errands.model import Event, NewTask, Status, TaskRecord
+from errands.model import Event, NewTask, Status, TaskRecord, Usage
+from errands.model.flow import waiting_for
 from errands.model.streams import StreamChoice, StreamInfo, StreamRead, read_stream, streams
 from errands.registry import Registry
 from errands.store.base import EventLog, Meta, Sweeping, Tasks
@@ -76,6 +77,8 @@ class SubmitRequest(BaseModel):
     run_at: AwareDatetime | None = None
     delay_s: float | None = Field(None, ge=0, le=MAX_DELAY_S)
     start_within_s: float | None = Field(None, gt=0, le=30 * 86_400)
+    #: Whose share of the limits ``per="key"`` it uses (default: its owner's).
+    key: Owner | None = None
 
     @model_validator(mode="after")
     def _one_time(self) -> SubmitRequest:
@@ -84,7 +87,7 @@ class SubmitRequest(BaseModel):
         return self
 
 
-_LATER_FIELDS = ("run_at", "delay_s", "start_within_s")
+_LATER_FIELDS = ("run_at", "delay_s", "start_within_s", "key")
 
 Scope = Literal["read", "write"]
 ALL_SCOPES: tuple[Scope, ...] = ("read", "write")
@@ -252,6 +255,7 @@ class Service:
             run_at=run_at,
             delay_s=request.delay_s or 0.0,
             start_within_s=request.start_within_s,
+            key=request.key,
         )
 
     async def get(self, task_id: str, principal: Principal) -> TaskRecord:
@@ -263,6 +267,33 @@ class Service:
         if isinstance(found, Tombstone):
             raise Gone()
         return found
+
+    async def read(self, task_id: str, principal: Principal) -> TaskRecord:
+        """:meth:`get`, with ``waiting_for`` filled in (see :meth:`explain`)."""
+        return (await self.explain([await self.get(task_id, principal)]))[0]
+
+    async def explain(self, records: Sequence[TaskRecord]) -> list[TaskRecord]:
+        """The records, each pending one with why it waits (:func:`errands.model.flow.waiting_for`)."""
+        pending = [r for r in records if r.status is Status.PENDING]
+        if not pending:
+            return list(records)
+        now = self.clock.now()
+        bounds = self.registry.bounds()
+        scopes = {b.scope(r): b for r in pending for b in bounds.get(r.type, ())}
+        usage: Mapping[str, Usage | None] = await self.store.flow_usage(scopes) if scopes else {}
+        holds = await self.store.holds()
+        explained = []
+        for record in records:
+            reason = None
+            if record.status is Status.PENDING:
+                task_type = self.registry.task_types.get(record.type)
+                provider = task_type.provider.name if task_type and task_type.provider else None
+                held = provider is not None and holds.get(provider, 0.0) > now
+                reason = waiting_for(
+                    record, bounds=bounds.get(record.type, ()), usage=usage, held=held, now=now
+                )
+            explained.append(record if reason is None else record.evolve(waiting_for=reason))
+        return explained
 
     async def list_tasks(
         self,
@@ -287,7 +318,7 @@ class Service:
         )
         tasks = await self.store.list_tasks(query)
         next_cursor = encode_cursor(tasks[-1]) if len(tasks) == query.limit else None
-        return Page(tasks, next_cursor)
+        return Page(await self.explain(tasks), next_cursor)
 
     async def _change(
         self, task_id: str, principal: Principal, decide: Callable[[TaskRecord], model.Change | None]

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
-from errands import Errands, HookEvent, TaskContext
+from errands import Errands, HookEvent, Limit, TaskContext
 
 app = Errands()
 
@@ -41,3 +42,17 @@ def remember(event: HookEvent) -> None:
         out.write(f"{event.message_id} {event.attempt} {event.task.id}\n")
     if event.attempt == 1 and os.environ.get("SAMPLE_HOOK_CRASH"):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+@app.task("metered", limits=[Limit(concurrency=3), Limit(rate="25/s", per="key")])
+async def metered(ctx: TaskContext, input: dict[str, Any]) -> dict[str, Any]:
+    """Flow control across processes: at most 3 at once in all, 25 started a second per key.
+    Each run appends its start and end (CLOCK_MONOTONIC, one clock for every process of the
+    machine) to $SAMPLE_FLOW_LOG."""
+    log = Path(os.environ["SAMPLE_FLOW_LOG"])
+    with log.open("a") as out:
+        out.write(f"enter {time.monotonic()} {ctx.task_id}\n")
+    await asyncio.sleep(float(input.get("work_s", 0.02)))
+    with log.open("a") as out:
+        out.write(f"exit {time.monotonic()} {ctx.task_id}\n")
+    return {"pid": os.getpid()}

@@ -34,7 +34,7 @@ STORES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 _TABLES = (
     "errands_tasks, errands_events, errands_tombstones, errands_meta, errands_admin_keys, "
     "errands_webhook_ids, errands_webhook_deliveries, errands_endpoints, errands_messages, "
-    "errands_message_attempts, errands_schedules"
+    "errands_message_attempts, errands_schedules, errands_flow_rates"
 )
 
 
@@ -246,7 +246,9 @@ async def sse(client: httpx.AsyncClient, path: str, **kwargs: Any) -> AsyncItera
 
 #: The tables that hold what errands knows about tasks and notifications (not its bookkeeping:
 #: meta, admin keys, and the inbound delivery log, which records refusals by design).
-STATE_TABLES = ("tasks", "events", "tombstones", "endpoints", "messages", "webhook_ids", "schedules")
+STATE_TABLES = (
+    "tasks", "events", "tombstones", "endpoints", "messages", "webhook_ids", "schedules", "flow_rates",
+)  # fmt: skip
 
 
 async def database_state(url: str) -> dict[str, list[tuple[Any, ...]]]:

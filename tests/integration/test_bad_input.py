@@ -211,6 +211,11 @@ CASES: list[Case] = [
     Case("delay_s beyond a year", "POST", "/v1/tasks", 422, json={"type": "work", "delay_s": 400 * 86400}),
     Case("delay_s as text", "POST", "/v1/tasks", 422, json={"type": "work", "delay_s": "5"}),
     Case("start_within_s zero", "POST", "/v1/tasks", 422, json={"type": "work", "start_within_s": 0}),
+    Case("key empty", "POST", "/v1/tasks", 422, json={"type": "work", "key": ""}),
+    Case("key too long", "POST", "/v1/tasks", 422, json={"type": "work", "key": "k" * 257}),
+    Case("key a number", "POST", "/v1/tasks", 422, json={"type": "work", "key": 42}),
+    Case("key with NUL", "POST", "/v1/tasks", 422, json={"type": "work", "key": "a\u0000b"}),
+    Case("key a list", "POST", "/v1/tasks", 422, json={"type": "work", "key": ["a"]}),
     Case("start_within_s 2^64", "POST", "/v1/tasks", 422, json={"type": "work", "start_within_s": 2**64}),
     # -- schedules -----------------------------------------------------------------------------
     *[

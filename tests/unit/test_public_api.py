@@ -8,7 +8,8 @@ def test_public_exports_are_pinned() -> None:
         [
             "ApiError", "AsyncClient", "Client", "ConfigError", "Conflict", "ErrandsError", "Errands",
             "EventType", "Fail", "Forbidden", "Gone", "HookEvent", "IdConflict", "InvalidRequest",
-            "InvalidTransition", "LeaseLost", "NotFound", "Retry", "Settings", "Status", "StoreError",
+            "InvalidTransition", "LeaseLost", "Limit", "NotFound", "Retry", "Settings", "Status",
+            "StoreError",
             "StreamLimit", "Task", "TaskContext", "TaskError", "TooManyRequests", "Unauthorized",
             "Unavailable", "UnknownTaskType", "WeChatTemplate", "__version__",
         ]

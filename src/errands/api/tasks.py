@@ -103,7 +103,7 @@ async def list_tasks(call: Call) -> Response:
 
 async def get_task(call: Call) -> Response:
     """The task as it is now; ``410`` once it was purged after its retention period."""
-    return json((await call.runtime.service.get(call.path_params["task_id"], call.principal)).public_json())
+    return json((await call.runtime.service.read(call.path_params["task_id"], call.principal)).public_json())
 
 
 async def cancel_task(call: Call) -> Response:

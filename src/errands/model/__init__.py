@@ -7,8 +7,6 @@ one, as a pure function the stores run on the row they have just locked.
 from errands.model.decisions import (
     backoff_s,
     cancel,
-    choose_claims,
-    claim_window,
     complete,
     create,
     expire,
@@ -24,6 +22,7 @@ from errands.model.decisions import (
     stream_output,
     too_late_to_start,
 )
+from errands.model.flow import Bound, Choice, Limit, Usage, choose_claims, claim_window
 from errands.model.task import (
     EVENT_TYPES,
     TERMINAL,
@@ -47,14 +46,18 @@ __all__ = [
     "TERMINAL",
     "TERMINAL_EVENT",
     "TRANSITIONS",
+    "Bound",
     "Change",
+    "Choice",
     "Event",
     "EventType",
+    "Limit",
     "NewTask",
     "Status",
     "Task",
     "TaskError",
     "TaskRecord",
+    "Usage",
     "backoff_s",
     "can_move",
     "cancel",

@@ -9,7 +9,7 @@ who is speaking.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -69,6 +69,7 @@ def create(new: NewTask, *, now: float) -> TaskRecord:
         queued_at=due,
         notify_url=new.notify_url,
         start_by=None if new.start_within_s is None else due + new.start_within_s,
+        key=new.key,
     )
 
 
@@ -412,40 +413,3 @@ def backoff_s(attempt: int, *, base_s: float, cap_s: float, jitter: float) -> fl
     """
     ceiling = min(cap_s, base_s * 2.0 ** max(0, attempt - 1))
     return float(ceiling * (0.5 + 0.5 * jitter))
-
-
-def claim_window(limit: int, *, fair_share: bool) -> int:
-    """How many queued tasks a claim of ``limit`` reads: more than it takes when a per-owner cap
-    may skip tasks at the head of the queue."""
-    return limit * 4 + 32 if fair_share else limit
-
-
-def choose_claims(
-    candidates: Sequence[TaskRecord],
-    *,
-    caps: Mapping[str, int | None],
-    running: Mapping[tuple[str, str], int | None],
-    limit: int,
-    now: float,
-) -> list[TaskRecord]:
-    """The tasks a claim starts, in queue order: at most ``limit``, and of a type with a cap per
-    owner (``caps[type]``) no more than the cap running at once per (type, owner), counting
-    those started by this claim. ``running[(type, owner)]`` is how many run now; ``None`` when
-    the count could not be taken safely (another claim is counting that owner): skip them.
-    A task past its ``start_by`` is not started (the sweeper ends it)."""
-    taken: list[TaskRecord] = []
-    counts = dict(running)
-    for record in candidates:
-        if len(taken) >= limit:
-            break
-        if too_late_to_start(record, now):
-            continue  # the sweeper ends it
-        cap = caps.get(record.type)
-        if cap is not None:
-            key = (record.type, record.owner)
-            now_running = counts.get(key, 0)
-            if now_running is None or now_running >= cap:
-                continue
-            counts[key] = now_running + 1
-        taken.append(record)
-    return taken

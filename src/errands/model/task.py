@@ -7,7 +7,7 @@ import enum
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict
@@ -129,6 +129,8 @@ class NewTask:
     delay_s: float = 0.0
     #: Not started within this long of that time, it ends ``timeout`` (code ``not_started``).
     start_within_s: float | None = None
+    #: Whose share of the type's or provider's limits it uses (``per="key"``), if not its owner's.
+    key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +178,11 @@ class TaskRecord:
     stream_positions: Mapping[str, int] | None = None
     #: Never started by then (``start_within_s`` after it was due), it ends ``timeout``.
     start_by: float | None = None
+    #: The flow-control key given at submit (see :mod:`errands.model.flow`).
+    key: str | None = None
+    #: Why a pending task does not run yet, as a read found it (not stored; see
+    #: :func:`errands.model.flow.waiting_for`): ``None`` in events and writes.
+    waiting_for: str | None = None
 
     @property
     def scheduled_for(self) -> float | None:
@@ -214,7 +221,9 @@ class TaskRecord:
             "finished_at": iso(self.finished_at),
             "expires_at": iso(self.expires_at),
             "scheduled_for": iso(self.scheduled_for),
+            "waiting_for": self.waiting_for,
             "start_by": iso(self.start_by),
+            "key": self.key,
             "notify_url": self.notify_url,
             "seq": self.seq,
         }
@@ -353,7 +362,9 @@ class Task(BaseModel):
     finished_at: datetime | None = None
     expires_at: datetime | None = None
     scheduled_for: datetime | None = None
+    waiting_for: Literal["schedule", "provider", "concurrency", "rate"] | None = None
     start_by: datetime | None = None
+    key: str | None = None
     notify_url: str | None = None
     seq: int = 0
 

@@ -30,12 +30,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from errands.errors import ErrandsError
-from errands.model import Change, Event, EventType, NewTask, TaskRecord
+from errands.model import Bound, Change, Event, EventType, NewTask, TaskRecord, Usage
 from errands.model.schedules import Schedule, ScheduleSpec
 from errands.model.streams import StreamChoice
 from errands.store.records import (
     Attempt,
     AttemptResult,
+    Claimed,
     ClaimSpec,
     DueTasks,
     Endpoint,
@@ -164,9 +165,13 @@ class Tasks(Protocol):
 
     async def claim(
         self, *, worker_id: str, specs: Sequence[ClaimSpec], limit: int, lease_s: float
-    ) -> list[TaskRecord]:
+    ) -> Claimed:
         """Start up to ``limit`` ready tasks of the given types, by priority then age, as
-        :func:`errands.model.choose_claims` chooses them; every started task gets a new lease."""
+        :func:`errands.model.choose_claims` chooses them within the types' limits; every started
+        task gets a new lease."""
+
+    async def flow_usage(self, scopes: Mapping[str, Bound]) -> dict[str, Usage]:
+        """How many tasks run now in each flow-control scope, and its rate state (no locks)."""
 
     async def renew(self, leases: Mapping[str, str], lease_s: float) -> set[str]:
         """Extend the leases ``{task_id: lease_token}``; return the ids whose lease was lost."""

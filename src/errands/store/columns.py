@@ -91,6 +91,7 @@ TASK_COLUMNS: tuple[Column, ...] = (
         decode="load_json({})",
     ),
     Column("start_by", "float8", mutable=False),
+    Column("limit_key", "text", mutable=False, field="key"),
 )
 
 #: Column order of every ``SELECT`` of a task row.

@@ -11,7 +11,7 @@ import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from errands.model import Event, Status, TaskRecord
+from errands.model import Bound, Event, Limit, Status, TaskRecord
 
 # -- tasks ---------------------------------------------------------------------------------------
 
@@ -39,10 +39,26 @@ class TaskQuery:
 
 @dataclass(frozen=True, slots=True)
 class ClaimSpec:
-    """A task type a worker runs and the fair-share limit that applies to it."""
+    """A task type a worker runs and the limits that apply to it (:mod:`errands.model.flow`);
+    ``concurrency_per_owner`` is short for a concurrency limit of the type per owner."""
 
     type: str
     concurrency_per_owner: int | None = None
+    bounds: tuple[Bound, ...] = ()
+
+    @property
+    def all_bounds(self) -> tuple[Bound, ...]:
+        if self.concurrency_per_owner is None:
+            return self.bounds
+        per_owner = Limit(concurrency=self.concurrency_per_owner, per="owner")
+        return (*self.bounds, Bound(f"type:{self.type}", (self.type,), per_owner))
+
+
+class Claimed(list[TaskRecord]):
+    """The tasks a claim started; ``retry_at``: when a task a limit held back may be allowed
+    (a rate's next start, another claim's count done), if the claim knows it."""
+
+    retry_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

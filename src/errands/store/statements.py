@@ -39,6 +39,10 @@ class Statements:
     count_pending: str  # owner, cap → (count up to cap,)
     claim: str  # types, now, window → task rows, queue order (locked where the dialect locks)
     renew: str  # until, ids, tokens → ids whose lease was extended
+    claim_except: str  # the same, then types, pers, keys of scopes held back → task rows
+    running_keys: str  # types → (type, owner, key, count) of the tasks running now
+    flow_rates: str  # scopes → (scope, tat)
+    set_flow_rates: str  # scopes, tats: each scope's rate state, inserted or replaced
     next_ready: str  # types, after → (earliest run_after of a task in backoff,)
     set_poll_at: str  # when, id
     # -- the sweeper's ------------------------------------------------------------------------
@@ -52,7 +56,7 @@ class Statements:
     raise_horizon: str  # seq
     add_tombstones: str  # ids, owners, now
     purge_tombstones: str  # before
-    purge_old: tuple[str, ...]  # each: before (receipts, seen delivery ids, messages, attempts)
+    purge_old: tuple[str, ...]  # each: before (receipts, delivery ids, messages, attempts, rates)
     stats_counts: str  # → (status, type, count)
     stats_waits: str  # since, sample → (queue wait,)
     stats_runs: str  # since, sample → (run time,)

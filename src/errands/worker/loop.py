@@ -82,8 +82,13 @@ class Worker:
         )
         self._backoff = backoff
         self._types = dict(registry.task_types)
-        self._specs = [ClaimSpec(t.name, t.concurrency_per_owner) for t in self._types.values()]
-        self._limited = {t.name for t in self._types.values() if t.concurrency_per_owner is not None}
+        bounds = registry.bounds()
+        self._specs = [ClaimSpec(name, bounds=bounds[name]) for name in self._types]
+        # The types whose tasks' ends may give a turn away (a concurrency limit).
+        self._limited = {
+            name for name in self._types if any(b.limit.concurrency is not None for b in bounds[name])
+        }
+        self._flow_at: float | None = None  # when a task a limit held back may be allowed
         self._holds = Holds(store, {t.name: t.provider.name for t in self._types.values() if t.provider})
         self._ready_at: float | None = None  # when the next task in backoff becomes claimable
         self._ready_stale = True
@@ -220,6 +225,7 @@ class Worker:
                     self._empty_claims = 0
                 elif news:
                     self._empty_claims = min(_MAX_EMPTY, self._empty_claims + 1)
+                self._flow_at = claimed.retry_at
                 for record in claimed:
                     self._start(record)
                 if claimed and self._hub.stops != stops:
@@ -251,12 +257,17 @@ class Worker:
                 self._ready_stale = True
         if self._ready_at is not None:
             timeout = min(timeout, max(0.001, self._ready_at - now))
+        if self._flow_at is not None:
+            timeout = min(timeout, max(0.001, self._flow_at - now))
         try:
             await asyncio.wait_for(self._wake.wait(), timeout)
         except TimeoutError:
             self._maybe_work = True  # a backoff ran out, or it is time to look anyway
-        if self._ready_at is not None and self._ready_at <= self.clock.now():
+        later = self.clock.now()
+        if self._ready_at is not None and self._ready_at <= later:
             self._maybe_work = True  # a delayed task came due
+        if self._flow_at is not None and self._flow_at <= later:
+            self._maybe_work = True  # a rate allows the next start
         # The queue was empty a moment ago. When work arrives as fast as it is taken, every new
         # task wakes every worker: wait out a short gap since the last claim, so the next claim
         # takes what came meanwhile instead of each worker claiming (mostly nothing) per task.

@@ -119,14 +119,7 @@ WITH target AS MATERIALIZED (
 )
 SELECT (SELECT count(*) FROM seen), target.* FROM target
 """
-LOCK_KEYS = (
-    "SELECT k.t, k.o, pg_try_advisory_xact_lock(hashtextextended(k.t || ' ' || k.o, 0)) "  # types have no spaces
-    "FROM unnest($1::text[], $2::text[]) AS k(t, o)"
-)
-COUNT_RUNNING = (
-    "SELECT k.t, k.o, (SELECT count(*) FROM errands_tasks WHERE status = 'processing' AND type = k.t AND owner = k.o) "
-    "FROM unnest($1::text[], $2::text[]) AS k(t, o)"
-)
+LOCK_SCOPES = "SELECT s, pg_try_advisory_xact_lock(hashtextextended(s, 0)) FROM unnest($1::text[]) AS s"
 INSERT_RECEIPTS = (
     f"INSERT INTO errands_webhook_deliveries ({RECEIPTS.select}) SELECT * FROM unnest("
     + ", ".join(f"${i}::{t}[]" for i, t in enumerate(RECEIPTS.pg_types, start=1))
@@ -135,6 +128,22 @@ INSERT_RECEIPTS = (
 _M = ", ".join(f"m.{c}" for c in MESSAGES.names)
 _E = ", ".join(f"e.{c}" for c in ENDPOINTS.names)
 _CHANNELS = "(m.channel = ANY({}::text[]) OR (m.channel = 'hook' AND m.target = ANY({}::text[])))"
+
+
+def _claim(extra: str) -> str:
+    """The queue (claimable since created) and the tasks that came due (delayed, retried or
+    released), each read in order from its own index, merged in queue order: priority, then
+    queued_at (the creation of the first, when the others came due)."""
+    return (
+        f"WITH queued AS (SELECT {SELECT_LIST} FROM errands_tasks WHERE status = 'pending' "
+        f"AND run_after <= created_at AND run_after <= $2 AND type = ANY($1::text[]){extra} "
+        "ORDER BY priority DESC, created_at, id LIMIT $3 FOR UPDATE SKIP LOCKED), "
+        f"due AS (SELECT {SELECT_LIST} FROM errands_tasks WHERE status = 'pending' "
+        f"AND run_after > created_at AND run_after <= $2 AND type = ANY($1::text[]){extra} "
+        "ORDER BY priority DESC, run_after, id LIMIT $3 FOR UPDATE SKIP LOCKED) "
+        "SELECT * FROM queued UNION ALL SELECT * FROM due ORDER BY priority DESC, queued_at, id LIMIT $3"
+    )
+
 
 STATEMENTS = Statements(
     param=lambda n: f"${n}",
@@ -145,17 +154,21 @@ STATEMENTS = Statements(
     count_pending=(
         "SELECT count(*) FROM (SELECT 1 FROM errands_tasks WHERE owner = $1 AND status = 'pending' LIMIT $2) p"
     ),
-    # The queue (claimable since created) and the tasks that came due (delayed, retried or
-    # released), each read in order from its own index, merged in queue order: priority, then
-    # queued_at (the creation of the first, when the others came due).
-    claim=(
-        f"WITH queued AS (SELECT {SELECT_LIST} FROM errands_tasks WHERE status = 'pending' "
-        "AND run_after <= created_at AND run_after <= $2 AND type = ANY($1::text[]) "
-        "ORDER BY priority DESC, created_at, id LIMIT $3 FOR UPDATE SKIP LOCKED), "
-        f"due AS (SELECT {SELECT_LIST} FROM errands_tasks WHERE status = 'pending' "
-        "AND run_after > created_at AND run_after <= $2 AND type = ANY($1::text[]) "
-        "ORDER BY priority DESC, run_after, id LIMIT $3 FOR UPDATE SKIP LOCKED) "
-        "SELECT * FROM queued UNION ALL SELECT * FROM due ORDER BY priority DESC, queued_at, id LIMIT $3"
+    claim=_claim(""),
+    # A claim's second look, past the tasks of the scopes that held the first one back.
+    claim_except=_claim(
+        " AND NOT EXISTS (SELECT 1 FROM unnest($4::text[], $5::text[], $6::text[]) AS x(t, per, k) "
+        "WHERE x.t = type AND (x.per = 'all' OR (x.per = 'owner' AND x.k = owner) "
+        "OR (x.per = 'key' AND x.k = coalesce(limit_key, owner))))"
+    ),
+    running_keys=(
+        "SELECT type, owner, limit_key, count(*) FROM errands_tasks WHERE status = 'processing' "
+        "AND type = ANY($1::text[]) GROUP BY type, owner, limit_key"
+    ),
+    flow_rates="SELECT scope, tat FROM errands_flow_rates WHERE scope = ANY($1::text[])",
+    set_flow_rates=(
+        "INSERT INTO errands_flow_rates (scope, tat) SELECT * FROM unnest($1::text[], $2::float8[]) "
+        "ON CONFLICT (scope) DO UPDATE SET tat = excluded.tat"
     ),
     renew=(
         "UPDATE errands_tasks t SET lease_expires_at = $1 FROM unnest($2::text[], $3::text[]) AS l(id, token) "
@@ -200,6 +213,7 @@ STATEMENTS = Statements(
         "DELETE FROM errands_webhook_deliveries WHERE received_at < $1",
         "DELETE FROM errands_messages WHERE state != 'pending' AND updated_at < $1",
         "DELETE FROM errands_message_attempts WHERE attempted_at < $1",
+        "DELETE FROM errands_flow_rates WHERE tat < $1",  # long past: the same as no state
     ),
     stats_counts="SELECT status, type, count(*) FROM errands_tasks GROUP BY status, type",
     stats_waits=(

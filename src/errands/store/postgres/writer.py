@@ -50,12 +50,11 @@ from errands.store.base import hints
 from errands.store.columns import COLUMNS, to_record, values, with_seq
 from errands.store.postgres.sql import (
     COMMIT,
-    COUNT_RUNNING,
     INSERT_RECEIPTS,
     INSERT_TASK,
     INSERT_TASKS,
     INSERTED,
-    LOCK_KEYS,
+    LOCK_SCOPES,
     LOCK_TASKS,
     REPORT_TARGET,
     WRITTEN,
@@ -118,9 +117,9 @@ class PgTx(TxBase):
         self.created: dict[str, TaskRecord] = {}
         self.locked: dict[str, TaskRecord] = {}  # rows locked here, as they were read
         self.absent: set[str] = set()  # ids a lock found no row for (until this one inserts them)
-        # Tasks this transaction started, per (type, owner): not yet written, so not counted by
-        # a query, but they count against concurrency_per_owner for the next claim in the batch.
-        self.starts: dict[tuple[str, str], int] = {}
+        # Tasks this transaction started, per (type, owner, key): not yet written, so not counted
+        # by a query, but they count against the limits of the next claim in the batch.
+        self.starts: dict[tuple[str, str, str | None], int] = {}
         # Creates the batch's jobs declared (``Writer.submit(creates=…)``), not written yet: the
         # first insert writes them all in one statement, and keeps each one's outcome here.
         self.declared: list[TaskRecord] = []
@@ -238,22 +237,18 @@ class PgTx(TxBase):
     async def add_receipt(self, receipt: Receipt) -> None:
         self.receipts.append(receipt)
 
-    async def running(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int | None]:
-        """One claimer per (type, owner) at a time, or two could each see room for one more: the
-        keys are locked first (a transaction lock, never waited for), then counted."""
-        wanted = sorted(set(keys))
-        locked = await self.conn.fetch(LOCK_KEYS, [t for t, _ in wanted], [o for _, o in wanted])
-        counts: dict[tuple[str, str], int | None] = {(t, o): None for t, o, ok in locked if not ok}
-        mine = [(t, o) for t, o, ok in locked if ok]
-        if mine:
-            for t, o, n in await self.conn.fetch(COUNT_RUNNING, [t for t, _ in mine], [o for _, o in mine]):
-                counts[(t, o)] = int(n) + self.starts.get((t, o), 0)
-        return counts
+    async def lock_scopes(self, scopes: Sequence[str]) -> set[str]:
+        """One claimer per scope at a time, or two could each see room for one more: a
+        transaction lock per scope, never waited for."""
+        return {r[0] for r in await self.conn.fetch(LOCK_SCOPES, list(scopes)) if r[1]}
 
     def started(self, records: Sequence[TaskRecord]) -> None:
         for record in records:
-            key = (record.type, record.owner)
+            key = (record.type, record.owner, record.key)
             self.starts[key] = self.starts.get(key, 0) + 1
+
+    def own_starts(self) -> list[tuple[str, str, str | None, int]]:
+        return [(t, o, k, n) for (t, o, k), n in self.starts.items()]
 
     async def report_target(
         self, receipt: Receipt, job: tuple[Sequence[str], str] | None

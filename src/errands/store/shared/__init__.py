@@ -76,12 +76,17 @@ class Tx(Protocol):
 
     async def add_receipt(self, receipt: Receipt) -> None: ...
 
-    async def running(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int | None]:
-        """How many tasks run now per (type, owner), counting those this transaction started;
-        ``None`` for a key another transaction is counting (it may start one more)."""
+    async def lock_scopes(self, scopes: Sequence[str]) -> set[str]:
+        """Take the flow-control scopes this claim counts (:mod:`errands.model.flow`) for the
+        rest of the transaction, never waiting: the ones taken (another claim counts the rest,
+        and may start one more of them)."""
 
     def started(self, records: Sequence[TaskRecord]) -> None:
-        """This transaction started ``records`` (for :meth:`running` of a later claim in it)."""
+        """This transaction started ``records``, for the counts of a later claim in it."""
+
+    def own_starts(self) -> list[tuple[str, str, str | None, int]]:
+        """``(type, owner, key, count)`` of the tasks this transaction started that a query of
+        the running tasks does not count yet (not written until the transaction ends)."""
 
     async def report_target(
         self, receipt: Receipt, job: tuple[Sequence[str], str] | None

@@ -3,19 +3,48 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from errands.errors import ErrandsError, IdConflict, TooManyRequests
-from errands.model import NewTask, TaskRecord, choose_claims, claim_window, create, start_attempt
+from errands.model import (
+    Bound,
+    NewTask,
+    TaskRecord,
+    Usage,
+    choose_claims,
+    claim_window,
+    create,
+    start_attempt,
+)
+from errands.model.flow import exclusions, tally
 from errands.store.base import Decision
 from errands.store.columns import to_record
-from errands.store.records import ClaimSpec, DueTasks, Outcome, StatsRows, TaskQuery, Tombstone
+from errands.store.records import Claimed, ClaimSpec, DueTasks, Outcome, StatsRows, TaskQuery, Tombstone
 from errands.store.shared import Dialect, Tx, as_errands_error
+from errands.store.statements import Statements
+
+#: How many times one claim reads the queue: again past the scopes that held the last look's
+#: tasks back, so that one busy key cannot keep a claim from the tasks of the others.
+_LOOKS = 8
 
 
 def lease_token() -> str:
     return secrets.token_hex(12)
+
+
+async def read_usage(
+    fetch: Callable[..., Awaitable[list[Any]]],
+    sql: Statements,
+    scopes: Mapping[str, Bound],
+    own: Sequence[tuple[str, str, str | None, int]] = (),
+) -> dict[str, Usage]:
+    """The scopes' usage as the database holds it (plus ``own`` starts not written yet)."""
+    types = sorted({t for b in scopes.values() if b.limit.concurrency is not None for t in b.types})
+    running = [(r[0], r[1], r[2], int(r[3])) for r in await fetch(sql.running_keys, types)] if types else []
+    rated = [scope for scope, b in scopes.items() if b.limit.parsed_rate is not None]
+    tats = {r[0]: float(r[1]) for r in await fetch(sql.flow_rates, rated)} if rated else {}
+    return tally(scopes, [*running, *own], tats)
 
 
 class TaskOps(Dialect):
@@ -154,37 +183,83 @@ class TaskOps(Dialect):
 
     async def claim(
         self, *, worker_id: str, specs: Sequence[ClaimSpec], limit: int, lease_s: float
-    ) -> list[TaskRecord]:
+    ) -> Claimed:
         if limit <= 0 or not specs:
-            return []
-        caps = {s.type: s.concurrency_per_owner for s in specs}
-        window = claim_window(limit, fair_share=any(cap is not None for cap in caps.values()))
+            return Claimed()
+        bounds = {s.type: s.all_bounds for s in specs}
+        types = list(bounds)
+        window = claim_window(limit, limited=any(bounds.values()))
 
-        async def op(tx: Tx) -> list[TaskRecord]:
+        async def op(tx: Tx) -> Claimed:
             now = self.clock.now()
-            candidates = [to_record(r) for r in await tx.fetch(self.sql.claim, list(caps), now, window)]
-            keys = {(r.type, r.owner) for r in candidates if caps.get(r.type) is not None}
-            running = await tx.running(keys) if keys else {}
-            chosen = choose_claims(candidates, caps=caps, running=running, limit=limit, now=now)
-            tx.started(chosen)
-            return [
-                tx.write(
-                    start_attempt(
-                        record,
-                        now=now,
-                        worker_id=worker_id,
-                        lease_token=lease_token(),
-                        lease_s=lease_s,
-                        callback_nonce=secrets.token_urlsafe(12),
-                    ),
-                    record,
+            claimed = Claimed()
+            scopes: dict[str, Bound] = {}  # every scope the looks met
+            usage: dict[str, Usage | None] = {}
+            before: dict[str, float | None] = {}  # the rate states as read
+            held: set[str] = set()  # scopes that held tasks back: the next look skips them
+            for look in range(_LOOKS):
+                if look == 0:
+                    rows = await tx.fetch(self.sql.claim, types, now, window)
+                else:
+                    skip = exclusions(held, scopes)
+                    rows = await tx.fetch(self.sql.claim_except, types, now, window, *skip)
+                candidates = [to_record(r) for r in rows]
+                met = {b.scope(r): b for r in candidates for b in bounds[r.type]}
+                new = {scope: b for scope, b in met.items() if scope not in scopes}
+                if new:
+                    scopes.update(new)
+                    read = await self._usage(tx, new)
+                    usage.update(read)
+                    before.update({scope: u.tat for scope, u in read.items() if u is not None})
+                choice = choose_claims(
+                    candidates, bounds=bounds, usage=usage, limit=limit - len(claimed), now=now
                 )
-                for record in chosen
-            ]
+                usage = choice.usage
+                if choice.retry_at is not None:
+                    claimed.retry_at = min(claimed.retry_at or choice.retry_at, choice.retry_at)
+                tx.started(choice.chosen)
+                claimed.extend(
+                    tx.write(
+                        start_attempt(
+                            record,
+                            now=now,
+                            worker_id=worker_id,
+                            lease_token=lease_token(),
+                            lease_s=lease_s,
+                            callback_nonce=secrets.token_urlsafe(12),
+                        ),
+                        record,
+                    )
+                    for record in choice.chosen
+                )
+                fresh = set(choice.blocked) - held
+                if len(claimed) >= limit or len(rows) < window or not fresh:
+                    break  # full, or all was read, or nothing new held the look back
+                held |= fresh
+            moved = {
+                scope: use.tat
+                for scope, use in usage.items()
+                if use is not None and use.tat is not None and use.tat != before.get(scope)
+            }
+            if moved:
+                await tx.execute(self.sql.set_flow_rates, list(moved), list(moved.values()))
+            return claimed
 
         # First in its transaction (PostgreSQL: it takes the transaction's id as it locks the
         # rows it claims, so every task it sees was last written by an older transaction).
         return await self._write(op, mode="first")
+
+    async def _usage(self, tx: Tx, scopes: Mapping[str, Bound]) -> dict[str, Usage | None]:
+        """The scopes' usage, for those this claim could take (the others: ``None``)."""
+        locked = await tx.lock_scopes(sorted(scopes))
+        usage: dict[str, Usage | None] = dict.fromkeys(set(scopes) - locked)
+        mine = {scope: b for scope, b in scopes.items() if scope in locked}
+        if mine:
+            usage.update(await read_usage(tx.fetch, self.sql, mine, tx.own_starts()))
+        return usage
+
+    async def flow_usage(self, scopes: Mapping[str, Bound]) -> dict[str, Usage]:
+        return await read_usage(self._fetch, self.sql, scopes)
 
     async def renew(self, leases: Mapping[str, str], lease_s: float) -> set[str]:
         if not leases:

@@ -42,6 +42,20 @@ def _channels(channels: int, hooks: int) -> str:
 _M = ", ".join(f"m.{c}" for c in MESSAGES.names)
 _E = ", ".join(f"e.{c}" for c in ENDPOINTS.names)
 
+
+def _claim(extra: str) -> str:
+    """The queue (claimable since created) and the tasks that came due (delayed, retried or
+    released), each read in order from its own index, merged in queue order: priority, then
+    queued_at (the creation of the first, when the others came due)."""
+    return (
+        f"SELECT * FROM (SELECT {SELECT_LIST} FROM tasks WHERE status = 'pending' AND run_after <= created_at "
+        f"AND run_after <= ?2 AND type IN {_each(1)}{extra} ORDER BY priority DESC, created_at, id LIMIT ?3) "
+        f"UNION ALL SELECT * FROM (SELECT {SELECT_LIST} FROM tasks WHERE status = 'pending' "
+        f"AND run_after > created_at AND run_after <= ?2 AND type IN {_each(1)}{extra} "
+        "ORDER BY priority DESC, run_after, id LIMIT ?3) ORDER BY priority DESC, queued_at, id LIMIT ?3"
+    )
+
+
 STATEMENTS = Statements(
     param=lambda n: f"?{n}",
     # -- tasks
@@ -49,15 +63,22 @@ STATEMENTS = Statements(
     select_tombstone="SELECT id, owner, purged_at FROM tombstones WHERE id = ?",
     list_tasks=f"SELECT {SELECT_LIST} FROM tasks {{where}} ORDER BY created_at DESC, id DESC LIMIT {{limit}}",
     count_pending="SELECT count(*) FROM (SELECT 1 FROM tasks WHERE owner = ? AND status = 'pending' LIMIT ?)",
-    # The queue (claimable since created) and the tasks that came due (delayed, retried or
-    # released), each read in order from its own index, merged in queue order: priority, then
-    # queued_at (the creation of the first, when the others came due).
-    claim=(
-        f"SELECT * FROM (SELECT {SELECT_LIST} FROM tasks WHERE status = 'pending' AND run_after <= created_at "
-        f"AND run_after <= ?2 AND type IN {_each(1)} ORDER BY priority DESC, created_at, id LIMIT ?3) "
-        f"UNION ALL SELECT * FROM (SELECT {SELECT_LIST} FROM tasks WHERE status = 'pending' "
-        f"AND run_after > created_at AND run_after <= ?2 AND type IN {_each(1)} "
-        "ORDER BY priority DESC, run_after, id LIMIT ?3) ORDER BY priority DESC, queued_at, id LIMIT ?3"
+    claim=_claim(""),
+    # A claim's second look, past the tasks of the scopes that held the first one back.
+    claim_except=_claim(
+        " AND NOT EXISTS (SELECT 1 FROM json_each(?4) t JOIN json_each(?5) p ON p.key = t.key "
+        "JOIN json_each(?6) k ON k.key = t.key WHERE t.value = tasks.type AND (p.value = 'all' "
+        "OR (p.value = 'owner' AND k.value = tasks.owner) "
+        "OR (p.value = 'key' AND k.value = coalesce(tasks.limit_key, tasks.owner))))"
+    ),
+    running_keys=(
+        "SELECT type, owner, limit_key, count(*) FROM tasks WHERE status = 'processing' "
+        f"AND type IN {_each(1)} GROUP BY type, owner, limit_key"
+    ),
+    flow_rates=f"SELECT scope, tat FROM flow_rates WHERE scope IN {_each(1)}",
+    set_flow_rates=(
+        "INSERT INTO flow_rates (scope, tat) SELECT s.value, t.value FROM json_each(?1) s "
+        "JOIN json_each(?2) t ON t.key = s.key WHERE true ON CONFLICT (scope) DO UPDATE SET tat = excluded.tat"
     ),
     renew=(
         "UPDATE tasks SET lease_expires_at = ?1 FROM (SELECT i.value AS id, t.value AS token "
@@ -96,6 +117,7 @@ STATEMENTS = Statements(
         "DELETE FROM webhook_deliveries WHERE received_at < ?",
         "DELETE FROM messages WHERE state != 'pending' AND updated_at < ?",
         "DELETE FROM message_attempts WHERE attempted_at < ?",
+        "DELETE FROM flow_rates WHERE tat < ?",  # long past: the same as no state
     ),
     stats_counts="SELECT status, type, count(*) FROM tasks GROUP BY status, type",
     stats_waits=(

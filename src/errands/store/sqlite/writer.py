@@ -195,22 +195,15 @@ class SqliteTx(TxBase):
             (r.provider, r.delivery_id, r.task_id, str(r.outcome), r.status_code, r.received_at, r.detail),
         )
 
-    async def running(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int | None]:
-        """Counted here, under the one write lock (this transaction's own starts included)."""
-        wanted = set(keys)
-        counts: dict[tuple[str, str], int | None] = dict.fromkeys(wanted, 0)
-        types = sorted({t for t, _ in wanted})
-        for task_type, owner, n in self.conn.execute(
-            "SELECT type, owner, count(*) FROM tasks WHERE status = 'processing' "
-            "AND type IN (SELECT value FROM json_each(?)) GROUP BY type, owner",
-            bind([types]),
-        ):
-            if (task_type, owner) in counts:
-                counts[(task_type, owner)] = n
-        return counts
+    async def lock_scopes(self, scopes: Sequence[str]) -> set[str]:
+        """All of them: the one write lock already keeps every other claim out."""
+        return set(scopes)
 
     def started(self, records: Sequence[TaskRecord]) -> None:
         """Nothing to keep: their rows are written at once, and counted by the next query."""
+
+    def own_starts(self) -> list[tuple[str, str, str | None, int]]:
+        return []
 
     async def report_target(
         self, receipt: Receipt, job: tuple[Sequence[str], str] | None

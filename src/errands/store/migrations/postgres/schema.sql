@@ -297,3 +297,9 @@ CREATE TABLE errands_schedules (
     updated_at   double precision NOT NULL
 );
 CREATE INDEX errands_schedules_due ON errands_schedules (next_at) WHERE paused = 0;
+
+ALTER TABLE errands_tasks ADD COLUMN limit_key text;
+CREATE TABLE errands_flow_rates (
+    scope text PRIMARY KEY,
+    tat   double precision NOT NULL
+);
