@@ -10,9 +10,10 @@ own, as 4 worker processes would be, claiming up to 16 at a time and sleeping un
   (burst 10), claimed for ``--seconds``: the achieved start rate, the starts in each second
   (lowest and highest), and the most starts in any one-second window (the promise: at most
   100 + 10);
-* **what limits cost when they do not bind**: the same backlog drained with no limit, with a
-  concurrency limit of the whole type and with a rate per key over 100 keys, both too high to
-  hold anything back (side by side, same run).
+* **what limits cost when they do not bind**: the same backlog claimed and completed (each
+  claim's tasks at once, in one transaction) with no limit, with a concurrency limit of the
+  whole type, with one per owner (100 owners) and with a rate per key over 100 keys, all too
+  high to hold anything back (side by side, same run).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from bench.bench_postgres import fresh_database
 from bench.common import machine
 from errands.clock import SystemClock
 from errands.config import Settings
-from errands.model import Bound, Limit, NewTask
+from errands.model import Bound, Limit, NewTask, complete
 from errands.store import open_store
 from errands.store.records import ClaimSpec
 
@@ -53,9 +54,12 @@ async def fresh(store_kind: str) -> str:
     return await fresh_database("errands_bench_flow")
 
 
-async def run(store_kind: str, n: int, specs: list[ClaimSpec], seconds: float | None) -> list[float]:
+async def run(
+    store_kind: str, n: int, specs: list[ClaimSpec], seconds: float | None, *, finish: bool = False
+) -> list[float]:
     """The start times of the tasks ``CLAIMERS`` claimers started, until all ``n`` were (or
-    ``seconds`` passed)."""
+    ``seconds`` passed); with ``finish``, each claimer completes what it claimed at once, as a
+    worker would (so that the running tasks stay as few as the claimers' slots)."""
     url = await fresh(store_kind)
     stores = [open_store(Settings(db=url), SystemClock()) for _ in range(CLAIMERS)]
     for store in stores:
@@ -70,6 +74,8 @@ async def run(store_kind: str, n: int, specs: list[ClaimSpec], seconds: float | 
             while len(starts) < n and (end is None or time.time() < end):
                 got = await store.claim(worker_id=f"w{k}", specs=specs, limit=CLAIM, lease_s=600)
                 starts.extend(r.started_at for r in got)
+                if finish and got:
+                    await store.apply_many([(r.id, done(r)) for r in got])
                 if len(got) < CLAIM:
                     wait = (got.retry_at - time.time()) if got.retry_at is not None else 0.0
                     await asyncio.sleep(max(0.0, wait))
@@ -79,6 +85,11 @@ async def run(store_kind: str, n: int, specs: list[ClaimSpec], seconds: float | 
     finally:
         for store in stores:
             await store.close()
+
+
+def done(record: Any) -> Any:
+    token = record.lease_token
+    return lambda r: complete(r, now=time.time(), lease_token=token, result=None)
 
 
 def most_in_window(starts: list[float], width: float) -> int:
@@ -114,10 +125,11 @@ async def cost_case(store_kind: str, backlog: int) -> dict[str, Any]:
     for label, specs in (
         ("no limit", spec()),
         ("concurrency 1,000,000 of the type", spec(Limit(concurrency=1_000_000))),
+        ("concurrency 1,000 per owner (100 owners)", spec(Limit(concurrency=1000, per="owner"))),
         ("rate 1,000,000/s per key (100 keys)", spec(Limit(rate="1000000/s", per="key"))),
     ):
         start = time.perf_counter()
-        starts = await run(store_kind, backlog, specs, None)
+        starts = await run(store_kind, backlog, specs, None, finish=True)
         out[label] = round(len(starts) / (time.perf_counter() - start))
     return out
 

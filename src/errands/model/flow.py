@@ -39,7 +39,7 @@ _UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute":
 _UNITS |= {"h": 3600.0, "hour": 3600.0, "d": 86_400.0, "day": 86_400.0}
 _RATE = re.compile(r"\s*(\d{1,9})\s*/\s*(\d{1,6})?\s*([a-z]+?)s?\s*", re.IGNORECASE)
 #: How soon a claim looks again at a scope another claim was counting.
-BUSY_RETRY_S = 0.02
+BUSY_RETRY_S = 0.005
 _EPSILON = 1e-6  # epoch seconds near 2e9 hold steps of 2.4e-7 s
 
 
@@ -237,8 +237,8 @@ def exclusions(scopes: Iterable[str], bounds: Mapping[str, Bound]) -> tuple[list
 
 
 def claim_window(limit: int, *, limited: bool) -> int:
-    """How many queued tasks a claim of ``limit`` reads: more than it takes when limits may
-    skip tasks at the head of the queue."""
+    """How many queued tasks a claim of ``limit`` reads: more than it takes when limits per
+    owner or key may skip tasks at the head of the queue."""
     return limit * 4 + 32 if limited else limit
 
 

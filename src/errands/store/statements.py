@@ -40,8 +40,9 @@ class Statements:
     claim: str  # types, now, window → task rows, queue order (locked where the dialect locks)
     renew: str  # until, ids, tokens → ids whose lease was extended
     claim_except: str  # the same, then types, pers, keys of scopes held back → task rows
-    running_keys: str  # types → (type, owner, key, count) of the tasks running now
-    flow_rates: str  # scopes → (scope, tat)
+    # types, scopes → (type, owner, key, count) of the tasks running now, and (…, scope, tat)
+    # of each scope's rate state, in one read
+    flow_usage: str
     set_flow_rates: str  # scopes, tats: each scope's rate state, inserted or replaced
     next_ready: str  # types, after → (earliest run_after of a task in backoff,)
     set_poll_at: str  # when, id

@@ -161,11 +161,11 @@ STATEMENTS = Statements(
         "WHERE x.t = type AND (x.per = 'all' OR (x.per = 'owner' AND x.k = owner) "
         "OR (x.per = 'key' AND x.k = coalesce(limit_key, owner))))"
     ),
-    running_keys=(
-        "SELECT type, owner, limit_key, count(*) FROM errands_tasks WHERE status = 'processing' "
-        "AND type = ANY($1::text[]) GROUP BY type, owner, limit_key"
+    flow_usage=(
+        "SELECT type, owner, limit_key, count(*), NULL, NULL FROM errands_tasks WHERE status = 'processing' "
+        "AND type = ANY($1::text[]) GROUP BY type, owner, limit_key "
+        "UNION ALL SELECT NULL, NULL, NULL, 0, scope, tat FROM errands_flow_rates WHERE scope = ANY($2::text[])"
     ),
-    flow_rates="SELECT scope, tat FROM errands_flow_rates WHERE scope = ANY($1::text[])",
     set_flow_rates=(
         "INSERT INTO errands_flow_rates (scope, tat) SELECT * FROM unnest($1::text[], $2::float8[]) "
         "ON CONFLICT (scope) DO UPDATE SET tat = excluded.tat"

@@ -41,9 +41,10 @@ async def read_usage(
 ) -> dict[str, Usage]:
     """The scopes' usage as the database holds it (plus ``own`` starts not written yet)."""
     types = sorted({t for b in scopes.values() if b.limit.concurrency is not None for t in b.types})
-    running = [(r[0], r[1], r[2], int(r[3])) for r in await fetch(sql.running_keys, types)] if types else []
     rated = [scope for scope, b in scopes.items() if b.limit.parsed_rate is not None]
-    tats = {r[0]: float(r[1]) for r in await fetch(sql.flow_rates, rated)} if rated else {}
+    rows = await fetch(sql.flow_usage, types, rated)
+    running = [(r[0], r[1], r[2], int(r[3])) for r in rows if r[4] is None]
+    tats = {r[4]: float(r[5]) for r in rows if r[4] is not None}
     return tally(scopes, [*running, *own], tats)
 
 
@@ -188,7 +189,9 @@ class TaskOps(Dialect):
             return Claimed()
         bounds = {s.type: s.all_bounds for s in specs}
         types = list(bounds)
-        window = claim_window(limit, limited=any(bounds.values()))
+        # A limit per owner or key may skip tasks at the head of the queue (a whole pool's
+        # skips all of them or none): read more than it takes.
+        window = claim_window(limit, limited=any(b.limit.per != "all" for bs in bounds.values() for b in bs))
 
         async def op(tx: Tx) -> Claimed:
             now = self.clock.now()

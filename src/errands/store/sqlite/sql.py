@@ -71,11 +71,11 @@ STATEMENTS = Statements(
         "OR (p.value = 'owner' AND k.value = tasks.owner) "
         "OR (p.value = 'key' AND k.value = coalesce(tasks.limit_key, tasks.owner))))"
     ),
-    running_keys=(
-        "SELECT type, owner, limit_key, count(*) FROM tasks WHERE status = 'processing' "
-        f"AND type IN {_each(1)} GROUP BY type, owner, limit_key"
+    flow_usage=(
+        "SELECT type, owner, limit_key, count(*), NULL, NULL FROM tasks WHERE status = 'processing' "
+        f"AND type IN {_each(1)} GROUP BY type, owner, limit_key "
+        f"UNION ALL SELECT NULL, NULL, NULL, 0, scope, tat FROM flow_rates WHERE scope IN {_each(2)}"
     ),
-    flow_rates=f"SELECT scope, tat FROM flow_rates WHERE scope IN {_each(1)}",
     set_flow_rates=(
         "INSERT INTO flow_rates (scope, tat) SELECT s.value, t.value FROM json_each(?1) s "
         "JOIN json_each(?2) t ON t.key = s.key WHERE true ON CONFLICT (scope) DO UPDATE SET tat = excluded.tat"
