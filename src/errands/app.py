@@ -87,6 +87,8 @@ class Errands(Registry):
         delay_s: float | None = None,
         start_within_s: float | None = None,
         key: str | None = None,
+        debounce_key: str | None = None,
+        debounce_s: float | None = None,
     ) -> Task:
         """Submit a task from code living next to the service; returns at once with the task.
 
@@ -95,6 +97,8 @@ class Errands(Registry):
         same message). ``run_at`` (an aware datetime) or ``delay_s`` delays its first run;
         never started within ``start_within_s`` of then, it ends ``timeout`` (``not_started``).
         ``key`` names whose share of ``per="key"`` limits it uses (default: its owner's).
+        ``debounce_key``: this task replaces the owner's pending tasks of the type with the same
+        key (they end ``cancelled``, code ``debounced``); ``debounce_s`` delays it that long.
         """
         if self._runtime is None:
             raise Unavailable("The app is not running; use `async with app.running():` or `errands serve`.")
@@ -114,6 +118,8 @@ class Errands(Registry):
                 "delay_s": None if delay_s is None else float(delay_s),
                 "start_within_s": None if start_within_s is None else float(start_within_s),
                 "key": key,
+                "debounce_key": debounce_key,
+                "debounce_s": None if debounce_s is None else float(debounce_s),
             },
         )
         record, _ = await self._runtime.service.submit(request, SYSTEM)

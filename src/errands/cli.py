@@ -306,6 +306,13 @@ def submit(
     key: Annotated[
         str | None, typer.Option("--key", help="Whose share of per-key limits it uses (default: the owner).")
     ] = None,
+    debounce_key: Annotated[
+        str | None,
+        typer.Option("--debounce-key", help="Replace pending tasks of the type with this key."),
+    ] = None,
+    debounce: Annotated[
+        float | None, typer.Option("--debounce", help="With --debounce-key: wait this many seconds first.")
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the task until it ends.")] = False,
     url: UrlOpt = "http://127.0.0.1:8000",
     token: TokenOpt = None,
@@ -329,6 +336,8 @@ def submit(
             delay_s=delay,
             start_within_s=start_within,
             key=key,
+            debounce_key=debounce_key,
+            debounce_s=debounce,
         )
         if wait:
             typer.echo(f"submitted {task.id}", err=True)

@@ -212,11 +212,15 @@ class AsyncClient:
         delay_s: float | None = None,
         start_within_s: float | None = None,
         key: str | None = None,
+        debounce_key: str | None = None,
+        debounce_s: float | None = None,
     ) -> Task:
         """Submit a task; with ``id`` the call is idempotent (safe to repeat). ``run_at`` (an
         aware datetime, or RFC 3339 text) or ``delay_s`` delays its first run; never started
         within ``start_within_s`` of then, it ends ``timeout`` with code ``not_started``.
-        ``key`` names whose share of the type's ``per="key"`` limits it uses."""
+        ``key`` names whose share of the type's ``per="key"`` limits it uses. ``debounce_key``
+        replaces the owner's pending tasks of the type with the same key (``debounce_s``: wait
+        that long for a newer one first)."""
         body: dict[str, Any] = {"type": type, "input": input or {}}
         for name, value in (
             ("id", id),
@@ -230,6 +234,8 @@ class AsyncClient:
             ("delay_s", delay_s),
             ("start_within_s", start_within_s),
             ("key", key),
+            ("debounce_key", debounce_key),
+            ("debounce_s", debounce_s),
         ):
             if value is not None:
                 body[name] = value

@@ -79,15 +79,24 @@ class SubmitRequest(BaseModel):
     start_within_s: float | None = Field(None, gt=0, le=30 * 86_400)
     #: Whose share of the limits ``per="key"`` it uses (default: its owner's).
     key: Owner | None = None
+    #: A newer submit of the owner and type with the same key replaces this one while pending;
+    #: ``debounce_s`` delays the task that long (the quiet time that lets the next replace it).
+    debounce_key: Owner | None = None
+    debounce_s: float | None = Field(None, gt=0, le=86_400)
 
     @model_validator(mode="after")
     def _one_time(self) -> SubmitRequest:
         if self.run_at is not None and self.delay_s is not None:
             raise ValueError("give run_at or delay_s, not both")
+        if self.debounce_s is not None:
+            if self.debounce_key is None:
+                raise ValueError("debounce_s goes with a debounce_key")
+            if self.run_at is not None or self.delay_s is not None:
+                raise ValueError("give debounce_s or a delay (run_at, delay_s), not both")
         return self
 
 
-_LATER_FIELDS = ("run_at", "delay_s", "start_within_s", "key")
+_LATER_FIELDS = ("run_at", "delay_s", "start_within_s", "key", "debounce_key", "debounce_s")
 
 Scope = Literal["read", "write"]
 ALL_SCOPES: tuple[Scope, ...] = ("read", "write")
@@ -253,9 +262,10 @@ class Service:
             fingerprint=fingerprint,
             notify_url=request.notify_url,
             run_at=run_at,
-            delay_s=request.delay_s or 0.0,
+            delay_s=request.delay_s or request.debounce_s or 0.0,
             start_within_s=request.start_within_s,
             key=request.key,
+            debounce_key=request.debounce_key,
         )
 
     async def get(self, task_id: str, principal: Principal) -> TaskRecord:

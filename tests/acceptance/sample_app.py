@@ -45,14 +45,14 @@ def remember(event: HookEvent) -> None:
 
 
 @app.task("metered", limits=[Limit(concurrency=3), Limit(rate="25/s", per="key")])
-async def metered(ctx: TaskContext, input: dict[str, Any]) -> dict[str, Any]:
+def metered(ctx: TaskContext, input: dict[str, Any]) -> dict[str, Any]:
     """Flow control across processes: at most 3 at once in all, 25 started a second per key.
     Each run appends its start and end (CLOCK_MONOTONIC, one clock for every process of the
-    machine) to $SAMPLE_FLOW_LOG."""
+    machine) to $SAMPLE_FLOW_LOG. A sync handler: it runs in a thread of its own."""
     log = Path(os.environ["SAMPLE_FLOW_LOG"])
     with log.open("a") as out:
         out.write(f"enter {time.monotonic()} {ctx.task_id}\n")
-    await asyncio.sleep(float(input.get("work_s", 0.02)))
+    time.sleep(float(input.get("work_s", 0.02)))
     with log.open("a") as out:
         out.write(f"exit {time.monotonic()} {ctx.task_id}\n")
     return {"pid": os.getpid()}

@@ -216,6 +216,14 @@ CASES: list[Case] = [
     Case("key a number", "POST", "/v1/tasks", 422, json={"type": "work", "key": 42}),
     Case("key with NUL", "POST", "/v1/tasks", 422, json={"type": "work", "key": "a\u0000b"}),
     Case("key a list", "POST", "/v1/tasks", 422, json={"type": "work", "key": ["a"]}),
+    Case("debounce_s without a key", "POST", "/v1/tasks", 422, json={"type": "work", "debounce_s": 5}),
+    Case("debounce_s and delay_s", "POST", "/v1/tasks", 422,
+         json={"type": "work", "debounce_key": "k", "debounce_s": 5, "delay_s": 5}),
+    Case("debounce_s zero", "POST", "/v1/tasks", 422, json={"type": "work", "debounce_key": "k", "debounce_s": 0}),
+    Case("debounce_s beyond a day", "POST", "/v1/tasks", 422,
+         json={"type": "work", "debounce_key": "k", "debounce_s": 86401}),
+    Case("debounce_key empty", "POST", "/v1/tasks", 422, json={"type": "work", "debounce_key": ""}),
+    Case("debounce_key with NUL", "POST", "/v1/tasks", 422, json={"type": "work", "debounce_key": "a\u0000"}),
     Case("start_within_s 2^64", "POST", "/v1/tasks", 422, json={"type": "work", "start_within_s": 2**64}),
     # -- schedules -----------------------------------------------------------------------------
     *[

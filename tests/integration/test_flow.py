@@ -182,3 +182,75 @@ async def test_a_worker_starts_rate_limited_tasks_as_the_rate_allows(runtime_fac
     assert (await wait_task(runtime, tasks[1].id)).started_at == clock.now()
     clock.advance(0.5)
     assert (await wait_task(runtime, tasks[2].id)).status is Status.COMPLETED
+
+
+def plain_app() -> Errands:
+    app = Errands()
+
+    @app.task("work")
+    async def work(ctx: TaskContext, input: dict[str, Any]) -> None:
+        return None
+
+    return app
+
+
+async def test_debounce_replaces_the_pending_task_of_the_key_and_only_the_owners(
+    runtime_factory: RuntimeFactory,
+) -> None:
+    clock = ManualClock()
+    runtime = await runtime_factory(plain_app(), workers=False, clock=clock)
+    async with http(runtime) as client:
+
+        async def submit(task_id: str, owner: str = "alice", **fields: Any) -> Any:
+            body = {"type": "work", "id": task_id, "owner": owner, "debounce_key": "doc-7", **fields}
+            answer = await client.post("/v1/tasks", json=body)
+            assert answer.status_code == 202, answer.text
+            return answer.json()
+
+        first = await submit("first", debounce_s=5)
+        assert first["scheduled_for"] is not None and first["debounce_key"] == "doc-7"
+        other = await submit("other-owner", owner="bob")  # another owner's key of the same name: not touched
+        clock.advance(1)
+        second = await submit("second", debounce_s=5)
+        replaced = (await client.get("/v1/tasks/first")).json()
+        assert replaced["status"] == "cancelled"
+        assert replaced["error"]["code"] == "debounced" and "second" in replaced["error"]["message"]
+        assert (await client.get("/v1/tasks/other-owner")).json()["status"] == "pending"
+        # The same request again is the same task: it replaces nothing, not even itself.
+        again = await client.post(
+            "/v1/tasks",
+            json={"type": "work", "id": "second", "owner": "alice", "debounce_key": "doc-7", "debounce_s": 5},
+        )
+        assert again.status_code == 200 and again.json()["status"] == "pending"
+        # A started task runs on: only pending ones are replaced.
+        clock.advance(5)
+        assert sorted(r.id for r in await claim(runtime.store, [ClaimSpec("work")])) == [
+            "other-owner",
+            "second",
+        ]
+        await submit("third")
+        assert (await client.get("/v1/tasks/second")).json()["status"] == "processing"
+        assert (await client.get("/v1/tasks/third")).json()["status"] == "pending"
+        # The replaced task's end is an event like any other: its owner is told.
+        events = (await client.get("/v1/tasks/first/events")).json()["events"]
+        assert [e["type"] for e in events] == ["task.created", "task.cancelled"]
+        assert other["status"] == "pending" and second["status"] == "pending"
+
+
+async def test_a_batch_keeps_only_the_last_task_of_each_debounce_key(runtime_factory: RuntimeFactory) -> None:
+    runtime = await runtime_factory(plain_app(), workers=False, clock=ManualClock())
+    async with http(runtime) as client:
+        await client.post("/v1/tasks", json={"type": "work", "id": "old", "debounce_key": "k"})
+        items = [{"type": "work", "id": f"b{i}", "debounce_key": "k"} for i in range(3)]
+        items.append({"type": "work", "id": "free"})
+        results = (await client.post("/v1/tasks/batch", json={"tasks": items})).json()["results"]
+        assert [r["status"] for r in results] == [202, 202, 202, 202]
+        assert [r["task"]["status"] for r in results] == ["cancelled", "cancelled", "pending", "pending"]
+        statuses = {t["id"]: t["status"] for t in (await client.get("/v1/tasks")).json()["tasks"]}
+        assert statuses == {
+            "old": "cancelled",
+            "b0": "cancelled",
+            "b1": "cancelled",
+            "b2": "pending",
+            "free": "pending",
+        }

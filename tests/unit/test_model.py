@@ -233,6 +233,6 @@ def test_public_task_has_the_documented_fields_in_order() -> None:
         "id", "type", "owner", "status", "input", "result", "error", "progress", "message", "attempt",
         "max_attempts", "priority", "external_id", "webhook_received", "notification_sent", "created_at",
         "updated_at", "started_at", "finished_at", "expires_at", "scheduled_for", "waiting_for", "start_by",
-        "key", "notify_url", "seq",
+        "key", "debounce_key", "notify_url", "seq",
     ]  # fmt: skip
     assert "lease_token" not in fields

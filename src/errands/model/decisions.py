@@ -70,6 +70,7 @@ def create(new: NewTask, *, now: float) -> TaskRecord:
         notify_url=new.notify_url,
         start_by=None if new.start_within_s is None else due + new.start_within_s,
         key=new.key,
+        debounce_key=new.debounce_key,
     )
 
 
@@ -403,6 +404,15 @@ def not_started(record: TaskRecord, *, now: float) -> Change:
     if record.status is not Status.PENDING or not too_late_to_start(record, now):
         raise InvalidTransition("The task may still start.")
     return Change(_move(record, Status.TIMEOUT, now, error=NOT_STARTED, finished_at=now), EventType.TIMEOUT)
+
+
+def debounce(record: TaskRecord, *, now: float, by: str) -> Change:
+    """A pending task replaced by a newer one with the same ``debounce_key`` ends ``cancelled``
+    (code ``debounced``); one that started already runs on."""
+    if record.status is not Status.PENDING:
+        raise InvalidTransition("The task has started: it is not replaced.")
+    error = TaskError("debounced", f"Replaced by task {by}, submitted later with the same debounce_key.")
+    return Change(_move(record, Status.CANCELLED, now, error=error, finished_at=now), EventType.CANCELLED)
 
 
 def backoff_s(attempt: int, *, base_s: float, cap_s: float, jitter: float) -> float:

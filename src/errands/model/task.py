@@ -131,6 +131,8 @@ class NewTask:
     start_within_s: float | None = None
     #: Whose share of the type's or provider's limits it uses (``per="key"``), if not its owner's.
     key: str | None = None
+    #: A newer task of the owner and type with the same key replaces this one while it is pending.
+    debounce_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +182,8 @@ class TaskRecord:
     start_by: float | None = None
     #: The flow-control key given at submit (see :mod:`errands.model.flow`).
     key: str | None = None
+    #: Submitted again with this key (same owner and type), the pending task is replaced.
+    debounce_key: str | None = None
     #: Why a pending task does not run yet, as a read found it (not stored; see
     #: :func:`errands.model.flow.waiting_for`): ``None`` in events and writes.
     waiting_for: str | None = None
@@ -224,6 +228,7 @@ class TaskRecord:
             "waiting_for": self.waiting_for,
             "start_by": iso(self.start_by),
             "key": self.key,
+            "debounce_key": self.debounce_key,
             "notify_url": self.notify_url,
             "seq": self.seq,
         }
@@ -365,6 +370,7 @@ class Task(BaseModel):
     waiting_for: Literal["schedule", "provider", "concurrency", "rate"] | None = None
     start_by: datetime | None = None
     key: str | None = None
+    debounce_key: str | None = None
     notify_url: str | None = None
     seq: int = 0
 

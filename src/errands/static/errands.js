@@ -335,7 +335,7 @@ async function post(path, body, options) {
 
 /**
  * Submit a task: `body` is a POST /v1/tasks body ({type, input, id, run_at, delay_s,
- * start_within_s, key, ...}); resolves to the task, rejects with an Error carrying `status` and
+ * start_within_s, key, debounce_key, debounce_s, ...}); resolves to the task, rejects with an Error carrying `status` and
  * `code`. Options: {token, baseUrl, adapter}, as for watchTask.
  */
 export function submitTask(body, options = {}) {

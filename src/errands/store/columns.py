@@ -92,6 +92,7 @@ TASK_COLUMNS: tuple[Column, ...] = (
     ),
     Column("start_by", "float8", mutable=False),
     Column("limit_key", "text", mutable=False, field="key"),
+    Column("debounce_key", "text", mutable=False),
 )
 
 #: Column order of every ``SELECT`` of a task row.

@@ -37,6 +37,7 @@ class Statements:
     select_tombstone: str  # id → (id, owner, purged_at)
     list_tasks: str  # a template with {where} and {limit}; newest first
     count_pending: str  # owner, cap → (count up to cap,)
+    debounced: str  # owner, type, debounce_key, ids → ids of the key's other pending tasks
     claim: str  # types, now, window → task rows, queue order (locked where the dialect locks)
     renew: str  # until, ids, tokens → ids whose lease was extended
     claim_except: str  # the same, then types, pers, keys of scopes held back → task rows

@@ -154,6 +154,10 @@ STATEMENTS = Statements(
     count_pending=(
         "SELECT count(*) FROM (SELECT 1 FROM errands_tasks WHERE owner = $1 AND status = 'pending' LIMIT $2) p"
     ),
+    debounced=(
+        "SELECT id FROM errands_tasks WHERE owner = $1 AND type = $2 AND debounce_key = $3 "
+        "AND status = 'pending' AND NOT (id = ANY($4::text[])) ORDER BY id"
+    ),
     claim=_claim(""),
     # A claim's second look, past the tasks of the scopes that held the first one back.
     claim_except=_claim(

@@ -6,15 +6,17 @@ import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from errands.errors import ErrandsError, IdConflict, TooManyRequests
+from errands.errors import ErrandsError, IdConflict, InvalidTransition, TooManyRequests
 from errands.model import (
     Bound,
+    Change,
     NewTask,
     TaskRecord,
     Usage,
     choose_claims,
     claim_window,
     create,
+    debounce,
     start_attempt,
 )
 from errands.model.flow import exclusions, tally
@@ -74,6 +76,8 @@ class TaskOps(Dialect):
                         retry_after_s=5,
                     )
             if await tx.insert(record):
+                if record.debounce_key is not None:
+                    await self._debounce(tx, [record])
                 return record, True
             existing = await tx.load(new.id)
             if existing is None:
@@ -82,6 +86,8 @@ class TaskOps(Dialect):
 
         # Alone, the insert is one atomic statement (row, event, notification) where the dialect
         # can make it one: then the count for max_pending_per_owner is a soft limit.
+        if record.debounce_key is not None:
+            return await self._write(op)  # the replaced tasks' changes go with it
         return await self._write(op, mode="alone", creates=record if max_pending_per_owner is None else None)
 
     async def create_many(
@@ -129,9 +135,36 @@ class TaskOps(Dialect):
                     out[i] = IdConflict()
                 else:
                     out[i] = (existing, False)
+            created = [a[0] for a in out if isinstance(a, tuple) and a[1]]
+            if any(r.debounce_key is not None for r in created):
+                replaced = await self._debounce(tx, created)
+                out = [
+                    (replaced[a[0].id], True) if isinstance(a, tuple) and a[0].id in replaced else a
+                    for a in out
+                ]
             return [r for r in out if r is not None]
 
         return await self._write(op)
+
+    async def _debounce(self, tx: Tx, created: Sequence[TaskRecord]) -> dict[str, TaskRecord]:
+        """Each key's newest task in ``created`` replaces the key's other pending tasks (same
+        owner and type), earlier ones of ``created`` included; the replaced tasks, by id."""
+        newest = {(r.owner, r.type, r.debounce_key): r for r in created if r.debounce_key is not None}
+        replaced: dict[str, TaskRecord] = {}
+        for (owner, task_type, key), record in newest.items():
+
+            def replace(older: TaskRecord, by: str = record.id, at: float = record.created_at) -> Change:
+                return debounce(older, now=at, by=by)
+
+            for (task_id,) in await tx.fetch(self.sql.debounced, owner, task_type, key, [record.id]):
+                mark = await tx.mark()
+                try:
+                    replaced[task_id] = await tx.apply(task_id, replace)
+                except InvalidTransition:
+                    await tx.reset(mark)  # it started meanwhile: it runs on
+                else:
+                    await tx.release(mark)
+        return replaced
 
     async def get(self, task_id: str) -> TaskRecord | Tombstone | None:
         rows = await self._fetch(self.sql.select_task, task_id)

@@ -63,6 +63,10 @@ STATEMENTS = Statements(
     select_tombstone="SELECT id, owner, purged_at FROM tombstones WHERE id = ?",
     list_tasks=f"SELECT {SELECT_LIST} FROM tasks {{where}} ORDER BY created_at DESC, id DESC LIMIT {{limit}}",
     count_pending="SELECT count(*) FROM (SELECT 1 FROM tasks WHERE owner = ? AND status = 'pending' LIMIT ?)",
+    debounced=(
+        "SELECT id FROM tasks WHERE owner = ?1 AND type = ?2 AND debounce_key = ?3 "
+        f"AND status = 'pending' AND id NOT IN {_each(4)} ORDER BY id"
+    ),
     claim=_claim(""),
     # A claim's second look, past the tasks of the scopes that held the first one back.
     claim_except=_claim(

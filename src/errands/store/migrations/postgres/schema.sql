@@ -303,3 +303,6 @@ CREATE TABLE errands_flow_rates (
     scope text PRIMARY KEY,
     tat   double precision NOT NULL
 );
+
+ALTER TABLE errands_tasks ADD COLUMN debounce_key text;
+CREATE INDEX errands_tasks_debounce ON errands_tasks (owner, type, debounce_key) WHERE status = 'pending' AND debounce_key IS NOT NULL;

@@ -35,7 +35,7 @@ CREATE TABLE tasks (
     deadline_at       REAL,
     worker_id         TEXT,
     manual_retries    INTEGER NOT NULL DEFAULT 0
-, poll_at REAL, callback_nonce TEXT, notify_url TEXT, stream_positions TEXT, start_by REAL, limit_key TEXT);
+, poll_at REAL, callback_nonce TEXT, notify_url TEXT, stream_positions TEXT, start_by REAL, limit_key TEXT, debounce_key TEXT);
 
 CREATE INDEX tasks_queue ON tasks (priority DESC, created_at, id) WHERE status = 'pending' AND run_after <= created_at;
 
@@ -209,6 +209,8 @@ CREATE TABLE flow_rates (
     scope TEXT PRIMARY KEY,
     tat   REAL NOT NULL
 );
+
+CREATE INDEX tasks_debounce ON tasks (owner, type, debounce_key) WHERE status = 'pending' AND debounce_key IS NOT NULL;
 
 INSERT INTO meta (key, value) VALUES ('horizon', '0');
 
