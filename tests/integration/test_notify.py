@@ -222,9 +222,17 @@ async def test_410_disables_the_endpoint_and_recover_sends_again(
         assert message["state"] == "failed" and message["attempts"] == 1
         # While disabled, nothing new is queued for it, and recovering is refused.
         second = await runtime.app.submit("echo", {"n": 2}, owner="alice")
-        await wait_task(runtime, second.id)
-        assert runtime.notifier is not None
-        await runtime.notifier.fan_out()
+        done = await wait_task(runtime, second.id)
+        notifier = runtime.notifier
+        assert notifier is not None
+
+        async def fanned_out_past_it() -> bool:
+            # On PostgreSQL the log is readable a moment after the commit: wait until the
+            # fan-out has passed the second task's end, so that it was judged while disabled.
+            await notifier.fan_out()
+            return await runtime.store.notify_cursor() >= done.seq
+
+        await settle(fanned_out_past_it)
         assert await messages(runtime, task_id=second.id) == []
         since = datetime.fromtimestamp(time.time() - 60, tz=UTC).isoformat()
         r = await client.post(f"/v1/endpoints/{endpoint['id']}/recover", json={"since": since})

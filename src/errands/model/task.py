@@ -187,6 +187,9 @@ class TaskRecord:
     #: Why a pending task does not run yet, as a read found it (not stored; see
     #: :func:`errands.model.flow.waiting_for`): ``None`` in events and writes.
     waiting_for: str | None = None
+    #: ``public_json()`` as last made, with the ``seq`` it was made at (the writers set a fresh
+    #: record's seq in place); never copied by :meth:`evolve`, never compared.
+    _json: tuple[int, bytes] | None = dataclasses.field(default=None, init=False, compare=False, repr=False)
 
     @property
     def scheduled_for(self) -> float | None:
@@ -234,7 +237,14 @@ class TaskRecord:
         }
 
     def public_json(self) -> bytes:
-        return orjson.dumps(self.public())
+        """``public()`` serialised, made once per record and seq (an event and the answer to
+        the request that made it share it)."""
+        cached = self._json
+        if cached is not None and cached[0] == self.seq:
+            return cached[1]
+        data = orjson.dumps(self.public())
+        object.__setattr__(self, "_json", (self.seq, data))
+        return data
 
     def evolve(self, **changes: Any) -> TaskRecord:
         """A copy with ``changes`` applied, like ``dataclasses.replace`` at half its cost."""
@@ -260,7 +270,10 @@ def _make_evolve() -> Callable[[TaskRecord, dict[str, Any]], TaskRecord]:
     showed up in profiles."""
     lines = ["def evolve(self, changes):", "    new = _new(TaskRecord)", "    get = changes.get"]
     for field in dataclasses.fields(TaskRecord):
+        if field.name == "_json":
+            continue  # what the copy serialises to is made when asked
         lines.append(f"    _set(new, {field.name!r}, get({field.name!r}, self.{field.name}))")
+    lines.append("    _set(new, '_json', None)")
     lines.append("    return new")
     scope: dict[str, Any] = {"_new": object.__new__, "_set": object.__setattr__, "TaskRecord": TaskRecord}
     exec("\n".join(lines), scope)  # noqa: S102 - the code is built from the dataclass's own field names
