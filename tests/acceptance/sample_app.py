@@ -44,9 +44,9 @@ def remember(event: HookEvent) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-@app.task("metered", limits=[Limit(concurrency=3), Limit(rate="25/s", per="key")])
+@app.task("metered", limits=[Limit(concurrency=3), Limit(rate="10/s", per="key")])
 def metered(ctx: TaskContext, input: dict[str, Any]) -> dict[str, Any]:
-    """Flow control across processes: at most 3 at once in all, 25 started a second per key.
+    """Flow control across processes: at most 3 at once in all, 10 started a second per key.
     Each run appends its start and end (CLOCK_MONOTONIC, one clock for every process of the
     machine) to $SAMPLE_FLOW_LOG. A sync handler: it runs in a thread of its own."""
     log = Path(os.environ["SAMPLE_FLOW_LOG"])
