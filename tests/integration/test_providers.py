@@ -457,3 +457,24 @@ async def test_a_provider_answering_429_holds_all_its_tasks_and_fails_none(
         done = await wait_task(runtime, task.id)
         assert (done.status, done.attempt) == (Status.COMPLETED, 1)  # max_attempts=1, none spent
     assert len(dev.jobs) == 4 and dev.refused == 1
+
+
+async def test_retry_after_0_holds_the_provider_a_second_not_a_loop(live: LiveFactory, dev: DevProvider) -> None:
+    clock = ManualClock(time.time())
+    dev.busy, dev.busy_retry_after_s = 1, 0
+    app = external_app(dev.url, max_attempts=1)  # type: ignore[attr-defined]
+    runtime, _ = await live(app, clock=clock, **FAST)
+    task = await runtime.app.submit("ext", {"n": 0})
+
+    def given_back(r: Any) -> bool:
+        return bool(r.status is Status.PENDING and r.seq > task.seq)
+
+    held = await wait_task(runtime, task.id, until=given_back)
+    assert held.scheduled_for == pytest.approx(clock.now() + 1)
+    clock.advance(0.9)
+    await runtime.sweeper.sweep()  # type: ignore[union-attr]
+    assert (await runtime.store.get(task.id)).status is Status.PENDING  # type: ignore[union-attr]
+    assert dev.refused == 1 and not dev.jobs
+    clock.advance(0.1)
+    done = await wait_task(runtime, task.id)
+    assert (done.status, done.attempt, dev.refused) == (Status.COMPLETED, 1, 1)

@@ -43,34 +43,44 @@ class ProviderError(ErrandsError):
 class ProviderBusy(ProviderError):
     """The provider asked to be left alone for ``retry_after_s`` (HTTP 429, or 503 with
     ``Retry-After``; an adapter may raise it for its service's quota errors too). Every task of
-    the provider then waits that long, and the attempt does not count."""
+    the provider then waits that long (at least ``MIN_RETRY_AFTER_S``, at most
+    ``MAX_RETRY_AFTER_S``), and the attempt does not count: a task kept waiting by a provider
+    that never recovers ends ``expired`` at its ``expires_at``, like any task that never ran."""
 
     def __init__(self, message: str, *, retry_after_s: float) -> None:
         super().__init__(message)
-        self.retry_after_s = retry_after_s
+        self.retry_after_s = bounded_hold_s(retry_after_s)
 
 
 #: A Retry-After beyond this is taken as this (a provider's mistake must not stop it for days).
 MAX_RETRY_AFTER_S = 3600.0
+#: A Retry-After below this (0, a date already past) is taken as this: a hold must not turn
+#: into a loop of claims and releases as fast as the provider answers.
+MIN_RETRY_AFTER_S = 1.0
+
+
+def bounded_hold_s(seconds: float) -> float:
+    """How long a provider's wait holds it: ``seconds`` within the bounds above."""
+    return min(max(seconds, MIN_RETRY_AFTER_S), MAX_RETRY_AFTER_S)
 #: How long a 429 without Retry-After holds its provider.
 DEFAULT_RETRY_AFTER_S = 5.0
 
 
 def retry_after_s(value: str | None, *, now: float) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delay-seconds or an HTTP date), within
-    ``[0, MAX_RETRY_AFTER_S]``; ``None`` when absent or unreadable."""
+    """Seconds to wait from a ``Retry-After`` header (delay-seconds or an HTTP date), at least
+    0 (:class:`ProviderBusy` bounds it); ``None`` when absent or unreadable."""
     if value is None:
         return None
     value = value.strip()
     if value.isdigit() and len(value) < 12:
-        return min(float(value), MAX_RETRY_AFTER_S)
+        return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
     if when.tzinfo is None:
         return None
-    return max(0.0, min(when.timestamp() - now, MAX_RETRY_AFTER_S))
+    return max(0.0, when.timestamp() - now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +259,7 @@ class HttpProvider(Provider):
             if wait_s is None and response.status_code == 429:
                 wait_s = DEFAULT_RETRY_AFTER_S
             if wait_s is not None:
+                wait_s = bounded_hold_s(wait_s)
                 raise ProviderBusy(
                     f"{self.name} answered HTTP {response.status_code}, to wait {wait_s:g} s",
                     retry_after_s=wait_s,
