@@ -10,9 +10,10 @@ import pytest
 
 from errands import Errands, Limit, TaskContext
 from errands.clock import ManualClock
+from errands.config import Settings
 from errands.model import Bound, Status, TaskRecord, complete
-from errands.store import Store
-from errands.store.records import ClaimSpec
+from errands.store import Store, open_store
+from errands.store.records import ClaimSpec, TaskQuery
 from tests.integration.conftest import RuntimeFactory, http, new_task, wait_task
 
 
@@ -254,3 +255,27 @@ async def test_a_batch_keeps_only_the_last_task_of_each_debounce_key(runtime_fac
             "b2": "pending",
             "free": "pending",
         }
+
+
+async def test_concurrent_submits_of_one_debounce_key_leave_one_pending_across_nodes(
+    database_url: str, clock: ManualClock
+) -> None:
+    """Two nodes creating tasks of one key at the same moment: each sees the other's task (the
+    later one replaces the earlier), never both kept."""
+    nodes = [open_store(Settings(db=database_url), clock) for _ in range(4)]
+    for node in nodes:
+        await node.open()
+    try:
+        for i in range(20):
+            await asyncio.gather(
+                *(
+                    node.create(new_task(f"r{i}-{n}-{k}", debounce_key=f"doc-{i}", fingerprint=f"{n}{k}"))
+                    for n, node in enumerate(nodes)
+                    for k in range(4)
+                )
+            )
+        pending = await nodes[0].list_tasks(TaskQuery(owner="alice", status=Status.PENDING, limit=100))
+        assert sorted(r.debounce_key or "" for r in pending) == sorted(f"doc-{i}" for i in range(20))
+    finally:
+        for node in nodes:
+            await node.close()

@@ -459,7 +459,9 @@ async def test_a_provider_answering_429_holds_all_its_tasks_and_fails_none(
     assert len(dev.jobs) == 4 and dev.refused == 1
 
 
-async def test_retry_after_0_holds_the_provider_a_second_not_a_loop(live: LiveFactory, dev: DevProvider) -> None:
+async def test_retry_after_0_holds_the_provider_a_second_not_a_loop(
+    live: LiveFactory, dev: DevProvider
+) -> None:
     clock = ManualClock(time.time())
     dev.busy, dev.busy_retry_after_s = 1, 0
     app = external_app(dev.url, max_attempts=1)  # type: ignore[attr-defined]

@@ -250,16 +250,16 @@ def test_inbound_json() -> None:
         (None, None),
     ],
 )
-def test_retry_after_is_read_as_seconds_or_a_date(
-    header: str | None, expected: float | None
-) -> None:
+def test_retry_after_is_read_as_seconds_or_a_date(header: str | None, expected: float | None) -> None:
     from errands.providers import retry_after_s
 
     now = datetime(2026, 12, 2, 10, 0, 0, tzinfo=UTC).timestamp()
     assert retry_after_s(header, now=now) == expected
 
 
-@pytest.mark.parametrize(("asked", "held"), [(0.0, 1.0), (-3.0, 1.0), (0.2, 1.0), (2.0, 2.0), (999999.0, 3600.0)])
+@pytest.mark.parametrize(
+    ("asked", "held"), [(0.0, 1.0), (-3.0, 1.0), (0.2, 1.0), (2.0, 2.0), (999999.0, 3600.0)]
+)
 def test_a_providers_wait_is_bounded(asked: float, held: float) -> None:
     """Retry-After: 0 (or a past date) must not turn a hold into a loop of claims and releases as
     fast as the provider answers; a provider's mistake must not stop it for days."""

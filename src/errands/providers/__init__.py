@@ -62,6 +62,8 @@ MIN_RETRY_AFTER_S = 1.0
 def bounded_hold_s(seconds: float) -> float:
     """How long a provider's wait holds it: ``seconds`` within the bounds above."""
     return min(max(seconds, MIN_RETRY_AFTER_S), MAX_RETRY_AFTER_S)
+
+
 #: How long a 429 without Retry-After holds its provider.
 DEFAULT_RETRY_AFTER_S = 5.0
 

@@ -119,6 +119,8 @@ WITH target AS MATERIALIZED (
 )
 SELECT (SELECT count(*) FROM seen), target.* FROM target
 """
+# In a namespace of their own: a key held by a scope's lock would only make a claim look on.
+LOCK_KEYS = "SELECT pg_try_advisory_xact_lock(hashtextextended('key ' || k, 0)) FROM unnest($1::text[]) AS k"
 LOCK_SCOPES = "SELECT s, pg_try_advisory_xact_lock(hashtextextended(s, 0)) FROM unnest($1::text[]) AS s"
 INSERT_RECEIPTS = (
     f"INSERT INTO errands_webhook_deliveries ({RECEIPTS.select}) SELECT * FROM unnest("

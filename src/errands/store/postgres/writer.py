@@ -54,6 +54,7 @@ from errands.store.postgres.sql import (
     INSERT_TASK,
     INSERT_TASKS,
     INSERTED,
+    LOCK_KEYS,
     LOCK_SCOPES,
     LOCK_TASKS,
     REPORT_TARGET,
@@ -241,6 +242,12 @@ class PgTx(TxBase):
         """One claimer per scope at a time, or two could each see room for one more: a
         transaction lock per scope, never waited for."""
         return {r[0] for r in await self.conn.fetch(LOCK_SCOPES, list(scopes)) if r[1]}
+
+    async def lock_keys(self, keys: Sequence[str]) -> None:
+        """Transaction locks, never waited for (like a row's: a transaction that has its id must
+        not wait for a younger one); one held elsewhere runs the batch again, younger."""
+        if not all(r[0] for r in await self.conn.fetch(LOCK_KEYS, list(keys))):
+            raise YoungerWrite()
 
     def started(self, records: Sequence[TaskRecord]) -> None:
         for record in records:

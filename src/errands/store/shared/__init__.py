@@ -81,6 +81,11 @@ class Tx(Protocol):
         rest of the transaction, never waiting: the ones taken (another claim counts the rest,
         and may start one more of them)."""
 
+    async def lock_keys(self, keys: Sequence[str]) -> None:
+        """Take ``keys`` for the rest of the transaction, so that writes that must see each
+        other's rows (a debounce key's) go one at a time; one held by another transaction makes
+        this one run again once it has ended."""
+
     def started(self, records: Sequence[TaskRecord]) -> None:
         """This transaction started ``records``, for the counts of a later claim in it."""
 

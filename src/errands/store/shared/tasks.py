@@ -150,6 +150,9 @@ class TaskOps(Dialect):
         """Each key's newest task in ``created`` replaces the key's other pending tasks (same
         owner and type), earlier ones of ``created`` included; the replaced tasks, by id."""
         newest = {(r.owner, r.type, r.debounce_key): r for r in created if r.debounce_key is not None}
+        # Two transactions creating tasks of one key must see each other's (READ COMMITTED: the
+        # later one reads after the first committed), or both would survive.
+        await tx.lock_keys(["\n".join(("debounce", *k)) for k in newest])
         replaced: dict[str, TaskRecord] = {}
         for (owner, task_type, key), record in newest.items():
 

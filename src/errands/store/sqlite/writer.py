@@ -199,6 +199,9 @@ class SqliteTx(TxBase):
         """All of them: the one write lock already keeps every other claim out."""
         return set(scopes)
 
+    async def lock_keys(self, keys: Sequence[str]) -> None:
+        """Nothing to take: the one write lock already keeps every other writer out."""
+
     def started(self, records: Sequence[TaskRecord]) -> None:
         """Nothing to keep: their rows are written at once, and counted by the next query."""
 
