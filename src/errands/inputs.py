@@ -36,6 +36,7 @@ STREAM_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 #: Text that PostgreSQL can store (it has no NUL in ``text``).
 NO_NUL_PATTERN = r"^[^\u0000]*$"
 OWNER_MAX_CHARS = 256
+PRIORITY_MIN, PRIORITY_MAX = -1000, 1000
 
 
 class BadValue(ValueError):
@@ -73,6 +74,7 @@ Owner = Annotated[
     Field(json_schema_extra={"pattern": NO_NUL_PATTERN}),
 ]
 TaskId = Annotated[str, StringConstraints(pattern=TASK_ID_PATTERN)]
+Priority = Annotated[int, Field(ge=PRIORITY_MIN, le=PRIORITY_MAX), integral]
 TypeName = Annotated[str, StringConstraints(pattern=TYPE_PATTERN)]
 #: An integer field of a strict model: 64 bits, and ``3.0`` counts as ``3``.
 Int64 = Annotated[int, Field(ge=MIN_INT64, le=MAX_INT64), integral]
@@ -86,6 +88,13 @@ def parse_seq(text: str, what: str) -> int:
     if not value.isascii() or not value.isdigit() or len(value) > 19 or int(value) > MAX_INT64:
         raise BadValue(f"{what} must be a seq: a whole number from 0 to {MAX_INT64}")
     return int(value)
+
+
+def check_owner(owner: str) -> str:
+    """``owner`` if it is one (what :data:`Owner` checks, for values that come from code)."""
+    if not 1 <= len(owner) <= OWNER_MAX_CHARS:
+        raise BadValue(f"an owner is 1 to {OWNER_MAX_CHARS} characters")
+    return check_text(owner, "an owner")
 
 
 def check_json(

@@ -16,13 +16,13 @@ import contextlib
 import logging
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from errands.auth import SYSTEM, Principal
 from errands.clock import Clock, on_advance
 from errands.config import Settings
 from errands.errors import Conflict, Forbidden, InvalidRequest, NotFound, UnknownTaskType
-from errands.inputs import BadValue, Owner, Text, TypeName, check_json, integral
+from errands.inputs import BadValue, Owner, Priority, Text, TypeName, check_json
 from errands.model.schedules import (
     MAX_NEXT_RUNS,
     NAME_PATTERN,
@@ -52,7 +52,7 @@ class ScheduleRequest(BaseModel):
     tz: Annotated[Text, Field(min_length=1, max_length=64)] = "UTC"
     input: dict[str, Any] = Field(default_factory=dict)
     owner: Owner | None = None
-    priority: Annotated[int, Field(ge=-1000, le=1000), integral] = 0
+    priority: Priority = 0
     missed: Literal["last", "skip"] = "last"
     grace_s: float = Field(60.0, gt=0, le=86_400)
 
@@ -147,7 +147,7 @@ class Scheduler:
 
     def next_runs(self, schedule: Schedule, n: int) -> list[float]:
         """The next ``n`` slots (none while paused)."""
-        if schedule.paused or schedule.next_at is None:
+        if schedule.paused or schedule.next_at is None or n <= 0:
             return []
         return [
             schedule.next_at,
@@ -162,13 +162,20 @@ class Scheduler:
 
     async def declare(self) -> None:
         """Store the app's declared schedules: a new one from its next slot, a changed one
-        replaced (paused stays paused), an unchanged one left as it is."""
-        for spec in self.registry.schedules.values():
+        replaced (paused stays paused), an unchanged one left as it is. One the app declared
+        before and no longer does is paused (not deleted: an operator may resume or delete it)."""
+        declared = self.registry.schedules
+        for spec in declared.values():
             current = await self.store.get_schedule(spec.name)
             if current is None or current.spec != spec or current.source != "app":
                 await self.store.put_schedule(
                     spec, source="app", next_at=self._first_slot(spec), replace=True
                 )
+        for schedule in await self.store.list_schedules():
+            name = schedule.spec.name
+            if schedule.source == "app" and name not in declared and not schedule.paused:
+                await self.store.pause_schedule(name, paused=True, next_at=schedule.next_at)
+                log.warning("schedule %s is no longer declared by the app: paused", name)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -181,16 +188,18 @@ class Scheduler:
             task = None
             if firing.slot is not None:
                 spec = schedule.spec
-                request = SubmitRequest(
-                    type=spec.type,
-                    input=spec.input,
-                    id=slot_task_id(spec.name, firing.slot),
-                    owner=spec.owner,
-                    priority=spec.priority,
-                )
                 try:
+                    request = SubmitRequest(
+                        type=spec.type,
+                        input=spec.input,
+                        id=slot_task_id(spec.name, firing.slot),
+                        owner=spec.owner,
+                        priority=spec.priority,
+                    )
                     task = await self.service.prepare(request, SYSTEM)
-                except (UnknownTaskType, InvalidRequest) as exc:  # its type is gone from the app
+                except (UnknownTaskType, InvalidRequest, ValidationError) as exc:
+                    # Its type is gone from the app, or it was stored by an older errands that
+                    # checked less: the slot passes (logged), the other schedules fire on.
                     log.warning("schedule %s cannot submit: %s", spec.name, exc)
             moved, record = await self.store.fire_schedule(
                 schedule, slot=None if task is None else firing.slot, next_at=firing.next_at, task=task

@@ -27,6 +27,7 @@ from errands.inputs import (
     TASK_ID_PATTERN,
     BadValue,
     Owner,
+    Priority,
     TaskId,
     Text,
     TypeName,
@@ -68,7 +69,7 @@ class SubmitRequest(BaseModel):
     input: dict[str, Any] = Field(default_factory=dict)
     id: TaskId | None = None
     owner: Owner | None = None
-    priority: Annotated[int, Field(ge=-1000, le=1000), integral] = 0
+    priority: Priority = 0
     timeout_s: float | None = Field(None, gt=0, le=7 * 86_400)
     max_attempts: Annotated[int, Field(ge=1, le=100), integral] | None = None
     expires_in_s: float | None = Field(None, gt=0, le=30 * 86_400)

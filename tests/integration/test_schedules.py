@@ -15,6 +15,7 @@ import pytest
 from errands import Errands, TaskContext
 from errands.clock import ManualClock, iso
 from errands.model import EventType, Status, TaskRecord
+from errands.model.schedules import ScheduleSpec, slot_task_id
 from errands.runtime import Runtime
 from errands.store.records import TaskQuery
 from tests.integration.conftest import RuntimeFactory, http, wait_task
@@ -148,6 +149,8 @@ async def test_schedules_over_the_api(runtime_factory: RuntimeFactory) -> None:
         assert r.status_code == 409 and r.json()["error"]["code"] == "schedule_exists"
         r = await admin.get("/v1/schedules/daily", params={"next": 3})
         assert len(r.json()["next_runs"]) == 3
+        r = await admin.get("/v1/schedules/daily", params={"next": 0})
+        assert r.status_code == 200 and r.json()["next_runs"] == []
         assert [s["name"] for s in (await admin.get("/v1/schedules")).json()["schedules"]] == ["daily"]
 
         clock.advance(3600)  # 09:00 in Shanghai
@@ -206,6 +209,41 @@ async def test_declared_schedules_are_stored_at_start_and_follow_the_app(
     runtime = await runtime_factory(second, workers=False, sweeper=True, clock=clock)
     stored = await runtime.store.get_schedule("nightly")
     assert stored is not None and stored.spec.cron == "0 4 * * *" and stored.paused
+    await runtime.scheduler.pause("nightly", _admin(), paused=False)
+    await runtime.stop()
+    # A release that no longer declares it: paused, not firing, not deleted.
+    third = Errands()
+    third.task("tick")(_noop)
+    runtime = await runtime_factory(third, workers=False, sweeper=True, clock=clock)
+    stored = await runtime.store.get_schedule("nightly")
+    assert stored is not None and stored.paused
+    clock.advance(5 * 3600)
+    assert await runtime.scheduler.tick() == 0
+
+
+async def test_a_schedule_that_cannot_submit_passes_its_slot_and_blocks_no_other(
+    runtime_factory: RuntimeFactory,
+) -> None:
+    """A stored schedule whose tasks are refused (an older errands checked less, or its type left
+    the app) logs and moves on at each slot; the other schedules fire as due."""
+    clock = ManualClock(datetime(2026, 12, 2, 0, 0, tzinfo=UTC).timestamp())
+    app = Errands()
+    app.task("tick")(_noop)
+    runtime = await runtime_factory(app, workers=False, clock=clock)  # ticked here only
+    first = clock.now() + 60
+    bad = ScheduleSpec("bad", "tick", "* * * * *", priority=5000, owner="")
+    gone = ScheduleSpec("gone", "no-such-type", "* * * * *")
+    good = ScheduleSpec("good", "tick", "* * * * *")
+    for spec in (bad, gone, good):
+        await runtime.store.put_schedule(spec, source="api", next_at=first, replace=True)
+    for minute in range(1, 3):
+        clock.advance(60)
+        assert await runtime.scheduler.tick() == 1
+        for name in ("bad", "gone", "good"):
+            stored = await runtime.store.get_schedule(name)
+            assert stored is not None and stored.next_at == first + 60 * minute
+    assert await runtime.store.get(slot_task_id("good", first)) is not None
+    assert await runtime.store.get(slot_task_id("bad", first)) is None
 
 
 async def _noop(ctx: TaskContext, input: dict[str, Any]) -> None:

@@ -98,6 +98,10 @@ def test_slot_ids_are_the_same_on_every_node_and_are_task_ids() -> None:
         (ScheduleSpec("d", "work", "0 9 * * *", tz="Asia/\x00"), "tz"),
         (ScheduleSpec("no spaces", "work", "0 9 * * *"), "name"),
         (ScheduleSpec("d", "work", "0 9 * * *", grace_s=0), "grace_s"),
+        (ScheduleSpec("d", "work", "0 9 * * *", priority=5000), "priority"),
+        (ScheduleSpec("d", "work", "0 9 * * *", owner=""), "an owner"),
+        (ScheduleSpec("d", "work", "0 9 * * *", owner="a\x00"), "an owner"),
+        (ScheduleSpec("d", "work", "0 9 * * *", input={"x": float("nan")}), "input"),
     ],
 )
 def test_unusable_schedules_are_refused_saying_why(spec: ScheduleSpec, says: str) -> None:
@@ -120,3 +124,7 @@ def test_an_app_declares_schedules_above_its_handlers_or_alone() -> None:
         app.schedule("weekly", type="digest", cron="0 9 * * 1")
     with pytest.raises(ConfigError, match="cron"):
         app.schedule("bad", type="digest", cron="0 25 * * *")
+    with pytest.raises(ConfigError, match="priority"):
+        app.schedule("urgent", type="digest", cron="0 9 * * *", priority=5000)
+    with pytest.raises(ConfigError, match="owner"):
+        app.schedule("nobody", type="digest", cron="0 9 * * *", owner="")

@@ -28,6 +28,7 @@ from zoneinfo import ZoneInfo
 from cronsim import CronSim, CronSimError
 
 from errands.clock import iso
+from errands.inputs import PRIORITY_MAX, PRIORITY_MIN, BadValue, check_json, check_owner
 
 Missed = Literal["last", "skip"]
 
@@ -117,10 +118,19 @@ _NAME = re.compile(NAME_PATTERN)
 
 
 def check(spec: ScheduleSpec, *, now: float) -> None:
-    """:class:`BadSchedule` unless the name, time zone, policy and expression are usable and
-    the expression names a slot after ``now``."""
+    """:class:`BadSchedule` unless the name, time zone, policy and expression are usable, the
+    expression names a slot after ``now``, and the tasks it makes would be accepted (owner,
+    priority, input), so that a declared schedule cannot fail at every slot."""
     if not _NAME.match(spec.name):
         raise BadSchedule(f"name: 1 to {MAX_NAME} letters, digits, '_' or '-'.")
+    if not PRIORITY_MIN <= spec.priority <= PRIORITY_MAX:
+        raise BadSchedule(f"priority: from {PRIORITY_MIN} to {PRIORITY_MAX}.")
+    try:
+        if spec.owner is not None:
+            check_owner(spec.owner)
+        check_json(spec.input, what="input")
+    except BadValue as exc:
+        raise BadSchedule(f"{exc}.") from None
     if spec.missed not in ("last", "skip"):
         raise BadSchedule("missed: 'last' or 'skip'.")
     if not 0 < spec.grace_s <= 86_400:
