@@ -12,7 +12,8 @@ import pytest
 from errands import Errands, TaskContext
 from errands.clock import ManualClock, iso
 from errands.errors import InvalidRequest
-from errands.model import EventType, Status, TaskRecord
+from errands.model import EventType, Status, TaskRecord, manual_retry, release
+from errands.model.decisions import not_started
 from errands.store import Store
 from errands.store.records import ClaimSpec
 from errands.sweeper import Sweeper
@@ -80,6 +81,25 @@ async def test_a_task_not_started_within_start_within_s_ends_timeout_not_started
     assert await claim(store) == []
     due = await store.due(now=clock.now(), limit=10)
     assert list(due.not_started) == ["prompt"]
+
+
+async def test_start_within_s_bounds_the_first_start_only(store: Store, clock: ManualClock) -> None:
+    """A task that started and was given back (a worker shut down, a provider asked to wait) has
+    started: it runs on past its start_by. One retried by hand after ``not_started`` runs now."""
+    await store.create(new_task("given-back", start_within_s=10.0))
+    (started,) = await store.claim(worker_id="w", specs=SPECS, limit=1, lease_s=30)
+    token = started.lease_token or ""
+    await store.apply("given-back", lambda r: release(r, now=clock.now(), lease_token=token))
+    clock.advance(20)
+    assert await claim(store) == ["given-back"]
+    assert list((await store.due(now=clock.now(), limit=10)).not_started) == []
+
+    await store.create(new_task("late", start_within_s=10.0))
+    clock.advance(20)
+    await store.apply("late", lambda r: not_started(r, now=clock.now()))
+    retried = await store.apply("late", lambda r: manual_retry(r, now=clock.now(), max_manual_retries=3))
+    assert retried.status is Status.PENDING and retried.start_by is None
+    assert await claim(store) == ["late"]
 
 
 async def test_the_sweeper_times_out_what_did_not_start_and_the_owner_is_told(

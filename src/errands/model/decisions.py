@@ -340,7 +340,8 @@ def cancel(record: TaskRecord, *, now: float) -> Change:
 
 
 def manual_retry(record: TaskRecord, *, now: float, max_manual_retries: int) -> Change:
-    """failed|timeout → pending, at most ``max_manual_retries`` times; grants one more attempt."""
+    """failed|timeout → pending, at most ``max_manual_retries`` times; grants one more attempt.
+    A ``start_by`` is dropped: retrying a task that did not start in time asks for it now."""
     if record.status not in (Status.FAILED, Status.TIMEOUT):
         raise InvalidTransition(
             f"Only a failed or timed-out task can be retried; this one is {record.status}."
@@ -360,6 +361,7 @@ def manual_retry(record: TaskRecord, *, now: float, max_manual_retries: int) -> 
         run_after=now,
         queued_at=now,
         finished_at=None,
+        start_by=None,
         **_NO_LEASE,
     )
     return Change(new, EventType.RETRYING)
@@ -396,7 +398,7 @@ NOT_STARTED = TaskError("not_started", "The task was not started in time (start_
 
 def too_late_to_start(record: TaskRecord, now: float) -> bool:
     """Whether a task never started has passed its ``start_by``: it may no longer start."""
-    return record.attempt == 0 and record.start_by is not None and record.start_by < now
+    return record.started_at is None and record.start_by is not None and record.start_by < now
 
 
 def not_started(record: TaskRecord, *, now: float) -> Change:

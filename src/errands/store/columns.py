@@ -90,7 +90,7 @@ TASK_COLUMNS: tuple[Column, ...] = (
         encode="None if r.stream_positions is None else dump_json(r.stream_positions)",
         decode="load_json({})",
     ),
-    Column("start_by", "float8", mutable=False),
+    Column("start_by", "float8"),  # a manual retry drops it
     Column("limit_key", "text", mutable=False, field="key"),
     Column("debounce_key", "text", mutable=False),
 )

@@ -197,7 +197,7 @@ STATEMENTS = Statements(
         "SELECT id FROM errands_tasks WHERE status IN ('pending', 'processing') AND expires_at < $1 LIMIT $2"
     ),
     due_starts=(
-        "SELECT id FROM errands_tasks WHERE status = 'pending' AND attempt = 0 AND start_by IS NOT NULL "
+        "SELECT id FROM errands_tasks WHERE status = 'pending' AND started_at IS NULL AND start_by IS NOT NULL "
         "AND start_by < $1 LIMIT $2"
     ),
     due_polls=(

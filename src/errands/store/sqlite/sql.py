@@ -101,7 +101,7 @@ STATEMENTS = Statements(
     due_deadlines="SELECT id FROM tasks WHERE status = 'processing' AND deadline_at < ? LIMIT ?",
     due_expiry="SELECT id FROM tasks WHERE status IN ('pending', 'processing') AND expires_at < ? LIMIT ?",
     due_starts=(
-        "SELECT id FROM tasks WHERE status = 'pending' AND attempt = 0 AND start_by IS NOT NULL "
+        "SELECT id FROM tasks WHERE status = 'pending' AND started_at IS NULL AND start_by IS NOT NULL "
         "AND start_by < ? LIMIT ?"
     ),
     due_polls="SELECT id FROM tasks WHERE status = 'processing' AND poll_at IS NOT NULL AND poll_at <= ? LIMIT ?",

@@ -123,7 +123,7 @@ ALTER TABLE errands_tasks ADD COLUMN stream_positions text;
 -- Delayed tasks: start_within_s.
 ALTER TABLE errands_tasks ADD COLUMN start_by double precision;
 CREATE INDEX errands_tasks_due ON errands_tasks (priority DESC, run_after, id) WHERE status = 'pending' AND run_after > created_at;
-CREATE INDEX errands_tasks_start_by ON errands_tasks (start_by) WHERE status = 'pending' AND attempt = 0 AND start_by IS NOT NULL;
+CREATE INDEX errands_tasks_start_by ON errands_tasks (start_by) WHERE status = 'pending' AND started_at IS NULL AND start_by IS NOT NULL;
 
 CREATE TABLE errands_endpoints (
     id                    text PRIMARY KEY,

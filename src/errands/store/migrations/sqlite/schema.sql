@@ -41,7 +41,7 @@ CREATE INDEX tasks_queue ON tasks (priority DESC, created_at, id) WHERE status =
 
 CREATE INDEX tasks_due ON tasks (priority DESC, run_after, id) WHERE status = 'pending' AND run_after > created_at;
 
-CREATE INDEX tasks_start_by ON tasks (start_by) WHERE status = 'pending' AND attempt = 0 AND start_by IS NOT NULL;
+CREATE INDEX tasks_start_by ON tasks (start_by) WHERE status = 'pending' AND started_at IS NULL AND start_by IS NOT NULL;
 
 CREATE INDEX tasks_backoff ON tasks (run_after) WHERE status = 'pending' AND run_after > created_at;
 
