@@ -83,6 +83,15 @@ async def test_a_task_not_started_within_start_within_s_ends_timeout_not_started
     assert list(due.not_started) == ["prompt"]
 
 
+async def test_tasks_too_late_to_start_do_not_stand_in_the_queue(store: Store, clock: ManualClock) -> None:
+    """Until the sweeper ends them, tasks past their start_by must not fill the claims' reads."""
+    for i in range(20):
+        await store.create(new_task(f"late-{i:02d}", priority=5, start_within_s=1.0))
+    clock.advance(2)
+    await store.create(new_task("fresh"))
+    assert await claim(store, limit=1) == ["fresh"]
+
+
 async def test_start_within_s_bounds_the_first_start_only(store: Store, clock: ManualClock) -> None:
     """A task that started and was given back (a worker shut down, a provider asked to wait) has
     started: it runs on past its start_by. One retried by hand after ``not_started`` runs now."""

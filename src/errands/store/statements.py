@@ -24,6 +24,11 @@ FIRST_IN_LINE = (
     "AND p.channel = m.channel AND p.target = m.target AND p.seq < m.seq)"
 )
 
+#: A claim's rule for ``start_within_s`` (:func:`errands.model.too_late_to_start`, in SQL): a
+#: task never started and past its ``start_by`` is not read, so it cannot fill the claim's
+#: window while it waits for the sweeper to end it. ``{now}`` is the claim's time.
+STARTABLE = " AND (start_by IS NULL OR started_at IS NOT NULL OR start_by >= {now})"
+
 
 @dataclass(frozen=True, slots=True)
 class Statements:

@@ -15,7 +15,7 @@ from errands.store.columns import (
     RECEIPTS,
     SELECT_LIST,
 )
-from errands.store.statements import ENDED, FIRST_IN_LINE, Statements
+from errands.store.statements import ENDED, FIRST_IN_LINE, STARTABLE, Statements
 
 #: The channel every commit notifies (the payload is a wake-up with hints, see the store).
 CHANNEL = "errands_events"
@@ -136,6 +136,7 @@ def _claim(extra: str) -> str:
     """The queue (claimable since created) and the tasks that came due (delayed, retried or
     released), each read in order from its own index, merged in queue order: priority, then
     queued_at (the creation of the first, when the others came due)."""
+    extra = STARTABLE.format(now="$2") + extra
     return (
         f"WITH queued AS (SELECT {SELECT_LIST} FROM errands_tasks WHERE status = 'pending' "
         f"AND run_after <= created_at AND run_after <= $2 AND type = ANY($1::text[]){extra} "

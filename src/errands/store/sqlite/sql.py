@@ -11,7 +11,7 @@ from errands.store.columns import (
     RECEIPTS,
     SELECT_LIST,
 )
-from errands.store.statements import ENDED, FIRST_IN_LINE, Statements
+from errands.store.statements import ENDED, FIRST_IN_LINE, STARTABLE, Statements
 
 
 def _marks(n: int) -> str:
@@ -47,6 +47,7 @@ def _claim(extra: str) -> str:
     """The queue (claimable since created) and the tasks that came due (delayed, retried or
     released), each read in order from its own index, merged in queue order: priority, then
     queued_at (the creation of the first, when the others came due)."""
+    extra = STARTABLE.format(now="?2") + extra
     return (
         f"SELECT * FROM (SELECT {SELECT_LIST} FROM tasks WHERE status = 'pending' AND run_after <= created_at "
         f"AND run_after <= ?2 AND type IN {_each(1)}{extra} ORDER BY priority DESC, created_at, id LIMIT ?3) "
