@@ -86,6 +86,19 @@ async def test_per_key_limits_count_each_key_apart_and_default_to_the_owner(
     assert [r.id for r in await claim(store, specs)] == ["b1"]
 
 
+async def test_a_key_counts_within_its_owner(store: Store, clock: ManualClock) -> None:
+    """Another owner giving the same key, or a key named like an owner, takes nothing from it."""
+    specs = [spec(Limit(concurrency=1, per="key"))]
+    for i in range(2):
+        await store.create(new_task(f"mine-{i}", owner="alice", key="shared"))
+    assert [r.id for r in await claim(store, specs)] == ["mine-0"]
+    for i in range(2):
+        await store.create(new_task(f"theirs-{i}", owner="mallory", key="shared"))
+        await store.create(new_task(f"named-{i}", owner="shared"))
+    assert sorted(r.id for r in await claim(store, specs)) == ["named-0", "theirs-0"]
+    assert await claim(store, specs) == []
+
+
 async def test_one_busy_key_cannot_keep_a_claim_from_the_others(store: Store, clock: ManualClock) -> None:
     # Key "big" has far more queued than one claim reads; the other keys wait behind it.
     for i in range(300):

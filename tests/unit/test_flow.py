@@ -11,7 +11,7 @@ import pytest
 from errands import Errands, Limit, TaskContext
 from errands.errors import ConfigError
 from errands.model import Bound, Status, TaskRecord, Usage, choose_claims
-from errands.model.flow import BadLimit, parse_rate, tally, waiting_for
+from errands.model.flow import BadLimit, parse_rate, split_scope, tally, waiting_for
 
 NOW = 1_800_000_000.0
 
@@ -134,25 +134,51 @@ def test_concurrency_counts_this_claims_own_starts_and_skips_a_busy_scope() -> N
         task("b1", key="b"),
         task("c1", key="c"),
     ]
-    usage = {"type:work key a": Usage(running=1), "type:work key c": None}
+    key_a, key_c = b.scope(tasks[0]), b.scope(tasks[4])
+    usage = {key_a: Usage(running=1), key_c: None}
     choice = choose_claims(tasks, bounds={"work": (b,)}, usage=usage, limit=10, now=NOW)
     assert [r.id for r in choice.chosen] == ["a1", "b1"]
-    assert choice.blocked == {"type:work key a": "concurrency", "type:work key c": "busy"}
+    assert choice.blocked == {key_a: "concurrency", key_c: "busy"}
     assert choice.retry_at is not None and choice.retry_at > NOW  # the busy scope: look again soon
 
 
 def test_tally_counts_running_tasks_into_their_scopes() -> None:
     pool = Bound("provider:p", ("image", "video"), Limit(concurrency=5))
     per_key = Bound("provider:p", ("image", "video"), Limit(concurrency=1, per="key"))
-    rows = [("image", "alice", None, 2), ("video", "alice", "k1", 1), ("other", "alice", None, 7)]
-    usage = tally(
-        {"provider:p all ": pool, "provider:p key k1": per_key, "provider:p key alice": per_key}, rows, {}
-    )
+    rows = [
+        ("image", "alice", None, 2),
+        ("video", "alice", "k1", 1),
+        ("video", "bob", "k1", 4),  # bob's k1 is not alice's
+        ("other", "alice", None, 7),
+    ]
+    k1 = per_key.scope(task("x", key="k1", type="image"))
+    no_key = per_key.scope(task("x", type="image"))
+    usage = tally({"provider:p all ": pool, k1: per_key, no_key: per_key}, rows, {})
     assert usage == {
-        "provider:p all ": Usage(3),
-        "provider:p key k1": Usage(1),
-        "provider:p key alice": Usage(2),  # no key: counted under its owner
+        "provider:p all ": Usage(7),
+        k1: Usage(1),
+        no_key: Usage(2),  # no key: counted under its owner
     }
+
+
+def test_keys_count_within_their_owner_and_apart_from_owner_scopes() -> None:
+    """A key named like an owner, or given by another owner, or holding the separators, never
+    shares a scope; every scope splits back into what made it."""
+    by_key = bound(Limit(concurrency=1, per="key"))
+    by_owner = bound(Limit(concurrency=1, per="owner"))
+    records = [
+        task("1", owner="alice"),
+        task("2", owner="bob", key="alice"),
+        task("3", owner="alice", key="alice"),
+        task("4", owner="bob", key="k"),
+        task("5", owner="alice", key="k"),
+        task("6", owner='a "b" c', key="x y\n"),
+    ]
+    scopes = [b.scope(r) for r in records for b in (by_key, by_owner)]
+    assert len(set(scopes)) == len(records) + len({r.owner for r in records})
+    for r in records:
+        assert split_scope(by_key.scope(r)) == ("type:work", "key", r.owner, r.key)
+        assert split_scope(by_owner.scope(r)) == ("type:work", "owner", r.owner, None)
 
 
 def test_waiting_for_names_the_first_reason() -> None:

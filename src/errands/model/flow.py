@@ -21,6 +21,7 @@ claim: the other claim is about to start them, or will leave them to the next.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -125,22 +126,27 @@ class Bound:
 
     def scope(self, record: TaskRecord) -> str:
         """The counters ``record`` is counted in (no spaces in pools or ``per``)."""
-        return f"{self.pool} {self.limit.per} {flow_key(record, self.limit.per)}"
+        return f"{self.pool} {self.limit.per} {_scope_key(self.limit.per, record.owner, record.key)}"
 
 
-def flow_key(record: TaskRecord, per: Per) -> str:
+def _scope_key(per: Per, owner: str, key: str | None) -> str:
+    """A scope's part after its pool and ``per``. A key counts within its owner: a key that one
+    owner gives never shares counters with another owner's tasks, nor with an owner's scope
+    (owner and key are any text: JSON keeps them apart)."""
     if per == "all":
         return ""
-    if per == "key":
-        return record.key if record.key is not None else record.owner
-    return record.owner
+    return json.dumps([owner] if per == "owner" else [owner, key], ensure_ascii=False)
 
 
-def split_scope(scope: str) -> tuple[str, Per, str]:
-    """``(pool, per, key)`` of a scope made by :meth:`Bound.scope`."""
-    pool, per, key = scope.split(" ", 2)
+def split_scope(scope: str) -> tuple[str, Per, str | None, str | None]:
+    """``(pool, per, owner, key)`` of a scope made by :meth:`Bound.scope` (``None`` where the
+    scope does not count by it)."""
+    pool, per, rest = scope.split(" ", 2)
     assert per in PER_VALUES
-    return pool, per, key
+    if per == "all":
+        return pool, per, None, None
+    parts = json.loads(rest)
+    return pool, per, parts[0], parts[1] if per == "key" else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,32 +214,34 @@ def tally(
     rows = list(running)
     usage = {}
     for scope, bound in scopes.items():
-        _, per, key = split_scope(scope)
+        _, per, scope_owner, scope_key = split_scope(scope)
         count = 0
         if bound.limit.concurrency is not None:
             for task_type, owner, task_key, n in rows:
                 if task_type in bound.types and (
-                    per == "all"
-                    or (per == "owner" and owner == key)
-                    or (per == "key" and (task_key if task_key is not None else owner) == key)
+                    per == "all" or (owner == scope_owner and (per == "owner" or task_key == scope_key))
                 ):
                     count += n
         usage[scope] = Usage(count, tats.get(scope))
     return usage
 
 
-def exclusions(scopes: Iterable[str], bounds: Mapping[str, Bound]) -> tuple[list[str], list[str], list[str]]:
-    """The ``(types, pers, keys)`` a claim's second look skips: the tasks of ``scopes``."""
+def exclusions(
+    scopes: Iterable[str], bounds: Mapping[str, Bound]
+) -> tuple[list[str], list[str], list[str | None], list[str | None]]:
+    """The ``(types, pers, owners, keys)`` a claim's second look skips: the tasks of ``scopes``."""
     types: list[str] = []
     pers: list[str] = []
-    keys: list[str] = []
+    owners: list[str | None] = []
+    keys: list[str | None] = []
     for scope in scopes:
-        _, per, key = split_scope(scope)
+        _, per, owner, key = split_scope(scope)
         for task_type in bounds[scope].types:
             types.append(task_type)
             pers.append(per)
+            owners.append(owner)
             keys.append(key)
-    return types, pers, keys
+    return types, pers, owners, keys
 
 
 def claim_window(limit: int, *, limited: bool) -> int:

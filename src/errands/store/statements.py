@@ -45,7 +45,7 @@ class Statements:
     debounced: str  # owner, type, debounce_key, ids → ids of the key's other pending tasks
     claim: str  # types, now, window → task rows, queue order (locked where the dialect locks)
     renew: str  # until, ids, tokens → ids whose lease was extended
-    claim_except: str  # the same, then types, pers, keys of scopes held back → task rows
+    claim_except: str  # the same, then types, pers, owners, keys of scopes held back → task rows
     # types, scopes → (type, owner, key, count) of the tasks running now, and (…, scope, tat)
     # of each scope's rate state, in one read
     flow_usage: str

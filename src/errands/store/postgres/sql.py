@@ -164,9 +164,9 @@ STATEMENTS = Statements(
     claim=_claim(""),
     # A claim's second look, past the tasks of the scopes that held the first one back.
     claim_except=_claim(
-        " AND NOT EXISTS (SELECT 1 FROM unnest($4::text[], $5::text[], $6::text[]) AS x(t, per, k) "
-        "WHERE x.t = type AND (x.per = 'all' OR (x.per = 'owner' AND x.k = owner) "
-        "OR (x.per = 'key' AND x.k = coalesce(limit_key, owner))))"
+        " AND NOT EXISTS (SELECT 1 FROM unnest($4::text[], $5::text[], $6::text[], $7::text[]) AS x(t, per, o, k) "
+        "WHERE x.t = type AND (x.per = 'all' OR (x.o = owner "
+        "AND (x.per = 'owner' OR x.k IS NOT DISTINCT FROM limit_key))))"
     ),
     flow_usage=(
         "SELECT type, owner, limit_key, count(*), NULL, NULL FROM errands_tasks WHERE status = 'processing' "

@@ -72,9 +72,9 @@ STATEMENTS = Statements(
     # A claim's second look, past the tasks of the scopes that held the first one back.
     claim_except=_claim(
         " AND NOT EXISTS (SELECT 1 FROM json_each(?4) t JOIN json_each(?5) p ON p.key = t.key "
-        "JOIN json_each(?6) k ON k.key = t.key WHERE t.value = tasks.type AND (p.value = 'all' "
-        "OR (p.value = 'owner' AND k.value = tasks.owner) "
-        "OR (p.value = 'key' AND k.value = coalesce(tasks.limit_key, tasks.owner))))"
+        "JOIN json_each(?6) o ON o.key = t.key JOIN json_each(?7) k ON k.key = t.key "
+        "WHERE t.value = tasks.type AND (p.value = 'all' OR (o.value = tasks.owner "
+        "AND (p.value = 'owner' OR k.value IS tasks.limit_key))))"
     ),
     flow_usage=(
         "SELECT type, owner, limit_key, count(*), NULL, NULL FROM tasks WHERE status = 'processing' "
