@@ -36,6 +36,9 @@ from errands.store.base import EventLog as Log
 from errands.store.base import Hint, Lifecycle, TaskLog, hints
 
 log = logging.getLogger("errands.hub")
+#: The hints a hub whose listeners see every event still passes on: work, and a task that waits
+#: (an event read from the log does not carry ``waits``).
+_SHARED_HINTS = Hint.WORK | Hint.LATER
 
 Listener = Callable[[Event], None]
 
@@ -260,8 +263,8 @@ class Hub:
 
     def on_hints(self, callback: Callable[[Hint], None]) -> None:
         """``callback(hint)`` runs with the hints of each commit that may have made work: only
-        ``WORK`` where the listeners see every event, and every hint with :meth:`follow_only`
-        (where they see only their tasks' events)."""
+        ``WORK`` and ``LATER`` where the listeners see every event, and every hint with
+        :meth:`follow_only` (where they see only their tasks' events)."""
         self._work.append(callback)
 
     def follow_only(self, tasks: Callable[[], Mapping[str, int]], *, poll_s: float) -> None:
@@ -309,15 +312,14 @@ class Hub:
             self._deliver(events)
         else:
             self._wake.set()
-        # Without follow_only, the listeners see every end in the events themselves.
-        if hint & Hint.WORK:
-            self._announce(Hint.WORK)
+        # Without follow_only, the listeners see every end in the events themselves; not
+        # whether a task waits (the log does not say), so LATER is passed on.
+        self._announce(hint & _SHARED_HINTS)
 
     def remote_commit(self, hint: Hint) -> None:
         if self._only is None:
             self._wake.set()
-            if hint & Hint.WORK:
-                self._announce(Hint.WORK)
+            self._announce(hint & _SHARED_HINTS)
             return
         if hint & Hint.STOPPED:
             self.stops += 1

@@ -9,10 +9,10 @@ import asyncpg
 import orjson
 import pytest
 
-from errands import Errands, TaskContext
+from errands import Errands, Limit, TaskContext
 from errands.auth import SYSTEM
 from errands.hub import WatchFilter
-from errands.model import EventType
+from errands.model import EventType, Status
 from errands.service import SubmitRequest
 from errands.store.postgres import session_settings
 from tests.integration.conftest import RuntimeFactory, wait_task
@@ -309,3 +309,65 @@ async def test_a_session_of_errands_younger_than_the_snapshot_does_not_sink_the_
     finally:
         for conn in sessions:
             await conn.close()
+
+
+async def test_a_delayed_task_created_on_another_node_starts_when_due_without_polling(
+    runtime_factory: RuntimeFactory,
+) -> None:
+    """The commit of a task that waits tells the workers of other nodes to read when the next
+    one is due (Hint.LATER): node B's worker, which polls once an hour, starts it once due."""
+    node_a = await runtime_factory(app, workers=False)
+    node_b = await runtime_factory(app, poll_s=3600.0)  # a node that serves the API too
+    await asyncio.wait_for(node_b.store.listening.wait(), 10)  # type: ignore[attr-defined]
+    # Once node B's worker ran a task, it has read when the next is due (none): only news can
+    # tell it of the next.
+    warm, _ = await node_a.service.submit(SubmitRequest(type="work", id="warm"), SYSTEM)
+    await wait_task(node_b, warm.id)
+    task, _ = await node_a.service.submit(SubmitRequest(type="work", id="later", delay_s=1), SYSTEM)
+    done = await wait_task(node_b, task.id)
+    assert done.status is Status.COMPLETED and done.started_at >= task.run_after
+
+
+def _limited_apps() -> tuple[Errands, Errands, asyncio.Event]:
+    """Two apps sharing the type "one" (at most one running in all); only the first also runs
+    "slow", whose tasks wait for the test's end."""
+    gate, end = asyncio.Event(), asyncio.Event()
+    apps = Errands(), Errands()
+    for node, each in zip("ab", apps, strict=True):
+
+        @each.task("one", limits=[Limit(concurrency=1)], max_attempts=2)
+        async def one(ctx: TaskContext, input: dict[str, Any], node: str = node) -> dict[str, str]:
+            if input.get("fail"):
+                await gate.wait()
+                raise RuntimeError("again later")
+            return {"node": node}
+
+    @apps[0].task("slow")
+    async def slow(ctx: TaskContext, input: dict[str, Any]) -> None:
+        await end.wait()
+
+    return apps[0], apps[1], gate
+
+
+async def test_a_task_sent_back_to_wait_frees_its_slot_for_other_nodes(
+    runtime_factory: RuntimeFactory,
+) -> None:
+    """A running task of a limited type sent back to wait (a retry's backoff) frees its slot,
+    like an end: node B's worker (a worker process, which polls once an hour) starts the next
+    at once."""
+    app_a, app_b, gate = _limited_apps()
+    slow = {"poll_s": 3600.0, "retry_base_s": 600.0, "retry_cap_s": 600.0}
+    node_a = await runtime_factory(app_a, concurrency=1, **slow)
+    failing = SubmitRequest(type="one", id="first", input={"fail": True})
+    first, _ = await node_a.service.submit(failing, SYSTEM)
+    await wait_task(node_a, first.id, until=lambda r: r.status is Status.PROCESSING)
+    node_b = await runtime_factory(app_b, serves_watches=False, **slow)  # as `errands worker`
+    await asyncio.wait_for(node_b.store.listening.wait(), 10)  # type: ignore[attr-defined]
+    # Node A's one slot goes to "slow" once "first" leaves it; "second" is node B's to start.
+    await node_a.service.submit(SubmitRequest(type="slow", id="blocker", priority=10), SYSTEM)
+    second, _ = await node_b.service.submit(SubmitRequest(type="one", id="second", input={}), SYSTEM)
+    gate.set()
+    backoff = await wait_task(node_a, first.id, until=lambda r: r.status is Status.PENDING)
+    assert backoff.scheduled_for is not None
+    done = await wait_task(node_a, second.id)
+    assert done.status is Status.COMPLETED and done.result == {"node": "b"}

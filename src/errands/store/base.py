@@ -65,7 +65,7 @@ class Hint(enum.Flag):
     NONE = 0
     #: A task became claimable (created, or sent back to the queue).
     WORK = enum.auto()
-    #: A task ended (which may give its owner's turn to the next, see ``concurrency_per_owner``).
+    #: A task ended or left its worker (a slot of its limits came free for the next).
     ENDED = enum.auto()
     #: A running task may have been taken from its worker (cancelled, requeued, timed out, failed).
     STOPPED = enum.auto()
@@ -77,7 +77,7 @@ class Hint(enum.Flag):
 
 _HINTS = {
     EventType.CREATED: Hint.WORK,
-    EventType.RETRYING: Hint.WORK | Hint.STOPPED,
+    EventType.RETRYING: Hint.WORK | Hint.STOPPED | Hint.ENDED,
     EventType.COMPLETED: Hint.ENDED,
     EventType.FAILED: Hint.ENDED | Hint.STOPPED,
     EventType.TIMEOUT: Hint.ENDED | Hint.STOPPED,

@@ -146,10 +146,10 @@ class Worker:
             self._ready_stale = True  # it is due later: the timer may have to fire sooner
             self._holds.stale = True  # ...perhaps because its provider asked to wait
             self._wake.set()
-        elif event.type in (EventType.CREATED, EventType.RETRYING) or (
-            event.task_type in self._limited and event.status.terminal
+        if (event.type in (EventType.CREATED, EventType.RETRYING) and not event.waits) or (
+            event.task_type in self._limited and (event.status.terminal or event.type is EventType.RETRYING)
         ):
-            # A finished task of a type with concurrency_per_owner may free its owner's turn.
+            # A task of a limited type that ended or left its worker frees a slot of its limits.
             self._maybe_work = True
             self._wake.set()
 

@@ -3,7 +3,6 @@ given), and the statements only its write path runs (see :mod:`.writer`)."""
 
 from __future__ import annotations
 
-from errands.store.base import Hint
 from errands.store.columns import (
     ATTEMPTS,
     COLUMNS,
@@ -61,7 +60,8 @@ SELECT base, pg_notify('{CHANNEL}', (base + $1::int4)::text || '{HINT_MARK}' || 
 
 
 def _insert_sql() -> str:
-    """A create in one statement: the row with its final seq, its event, the notification."""
+    """A create in one statement: the row with its final seq, its event, the notification (its
+    hint the last parameter: work now, or later for a delayed task)."""
     n = len(INSERTED)
     row = [f"${i + 1}::{PG_TYPES[c]}" for i, c in enumerate(INSERTED)]
     return f"""
@@ -75,7 +75,7 @@ WITH ins AS (
     INSERT INTO errands_events ({EVENT_COLUMNS})
     SELECT seq, 'task.created', updated_at, id, owner, type, 'pending', ${n + 2} FROM ins
 )
-SELECT seq, pg_notify('{CHANNEL}', seq::text || '{HINT_MARK}{Hint.WORK.value}') FROM ins
+SELECT seq, pg_notify('{CHANNEL}', seq::text || '{HINT_MARK}' || ${n + 3}::int4::text) FROM ins
 """
 
 
@@ -99,7 +99,8 @@ WITH r AS (
     SELECT ins.seq, 'task.created', ins.updated_at, ins.id, ins.owner, ins.type, 'pending', r.snapshot
     FROM ins JOIN r ON r.id = ins.id AND {BASE} + r.ord = ins.seq
 )
-SELECT id, seq, pg_notify('{CHANNEL}', (SELECT max(seq) FROM ins)::text || '{HINT_MARK}{Hint.WORK.value}') FROM ins
+SELECT id, seq, pg_notify('{CHANNEL}', (SELECT max(seq) FROM ins)::text || '{HINT_MARK}' || ${n + 3}::int4::text)
+FROM ins
 """
 
 

@@ -192,16 +192,17 @@ class PgTx(TxBase):
         ordinals = range(self.ordinal + 1, self.ordinal + 1 + len(records))
         self.ordinal += len(records)
         snapshots = [r.public_json() for r in records]
+        hint = hints((EventType.CREATED, r.waits) for r in records).value
         if len(records) == 1:
             seq = await self.conn.fetchval(
-                INSERT_TASK, *values(records[0], INSERTED), ordinals[0], snapshots[0]
+                INSERT_TASK, *values(records[0], INSERTED), ordinals[0], snapshots[0], hint
             )
             seqs = {} if seq is None else {records[0].id: seq}
         else:
             rows = [values(r, INSERTED) for r in records]
             arrays = [[row[i] for row in rows] for i in range(len(INSERTED))]
             seqs = {
-                i: q for i, q, _ in await self.conn.fetch(INSERT_TASKS, *arrays, list(ordinals), snapshots)
+                i: q for i, q, _ in await self.conn.fetch(INSERT_TASKS, *arrays, list(ordinals), snapshots, hint)
             }
         for record, snapshot in zip(records, snapshots, strict=True):
             seq = seqs.get(record.id)
