@@ -120,7 +120,7 @@ def test_the_log_filter_rewrites_records(caplog: pytest.LogCaptureFixture) -> No
         ([EventType.CREATED], Hint.WORK),
         ([EventType.COMPLETED], Hint.ENDED),
         ([EventType.CANCELLED], Hint.ENDED | Hint.STOPPED),
-        ([EventType.RETRYING], Hint.WORK | Hint.STOPPED),
+        ([EventType.RETRYING], Hint.WORK | Hint.STOPPED | Hint.ENDED),  # it left its slot
         ([EventType.CREATED, EventType.TIMEOUT], Hint.WORK | Hint.ENDED | Hint.STOPPED),
     ],
 )
@@ -131,7 +131,7 @@ def test_a_commits_hints_come_from_its_event_types(types: list[EventType], expec
 def test_a_change_that_leaves_its_task_waiting_hints_later_not_work() -> None:
     # A delayed task's creation, a retry into backoff: nothing to claim now, a timer to reset.
     assert hints([(EventType.CREATED, True)]) == Hint.LATER
-    assert hints([(EventType.RETRYING, True)]) == Hint.STOPPED | Hint.LATER
+    assert hints([(EventType.RETRYING, True)]) == Hint.STOPPED | Hint.ENDED | Hint.LATER
     assert hints([(EventType.CREATED, True), (EventType.CREATED, False)]) == Hint.WORK | Hint.LATER
 
 
