@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     public_url: str | None = None
     log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"
+    #: ``host:port`` of an endpoint that serves ``/metrics`` to anyone who reaches it (a private
+    #: port, in any process: ``serve`` or ``worker``); the API's ``/metrics`` takes the admin key.
+    metrics_listen: str | None = Field(None, pattern=r"^(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d{1,5}$")
 
     # credentials
     admin_key: SecretStr | None = None
@@ -150,6 +154,14 @@ class Settings(BaseSettings):
     def allow_networks(self) -> tuple[IPNetwork, ...]:
         """``notify_allow_networks``, parsed (once)."""
         return parse_networks(self.notify_allow_networks)
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """``metrics_listen`` as ``(host, port)``."""
+        if self.metrics_listen is None:
+            return None
+        host, _, port = self.metrics_listen.rpartition(":")
+        return host.strip("[]"), int(port)
 
     @property
     def heartbeat_interval_s(self) -> float:

@@ -165,6 +165,7 @@ class Hub:
         #: follow_only(): the tasks followed (id → the seq after which their events count),
         #: and the last seq read of each.
         self._only: Callable[[], Mapping[str, int]] | None = None
+        self._committed: list[Callable[[Sequence[Event]], None]] = []
         self._seen: dict[str, int] = {}
         #: How many commits may have stopped a task so far (see Worker.run, around a claim).
         self.stops = 0
@@ -301,7 +302,17 @@ class Hub:
 
     # -- the store's commits (the hub is its one subscriber) ----------------------------------
 
+    def on_committed(self, callback: Callable[[Sequence[Event]], None]) -> None:
+        """``callback(events)`` runs with the events of each of this process's own commits,
+        right after it (what this process did, whatever its hub follows: its metrics)."""
+        self._committed.append(callback)
+
     def committed(self, events: Sequence[Event]) -> None:
+        for callback in self._committed:
+            try:
+                callback(events)
+            except Exception:
+                log.exception("a commit listener failed")
         hint = hints((e.type, e.waits) for e in events)
         if self._only is not None:
             self.remote_commit(hint)  # read like any other commit: only the followed tasks

@@ -119,6 +119,8 @@ class Answer:
 
     outcome: ReportOutcome
     error: ApiError | None = None
+    #: Whose report it was, as recorded (``callback:<provider>`` for a capability URL).
+    provider: str = ""
 
 
 class Intake:
@@ -148,7 +150,7 @@ class Intake:
             receipt.received_at, error.message[:DETAIL_CHARS],
         )  # fmt: skip
         await self._store.record_receipt(refused)
-        return Answer(outcome, error)
+        return Answer(outcome, error, receipt.provider)
 
     async def _apply(
         self,
@@ -167,8 +169,8 @@ class Intake:
         )
         outcome, _ = await self._store.apply_report(receipt, judge(decide), job=job)
         if outcome is ReportOutcome.UNKNOWN_TASK:
-            return Answer(outcome, NotFound("No such task."))
-        return Answer(outcome)
+            return Answer(outcome, NotFound("No such task."), receipt.provider)
+        return Answer(outcome, None, receipt.provider)
 
     async def webhook(self, provider_name: str, inbound: Inbound) -> Answer:
         """A webhook signed by the provider, tied to its task by the provider's job id."""

@@ -24,6 +24,7 @@ from errands.errors import StoreError
 from errands.guard import AddressPolicy
 from errands.hub import Hub
 from errands.intake import Intake
+from errands.metrics import Metrics, StoreReading, count_logged_errors
 from errands.notify.endpoints import NotifyAdmin
 from errands.notify.notifier import Notifier
 from errands.providers import Callbacks
@@ -95,6 +96,11 @@ class Runtime:
             # A worker reads the log only to route work (wake-ups, cancellations): less often.
             read_gap_s=self.store.log_read_gap_s * (1 if serves_watches else 4),
         )
+        self.metrics = Metrics(app.task_types, app.providers)
+        self.hub.on_committed(self.metrics.committed)
+        self.metrics.watches.set_function(lambda: self.hub.watch_count)
+        self.metrics.reads(self._store_reading)
+        count_logged_errors()
         self.supervisor = Supervisor()
         self.guard = AddressPolicy(allow=settings.allow_networks, https_only=settings.notify_https_only)
         self.base_url = base_url or settings.public_url or f"http://{settings.host}:{settings.port}"
@@ -183,6 +189,7 @@ class Runtime:
                     rng=self.rng,
                     registry=self.app,
                     intake=parts.intake,
+                    metrics=self.metrics,
                 )
                 self.supervisor.spawn("sweeper", self.sweeper.run())
                 await parts.scheduler.declare()
@@ -190,7 +197,7 @@ class Runtime:
             if sweeper if notifier is None else notifier:
                 self.notifier = Notifier(
                     self.app, self.store, self.hub, self.settings, clock=self.clock, rng=self.rng,
-                    guard=self.guard, default_secret=parts.credentials.notify_secret,
+                    guard=self.guard, default_secret=parts.credentials.notify_secret, metrics=self.metrics,
                 )  # fmt: skip
                 self.supervisor.spawn("notifier", self.notifier.run())
             if api and self.settings.admin_key is None:
@@ -270,6 +277,18 @@ class Runtime:
             with contextlib.suppress(Exception):
                 await provider.aclose()
         await self.store.close()
+
+    async def _store_reading(self) -> StoreReading:
+        """What a scrape of the metrics reads from the store (see :mod:`errands.metrics`)."""
+        now = self.clock.now()
+        pending: dict[str, int] = {}
+        for task_type, count in (await self.store.pending_counts()).items():
+            label = self.metrics.type_label(task_type)
+            pending[label] = pending.get(label, 0) + count
+        holds = await self.store.holds()
+        held = {name: max(0.0, holds.get(name, now) - now) for name in self.app.providers}
+        lag = max(0, await self.store.last_seq() - self.hub.last_seq)
+        return StoreReading(pending, held, lag)
 
     async def health(self) -> dict[str, Any]:
         """What ``/readyz`` reports: the store reachable and every background loop alive."""

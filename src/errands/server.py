@@ -17,6 +17,11 @@ from collections.abc import AsyncIterator, Callable, Generator
 from typing import Any
 
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from errands.api import create_api
 from errands.app import Errands
@@ -136,6 +141,24 @@ async def serve_asgi(app: Any, sock: socket.socket, *, log_level: str = "warning
         sock.close()
 
 
+@contextlib.asynccontextmanager
+async def metrics_endpoint(runtime: Runtime) -> AsyncIterator[str | None]:
+    """``/metrics`` for anyone who reaches ``ERRANDS_METRICS_LISTEN`` (a private port), for the
+    duration of the block; its base URL, or ``None`` when the setting is not given."""
+    address = runtime.settings.metrics_address
+    if address is None:
+        yield None
+        return
+
+    async def metrics(request: Request) -> Response:
+        del request
+        return Response(await runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    sock = bind(*address)
+    async with serve_asgi(Starlette(routes=[Route("/metrics", metrics)]), sock):
+        yield url_of(sock)
+
+
 async def serve(
     app: Errands,
     settings: Settings,
@@ -157,11 +180,12 @@ async def serve(
 
     remove = _on_signals(request_stop)
     try:
-        with app.serving(runtime):
-            await api.start()
-            if on_ready is not None:
-                on_ready(runtime, api.url)
-            await api.wait()
+        async with metrics_endpoint(runtime):
+            with app.serving(runtime):
+                await api.start()
+                if on_ready is not None:
+                    on_ready(runtime, api.url)
+                await api.wait()
     finally:
         remove()
         sock.close()
@@ -181,10 +205,11 @@ async def work(app: Errands, settings: Settings, *, on_ready: Callable[[Runtime]
 
     remove = _on_signals(request_stop)
     try:
-        with app.serving(runtime):
-            if on_ready is not None:
-                on_ready(runtime)
-            await stop.wait()
+        async with metrics_endpoint(runtime):
+            with app.serving(runtime):
+                if on_ready is not None:
+                    on_ready(runtime)
+                await stop.wait()
     finally:
         remove()
         await runtime.stop()

@@ -22,6 +22,7 @@ changes nothing twice. Backoff needs no sweeping: a requeued task is claimable o
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ from errands.clock import Clock
 from errands.config import Settings
 from errands.errors import InvalidTransition, LeaseLost, NotFound
 from errands.intake import Intake
+from errands.metrics import Metrics
 from errands.model import Change, Status, TaskError, TaskRecord
 from errands.providers import Provider
 from errands.registry import Registry
@@ -79,8 +81,10 @@ class Sweeper:
         rng: random.Random,
         registry: Registry,
         intake: Intake,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics
         self.settings = settings
         self.clock = clock
         self._rng = rng
@@ -185,6 +189,8 @@ class Sweeper:
         )
         if report.total:
             log.info("sweep: %s", report)
+            if self.metrics is not None:
+                self.metrics.swept(dataclasses.asdict(report))
         return report
 
     # -- external providers -------------------------------------------------------------------

@@ -6,10 +6,12 @@ from importlib import resources
 from typing import Any
 
 import orjson
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import HTMLResponse, Response
 
 from errands.api.routing import Call, Route
 from errands.api.schemas import Health, Readiness, StatsOut, TokenOut
+from errands.errors import Forbidden
 from errands.service import TokenRequest
 
 
@@ -44,6 +46,14 @@ async def readyz(call: Call) -> Response:
 async def stats(call: Call) -> Response:
     """Counts by status and type, and queue wait and run time p50/p95 over a recent window (admin)."""
     return _json(await call.runtime.service.stats(call.principal))
+
+
+async def metrics(call: Call) -> Response:
+    """This process's Prometheus metrics (admin; ``ERRANDS_METRICS_LISTEN`` serves them on a
+    private port without a key)."""
+    if not call.principal.admin:
+        raise Forbidden("Only an admin may read the metrics.")
+    return Response(await call.runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def mint_token(call: Call) -> Response:
@@ -93,6 +103,16 @@ ROUTES = [
         errors=(401,),
     ),
     Route("GET", "/v1/stats", stats, "Queue statistics", "admin", response=StatsOut, errors=(401, 403)),
+    Route(
+        "GET",
+        "/metrics",
+        metrics,
+        "Prometheus metrics of this process (admin)",
+        "admin",
+        media_type=CONTENT_TYPE_LATEST,
+        response={"type": "string"},
+        errors=(401, 403),
+    ),
     Route(
         "POST",
         "/v1/tokens",

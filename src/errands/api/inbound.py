@@ -37,7 +37,8 @@ def inbound_of(scope: Scope, body: bytes) -> Inbound:
     return Inbound({k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}, body)
 
 
-def _answer(answer: Answer) -> Response:
+def _answer(call: Call, answer: Answer) -> Response:
+    call.runtime.metrics.webhook(answer.provider.removeprefix("callback:"), answer.outcome.value)
     if answer.error is not None:
         return response_for(answer.error)
     return Response(_OUTCOME_BODIES[answer.outcome], media_type="application/json")
@@ -54,7 +55,7 @@ async def capability_hook(call: Call) -> Response:
     """For services that cannot sign: the URL itself is the secret, for one task and attempt.
     Answers as the signed webhook does; every bad URL gets the same ``401``."""
     inbound = inbound_of(call.scope, await call.body())
-    return _answer(await call.runtime.intake.callback(call.path_params["token"], inbound))
+    return _answer(call, await call.runtime.intake.callback(call.path_params["token"], inbound))
 
 
 async def signed_hook(call: Call) -> Response:
@@ -62,7 +63,7 @@ async def signed_hook(call: Call) -> Response:
     provider's job id. ``200`` with the outcome (applied, unchanged, duplicate or late: stop
     sending it), ``401`` forged or stale, ``404`` unknown provider or job, ``400`` malformed."""
     inbound = inbound_of(call.scope, await call.body())
-    return _answer(await call.runtime.intake.webhook(call.path_params["provider"], inbound))
+    return _answer(call, await call.runtime.intake.webhook(call.path_params["provider"], inbound))
 
 
 async def deliveries(call: Call) -> Response:

@@ -328,6 +328,9 @@ class Event:
     task_json: bytes
     #: The change left the task waiting to be due (known to the process that wrote it).
     waits: bool = dataclasses.field(default=False, compare=False)
+    #: The task after the change, where the process that wrote it hands the event over (its
+    #: metrics read times from it); ``None`` for events read from the log.
+    record: TaskRecord | None = dataclasses.field(default=None, compare=False, repr=False)
     _json: list[bytes] = dataclasses.field(default_factory=list, compare=False, repr=False)
 
     def to_json(self) -> bytes:

@@ -26,6 +26,7 @@ from errands.errors import StoreError
 from errands.guard import AddressPolicy
 from errands.hub import Hub
 from errands.inputs import new_task_id
+from errands.metrics import Metrics
 from errands.model import Event
 from errands.notify.lifecycle import Hook, hook_route, run_hook
 from errands.notify.policy import Route, Sent, after_attempt, endpoint_route, plan
@@ -67,8 +68,10 @@ class Notifier:
         rng: random.Random,
         guard: AddressPolicy,
         default_secret: str,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics
         self.hub = hub
         self.settings = settings
         self.clock = clock
@@ -228,6 +231,9 @@ class Notifier:
             rnd=self._rng.random(),
             disable_after_s=self.settings.notify_disable_after_s,
         )
+        if self.metrics is not None:
+            outcome = {MessageState.DELIVERED: "delivered", MessageState.FAILED: "failed"}
+            self.metrics.notification(str(message.channel), outcome.get(result.state, "retry"))
         if result.state is MessageState.FAILED:
             log.warning(
                 "gave up on message %s (%s of task %s) after %d attempts: %s",

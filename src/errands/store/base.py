@@ -192,6 +192,9 @@ class Sweeping(Protocol):
 
     async def stats(self, *, since: float, sample: int) -> StatsRows: ...
 
+    async def pending_counts(self) -> dict[str, int]:
+        """Pending tasks by type (read from the pending tasks only: cheap enough to scrape)."""
+
 
 class EventLog(Protocol):
     async def events(

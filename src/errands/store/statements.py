@@ -65,6 +65,7 @@ class Statements:
     purge_tombstones: str  # before
     purge_old: tuple[str, ...]  # each: before (receipts, delivery ids, messages, attempts, rates)
     stats_counts: str  # → (status, type, count)
+    pending_by_type: str  # → (type, count) of the pending tasks
     stats_waits: str  # since, sample → (queue wait,)
     stats_runs: str  # since, sample → (run time,)
     # -- the event log ------------------------------------------------------------------------

@@ -224,6 +224,7 @@ STATEMENTS = Statements(
         "DELETE FROM errands_flow_rates WHERE tat < $1",  # long past: the same as no state
     ),
     stats_counts="SELECT status, type, count(*) FROM errands_tasks GROUP BY status, type",
+    pending_by_type="SELECT type, count(*) FROM errands_tasks WHERE status = 'pending' GROUP BY type",
     stats_waits=(
         "SELECT started_at - queued_at FROM errands_tasks WHERE started_at >= $1 ORDER BY started_at DESC LIMIT $2"
     ),

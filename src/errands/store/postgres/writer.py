@@ -202,7 +202,8 @@ class PgTx(TxBase):
             rows = [values(r, INSERTED) for r in records]
             arrays = [[row[i] for row in rows] for i in range(len(INSERTED))]
             seqs = {
-                i: q for i, q, _ in await self.conn.fetch(INSERT_TASKS, *arrays, list(ordinals), snapshots, hint)
+                i: q
+                for i, q, _ in await self.conn.fetch(INSERT_TASKS, *arrays, list(ordinals), snapshots, hint)
             }
         for record, snapshot in zip(records, snapshots, strict=True):
             seq = seqs.get(record.id)
@@ -213,7 +214,7 @@ class PgTx(TxBase):
             self.overlay[record.id] = self.created[record.id] = record
             self.written.append(
                 Event(seq, EventType.CREATED, record.updated_at, record.id, record.owner, record.type,
-                      record.status, with_seq(snapshot, seq), record.waits)
+                      record.status, with_seq(snapshot, seq), record.waits, record)
             )  # fmt: skip
 
     # -- undoing one change -------------------------------------------------------------------
@@ -326,7 +327,7 @@ class PgTx(TxBase):
                 object.__setattr__(record, "seq", seq)  # fresh records, not shared yet
             events.append(
                 Event(seq, kind, record.updated_at, record.id, record.owner, record.type, record.status,
-                      with_seq(snapshot, seq), record.waits)
+                      with_seq(snapshot, seq), record.waits, record)
             )  # fmt: skip
         return sorted(events, key=lambda e: e.seq)
 

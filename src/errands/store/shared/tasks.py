@@ -356,6 +356,9 @@ class TaskOps(Dialect):
 
         return await self._write(op)
 
+    async def pending_counts(self) -> dict[str, int]:
+        return {r[0]: int(r[1]) for r in await self._fetch_heavy(self.sql.pending_by_type)}
+
     async def stats(self, *, since: float, sample: int) -> StatsRows:
         counts = await self._fetch_heavy(self.sql.stats_counts)
         waits = await self._fetch_heavy(self.sql.stats_waits, since, sample)

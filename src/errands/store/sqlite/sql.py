@@ -125,6 +125,7 @@ STATEMENTS = Statements(
         "DELETE FROM flow_rates WHERE tat < ?",  # long past: the same as no state
     ),
     stats_counts="SELECT status, type, count(*) FROM tasks GROUP BY status, type",
+    pending_by_type="SELECT type, count(*) FROM tasks WHERE status = 'pending' GROUP BY type",
     stats_waits=(
         "SELECT started_at - queued_at FROM tasks WHERE started_at >= ? ORDER BY started_at DESC LIMIT ?"
     ),

@@ -132,7 +132,7 @@ class SqliteTx(TxBase):
                 fresh.append(record)
         self.conn.executemany(_INSERT_TASK, [values(r) for r in fresh])
         self._events([Event(r.seq, EventType.CREATED, r.updated_at, r.id, r.owner, r.type, r.status,
-                            r.public_json(), r.waits) for r in fresh])  # fmt: skip
+                            r.public_json(), r.waits, r) for r in fresh])  # fmt: skip
         return done
 
     def write(self, change: Change, before: TaskRecord) -> TaskRecord:
@@ -153,7 +153,7 @@ class SqliteTx(TxBase):
     def _event(self, record: TaskRecord, kind: EventType, payload: bytes | None = None) -> None:
         task_json = record.public_json() if payload is None else with_seq(payload, record.seq)
         self._events([Event(record.seq, kind, record.updated_at, record.id, record.owner, record.type,
-                            record.status, task_json, record.waits)])  # fmt: skip
+                            record.status, task_json, record.waits, record)])  # fmt: skip
 
     def _events(self, events: list[Event]) -> None:
         """Append events to the log, and to what the commit will announce."""
