@@ -18,7 +18,7 @@ import typer
 from errands.app import Errands
 from errands.config import Settings, load_settings
 from errands.errors import ApiError, ConfigError, ErrandsError, StoreError
-from errands.logs import protect
+from errands.logs import configure
 
 T = TypeVar("T")
 
@@ -99,10 +99,7 @@ def configure_logging(settings: Settings) -> None:
     level = getattr(logging, settings.log_level.upper(), None)
     if not isinstance(level, int):
         raise ConfigError(f"ERRANDS_LOG_LEVEL '{settings.log_level}' is not a log level.")
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    protect()
+    configure(level, settings.log_format)
 
 
 def _settings(**overrides: Any) -> Settings:

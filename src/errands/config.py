@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     public_url: str | None = None
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"
+    #: One line per request (method, path without its query, status, duration) from errands.access.
+    access_log: bool = False
     #: ``host:port`` of an endpoint that serves ``/metrics`` to anyone who reaches it (a private
     #: port, in any process: ``serve`` or ``worker``); the API's ``/metrics`` takes the admin key.
     metrics_listen: str | None = Field(None, pattern=r"^(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):\d{1,5}$")

@@ -1,4 +1,12 @@
-"""Keeping credentials out of logs.
+"""errands' logs: one format for errands and uvicorn alike, the context of each line, and
+credentials kept out.
+
+``configure`` installs one handler on the root logger, in the format of ``ERRANDS_LOG_FORMAT``:
+``text`` (``time LEVEL logger: message [request=… task=… attempt=…]``) or ``json`` (one object per
+line: ``time``, ``level``, ``logger``, ``message`` and, where there is one, ``request_id``,
+``task_id``, ``attempt``, ``exc_info``). The context comes from context variables: the API sets
+the request id for each request (``X-Request-Id`` when the client sent a usable one), the worker
+sets the task id and attempt for everything an attempt logs (its handler's lines included).
 
 errands never logs a token itself, but the libraries it runs on may log request lines (uvicorn
 logs every WebSocket handshake with its query string, where browsers put ``?access_token=``).
@@ -7,10 +15,24 @@ A filter on every handler rewrites such records before they are written.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import re
+import sys
+from typing import Any
+
+from pythonjsonlogger.json import JsonFormatter
+
+from errands.clock import iso
 
 _SECRETS = re.compile(r"(access_token=)[^&\s\"']+|\b(ek[ao]_|eto_)[A-Za-z0-9_\-.]+|(Bearer\s+)[^\s\"']+")
+
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("errands_request_id", default=None)
+task_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("errands_task_id", default=None)
+attempt: contextvars.ContextVar[int | None] = contextvars.ContextVar("errands_attempt", default=None)
+_CONTEXT = (("request_id", request_id), ("task_id", task_id), ("attempt", attempt))
+#: What libraries put on their records that a JSON line does not need (uvicorn's colours).
+_DROPPED = frozenset({"color_message"})
 
 
 def redact(text: str) -> str:
@@ -29,7 +51,72 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+class ContextFields(logging.Filter):
+    """Puts the request id, task id and attempt of the context on each record (a value given
+    with ``extra=`` is kept)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        for name, var in _CONTEXT:
+            if getattr(record, name, None) is None:
+                setattr(record, name, var.get())
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        context = [
+            f"{label}={value}"
+            for label, value in (
+                ("request", getattr(record, "request_id", None)),
+                ("task", getattr(record, "task_id", None)),
+                ("attempt", getattr(record, "attempt", None)),
+            )
+            if value is not None
+        ]
+        return f"{line} [{' '.join(context)}]" if context else line
+
+
+class JsonLines(JsonFormatter):
+    """One JSON object per line; context fields only where there is a value."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "{asctime}{levelname}{name}{message}",
+            style="{",
+            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            json_ensure_ascii=False,
+        )
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return iso(record.created) or ""
+
+    def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in log_data.items() if (v is not None or k == "message") and k not in _DROPPED}
+
+
 _FILTER = RedactSecrets()
+_FIELDS = ContextFields()
+
+
+def configure(level: int, fmt: str) -> None:
+    """One handler on the root logger for every logger (uvicorn's too), in format ``fmt``."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLines() if fmt == "json" else TextFormatter())
+    handler.addFilter(_FIELDS)
+    handler.addFilter(_FILTER)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
 
 
 def protect(*logger_names: str) -> None:
@@ -38,3 +125,11 @@ def protect(*logger_names: str) -> None:
         for handler in logging.getLogger(name).handlers:
             if _FILTER not in handler.filters:
                 handler.addFilter(_FILTER)
+
+
+def in_task(task: str, number: int) -> contextvars.Context:
+    """A copy of the current context in which lines are logged for ``task``'s attempt ``number``."""
+    context = contextvars.copy_context()
+    context.run(task_id.set, task)
+    context.run(attempt.set, number)
+    return context

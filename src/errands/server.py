@@ -89,6 +89,7 @@ class ApiServer:
         config = uvicorn.Config(
             create_api(runtime),
             log_level=runtime.settings.log_level.lower(),
+            log_config=None,  # errands' own handler and format (errands.logs) for uvicorn too
             access_log=False,  # request URLs may carry ?access_token=
             lifespan="off",
             timeout_graceful_shutdown=5,
@@ -127,7 +128,10 @@ class ApiServer:
 @contextlib.asynccontextmanager
 async def serve_asgi(app: Any, sock: socket.socket, *, log_level: str = "warning") -> AsyncIterator[None]:
     """Serve another ASGI app (the dev provider) on ``sock`` for the duration of the block."""
-    server = _Uvicorn(uvicorn.Config(app, log_level=log_level.lower(), access_log=False, lifespan="on"))
+    config = uvicorn.Config(
+        app, log_level=log_level.lower(), log_config=None, access_log=False, lifespan="on"
+    )
+    server = _Uvicorn(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         while not server.started and not task.done():  # noqa: ASYNC110 - uvicorn only has a flag

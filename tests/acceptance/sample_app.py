@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import time
@@ -29,6 +30,19 @@ async def hold(ctx: TaskContext, input: dict[str, Any]) -> dict[str, Any]:
 @app.task("quick")
 async def quick(ctx: TaskContext, input: dict[str, Any]) -> dict[str, Any]:
     return {"pid": os.getpid()}
+
+
+@app.task("chatty")
+async def chatty(ctx: TaskContext, input: dict[str, Any]) -> None:
+    """Logs a line, as app code does, and has a sync helper log one from its thread."""
+    logging.getLogger("sample").info("working on %s", input.get("what"))
+    await asyncio.to_thread(logging.getLogger("sample").warning, "a thread says hello")
+
+
+@app.task("chatty_sync")
+def chatty_sync(ctx: TaskContext, input: dict[str, Any]) -> None:
+    """A sync handler (run in a thread of its own) that logs."""
+    logging.getLogger("sample").info("sync work on %s", input.get("what"))
 
 
 @app.on("task.completed", types=["quick"])

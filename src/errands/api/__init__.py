@@ -69,6 +69,7 @@ def create_api(runtime: Runtime) -> ASGIApp:
         max_bytes=runtime.settings.max_body_bytes,
         origins=OriginPolicy(origins, runtime.settings.public_url),
         needs_token=router.needs_token,
+        access_log=runtime.settings.access_log,
     )
     if origins:
         # Outermost, so preflight requests (which carry no token) are answered before the guard.
@@ -76,7 +77,8 @@ def create_api(runtime: Runtime) -> ASGIApp:
             app,
             allow_origins=origins,
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-Id"],
+            expose_headers=["X-Request-Id"],
             max_age=600,
         )
     return app

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import secrets
+import time
 from collections.abc import Callable, Sequence
 from urllib.parse import parse_qsl, urlsplit
 
@@ -13,6 +17,7 @@ from errands.api.routing import PRINCIPAL
 from errands.auth import Authenticator
 from errands.clock import Clock
 from errands.errors import Unauthorized
+from errands.logs import request_id
 
 
 def credential(scope: Scope) -> str | None:
@@ -74,8 +79,10 @@ class GuardMiddleware:
         max_bytes: int,
         origins: OriginPolicy,
         needs_token: Callable[[str], bool],
+        access_log: bool = False,
     ) -> None:
         self.app = app
+        self._access_log = access_log
         self._needs_token = needs_token
         self._authenticator = authenticator
         self._clock = clock
@@ -87,6 +94,14 @@ class GuardMiddleware:
         if kind not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        # Each request is served in a task of its own: the id names its log lines (errands.logs).
+        given = _header(scope, b"x-request-id")
+        rid = given if given is not None and _REQUEST_ID.fullmatch(given) else secrets.token_hex(8)
+        request_id.set(rid)
+        if kind == "http":
+            send = _with_request_id(send, rid.encode())
+        if self._access_log:
+            send = _logged(scope, send)
         path: str = scope["path"]
         if kind == "websocket" and not self._origins.allows(
             _header(scope, b"origin"), _header(scope, b"host")
@@ -139,6 +154,44 @@ class GuardMiddleware:
             return message
 
         return limited
+
+
+access = logging.getLogger("errands.access")
+
+#: A request id a client may give (``X-Request-Id``), else errands makes one.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def _with_request_id(send: Send, rid: bytes) -> Send:
+    """``send``, answering with the request's id in ``X-Request-Id``."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", rid)]}
+        await send(message)
+
+    return sending
+
+
+def _logged(scope: Scope, send: Send) -> Send:
+    """``send``, logging the request once answered: method, path (never the query, where
+    browsers put tokens), status and time taken (for a stream: until it ended)."""
+    started = time.perf_counter()
+    method = scope.get("method", "WEBSOCKET")
+    status = [0]
+
+    async def sending(message: Message) -> None:
+        kind = message["type"]
+        await send(message)
+        if kind in ("http.response.start", "websocket.http.response.start"):
+            status[0] = message["status"]
+        elif kind == "websocket.accept":
+            access.info("%s %s 101", method, scope["path"])
+        elif kind in ("http.response.body", "websocket.http.response.body") and not message.get("more_body"):
+            took_ms = (time.perf_counter() - started) * 1000
+            access.info("%s %s %d %.1f ms", method, scope["path"], status[0], took_ms)
+
+    return sending
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

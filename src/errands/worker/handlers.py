@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import random
 import threading
@@ -49,7 +50,9 @@ def in_thread(fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         with contextlib.suppress(RuntimeError):  # loop closed: nobody waits any more
             loop.call_soon_threadsafe(settle, result, error)
 
-    threading.Thread(target=target, name="errands-handler", daemon=True).start()
+    # In the attempt's context: what the handler logs names its task and attempt.
+    context = contextvars.copy_context()
+    threading.Thread(target=context.run, args=(target,), name="errands-handler", daemon=True).start()
     return future
 
 

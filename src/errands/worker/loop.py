@@ -26,6 +26,7 @@ from errands.config import Settings
 from errands.context import TaskContext
 from errands.errors import LeaseLost, NotFound, StoreError, StreamGap
 from errands.hub import Hub
+from errands.logs import in_task
 from errands.model import Event, EventType, Status, TaskRecord
 from errands.providers import Callbacks, ProviderBusy
 from errands.registry import Registry
@@ -367,7 +368,9 @@ class Worker:
         )
         held = Held(record, task_type, ctx, progress, streams)
         self._held[record.id] = held
-        run = asyncio.create_task(self._attempt(held), name=f"errands-task-{record.id}")
+        run = asyncio.create_task(
+            self._attempt(held), name=f"errands-task-{record.id}", context=in_task(record.id, record.attempt)
+        )
         self._runs.add(run)
         run.add_done_callback(self._runs.discard)
 
