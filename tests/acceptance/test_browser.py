@@ -313,3 +313,30 @@ def test_a_page_shows_streamed_text_growing_and_exact_after_its_connection_is_cu
     assert lengths[-1][0] - lengths[0][0] > 1000
     assert [n for _, n in lengths] == sorted(n for _, n in lengths)
     assert reconnected >= 3, "the page connected again after each cut"
+
+
+def test_the_api_document_works_offline_and_sends_a_bearer_token(browser: Any, cluster: Cluster) -> None:
+    """/docs draws the API from errands' own files (nothing fetched from outside 127.0.0.1), and
+    a reader who authorizes with the admin key can try a call."""
+    _, client = cluster.serve()
+    api = str(client.base_url).rstrip("/")
+    context = browser.new_context()
+    page = context.new_page()
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.goto(f"{api}/docs")
+    stats = "#operations-admin-stats"
+    page.wait_for_selector(stats, timeout=30_000)
+    page.click("button.authorize")
+    page.fill(".auth-container input", ADMIN_KEY)
+    page.click(".auth-btn-wrapper button.authorize")
+    page.click(".btn-done")
+    page.click(f"{stats} .opblock-summary")
+    page.click(f"{stats} button.try-out__btn")
+    page.click(f"{stats} button.execute")
+    answered = f"{stats} .live-responses-table tbody .response-col_status"
+    page.wait_for_selector(answered, timeout=30_000)
+    status = page.inner_text(answered)
+    context.close()
+    assert status.strip().startswith("200")
+    assert requested and all(url.startswith(api) for url in requested), requested

@@ -9,7 +9,9 @@ import httpx
 import pytest
 
 from errands import Errands, Fail, Status, Task, TaskContext
+from errands.auth import SYSTEM
 from errands.runtime import Runtime
+from errands.service import TokenRequest
 from tests.conftest import ADMIN_KEY
 from tests.integration.conftest import LiveFactory, RuntimeFactory, http, log_rows, wait_task
 
@@ -172,7 +174,7 @@ async def test_every_endpoint_needs_a_valid_token(runtime: Runtime) -> None:
                 ("GET", "/v1/tasks/x/events"),
                 ("GET", "/v1/stats"),
                 ("POST", "/v1/tokens"),
-                ("GET", "/readyz"),
+                ("GET", "/metrics"),
             ]:
                 r = await client.request(method, path, json={"type": "work"} if method == "POST" else None)
                 assert r.status_code == 401, (token, method, path)
@@ -312,12 +314,40 @@ async def test_stats_health_and_openapi(runtime_factory: RuntimeFactory) -> None
 
 
 async def test_readyz_reports_a_closed_store(runtime: Runtime) -> None:
-    async with http(runtime) as admin:
+    async with http(runtime) as admin, http(runtime, None) as probe:
         await runtime.store.close()
         r = await admin.get("/readyz")
-        assert r.status_code == 503 and r.json()["ready"] is False
+        assert r.status_code == 503 and r.json()["ready"] is False and r.json()["problems"]
+        r = await probe.get("/readyz")
+        assert r.status_code == 503 and r.json() == {"ready": False}
         assert (await admin.get("/v1/tasks/x")).status_code == 503
         await runtime.store.open()
+
+
+async def test_readyz_answers_a_probe_without_a_token_and_tells_it_nothing_more(runtime: Runtime) -> None:
+    owner = runtime.service.mint_token(TokenRequest(owner="alice"), SYSTEM)["token"]
+    for token in (None, "not-a-token", owner):
+        async with http(runtime, token) as client:
+            r = await client.get("/readyz")
+            assert r.status_code == 200 and r.json() == {"ready": True}, token
+    async with http(runtime) as admin:
+        details = (await admin.get("/readyz")).json()
+    assert details["ready"] is True and details["problems"] == [] and details["loops"]
+
+
+async def test_the_api_document_is_served_from_errands_own_files(runtime: Runtime) -> None:
+    async with http(runtime, None) as client:
+        page = await client.get("/docs")
+        assert page.status_code == 200 and "https://" not in page.text and "http://" not in page.text
+        for name, kind in (("swagger-ui-bundle.js", "text/javascript"), ("swagger-ui.css", "text/css")):
+            asset = await client.get(f"/docs/{name}")
+            assert asset.status_code == 200 and asset.headers["content-type"].startswith(kind)
+            assert len(asset.content) > 10_000
+        for wrong in ("swagger-editor.js", "index.css", "LICENSE"):
+            assert (await client.get(f"/docs/{wrong}")).status_code == 404
+        assert (await client.get("/docs/..%2F..%2Fconfig.py")).status_code in (401, 404)
+        spec = (await client.get("/openapi.json")).json()
+    assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
 
 
 async def test_a_batch_answers_each_item_in_one_transaction(runtime_factory: RuntimeFactory) -> None:
@@ -389,3 +419,13 @@ async def test_submit_many_in_the_python_api_and_the_sdk(live: LiveFactory) -> N
         assert isinstance(got[0], Task) and got[0].id == "s1" and got[0].status is Status.PENDING
         assert got[1].code == "unknown_type" and got[1].status_code == 422  # type: ignore[union-attr]
         assert isinstance(got[2], Task) and got[2].id == "p1"
+
+
+async def test_the_document_describes_the_websocket_and_the_streams(runtime: Runtime) -> None:
+    async with http(runtime, None) as client:
+        spec = (await client.get("/openapi.json")).json()
+    socket = spec["x-websockets"]["/v1/ws"]
+    assert '"op": "subscribe"' in socket["description"] and socket["security"] == [{"bearer": []}]
+    watch = next(t for t in spec["tags"] if t["name"] == "watch")
+    assert "/v1/ws" in watch["description"]
+    assert "text/event-stream" in spec["paths"]["/v1/watch"]["get"]["responses"]["200"]["content"]

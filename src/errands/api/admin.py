@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import HTMLResponse, Response
 
-from errands.api.routing import Call, Route
+from errands.api.middleware import credential
+from errands.api.routing import Call, PathParam, Route
 from errands.api.schemas import Health, Readiness, StatsOut, TokenOut
-from errands.errors import Forbidden
+from errands.errors import Forbidden, NotFound, Unauthorized
 from errands.service import TokenRequest
 
 
@@ -36,11 +40,26 @@ async def healthz(call: Call) -> Response:
 
 
 async def readyz(call: Call) -> Response:
-    """The store is reachable and every background loop is alive: ``200``, else ``503`` with the
-    problems. Any valid token may ask."""
-    assert call.principal  # the guard let only authenticated callers through
+    """The store is reachable and every background loop is alive: ``200``, else ``503``. No
+    token needed (a load balancer's probe), and then it says only that; with the admin key it
+    lists the problems and the loops too."""
     health = await call.runtime.health()
-    return _json(health, 200 if health["ready"] else 503)
+    status = 200 if health["ready"] else 503
+    if _is_admin(call):
+        return _json(health, status)
+    return _json({"ready": health["ready"]}, status)
+
+
+def _is_admin(call: Call) -> bool:
+    """Whether a public route's caller gave the admin key (the guard checks no token there)."""
+    authenticator = call.runtime.authenticator
+    if authenticator is None:
+        return False
+    try:
+        principal = authenticator.authenticate(credential(call.scope), now=call.runtime.clock.now())
+    except Unauthorized:
+        return False
+    return principal.admin
 
 
 async def stats(call: Call) -> Response:
@@ -62,19 +81,46 @@ async def mint_token(call: Call) -> Response:
     return _json(call.runtime.service.mint_token(body, call.principal), 201)
 
 
+# Swagger UI's files come with the swagger-ui-py package: /docs needs no internet. No validator
+# (it would send the document to swagger.io); the bearer scheme of the document lets a reader
+# authorize with a key or token.
 _DOCS = b"""<!doctype html>
 <html><head><meta charset="utf-8"><title>errands API</title>
-<link rel="stylesheet" href="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui.css"></head>
+<link rel="icon" href="/docs/favicon-32x32.png">
+<link rel="stylesheet" href="/docs/swagger-ui.css"></head>
 <body><div id="swagger-ui"></div>
-<script src="https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js"></script>
-<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+<script src="/docs/swagger-ui-bundle.js"></script>
+<script>window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui", validatorUrl: null,
+  deepLinking: true, persistAuthorization: false});</script>
 </body></html>"""
+_ASSETS = {
+    "swagger-ui.css": "text/css; charset=utf-8",
+    "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
+    "favicon-32x32.png": "image/png",
+}
+
+
+@functools.cache
+def _asset(name: str) -> bytes:
+    spec = importlib.util.find_spec("swagger_ui")  # located, not imported
+    if spec is None or spec.origin is None:
+        raise NotFound("The Swagger UI files are not installed (pip install swagger-ui-py).")
+    return (Path(spec.origin).parent / "static" / name).read_bytes()
 
 
 async def docs(call: Call) -> Response:
     """The API document, to read and try (Swagger UI)."""
     del call
     return HTMLResponse(_DOCS)
+
+
+async def docs_asset(call: Call) -> Response:
+    """A file of Swagger UI (no token needed)."""
+    name = call.path_params["asset"]
+    if name not in _ASSETS:
+        raise NotFound("No such file.")
+    headers = {"Cache-Control": "public, max-age=86400"}
+    return Response(_asset(name), media_type=_ASSETS[name], headers=headers)
 
 
 ROUTES = [
@@ -99,8 +145,9 @@ ROUTES = [
         "The store is reachable and every loop is alive",
         "health",
         response=Readiness,
-        answers={503: ("Not ready: the problems are listed.", Readiness)},
-        errors=(401,),
+        answers={503: ("Not ready (with the admin key: the problems are listed).", Readiness)},
+        errors=(),
+        auth="public",
     ),
     Route("GET", "/v1/stats", stats, "Queue statistics", "admin", response=StatsOut, errors=(401, 403)),
     Route(
@@ -132,6 +179,18 @@ ROUTES = [
         "docs",
         media_type="text/html",
         errors=(),
+        auth="public",
+        documented=False,
+    ),
+    Route(
+        "GET",
+        "/docs/{asset}",
+        docs_asset,
+        "A file of Swagger UI",
+        "docs",
+        path_params=(PathParam("asset", None, "The file's name."),),
+        media_type="text/plain",
+        errors=(404,),
         auth="public",
         documented=False,
     ),

@@ -137,10 +137,22 @@ def document(
         operation["security"] = [{"bearer": []}] if route.auth == "token" else []
         paths.setdefault(route.path, {})[route.method.lower()] = operation
     _name_task_types(schemas, task_types)
+    sockets = {r.path: _websocket(r) for r in routes if r.websocket}
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version, "summary": summary},
+        "tags": [{"name": "watch", "description": _WATCH_TAG + "".join(sockets.values())}],
         "paths": paths,
+        # OpenAPI has no WebSocket operations: each is described here and in the tag above.
+        "x-websockets": {
+            r.path: {
+                "summary": r.summary,
+                "description": " ".join(r.description.split()),
+                "security": [{"bearer": []}],
+            }
+            for r in routes
+            if r.websocket
+        },
         "components": {
             "schemas": schemas,
             "securitySchemes": {
@@ -153,6 +165,19 @@ def document(
             },
         },
     }
+
+
+_WATCH_TAG = (
+    "Live updates, pushed: Server-Sent Events on the GET routes below (resume with Last-Event-ID or "
+    "`after`, gap-free), and one WebSocket for any number of watches."
+)
+
+
+def _websocket(route: Route) -> str:
+    return (
+        f"\n\n**WebSocket `{route.path}`** ({route.summary}): open `ws(s)://<host>{route.path}` with "
+        "`Authorization: Bearer …` or `?access_token=…` (browsers). " + " ".join(route.description.split())
+    )
 
 
 def _success(route: Route) -> str:

@@ -72,8 +72,9 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     ready: bool
-    problems: list[str]
-    loops: dict[str, bool]
+    #: Only for the admin key.
+    problems: list[str] | None = None
+    loops: dict[str, bool] | None = None
 
 
 class DeliveryOut(BaseModel):

@@ -171,8 +171,13 @@ class _Socket:
 
 
 async def websocket_watch(call: Call) -> None:
-    """JSON messages: ``subscribe`` to a ``task_id`` or a ``filter`` (optionally ``after`` a seq);
-    every item comes back as ``{"sub", "id", "event", "data"}`` with ``data`` as on SSE."""
+    """JSON text frames. Send `{"op": "subscribe", "task_id": …}` or `{"op": "subscribe",
+    "filter": {"type"?, "status"?, "owner"?}}` (optionally with `"after": <seq>` to resume and
+    `"sub": <your name for it>`), `{"op": "unsubscribe", "sub": …}` or `{"op": "ping"}`. Each
+    item of a watch comes back as `{"sub", "id", "event", "data"}` with `data` as on SSE; the
+    socket answers `subscribed`, `unsubscribed`, `pong`, `end` (a watched task ended) and
+    `{"op": "error", "sub", "error"}` for a refused frame (the socket stays open). A handshake
+    without a valid token is refused with 401; one from a page of another origin with 403."""
     assert call.send is not None, "a WebSocket route is called with its send"
     websocket = WebSocket(call.scope, call.receive, call.send)
     principal = call.principal  # the guard refused the handshake of anyone else
