@@ -299,9 +299,9 @@ class Service:
             if record.status is Status.PENDING:
                 task_type = self.registry.task_types.get(record.type)
                 provider = task_type.provider.name if task_type and task_type.provider else None
-                held = provider is not None and holds.get(provider, 0.0) > now
+                held_until = holds.get(provider) if provider is not None else None
                 reason = waiting_for(
-                    record, bounds=bounds.get(record.type, ()), usage=usage, held=held, now=now
+                    record, bounds=bounds.get(record.type, ()), usage=usage, held_until=held_until, now=now
                 )
             explained.append(record if reason is None else record.evolve(waiting_for=reason))
         return explained

@@ -12,7 +12,7 @@ import pytest
 from errands import Errands, Limit, TaskContext
 from errands.auth import SYSTEM
 from errands.hub import WatchFilter
-from errands.model import EventType, Status
+from errands.model import Bound, EventType, Status
 from errands.service import SubmitRequest
 from errands.store.postgres import session_settings
 from tests.integration.conftest import RuntimeFactory, wait_task
@@ -205,7 +205,7 @@ async def test_concurrency_per_owner_holds_across_nodes(runtime_factory: Runtime
     node_b = await runtime_factory(app, workers=False)
     for i in range(30):
         await node_a.service.submit(SubmitRequest(type="work", id=f"o{i}", owner="alice"), SYSTEM)
-    spec = [ClaimSpec("work", concurrency_per_owner=2)]
+    spec = [ClaimSpec("work", bounds=(Bound("type:work", ("work",), Limit(concurrency=2, per="owner")),))]
     results = await asyncio.gather(
         *(
             store.claim(worker_id="w", specs=spec, limit=5, lease_s=30)

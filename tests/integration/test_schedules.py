@@ -254,3 +254,28 @@ def _admin() -> Any:
     from errands.auth import SYSTEM
 
     return SYSTEM
+
+
+async def test_a_schedule_replaced_after_it_was_read_does_not_fire_as_it_was(
+    runtime_factory: RuntimeFactory,
+) -> None:
+    """Firing compares the schedule as it was read (next slot and last change): one replaced
+    meanwhile, even with the same next slot, is fired by the next pass, as it is now."""
+    clock = ManualClock(datetime(2026, 12, 2, 0, 0, tzinfo=UTC).timestamp())
+    app = Errands()
+    app.task("tick")(_noop)
+    runtime = await runtime_factory(app, workers=False, clock=clock)
+    first = clock.now() + 60
+    original = ScheduleSpec("s", "tick", "* * * * *")
+    await runtime.store.put_schedule(original, source="api", next_at=first, replace=True)
+    stale = await runtime.store.get_schedule("s")
+    assert stale is not None
+    clock.advance(1)
+    changed = ScheduleSpec("s", "tick", "* * * * *", input={"v": 2})
+    await runtime.store.put_schedule(changed, source="api", next_at=first, replace=True)
+    moved, record = await runtime.store.fire_schedule(stale, slot=first, next_at=first + 60, task=None)
+    assert (moved, record) == (False, None)
+    clock.advance(60)
+    assert await runtime.scheduler.tick() == 1
+    task = await runtime.store.get(slot_task_id("s", first))
+    assert isinstance(task, TaskRecord) and task.input == {"v": 2}

@@ -13,7 +13,7 @@ from errands import model
 from errands.clock import ManualClock
 from errands.errors import IdConflict, InvalidTransition, LeaseLost, NotFound, TooManyRequests
 from errands.hub import Hub
-from errands.model import Event, EventType, Status, TaskError
+from errands.model import Bound, Event, EventType, Limit, Status, TaskError
 from errands.store.base import Hint, Store
 from errands.store.records import ClaimSpec, TaskQuery, Tombstone
 from tests.integration.conftest import new_task
@@ -224,7 +224,7 @@ async def test_claim_respects_concurrency_per_owner(store: Store, clock: ManualC
         await store.create(new_task(f"a{i}", owner="alice"))
         clock.advance(1)
     await store.create(new_task("b0", owner="bob"))
-    spec = [ClaimSpec("work", concurrency_per_owner=2)]
+    spec = [ClaimSpec("work", bounds=(Bound("type:work", ("work",), Limit(concurrency=2, per="owner")),))]
     first = await store.claim(worker_id="w", specs=spec, limit=10, lease_s=30)
     assert sorted(t.id for t in first) == ["a0", "a1", "b0"]
     assert await store.claim(worker_id="w", specs=spec, limit=10, lease_s=30) == []

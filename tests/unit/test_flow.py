@@ -38,6 +38,9 @@ def bound(limit: Limit) -> Bound:
         ("100/hour", 100, 3600.0),
         ("5/10s", 5, 10.0),
         ("1000/day", 1000, 86400.0),
+        ("3/minutes", 3, 60.0),
+        ("2 / 30 SECONDS", 2, 30.0),
+        ("7/hrs", 7, 3600.0),
     ],
 )
 def test_rates_parse(text: str, count: int, period: float) -> None:
@@ -45,7 +48,9 @@ def test_rates_parse(text: str, count: int, period: float) -> None:
     assert (rate.count, rate.period_s) == (count, period)
 
 
-@pytest.mark.parametrize("text", ["", "10", "10/", "/s", "0/s", "10/fortnight", "-1/s", "1/0s", "ten/s"])
+@pytest.mark.parametrize(
+    "text", ["", "10", "10/", "/s", "0/s", "10/fortnight", "-1/s", "1/0s", "ten/s", "10/ms", "10/mss", "5/ds"]
+)
 def test_bad_rates_are_refused(text: str) -> None:
     with pytest.raises(BadLimit):
         parse_rate(text)
@@ -184,17 +189,19 @@ def test_keys_count_within_their_owner_and_apart_from_owner_scopes() -> None:
 def test_waiting_for_names_the_first_reason() -> None:
     limits = (bound(Limit(concurrency=1)),)
     full = {"type:work all ": Usage(running=1)}
-    assert (
-        waiting_for(task("t", run_after=NOW + 5), bounds=limits, usage=full, held=True, now=NOW) == "schedule"
-    )
-    assert waiting_for(task("t"), bounds=limits, usage=full, held=True, now=NOW) == "provider"
-    assert waiting_for(task("t"), bounds=limits, usage=full, held=False, now=NOW) == "concurrency"
-    assert waiting_for(task("t"), bounds=limits, usage={}, held=False, now=NOW) is None
+
+    def why(record: TaskRecord, usage: dict[str, Usage] = full, held_until: float | None = None) -> object:
+        return waiting_for(record, bounds=limits, usage=usage, held_until=held_until, now=NOW)
+
+    assert why(task("t", run_after=NOW + 5)) == "schedule"
+    # A task its provider gave back waits for the provider's hold: that is the reason it shows.
+    assert why(task("t", run_after=NOW + 5), held_until=NOW + 5) == "provider"
+    assert why(task("t", run_after=NOW + 3600), held_until=NOW + 5) == "schedule"  # due long after
+    assert why(task("t"), held_until=NOW + 5) == "provider"
+    assert why(task("t"), held_until=NOW - 1) == "concurrency"  # a hold that passed
+    assert why(task("t")) == "concurrency"
+    assert why(task("t"), usage={}) is None
     rated = (bound(Limit(rate="1/min")),)
-    assert waiting_for(
-        task("t"), bounds=rated, usage={"type:work all ": Usage(tat=NOW + 30)}, held=False, now=NOW
-    ) == ("rate")
-    assert (
-        waiting_for(task("t", status=Status.PROCESSING), bounds=limits, usage=full, held=False, now=NOW)
-        is None
-    )
+    later = {"type:work all ": Usage(tat=NOW + 30)}
+    assert waiting_for(task("t"), bounds=rated, usage=later, held_until=None, now=NOW) == "rate"
+    assert why(task("t", status=Status.PROCESSING)) is None

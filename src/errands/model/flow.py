@@ -36,9 +36,15 @@ PER_VALUES: tuple[Per, ...] = ("all", "owner", "key")
 #: What keeps a pending task waiting, as ``waiting_for`` names it.
 Reason = Literal["schedule", "provider", "concurrency", "rate"]
 
-_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0}
-_UNITS |= {"h": 3600.0, "hour": 3600.0, "d": 86_400.0, "day": 86_400.0}
-_RATE = re.compile(r"\s*(\d{1,9})\s*/\s*(\d{1,6})?\s*([a-z]+?)s?\s*", re.IGNORECASE)
+#: Every unit a rate may be given in, spelled out (no guessing at what else might be meant:
+#: "ms" is not minutes).
+_UNITS = {
+    **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1.0),
+    **dict.fromkeys(("m", "min", "mins", "minute", "minutes"), 60.0),
+    **dict.fromkeys(("h", "hr", "hrs", "hour", "hours"), 3600.0),
+    **dict.fromkeys(("d", "day", "days"), 86_400.0),
+}
+_RATE = re.compile(r"\s*(\d{1,9})\s*/\s*(\d{1,6})?\s*([a-z]+)\s*", re.IGNORECASE)
 #: How soon a claim looks again at a scope another claim was counting.
 BUSY_RETRY_S = 0.005
 _EPSILON = 1e-6  # epoch seconds near 2e9 hold steps of 2.4e-7 s
@@ -314,18 +320,18 @@ def waiting_for(
     *,
     bounds: Sequence[Bound],
     usage: Mapping[str, Usage | None],
-    held: bool,
+    held_until: float | None,
     now: float,
 ) -> Reason | None:
-    """Why a pending task does not run yet, as far as errands knows: it is not due, its provider
-    asked to wait (``held``), or a limit of its type holds it back; ``None`` when it waits for a
-    worker (or is not pending)."""
+    """Why a pending task does not run yet, as far as errands knows: its provider asked to wait
+    (``held_until``, which also makes a task it gave back wait that long), it is not due, or a
+    limit of its type holds it back; ``None`` when it waits for a worker (or is not pending)."""
     if record.status is not Status.PENDING:
         return None
+    if held_until is not None and held_until > now and record.run_after <= held_until:
+        return "provider"
     if record.run_after > now:
         return "schedule"
-    if held:
-        return "provider"
     found = blocking(bounds, record, usage, now)
     if found is None or found[1] == "busy":
         return None

@@ -11,7 +11,7 @@ import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from errands.model import Bound, Event, Limit, Status, TaskRecord
+from errands.model import Bound, Event, Status, TaskRecord
 
 # -- tasks ---------------------------------------------------------------------------------------
 
@@ -39,19 +39,11 @@ class TaskQuery:
 
 @dataclass(frozen=True, slots=True)
 class ClaimSpec:
-    """A task type a worker runs and the limits that apply to it (:mod:`errands.model.flow`);
-    ``concurrency_per_owner`` is short for a concurrency limit of the type per owner."""
+    """A task type a worker runs and the limits that apply to it (:mod:`errands.model.flow`;
+    the registry turns ``concurrency_per_owner`` into one)."""
 
     type: str
-    concurrency_per_owner: int | None = None
     bounds: tuple[Bound, ...] = ()
-
-    @property
-    def all_bounds(self) -> tuple[Bound, ...]:
-        if self.concurrency_per_owner is None:
-            return self.bounds
-        per_owner = Limit(concurrency=self.concurrency_per_owner, per="owner")
-        return (*self.bounds, Bound(f"type:{self.type}", (self.type,), per_owner))
 
 
 class Claimed(list[TaskRecord]):

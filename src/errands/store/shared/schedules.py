@@ -34,7 +34,8 @@ _SQL = {
     "advance": (
         "UPDATE {t} SET next_at = {2}, last_slot = coalesce({3}, last_slot), "
         "last_task_id = coalesce({4}, last_task_id), updated_at = {5} "
-        "WHERE name = {1} AND next_at = {6} AND paused = 0"
+        # As it was read: the same next slot, and not replaced, paused or resumed since.
+        "WHERE name = {1} AND next_at = {6} AND updated_at = {7} AND paused = 0"
     ),
 }
 
@@ -60,7 +61,7 @@ class ScheduleOps(Dialect):
     @functools.cached_property
     def _schedule_sql(self) -> dict[str, str]:
         def fill(sql: str) -> str:
-            for n in range(1, 7):
+            for n in range(1, 10):
                 sql = sql.replace(f"{{{n}}}", self.sql.param(n))
             return sql.replace("{t}", self.schedules_table)
 
@@ -128,7 +129,14 @@ class ScheduleOps(Dialect):
         async def op(tx: Tx) -> tuple[bool, TaskRecord | None]:
             task_id = None if task is None else task.id
             moved = await tx.execute(
-                sql["advance"], schedule.spec.name, next_at, slot, task_id, now, schedule.next_at
+                sql["advance"],
+                schedule.spec.name,
+                next_at,
+                slot,
+                task_id,
+                now,
+                schedule.next_at,
+                schedule.updated_at,
             )
             if not moved:
                 return False, None

@@ -223,7 +223,7 @@ class TaskOps(Dialect):
     ) -> Claimed:
         if limit <= 0 or not specs:
             return Claimed()
-        bounds = {s.type: s.all_bounds for s in specs}
+        bounds = {s.type: s.bounds for s in specs}
         types = list(bounds)
         # A limit per owner or key may skip tasks at the head of the queue (a whole pool's
         # skips all of them or none): read more than it takes.
