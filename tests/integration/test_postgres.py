@@ -230,7 +230,7 @@ async def test_write_transactions_reach_tasks_through_indexes(runtime_factory: R
         *(runtime.service.submit(SubmitRequest(type="work", id=f"q{i}"), SYSTEM) for i in range(2000))
     )
     # All but a few move on: their entries stay in the pending indexes until VACUUM.
-    claimed = await store.claim(worker_id="w", specs=[ClaimSpec("work", None)], limit=1995, lease_s=60)
+    claimed = await store.claim(worker_id="w", specs=[ClaimSpec("work")], limit=1995, lease_s=60)
     assert len(claimed) == 1995
 
     async def explain(tx: Any) -> str:
