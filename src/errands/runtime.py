@@ -27,6 +27,7 @@ from errands.intake import Intake
 from errands.metrics import Metrics, StoreReading, count_logged_errors
 from errands.notify.endpoints import NotifyAdmin
 from errands.notify.notifier import Notifier
+from errands.overview import Overview
 from errands.providers import Callbacks
 from errands.registry import Registry
 from errands.scheduler import Scheduler
@@ -62,6 +63,7 @@ class Parts:
     service: Service
     notify_admin: NotifyAdmin
     scheduler: Scheduler
+    overview: Overview
 
 
 class Runtime:
@@ -133,6 +135,10 @@ class Runtime:
     @property
     def scheduler(self) -> Scheduler:
         return self.parts.scheduler
+
+    @property
+    def overview(self) -> Overview:
+        return self.parts.overview
 
     @property
     def authenticator(self) -> Authenticator | None:
@@ -231,6 +237,7 @@ class Runtime:
             service=service,
             notify_admin=NotifyAdmin(self.store, self.settings, self.clock, self.guard),
             scheduler=Scheduler(self.store, service, self.app, self.settings, clock=self.clock),
+            overview=Overview(self.store, service, intake, self.settings, self.clock),
         )
 
     async def _credentials(self, *, generate_admin_key: bool) -> Credentials:

@@ -57,7 +57,7 @@ MAX_DELAY_S = 366 * 86_400
 #: The most tasks one batch may submit.
 MAX_BATCH = 1000
 #: Ids no task may have: they name routes (``/v1/tasks/batch``).
-RESERVED_IDS = frozenset({"batch"})
+RESERVED_IDS = frozenset({"batch", "bulk", "count"})
 
 
 class SubmitRequest(BaseModel):
@@ -145,6 +145,18 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     ordered = sorted(values)
     rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.4999)))
     return ordered[rank - 1]
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which tasks a list, a count or a bulk action is about (every field narrows it)."""
+
+    status: Status | None = None
+    type: str | None = None
+    owner: str | None = None
+    id_prefix: str | None = None
+    created_after: float | None = None
+    created_before: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,27 +318,30 @@ class Service:
             explained.append(record if reason is None else record.evolve(waiting_for=reason))
         return explained
 
-    async def list_tasks(
-        self,
-        principal: Principal,
-        *,
-        status: Status | None = None,
-        type: str | None = None,
-        owner: str | None = None,
-        limit: int = 50,
-        cursor: str | None = None,
-    ) -> Page:
+    def query(
+        self, principal: Principal, selection: Selection, *, limit: int = 50, cursor: str | None = None
+    ) -> TaskQuery:
+        """The store's query for ``selection`` as ``principal`` may see it (owner tokens: their
+        own tasks only)."""
         principal.require(READ)
-        if owner is not None and not principal.admin and owner != principal.owner:
+        if selection.owner is not None and not principal.admin and selection.owner != principal.owner:
             raise Forbidden("Only an admin may list another owner's tasks.")
-        query = TaskQuery(
-            owner=owner if principal.admin else principal.owner,
+        return TaskQuery(
+            owner=selection.owner if principal.admin else principal.owner,
             task_id=principal.task_id,
-            status=status,
-            type=type,
+            status=selection.status,
+            type=selection.type,
             limit=max(1, min(limit, MAX_LIST_LIMIT)),
             before=decode_cursor(cursor) if cursor else None,
+            id_prefix=selection.id_prefix,
+            created_after=selection.created_after,
+            created_before=selection.created_before,
         )
+
+    async def list_tasks(
+        self, principal: Principal, selection: Selection, *, limit: int = 50, cursor: str | None = None
+    ) -> Page:
+        query = self.query(principal, selection, limit=limit, cursor=cursor)
         tasks = await self.store.list_tasks(query)
         next_cursor = encode_cursor(tasks[-1]) if len(tasks) == query.limit else None
         return Page(await self.explain(tasks), next_cursor)

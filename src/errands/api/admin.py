@@ -6,15 +6,16 @@ import functools
 import importlib.util
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import HTMLResponse, Response
 
 from errands.api.middleware import credential
 from errands.api.routing import Call, PathParam, Route
-from errands.api.schemas import Health, Readiness, StatsOut, TokenOut
+from errands.api.schemas import Health, Readiness, SeriesOut, StatsOut, TokenOut
 from errands.errors import Forbidden, NotFound, Unauthorized
 from errands.service import TokenRequest
 
@@ -65,6 +66,21 @@ def _is_admin(call: Call) -> bool:
 async def stats(call: Call) -> Response:
     """Counts by status and type, and queue wait and run time p50/p95 over a recent window (admin)."""
     return _json(await call.runtime.service.stats(call.principal))
+
+
+class SeriesQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    window: Annotated[
+        Literal["hour", "day"], Field(description="The last hour (in steps of a minute) or day (15 minutes).")
+    ] = "hour"
+
+
+async def series(call: Call) -> Response:
+    """Tasks submitted, completed and failed (or timed out) per step over the window, and queue
+    wait and run time p50/p95 by type (admin)."""
+    window_s = 3600 if call.query(SeriesQuery).window == "hour" else 86_400
+    return _json(await call.runtime.overview.series(call.principal, window_s))
 
 
 async def metrics(call: Call) -> Response:
@@ -150,6 +166,16 @@ ROUTES = [
         auth="public",
     ),
     Route("GET", "/v1/stats", stats, "Queue statistics", "admin", response=StatsOut, errors=(401, 403)),
+    Route(
+        "GET",
+        "/v1/stats/series",
+        series,
+        "Tasks per minute and timings by type (admin)",
+        "admin",
+        query=SeriesQuery,
+        response=SeriesOut,
+        errors=(401, 403, 422),
+    ),
     Route(
         "GET",
         "/metrics",

@@ -70,6 +70,30 @@ class Health(BaseModel):
     status: str
 
 
+class CountOut(BaseModel):
+    count: int
+
+
+class BulkOut(BaseModel):
+    done: int
+    skipped: int
+    next_cursor: str | None
+
+
+class SeriesBucket(BaseModel):
+    at: str
+    submitted: int
+    completed: int
+    failed: int
+
+
+class SeriesOut(BaseModel):
+    window_s: int
+    step_s: int
+    buckets: list[SeriesBucket]
+    by_type: dict[str, dict[str, Summary]]
+
+
 class Readiness(BaseModel):
     ready: bool
     #: Only for the admin key.

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from errands.api.routing import Call, PathParam, Route
-from errands.api.schemas import EventPage, TaskPage
-from errands.inputs import TASK_ID_PATTERN, TYPE_PATTERN, Owner, Seq
+from errands.api.schemas import BulkOut, CountOut, EventPage, TaskPage
+from errands.inputs import TASK_ID_PATTERN, TYPE_PATTERN, Owner, Seq, integral
 from errands.model import Status, Task
 from errands.model.streams import StreamChoice
-from errands.service import MAX_BATCH, SubmitRequest
+from errands.overview import MAX_BULK
+from errands.service import MAX_BATCH, Selection, SubmitRequest
 
 TASK_ID = PathParam("task_id", TASK_ID_PATTERN, "The task id.")
 
@@ -22,12 +23,34 @@ def json(body: bytes, status: int = 200) -> Response:
     return Response(body, status_code=status, media_type="application/json")
 
 
-class ListQuery(BaseModel):
+class SelectionQuery(BaseModel):
+    """Which tasks (a list's, a count's, a bulk action's): every parameter narrows it."""
+
     model_config = ConfigDict(extra="ignore")
 
     status: Status | None = None
     type: Annotated[str, Field(pattern=TYPE_PATTERN)] | None = None
     owner: Annotated[Owner | None, Field(description="Admins only: this owner's tasks.")] = None
+    id_prefix: Annotated[
+        str | None, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Tasks whose id starts with this.")
+    ] = None
+    created_after: Annotated[
+        AwareDatetime | None, Field(description="Created at or after (RFC 3339, with an offset).")
+    ] = None
+    created_before: Annotated[AwareDatetime | None, Field(description="Created before (RFC 3339).")] = None
+
+    def selection(self) -> Selection:
+        return Selection(
+            status=self.status,
+            type=self.type,
+            owner=self.owner,
+            id_prefix=self.id_prefix,
+            created_after=None if self.created_after is None else self.created_after.timestamp(),
+            created_before=None if self.created_before is None else self.created_before.timestamp(),
+        )
+
+
+class ListQuery(SelectionQuery):
     limit: Annotated[int, Field(ge=1, le=200)] = 50
     cursor: Annotated[str | None, Field(max_length=512, description="next_cursor of the page before.")] = None
 
@@ -94,11 +117,40 @@ async def submit_batch(call: Call) -> Response:
 async def list_tasks(call: Call) -> Response:
     """Newest first, a page at a time (``next_cursor``); an owner token sees its own tasks only."""
     q = call.query(ListQuery)
-    page = await call.runtime.service.list_tasks(
-        call.principal, status=q.status, type=q.type, owner=q.owner, limit=q.limit, cursor=q.cursor
-    )
+    service = call.runtime.service
+    page = await service.list_tasks(call.principal, q.selection(), limit=q.limit, cursor=q.cursor)
     tasks = b",".join(r.public_json() for r in page.tasks)
     return json(b'{"tasks":[%s],"next_cursor":%s}' % (tasks, orjson.dumps(page.next_cursor)))
+
+
+async def count_tasks(call: Call) -> Response:
+    """How many tasks match the selection (an owner token counts its own)."""
+    q = call.query(SelectionQuery)
+    count = await call.runtime.overview.count(call.principal, q.selection())
+    return json(orjson.dumps({"count": count}))
+
+
+class BulkRequest(BaseModel):
+    """The body of ``POST /v1/tasks/bulk``: an action, the selection, and where to go on."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    action: Literal["cancel", "retry"]
+    selection: SelectionQuery = Field(default_factory=SelectionQuery)
+    limit: Annotated[int, Field(ge=1, le=MAX_BULK), integral] = MAX_BULK
+    cursor: Annotated[str, Field(max_length=512, description="next_cursor of the call before.")] | None = None
+
+
+async def bulk(call: Call) -> Response:
+    """Cancel (pending, running) or retry (failed, timed out) the next ``limit`` tasks of the
+    selection, newest first; call again with ``next_cursor`` until it is ``null``. Answers
+    ``{"done", "skipped", "next_cursor"}`` (skipped: tasks that changed meanwhile, or used up
+    their manual retries)."""
+    body = await call.json(BulkRequest)
+    result = await call.runtime.overview.bulk(
+        call.principal, body.action, body.selection.selection(), limit=body.limit, cursor=body.cursor
+    )
+    return json(orjson.dumps(result.public()))
 
 
 async def get_task(call: Call) -> Response:
@@ -152,6 +204,26 @@ ROUTES = [
         body=BatchRequest,
         response=BatchAnswer,
         errors=(400, 401, 403, 413, 422, 429),
+    ),
+    Route(
+        "GET",
+        "/v1/tasks/count",
+        count_tasks,
+        "Count the tasks of a selection",
+        "tasks",
+        query=SelectionQuery,
+        response=CountOut,
+        errors=(400, 401, 403, 422),
+    ),
+    Route(
+        "POST",
+        "/v1/tasks/bulk",
+        bulk,
+        "Cancel or retry every task of a selection, a page at a time",
+        "tasks",
+        body=BulkRequest,
+        response=BulkOut,
+        errors=(400, 401, 403, 413, 422),
     ),
     Route(
         "GET",

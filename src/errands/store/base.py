@@ -46,6 +46,7 @@ from errands.store.records import (
     Outcome,
     Receipt,
     ReportOutcome,
+    SeriesRows,
     StatsRows,
     TaskQuery,
     Tombstone,
@@ -191,6 +192,13 @@ class Sweeping(Protocol):
         """Delete finished tasks and their events, leaving tombstones; drop old tombstones."""
 
     async def stats(self, *, since: float, sample: int) -> StatsRows: ...
+
+    async def count_tasks(self, query: TaskQuery) -> int:
+        """How many tasks match ``query`` (its ``limit`` aside)."""
+
+    async def series(self, *, since: float, step_s: float, sample: int) -> SeriesRows:
+        """Tasks created and ended per ``step_s`` since ``since``, and the latest ``sample``
+        queue waits and run times with their types."""
 
     async def pending_counts(self) -> dict[str, int]:
         """Pending tasks by type (read from the pending tasks only: cheap enough to scrape)."""

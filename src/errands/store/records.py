@@ -35,6 +35,11 @@ class TaskQuery:
     task_id: str | None = None
     limit: int = 50
     before: tuple[float, str] | None = None
+    #: Ids that start with this.
+    id_prefix: str | None = None
+    #: Created in ``[created_after, created_before)``.
+    created_after: float | None = None
+    created_before: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +75,16 @@ class Outcome:
 
     record: TaskRecord | None
     error: Exception | None
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesRows:
+    """Tasks per step of time (a bucket times ``step_s`` is its start), and recent timings by type."""
+
+    created: Sequence[tuple[int, int]]  # (bucket, count)
+    finished: Sequence[tuple[int, str, int]]  # (bucket, status, count)
+    waits: Sequence[tuple[str, float]]  # (type, queue wait)
+    runs: Sequence[tuple[str, float]]  # (type, run time)
 
 
 @dataclass(frozen=True, slots=True)

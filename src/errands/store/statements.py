@@ -41,6 +41,11 @@ class Statements:
     select_task: str  # id → task row
     select_tombstone: str  # id → (id, owner, purged_at)
     list_tasks: str  # a template with {where} and {limit}; newest first
+    count_tasks: str  # a template with {where} → (count,)
+    series_created: str  # since, step → (bucket, count): tasks created per step since
+    series_finished: str  # since, step → (bucket, status, count): tasks ended per step since
+    type_waits: str  # since, sample → (type, queue wait) of the latest starts
+    type_runs: str  # since, sample → (type, run time) of the latest ends (not cancelled)
     count_pending: str  # owner, cap → (count up to cap,)
     debounced: str  # owner, type, debounce_key, ids → ids of the key's other pending tasks
     claim: str  # types, now, window → task rows, queue order (locked where the dialect locks)

@@ -155,6 +155,22 @@ STATEMENTS = Statements(
     select_task=f"SELECT {SELECT_LIST} FROM errands_tasks WHERE id = $1",
     select_tombstone="SELECT id, owner, purged_at FROM errands_tombstones WHERE id = $1",
     list_tasks=f"SELECT {SELECT_LIST} FROM errands_tasks {{where}} ORDER BY created_at DESC, id DESC LIMIT {{limit}}",
+    count_tasks="SELECT count(*) FROM errands_tasks {where}",
+    series_created=(
+        "SELECT floor(created_at / $2)::bigint, count(*) FROM errands_tasks WHERE created_at >= $1 GROUP BY 1"
+    ),
+    series_finished=(
+        "SELECT floor(finished_at / $2)::bigint, status, count(*) FROM errands_tasks WHERE finished_at >= $1 "
+        "GROUP BY 1, 2"
+    ),
+    type_waits=(
+        "SELECT type, started_at - queued_at FROM errands_tasks WHERE started_at >= $1 "
+        "ORDER BY started_at DESC LIMIT $2"
+    ),
+    type_runs=(
+        "SELECT type, finished_at - started_at FROM errands_tasks WHERE finished_at IS NOT NULL AND finished_at >= $1 "
+        "AND started_at IS NOT NULL AND status != 'cancelled' ORDER BY finished_at DESC LIMIT $2"
+    ),
     count_pending=(
         "SELECT count(*) FROM (SELECT 1 FROM errands_tasks WHERE owner = $1 AND status = 'pending' LIMIT $2) p"
     ),

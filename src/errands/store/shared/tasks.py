@@ -22,7 +22,16 @@ from errands.model import (
 from errands.model.flow import exclusions, tally
 from errands.store.base import Decision
 from errands.store.columns import to_record
-from errands.store.records import Claimed, ClaimSpec, DueTasks, Outcome, StatsRows, TaskQuery, Tombstone
+from errands.store.records import (
+    Claimed,
+    ClaimSpec,
+    DueTasks,
+    Outcome,
+    SeriesRows,
+    StatsRows,
+    TaskQuery,
+    Tombstone,
+)
 from errands.store.shared import Dialect, Tx, as_errands_error
 from errands.store.statements import Statements
 
@@ -176,21 +185,46 @@ class TaskOps(Dialect):
         rows = await self._fetch(self.sql.select_tombstone, task_id)
         return Tombstone(*rows[0]) if rows else None
 
-    async def list_tasks(self, query: TaskQuery) -> list[TaskRecord]:
+    def _query_where(self, query: TaskQuery) -> tuple[str, list[Any]]:
         def given(value: Any) -> tuple[Any, ...] | None:
             return None if value is None else (value,)
 
-        where, args = self._where(
+        prefix = query.id_prefix
+        return self._where(
             [
                 ("owner = {}", given(query.owner)),
                 ("id = {}", given(query.task_id)),
                 ("status = {}", given(None if query.status is None else query.status.value)),
                 ("type = {}", given(query.type)),
+                # Ids are letters, digits, '_' and '-', all below '~': a range of the primary key.
+                ("id >= {} AND id < {}", None if prefix is None else (prefix, prefix + "~")),
+                ("created_at >= {}", given(query.created_after)),
+                ("created_at < {}", given(query.created_before)),
                 ("(created_at, id) < ({}, {})", query.before),
             ]
         )
+
+    async def list_tasks(self, query: TaskQuery) -> list[TaskRecord]:
+        where, args = self._query_where(query)
         sql = self.sql.list_tasks.format(where=where, limit=self.sql.param(len(args) + 1))
         return [to_record(r) for r in await self._fetch(sql, *args, query.limit)]
+
+    async def count_tasks(self, query: TaskQuery) -> int:
+        where, args = self._query_where(query)
+        rows = await self._fetch_heavy(self.sql.count_tasks.format(where=where), *args)
+        return int(rows[0][0]) if rows else 0
+
+    async def series(self, *, since: float, step_s: float, sample: int) -> SeriesRows:
+        created = await self._fetch_heavy(self.sql.series_created, since, step_s)
+        finished = await self._fetch_heavy(self.sql.series_finished, since, step_s)
+        waits = await self._fetch_heavy(self.sql.type_waits, since, sample)
+        runs = await self._fetch_heavy(self.sql.type_runs, since, sample)
+        return SeriesRows(
+            created=[(int(r[0]), int(r[1])) for r in created],
+            finished=[(int(r[0]), r[1], int(r[2])) for r in finished],
+            waits=[(r[0], max(0.0, r[1])) for r in waits],
+            runs=[(r[0], max(0.0, r[1])) for r in runs],
+        )
 
     async def apply(self, task_id: str, decide: Decision) -> TaskRecord:
         async def op(tx: Tx) -> TaskRecord:

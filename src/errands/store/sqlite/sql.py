@@ -63,6 +63,22 @@ STATEMENTS = Statements(
     select_task=f"SELECT {SELECT_LIST} FROM tasks WHERE id = ?",
     select_tombstone="SELECT id, owner, purged_at FROM tombstones WHERE id = ?",
     list_tasks=f"SELECT {SELECT_LIST} FROM tasks {{where}} ORDER BY created_at DESC, id DESC LIMIT {{limit}}",
+    count_tasks="SELECT count(*) FROM tasks {where}",
+    series_created=(
+        "SELECT CAST(created_at / ?2 AS INTEGER), count(*) FROM tasks WHERE created_at >= ?1 GROUP BY 1"
+    ),
+    series_finished=(
+        "SELECT CAST(finished_at / ?2 AS INTEGER), status, count(*) FROM tasks WHERE finished_at >= ?1 "
+        "GROUP BY 1, 2"
+    ),
+    type_waits=(
+        "SELECT type, started_at - queued_at FROM tasks WHERE started_at >= ?1 "
+        "ORDER BY started_at DESC LIMIT ?2"
+    ),
+    type_runs=(
+        "SELECT type, finished_at - started_at FROM tasks WHERE finished_at IS NOT NULL AND finished_at >= ?1 "
+        "AND started_at IS NOT NULL AND status != 'cancelled' ORDER BY finished_at DESC LIMIT ?2"
+    ),
     count_pending="SELECT count(*) FROM (SELECT 1 FROM tasks WHERE owner = ? AND status = 'pending' LIMIT ?)",
     debounced=(
         "SELECT id FROM tasks WHERE owner = ?1 AND type = ?2 AND debounce_key = ?3 "
