@@ -32,6 +32,25 @@ async def quick(ctx: TaskContext, input: dict[str, Any]) -> dict[str, Any]:
     return {"pid": os.getpid()}
 
 
+@app.task("steps", timeout_s=300)
+async def steps(ctx: TaskContext, input: dict[str, Any]) -> dict[str, Any]:
+    """Four steps, each once the test has made its file in input["dir"]: progress that moves."""
+    folder = Path(input["dir"])
+    for i in range(1, 5):
+        while not (folder / f"step-{i}").exists():  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        await ctx.progress(i * 25, f"step {i} of 4")
+    return {"steps": 4}
+
+
+@app.task("flaky", max_attempts=1)
+async def flaky(ctx: TaskContext, input: dict[str, Any]) -> dict[str, Any]:
+    """Fails until input["ok_file"] exists."""
+    if not Path(input["ok_file"]).exists():  # noqa: ASYNC240
+        raise RuntimeError("not yet")
+    return {"ok": True}
+
+
 @app.task("chatty")
 async def chatty(ctx: TaskContext, input: dict[str, Any]) -> None:
     """Logs a line, as app code does, and has a sync helper log one from its thread."""

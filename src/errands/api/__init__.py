@@ -9,7 +9,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp
 
-from errands.api import admin, inbound, notify, openapi, schedules, streams, tasks, watch
+from errands.api import admin, console, inbound, notify, openapi, schedules, streams, tasks, watch
 from errands.api.middleware import GuardMiddleware, OriginPolicy
 from errands.api.routing import Call, Route, Router
 
@@ -30,6 +30,7 @@ def routes() -> list[Route]:
         *notify.ROUTES,
         *schedules.ROUTES,
         *admin.ROUTES,
+        *console.ROUTES,
     ]
 
 
