@@ -61,6 +61,11 @@ class Overview:
     async def count(self, principal: Principal, selection: Selection) -> int:
         return await self.store.count_tasks(self.service.query(principal, selection))
 
+    async def count_by_status(self, principal: Principal, selection: Selection) -> dict[str, int]:
+        """Every status's count (0 where there is none), in one read."""
+        counts = await self.store.count_by_status(self.service.query(principal, selection))
+        return {status.value: counts.get(status, 0) for status in Status}
+
     async def bulk(
         self, principal: Principal, action: Action, selection: Selection, *, limit: int, cursor: str | None
     ) -> BulkResult:

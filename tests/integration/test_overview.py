@@ -135,3 +135,17 @@ async def test_series_count_per_minute_and_time_by_type(runtime_factory: Runtime
     assert next_minute == {"at": "2026-12-04T12:01:00.000Z", "submitted": 1, "completed": 0, "failed": 0}
     assert series["by_type"]["work"]["run_time_s"]["n"] == 4
     assert day["step_s"] == 900, day and sum(b["submitted"] for b in day["buckets"]) == 5
+
+
+async def test_counts_by_status_come_in_one_read(runtime_factory: RuntimeFactory) -> None:
+    runtime = await runtime_factory(plain_app(), workers=False)
+    async with http(runtime) as admin:
+        for i in range(4):
+            await admin.post("/v1/tasks", json={"type": "work", "id": f"c{i}"})
+        await admin.post("/v1/tasks/c0/cancel")
+        answer = (await admin.get("/v1/tasks/count", params={"by": "status", "type": "work"})).json()
+        assert (await admin.get("/v1/tasks/count", params={"by": "owner"})).status_code == 422
+    assert answer["count"] == 4
+    assert answer["by_status"] == {
+        "pending": 3, "processing": 0, "completed": 0, "failed": 0, "timeout": 0, "cancelled": 1
+    }  # fmt: skip

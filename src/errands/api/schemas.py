@@ -72,6 +72,7 @@ class Health(BaseModel):
 
 class CountOut(BaseModel):
     count: int
+    by_status: dict[str, int] | None = None
 
 
 class BulkOut(BaseModel):

@@ -123,11 +123,19 @@ async def list_tasks(call: Call) -> Response:
     return json(b'{"tasks":[%s],"next_cursor":%s}' % (tasks, orjson.dumps(page.next_cursor)))
 
 
+class CountQuery(SelectionQuery):
+    by: Annotated[Literal["status"] | None, Field(description="`status`: a count per status too.")] = None
+
+
 async def count_tasks(call: Call) -> Response:
-    """How many tasks match the selection (an owner token counts its own)."""
-    q = call.query(SelectionQuery)
-    count = await call.runtime.overview.count(call.principal, q.selection())
-    return json(orjson.dumps({"count": count}))
+    """How many tasks match the selection (an owner token counts its own); with ``by=status``
+    also ``by_status``, every status's count, read at once."""
+    q = call.query(CountQuery)
+    overview = call.runtime.overview
+    if q.by == "status":
+        by_status = await overview.count_by_status(call.principal, q.selection())
+        return json(orjson.dumps({"count": sum(by_status.values()), "by_status": by_status}))
+    return json(orjson.dumps({"count": await overview.count(call.principal, q.selection())}))
 
 
 class BulkRequest(BaseModel):
@@ -211,7 +219,7 @@ ROUTES = [
         count_tasks,
         "Count the tasks of a selection",
         "tasks",
-        query=SelectionQuery,
+        query=CountQuery,
         response=CountOut,
         errors=(400, 401, 403, 422),
     ),

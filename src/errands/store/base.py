@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from errands.errors import ErrandsError
-from errands.model import Bound, Change, Event, EventType, NewTask, TaskRecord, Usage
+from errands.model import Bound, Change, Event, EventType, NewTask, Status, TaskRecord, Usage
 from errands.model.schedules import Schedule, ScheduleSpec
 from errands.model.streams import StreamChoice
 from errands.store.records import (
@@ -195,6 +195,9 @@ class Sweeping(Protocol):
 
     async def count_tasks(self, query: TaskQuery) -> int:
         """How many tasks match ``query`` (its ``limit`` aside)."""
+
+    async def count_by_status(self, query: TaskQuery) -> dict[Status, int]:
+        """How many tasks match ``query`` in each status (one scan: statuses without any are left out)."""
 
     async def series(self, *, since: float, step_s: float, sample: int) -> SeriesRows:
         """Tasks created and ended per ``step_s`` since ``since``, and the latest ``sample``

@@ -42,6 +42,7 @@ class Statements:
     select_tombstone: str  # id → (id, owner, purged_at)
     list_tasks: str  # a template with {where} and {limit}; newest first
     count_tasks: str  # a template with {where} → (count,)
+    count_by_status: str  # a template with {where} → (status, count)
     series_created: str  # since, step → (bucket, count): tasks created per step since
     series_finished: str  # since, step → (bucket, status, count): tasks ended per step since
     type_waits: str  # since, sample → (type, queue wait) of the latest starts

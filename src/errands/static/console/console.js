@@ -206,10 +206,10 @@ function countsSoon() {
 
 async function loadCounts() {
   const sel = selection();
+  const { by_status: counts } = await api("/v1/tasks/count", { params: { ...sel, by: "status" } });
   const shown = sel.status ? [sel.status] : STATUSES;
-  const counts = await Promise.all(shown.map((status) => api("/v1/tasks/count", { params: { ...sel, status } })));
   $("#counts").replaceChildren(
-    ...shown.map((status, i) => el("span", { class: `count s-${status}`, "data-status": status }, `${status} `, el("b", {}, counts[i].count))),
+    ...shown.map((status) => el("span", { class: `count s-${status}`, "data-status": status }, `${status} `, el("b", {}, counts[status]))),
   );
 }
 
@@ -247,8 +247,8 @@ async function bulk(action) {
   const sel = selection();
   const applies = action === "cancel" ? ["pending", "processing"] : ["failed", "timeout"];
   const statuses = sel.status ? [sel.status].filter((s) => applies.includes(s)) : applies;
-  let total = 0;
-  for (const status of statuses) total += (await api("/v1/tasks/count", { params: { ...sel, status } })).count;
+  const { by_status: counts } = await api("/v1/tasks/count", { params: { ...sel, by: "status" } });
+  const total = statuses.reduce((sum, status) => sum + counts[status], 0);
   if (!total) return void ($("#bulk-status").textContent = `no task to ${action}`);
   if (!confirm(`${action === "cancel" ? "Cancel" : "Retry"} ${total} task${total === 1 ? "" : "s"}?`)) return;
   const { status: _, ...rest } = sel;

@@ -156,6 +156,7 @@ STATEMENTS = Statements(
     select_tombstone="SELECT id, owner, purged_at FROM errands_tombstones WHERE id = $1",
     list_tasks=f"SELECT {SELECT_LIST} FROM errands_tasks {{where}} ORDER BY created_at DESC, id DESC LIMIT {{limit}}",
     count_tasks="SELECT count(*) FROM errands_tasks {where}",
+    count_by_status="SELECT status, count(*) FROM errands_tasks {where} GROUP BY status",
     series_created=(
         "SELECT floor(created_at / $2)::bigint, count(*) FROM errands_tasks WHERE created_at >= $1 GROUP BY 1"
     ),

@@ -11,6 +11,7 @@ from errands.model import (
     Bound,
     Change,
     NewTask,
+    Status,
     TaskRecord,
     Usage,
     choose_claims,
@@ -213,6 +214,11 @@ class TaskOps(Dialect):
         where, args = self._query_where(query)
         rows = await self._fetch_heavy(self.sql.count_tasks.format(where=where), *args)
         return int(rows[0][0]) if rows else 0
+
+    async def count_by_status(self, query: TaskQuery) -> dict[Status, int]:
+        where, args = self._query_where(query)
+        rows = await self._fetch_heavy(self.sql.count_by_status.format(where=where), *args)
+        return {Status(r[0]): int(r[1]) for r in rows}
 
     async def series(self, *, since: float, step_s: float, sample: int) -> SeriesRows:
         created = await self._fetch_heavy(self.sql.series_created, since, step_s)

@@ -64,6 +64,7 @@ STATEMENTS = Statements(
     select_tombstone="SELECT id, owner, purged_at FROM tombstones WHERE id = ?",
     list_tasks=f"SELECT {SELECT_LIST} FROM tasks {{where}} ORDER BY created_at DESC, id DESC LIMIT {{limit}}",
     count_tasks="SELECT count(*) FROM tasks {where}",
+    count_by_status="SELECT status, count(*) FROM tasks {where} GROUP BY status",
     series_created=(
         "SELECT CAST(created_at / ?2 AS INTEGER), count(*) FROM tasks WHERE created_at >= ?1 GROUP BY 1"
     ),
