@@ -205,16 +205,29 @@ _store_errors: Tally[str] = Tally()
 
 
 class _CountErrors(logging.Handler):
-    """Counts the errors logged by errands' components (one count for the whole process)."""
+    """Counts the errors logged by errands' components (one count for the whole process).
+
+    It must not change where a record goes: where no other handler takes errands' records
+    (an app that configured no logging), Python's last resort still prints them."""
 
     def emit(self, record: logging.LogRecord) -> None:
         parts = record.name.split(".")
-        if len(parts) < 2 or parts[0] != "errands":
-            return
-        component = parts[1] if parts[1] in COMPONENTS else OTHER
-        _errors[component] += 1
-        if _store_failure(record):
-            _store_errors[component] += 1
+        if len(parts) >= 2 and parts[0] == "errands":
+            component = parts[1] if parts[1] in COMPONENTS else OTHER
+            _errors[component] += 1
+            if _store_failure(record):
+                _store_errors[component] += 1
+        last = logging.lastResort
+        if last is not None and record.levelno >= last.level and not self._others(record.name):
+            last.handle(record)
+
+    def _others(self, name: str) -> bool:
+        logger: logging.Logger | None = logging.getLogger(name)
+        while logger is not None:
+            if any(h is not self for h in logger.handlers):
+                return True
+            logger = logger.parent if logger.propagate else None
+        return False
 
 
 def _store_failure(record: logging.LogRecord) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 
+import pytest
+
 from errands.logs import ContextFields, JsonLines, RedactSecrets, TextFormatter, in_task, request_id
 
 
@@ -59,3 +61,21 @@ def test_an_exception_goes_into_the_line_as_text() -> None:
         made = record("failed", exc=exc)
     line = json.loads(JsonLines().format(made))
     assert "ValueError: broken" in line["exc_info"]
+
+
+def test_counting_errors_does_not_silence_an_app_that_configured_no_logging(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """With no handler anywhere, Python prints errors itself (its last resort): the metrics'
+    counting handler on ``errands`` must not take that away."""
+    from errands.metrics import count_logged_errors
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers.clear()
+    try:
+        count_logged_errors()
+        logging.getLogger("errands.worker").error("the database is gone")
+    finally:
+        root.handlers[:] = saved
+    assert "the database is gone" in capsys.readouterr().err
