@@ -104,10 +104,11 @@ class Metrics:
 
     def committed(self, events: Sequence[Event]) -> None:
         """Count the events of one of this process's commits."""
+        created: Tally[str] = Tally()
         for event in events:
             kind = event.type
             if kind is EventType.CREATED:
-                self.submitted.labels(self.type_label(event.task_type)).inc()
+                created[event.task_type] += 1  # a batch's thousand: one increment per type
             elif kind is EventType.PROCESSING:
                 record = event.record
                 if record is not None and record.started_at is not None:
@@ -119,6 +120,8 @@ class Metrics:
                 record = event.record
                 if record is not None and record.started_at is not None and record.finished_at is not None:
                     self.run_time.labels(label).observe(max(0.0, record.finished_at - record.started_at))
+        for task_type, count in created.items():
+            self.submitted.labels(self.type_label(task_type)).inc(count)
 
     def webhook(self, provider: str, outcome: str) -> None:
         self.webhooks.labels(self.provider_label(provider), outcome).inc()
