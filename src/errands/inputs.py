@@ -16,14 +16,24 @@ reports, handlers):
 
 from __future__ import annotations
 
+import datetime
 import math
 import os
+import re
 import time
 from collections.abc import Sequence
 from typing import Annotated, Any, TypeVar
 
 import pydantic_core
-from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, StringConstraints, ValidationError
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    Field,
+    StringConstraints,
+    ValidationError,
+)
 
 from errands.errors import ApiError, BadRequest, InvalidRequest
 
@@ -76,6 +86,20 @@ Owner = Annotated[
 TaskId = Annotated[str, StringConstraints(pattern=TASK_ID_PATTERN)]
 Priority = Annotated[int, Field(ge=PRIORITY_MIN, le=PRIORITY_MAX), integral]
 TypeName = Annotated[str, StringConstraints(pattern=TYPE_PATTERN)]
+
+
+def _moment(value: Any) -> Any:
+    """A date and time as RFC 3339 text (or a datetime from code); never a number, which lax
+    validation would read as seconds since 1970 where the document says a string."""
+    text = isinstance(value, str) and not _NUMBER.fullmatch(value.strip())
+    if text or isinstance(value, datetime.datetime):
+        return value
+    raise ValueError("an RFC 3339 date and time with an offset, such as 2026-12-04T09:00:00+08:00")
+
+
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+#: A date and time with an offset, given as RFC 3339 text (query parameters and lax models too).
+Moment = Annotated[AwareDatetime, BeforeValidator(_moment)]
 #: An integer field of a strict model: 64 bits, and ``3.0`` counts as ``3``.
 Int64 = Annotated[int, Field(ge=MIN_INT64, le=MAX_INT64), integral]
 #: A position in the event log (``after``, ``Last-Event-ID``): 0 up to the largest seq.

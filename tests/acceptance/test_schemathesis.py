@@ -32,6 +32,7 @@ request-timeout = 5
 [[operations]]
 include-operation-id = [
   "submit", "create_endpoint", "update_endpoint", "list_tasks", "create_schedule", "replace_schedule",
+  "bulk",
 ]
 checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "422", "429"]
 

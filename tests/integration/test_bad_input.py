@@ -225,6 +225,29 @@ CASES: list[Case] = [
     Case("debounce_key empty", "POST", "/v1/tasks", 422, json={"type": "work", "debounce_key": ""}),
     Case("debounce_key with NUL", "POST", "/v1/tasks", 422, json={"type": "work", "debounce_key": "a\u0000"}),
     Case("start_within_s 2^64", "POST", "/v1/tasks", 422, json={"type": "work", "start_within_s": 2**64}),
+    # -- selections: lists, counts, bulk actions ---------------------------------------------
+    *[
+        Case(f"{path} {name}={value!r}", "GET", path, 422, params={name: value})
+        for path in ("/v1/tasks", "/v1/tasks/count")
+        for name, value in (
+            ("created_before", "0.5"),
+            ("created_after", "1e9"),
+            ("created_after", "2026-12-04T09:00:00"),  # no offset
+            ("created_before", "soon"),
+            ("id_prefix", "a b"),
+            ("id_prefix", "x" * 65),
+            ("status", "done"),
+        )
+    ],
+    Case("count by owner", "GET", "/v1/tasks/count", 422, params={"by": "owner"}),
+    Case("bulk without an action", "POST", "/v1/tasks/bulk", 422, json={"selection": {}}),
+    Case("bulk delete", "POST", "/v1/tasks/bulk", 422, json={"action": "delete"}),
+    Case("bulk limit 501", "POST", "/v1/tasks/bulk", 422, json={"action": "cancel", "limit": 501}),
+    Case("bulk limit 0", "POST", "/v1/tasks/bulk", 422, json={"action": "cancel", "limit": 0}),
+    Case("bulk created_before a number", "POST", "/v1/tasks/bulk", 422,
+         json={"action": "retry", "selection": {"created_before": 0}}),
+    Case("bulk bad cursor", "POST", "/v1/tasks/bulk", 400, json={"action": "retry", "cursor": "nope"}),
+    Case("series of a week", "GET", "/v1/stats/series", 422, params={"window": "week"}),
     # -- schedules -----------------------------------------------------------------------------
     *[
         Case(f"schedule {what}", "POST", "/v1/schedules", status, code,

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from errands.api.routing import Call, PathParam, Route
 from errands.api.schemas import BulkOut, CountOut, EventPage, TaskPage
-from errands.inputs import TASK_ID_PATTERN, TYPE_PATTERN, Owner, Seq, integral
+from errands.inputs import TASK_ID_PATTERN, TYPE_PATTERN, Moment, Owner, Seq, integral
 from errands.model import Status, Task
 from errands.model.streams import StreamChoice
 from errands.overview import MAX_BULK
@@ -35,9 +35,9 @@ class SelectionQuery(BaseModel):
         str | None, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Tasks whose id starts with this.")
     ] = None
     created_after: Annotated[
-        AwareDatetime | None, Field(description="Created at or after (RFC 3339, with an offset).")
+        Moment | None, Field(description="Created at or after (RFC 3339, with an offset).")
     ] = None
-    created_before: Annotated[AwareDatetime | None, Field(description="Created before (RFC 3339).")] = None
+    created_before: Annotated[Moment | None, Field(description="Created before (RFC 3339).")] = None
 
     def selection(self) -> Selection:
         return Selection(
