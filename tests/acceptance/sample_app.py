@@ -40,6 +40,7 @@ async def steps(ctx: TaskContext, input: dict[str, Any]) -> dict[str, Any]:
         while not (folder / f"step-{i}").exists():  # noqa: ASYNC110
             await asyncio.sleep(0.02)
         await ctx.progress(i * 25, f"step {i} of 4")
+        await ctx.stream("log", f"step {i} done\n")
     return {"steps": 4}
 
 

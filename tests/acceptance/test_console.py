@@ -93,11 +93,16 @@ def test_the_console_shows_tasks_live_and_acts_on_them(
     page.click("#retry")
     page.wait_for_selector("#task-status >> text=completed", timeout=30_000)
     assert client.get("/v1/tasks/flaky-1").json()["status"] == "completed"
+    drawn = page.inner_text("#view-task")
+    assert '"ok": true' in drawn and "[object" not in drawn and "null" not in drawn  # parts left out, not printed
     page.screenshot(path=str(shots / "console-task.png"), full_page=True)
 
     # Cancelled from the console, the running task ends cancelled.
     page.goto(f"{api}/console#/task/live-1")
     page.wait_for_selector("#cancel", timeout=30_000)
+    # What it streamed so far, as it wrote it.
+    page.click("#streams >> text=Show")
+    page.wait_for_selector("#streams pre.stream >> text=step 2 done", timeout=30_000)
     page.click("#cancel")
     page.wait_for_selector("#task-status >> text=cancelled", timeout=30_000)
     assert client.get("/v1/tasks/live-1").json()["status"] == "cancelled"

@@ -95,6 +95,8 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+/** Children as a list of nodes: nested lists flattened, absent parts left out. */
+const parts = (...children) => children.flat(2).filter((child) => child !== null && child !== undefined && child !== false);
 const when = (iso) => (iso ? new Date(iso).toLocaleString() : "");
 const json = (value) => el("pre", {}, JSON.stringify(value, null, 2));
 
@@ -287,7 +289,7 @@ async function showTask(id) {
       }
       draw();
     };
-    view.replaceChildren(
+    view.replaceChildren(...parts(
       el("p", {}, el("a", { href: "#/tasks" }, "← tasks")),
       el("h1", {}, `${task.type} `, el("code", {}, task.id), " ", el("span", { class: `status s-${task.status}`, id: "task-status" }, task.status)),
       el(
@@ -308,7 +310,9 @@ async function showTask(id) {
       el("h2", {}, "Timeline"),
       el("table", { id: "timeline" }, el("tbody", {}, events.events.map((e) =>
         el("tr", {}, el("td", {}, e.seq), el("td", {}, e.type), el("td", {}, when(e.at)), el("td", {}, e.task?.status || ""), el("td", {}, e.task?.message || ""))))),
-      streams.streams.length ? [el("h2", {}, "Output streams"), el("ul", {}, streams.streams.map((s) => el("li", {}, `${s.name} (attempt ${s.attempt}): ${s.chunks} chunks`)))] : null,
+      streams.streams.length ? [el("h2", {}, "Output streams"), el("ul", { id: "streams" }, streams.streams.map((s) => el("li", {},
+        `${s.name} (attempt ${s.attempt}): ${s.chunks} chunks, ${s.bytes} bytes `,
+        el("button", { onclick: (e) => showStream(e.target, id, s) }, "Show"))))] : null,
       state.admin ? [el("h2", {}, "Inbound webhooks"), deliveries.deliveries.length
         ? el("table", {}, el("tbody", {}, deliveries.deliveries.map((d) => el("tr", {}, el("td", {}, d.provider), el("td", {}, d.outcome), el("td", {}, d.status_code), el("td", {}, when(new Date(d.received_at * 1000).toISOString())), el("td", {}, d.detail || "")))))
         : el("p", {}, "none")] : null,
@@ -319,15 +323,27 @@ async function showTask(id) {
             el("td", {}, el("button", { onclick: async (e) => { e.stopPropagation(); await api(`/v1/messages/${m.id}/resend`, { method: "POST" }); draw(); } }, "Resend"),
               " ", el("button", { onclick: async (e) => { e.stopPropagation(); const full = await api(`/v1/messages/${m.id}`); e.target.closest("tr").after(el("tr", {}, el("td", { colspan: 7 }, json(full.attempt_log)))); } }, "Attempts"))))))
         : el("p", {}, "none")] : null,
-    );
+    ));
   };
   await draw();
   const watch = new AbortController();
   state.watch = watch;
   let pending = null;
-  follow(`/v1/tasks/${encodeURIComponent(id)}/watch`, {}, () => {
+  // With its streams: what the task writes redraws the page too (at most every 300 ms).
+  follow(`/v1/tasks/${encodeURIComponent(id)}/watch`, { streams: "include" }, () => {
     pending ??= setTimeout(() => { pending = null; draw(); }, 300);
   }, watch.signal);
+}
+
+/** A stream's text (or JSON lines) as written so far, under its line in the list. */
+async function showStream(button, id, stream) {
+  const path = `/v1/tasks/${encodeURIComponent(id)}/streams/${encodeURIComponent(stream.name)}`;
+  const url = new URL(path, location.origin);
+  url.searchParams.set("attempt", stream.attempt);
+  const response = await fetch(url, { headers: { Authorization: `Bearer ${state.token}` } });
+  const text = await response.text();
+  button.closest("li").querySelector("pre")?.remove();
+  button.closest("li").append(el("pre", { class: "stream" }, response.ok ? text : `HTTP ${response.status}`));
 }
 
 // -- charts ------------------------------------------------------------------------------------
