@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -91,6 +92,26 @@ def test_cli_client_commands(cluster: Cluster) -> None:
     assert refused.returncode == 1 and "scope" in refused.stderr
     bad = run("submit", "echo", "--input", "{nope")
     assert bad.returncode == 2 and bad.stderr.strip() == "--input is not valid JSON."
+
+    # One task: get, events, cancel, retry; aligned text for people, --json for scripts.
+    done_id = json.loads(submitted.stdout)["id"]
+    failed_id = json.loads(failed.stdout)["id"]
+    shown = run("get", done_id)
+    assert shown.returncode == 0 and re.search(r"^status +completed$", shown.stdout, re.M), shown.stdout
+    assert json.loads(run("get", done_id, "--json").stdout)["result"] == {"hello": "world"}
+    log = run("events", done_id)
+    assert log.returncode == 0 and [line.split()[1] for line in log.stdout.splitlines()] == [
+        "task.created", "task.processing", "task.completed"
+    ]  # fmt: skip
+    assert re.search(r"\d{2}:\d{2}:\d{2}\.\d{3}Z", log.stdout)  # as the API writes times
+    assert [e["type"] for e in json.loads(run("events", done_id, "--json").stdout)][-1] == "task.completed"
+    ended = run("cancel", done_id)
+    assert ended.returncode == 1 and "already completed" in ended.stderr
+    again = run("retry", failed_id, "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["status"] in ("pending", "processing", "failed")
+    missing = run("get", "no-such-task")
+    assert missing.returncode == 1 and missing.stderr.strip() and not missing.stdout
+    assert {t["id"] for t in json.loads(run("tasks", "--json").stdout)} >= {done_id, failed_id}
 
 
 def test_restart_keeps_every_acknowledged_task_and_event(cluster: Cluster) -> None:
