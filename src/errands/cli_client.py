@@ -134,7 +134,7 @@ def submit(
         return task
 
     task = _client_call(url, token, call)
-    _print_json(task.model_dump(mode="json"))
+    _print_json(_task_json(task))
     if wait and task.status != "completed":
         raise typer.Exit(1)
 
@@ -206,7 +206,7 @@ def tasks(
     """List tasks, newest first."""
     page = _client_call(url, token, lambda c: c.list(status=status, type=type, owner=owner, limit=limit))
     if json:
-        _print_json([task.model_dump(mode="json") for task in page.tasks])
+        _print_json([_task_json(task) for task in page.tasks])
         return
     for task in page.tasks:
         message = f"  {task.message}" if task.message else ""
@@ -224,7 +224,7 @@ TaskIdArg = Annotated[str, typer.Argument(help="The task's id.")]
 
 def _show_task(task: Any, as_json: bool) -> None:
     """A task as JSON, or as aligned fields for people."""
-    data = task.model_dump(mode="json")
+    data = _task_json(task)
     if as_json:
         _print_json(data)
         return
@@ -267,16 +267,20 @@ def events(
     """A task's events from its log, oldest first."""
     found = _client_call(url, token, lambda c: c.events(task_id, after=after))
     if json:
-        _print_json(
-            [
-                {"seq": e.seq, "type": e.type, "at": e.at, "task": e.task.model_dump(mode="json")}
-                for e in found
-            ]
-        )
+        _print_json([{"seq": e.seq, "type": e.type, "at": e.at, "task": _task_json(e.task)} for e in found])
         return
     for e in found:
         message = f"  {e.task.message}" if e.task.message else ""
         typer.echo(f"{e.seq:>6}  {e.type:<16} {e.at}  {e.task.status.value:<10}{message}")
+
+
+def _task_json(task: Any) -> dict[str, Any]:
+    """A task as the API gives it: its times in UTC with milliseconds."""
+    data: dict[str, Any] = task.model_dump(mode="json")
+    for name, value in task.model_dump().items():
+        if isinstance(value, datetime.datetime):
+            data[name] = _when(value)
+    return data
 
 
 def _when(moment: Any) -> str:

@@ -98,7 +98,10 @@ def test_cli_client_commands(cluster: Cluster) -> None:
     failed_id = json.loads(failed.stdout)["id"]
     shown = run("get", done_id)
     assert shown.returncode == 0 and re.search(r"^status +completed$", shown.stdout, re.M), shown.stdout
-    assert json.loads(run("get", done_id, "--json").stdout)["result"] == {"hello": "world"}
+    as_json = json.loads(run("get", done_id, "--json").stdout)
+    assert as_json["result"] == {"hello": "world"}
+    # Times as the API writes them.
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", as_json["created_at"])
     log = run("events", done_id)
     assert log.returncode == 0 and [line.split()[1] for line in log.stdout.splitlines()] == [
         "task.created", "task.processing", "task.completed"
