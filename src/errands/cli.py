@@ -15,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from errands.app import Errands
-from errands.cli_client import client_cli, fail, run
+from errands.cli_client import client_cli, fail, print_json, run
 from errands.config import Settings, load_settings
 from errands.errors import ConfigError
 from errands.logs import configure
@@ -219,6 +219,40 @@ def worker(app: AppOpt = None, db: DbOpt = None, concurrency: ConcurrencyOpt = N
     except ConfigError as exc:
         fail(exc.message, 2)
     run(work(errands_app, settings, on_ready=ready))
+
+
+@cli.command("types")
+def list_types(
+    app: AppOpt = None,
+    json: Annotated[bool, typer.Option("--json", help="Print JSON (for scripts).")] = False,
+) -> None:
+    """The task types an app runs (the demo's, without --app): who runs each, and its limits."""
+    try:
+        registry = load_app(app)
+    except ConfigError as exc:
+        fail(exc.message, 2)
+    rows = [
+        {
+            "type": t.name,
+            "runs_on": _runs_on(t),
+            "timeout_s": t.timeout_s,
+            "max_attempts": t.max_attempts,
+            "limits": [limit.describe() for limit in t.limits],
+        }
+        for t in sorted(registry.task_types.values(), key=lambda t: t.name)
+    ]
+    if json:
+        print_json(rows)
+        return
+    for t in sorted(registry.task_types.values(), key=lambda t: t.name):
+        extras = [f"timeout {t.timeout_s:g} s"] if t.timeout_s else []
+        extras += [f"{t.max_attempts} attempts"] if t.max_attempts else []
+        extras += [limit.describe() for limit in t.limits]
+        typer.echo(f"{t.name:<20} {_runs_on(t):<24} {', '.join(extras)}".rstrip())
+
+
+def _runs_on(task_type: Any) -> str:
+    return f"provider {task_type.provider.name}" if task_type.provider is not None else "handler"
 
 
 @cli.command()

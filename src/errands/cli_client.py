@@ -70,7 +70,7 @@ def _client_call(url: str, token: str | None, call: Callable[[Any], Coroutine[An
     raise AssertionError("unreachable")
 
 
-def _print_json(data: Any) -> None:
+def print_json(data: Any) -> None:
     typer.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
 
 
@@ -134,7 +134,7 @@ def submit(
         return task
 
     task = _client_call(url, token, call)
-    _print_json(_task_json(task))
+    print_json(_task_json(task))
     if wait and task.status != "completed":
         raise typer.Exit(1)
 
@@ -206,7 +206,7 @@ def tasks(
     """List tasks, newest first."""
     page = _client_call(url, token, lambda c: c.list(status=status, type=type, owner=owner, limit=limit))
     if json:
-        _print_json([_task_json(task) for task in page.tasks])
+        print_json([_task_json(task) for task in page.tasks])
         return
     for task in page.tasks:
         message = f"  {task.message}" if task.message else ""
@@ -226,7 +226,7 @@ def _show_task(task: Any, as_json: bool) -> None:
     """A task as JSON, or as aligned fields for people."""
     data = _task_json(task)
     if as_json:
-        _print_json(data)
+        print_json(data)
         return
     fields = ["id", "type", "status", "owner", "progress", "message", "attempt", "max_attempts", "key"]
     fields += ["created_at", "started_at", "finished_at", "scheduled_for", "waiting_for", "external_id"]
@@ -267,7 +267,7 @@ def events(
     """A task's events from its log, oldest first."""
     found = _client_call(url, token, lambda c: c.events(task_id, after=after))
     if json:
-        _print_json([{"seq": e.seq, "type": e.type, "at": e.at, "task": _task_json(e.task)} for e in found])
+        print_json([{"seq": e.seq, "type": e.type, "at": e.at, "task": _task_json(e.task)} for e in found])
         return
     for e in found:
         message = f"  {e.task.message}" if e.task.message else ""
@@ -291,7 +291,7 @@ def _when(moment: Any) -> str:
 @client_cli.command()
 def stats(url: UrlOpt = "http://127.0.0.1:8000", token: TokenOpt = None) -> None:
     """Counts by status and type, queue wait and run time (admin)."""
-    _print_json(_client_call(url, token, lambda c: c.stats()))
+    print_json(_client_call(url, token, lambda c: c.stats()))
 
 
 @client_cli.command()
@@ -343,19 +343,19 @@ def schedules_set(
     except orjson.JSONDecodeError:
         fail("--input is not valid JSON.", 2)
     options = {"tz": tz, "input": data, "missed": missed}
-    _print_json(_client_call(url, token, lambda c: c.put_schedule(name, type=type, cron=cron, **options)))
+    print_json(_client_call(url, token, lambda c: c.put_schedule(name, type=type, cron=cron, **options)))
 
 
 @schedules_cli.command("pause")
 def schedules_pause(name: NameArg, url: UrlOpt = "http://127.0.0.1:8000", token: TokenOpt = None) -> None:
     """No slot fires until it is resumed."""
-    _print_json(_client_call(url, token, lambda c: c.pause_schedule(name)))
+    print_json(_client_call(url, token, lambda c: c.pause_schedule(name)))
 
 
 @schedules_cli.command("resume")
 def schedules_resume(name: NameArg, url: UrlOpt = "http://127.0.0.1:8000", token: TokenOpt = None) -> None:
     """Fire again from the next slot (those that passed while paused do not run)."""
-    _print_json(_client_call(url, token, lambda c: c.pause_schedule(name, paused=False)))
+    print_json(_client_call(url, token, lambda c: c.pause_schedule(name, paused=False)))
 
 
 @schedules_cli.command("delete")

@@ -117,6 +117,9 @@ def configure(level: int, fmt: str) -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    # The HTTP client names whole URLs at INFO (an endpoint's or a provider's may hold a key).
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
 
 
 def protect(*logger_names: str) -> None:

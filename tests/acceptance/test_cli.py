@@ -233,3 +233,18 @@ def test_migrate_command(cluster: Cluster) -> None:
     again = _start_error(cluster, "migrate")
     assert again.returncode == 0 and "up to date" in again.stdout
     assert os.path.exists(cluster.workdir / "errands.db")
+
+
+def test_types_lists_what_an_app_runs_and_python_m_errands_is_the_command(cluster: Cluster) -> None:
+    import sys
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(args, env=cluster.env, capture_output=True, text=True, timeout=60, check=False)
+
+    listed = run(ERRANDS, "types")  # the demo's
+    assert listed.returncode == 0 and re.search(r"^fake_ai +provider dev +timeout 300 s", listed.stdout, re.M)
+    as_json = run(sys.executable, "-m", "errands", "types", "--json", "--app", "sample_app:app")
+    metered = next(t for t in json.loads(as_json.stdout) if t["type"] == "metered")
+    assert metered["runs_on"] == "handler" and any("per key" in limit for limit in metered["limits"])
+    missing = run(ERRANDS, "types", "--app", "nope:app")
+    assert missing.returncode == 2 and "nope" in missing.stderr
