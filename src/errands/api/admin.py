@@ -25,6 +25,7 @@ def _json(body: Any, status: int = 200) -> Response:
 
 
 _CLIENT_JS = resources.files("errands").joinpath("static/errands.js").read_bytes()
+_CLIENT_TYPES = resources.files("errands").joinpath("static/errands.d.ts").read_bytes()
 
 
 async def client_js(call: Call) -> Response:
@@ -32,6 +33,13 @@ async def client_js(call: Call) -> Response:
     del call
     headers = {"Cache-Control": "public, max-age=300", "Access-Control-Allow-Origin": "*"}
     return Response(_CLIENT_JS, media_type="text/javascript; charset=utf-8", headers=headers)
+
+
+async def client_types(call: Call) -> Response:
+    """The TypeScript declarations of errands.js."""
+    del call
+    headers = {"Cache-Control": "public, max-age=300", "Access-Control-Allow-Origin": "*"}
+    return Response(_CLIENT_TYPES, media_type="application/typescript; charset=utf-8", headers=headers)
 
 
 async def healthz(call: Call) -> Response:
@@ -147,6 +155,17 @@ ROUTES = [
         "The JavaScript client (an ES module)",
         "clients",
         media_type="text/javascript",
+        response={"type": "string"},
+        errors=(),
+        auth="public",
+    ),
+    Route(
+        "GET",
+        "/client/errands.d.ts",
+        client_types,
+        "The JavaScript client's TypeScript declarations",
+        "clients",
+        media_type="application/typescript",
         response={"type": "string"},
         errors=(),
         auth="public",
