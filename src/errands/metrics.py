@@ -215,7 +215,7 @@ class _CountErrors(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         parts = record.name.split(".")
-        if len(parts) >= 2 and parts[0] == "errands":
+        if record.levelno >= logging.ERROR and len(parts) >= 2 and parts[0] == "errands":
             component = parts[1] if parts[1] in COMPONENTS else OTHER
             _errors[component] += 1
             if _store_failure(record):
@@ -266,7 +266,7 @@ class _ErrorCollector(Collector):
             yield family
 
 
-_HANDLER = _CountErrors(level=logging.ERROR)
+_HANDLER = _CountErrors()  # every level: what it does not count it may have to pass on
 
 
 def count_logged_errors() -> None:

@@ -80,8 +80,9 @@ class Overview:
         full = False  # a read gave as many as it asked for: more may follow
         # Each status in its own read (each has its index), merged newest first.
         for status in [selection.status] if selection.status is not None else statuses:
-            query = self.service.query(principal, replace(selection, status=status), limit=limit)
-            rows = await self.store.list_tasks(replace(query, before=before))
+            query = self.service.query(principal, replace(selection, status=status))
+            # The bulk page's own size (a list's page is capped lower), from the cursor on.
+            rows = await self.store.list_tasks(replace(query, limit=limit, before=before))
             full = full or len(rows) >= limit
             found.extend(rows)
         found.sort(key=lambda r: (r.created_at, r.id), reverse=True)

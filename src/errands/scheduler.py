@@ -168,13 +168,21 @@ class Scheduler:
         for spec in declared.values():
             current = await self.store.get_schedule(spec.name)
             if current is None or current.spec != spec or current.source != "app":
-                await self.store.put_schedule(
-                    spec, source="app", next_at=self._first_slot(spec), replace=True
-                )
+                first = self._first_slot(spec)
+                await self.store.put_schedule(spec, source="app", next_at=first, replace=True)
+                if current is not None and current.source == "undeclared" and current.paused:
+                    # errands paused it when a release stopped declaring it: this one does again.
+                    await self.store.pause_schedule(spec.name, paused=False, next_at=first)
+                    log.info("schedule %s is declared again: resumed", spec.name)
         for schedule in await self.store.list_schedules():
             name = schedule.spec.name
-            if schedule.source == "app" and name not in declared and not schedule.paused:
+            if schedule.source == "app" and name not in declared:
+                # Paused, not deleted (an operator may resume or delete it), and marked as paused
+                # by errands, so that a release that declares it again resumes it.
                 await self.store.pause_schedule(name, paused=True, next_at=schedule.next_at)
+                await self.store.put_schedule(
+                    schedule.spec, source="undeclared", next_at=schedule.next_at, replace=True
+                )
                 log.warning("schedule %s is no longer declared by the app: paused", name)
 
     # -- the loop -----------------------------------------------------------------------------

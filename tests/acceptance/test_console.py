@@ -85,6 +85,15 @@ def test_the_console_shows_tasks_live_and_acts_on_them(
     page.fill('#filters input[name="type"]', "flaky")
     page.click('#filters button[type="submit"]')
     eventually(lambda: shown(page) == ["flaky-1"], what="the list narrowed to the failed task")
+    # A status filter: a task that comes into the status appears without a reload.
+    page.fill('#filters input[name="type"]', "")
+    page.select_option('#filters select[name="status"]', "failed")
+    page.click('#filters button[type="submit"]')
+    eventually(lambda: shown(page) == ["flaky-1"], what="the list of failed tasks")
+    never = str(tmp_path / "never")
+    client.post("/v1/tasks", json={"type": "flaky", "id": "flaky-2", "input": {"ok_file": never}})
+    page.wait_for_selector('tr[data-id="flaky-2"][data-status="failed"]', timeout=30_000)
+    assert shown(page) == ["flaky-2", "flaky-1"]
 
     # Retried from the console, it runs again (and now succeeds).
     page.click('tr[data-id="flaky-1"]')

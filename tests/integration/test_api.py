@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import httpx
@@ -429,3 +430,17 @@ async def test_the_document_describes_the_websocket_and_the_streams(runtime: Run
     watch = next(t for t in spec["tags"] if t["name"] == "watch")
     assert "/v1/ws" in watch["description"]
     assert "text/event-stream" in spec["paths"]["/v1/watch"]["get"]["responses"]["200"]["content"]
+
+
+async def test_the_access_log_writes_paths_and_never_a_capability_url(
+    runtime_factory: RuntimeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    runtime = await runtime_factory(app, workers=False, access_log=True)
+    caplog.set_level(logging.INFO, logger="errands.access")
+    async with http(runtime) as admin:
+        await admin.get("/v1/tasks", params={"access_token": "eto_secret.in.query"})
+        await admin.post("/v1/hooks/callback/t1.1.c2VjcmV0LW1hYw", json={"status": "succeeded"})
+    lines = [r.getMessage() for r in caplog.records if r.name == "errands.access"]
+    assert any(line.startswith("GET /v1/tasks 200 ") for line in lines), lines
+    assert any(line.startswith("POST /v1/hooks/callback/[redacted] 401 ") for line in lines), lines
+    assert not any("c2VjcmV0" in line or "eto_secret" in line for line in lines)

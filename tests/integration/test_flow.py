@@ -87,7 +87,7 @@ async def test_per_key_limits_count_each_key_apart_and_default_to_the_owner(
 
 
 async def test_a_key_counts_within_its_owner(store: Store, clock: ManualClock) -> None:
-    """Another owner giving the same key, or a key named like an owner, takes nothing from it."""
+    """Another owner giving the same key, or an owner of the key's name, takes nothing from it."""
     specs = [spec(Limit(concurrency=1, per="key"))]
     for i in range(2):
         await store.create(new_task(f"mine-{i}", owner="alice", key="shared"))

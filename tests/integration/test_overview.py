@@ -149,3 +149,27 @@ async def test_counts_by_status_come_in_one_read(runtime_factory: RuntimeFactory
     assert answer["by_status"] == {
         "pending": 3, "processing": 0, "completed": 0, "failed": 0, "timeout": 0, "cancelled": 1
     }  # fmt: skip
+
+
+async def test_a_bulk_page_is_as_large_as_asked_not_a_lists_page(runtime_factory: RuntimeFactory) -> None:
+    runtime = await runtime_factory(plain_app(), workers=False)
+    async with http(runtime) as admin:
+        for first in range(0, 620, 310):
+            bodies = [{"type": "work", "id": f"b{i:04d}"} for i in range(first, first + 310)]
+            assert (await admin.post("/v1/tasks/batch", json={"tasks": bodies})).status_code == 200
+        first_call = (await admin.post("/v1/tasks/bulk", json={"action": "cancel"})).json()
+        assert first_call["done"] == 500 and first_call["next_cursor"] is not None
+        body = {"action": "cancel", "cursor": first_call["next_cursor"]}
+        second_call = (await admin.post("/v1/tasks/bulk", json=body)).json()
+        assert second_call == {"done": 120, "skipped": 0, "next_cursor": None}
+        misspelt = {"action": "cancel", "selection": {"tpye": "work"}}  # must not mean "every task"
+        assert (await admin.post("/v1/tasks/bulk", json=misspelt)).status_code == 422
+
+
+async def test_an_id_prefix_matches_by_the_ids_bytes(runtime_factory: RuntimeFactory) -> None:
+    runtime = await runtime_factory(plain_app(), workers=False)
+    async with http(runtime) as admin:
+        ids = ["img1", "imgA", "img-x", "img_z", "imgz", "imh", "im", "IMG2", "xim"]
+        await admin.post("/v1/tasks/batch", json={"tasks": [{"type": "work", "id": i} for i in ids]})
+        found = (await admin.get("/v1/tasks", params={"id_prefix": "img"})).json()["tasks"]
+    assert sorted(t["id"] for t in found) == sorted(["img1", "imgA", "img-x", "img_z", "imgz"])

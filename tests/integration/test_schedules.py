@@ -216,9 +216,17 @@ async def test_declared_schedules_are_stored_at_start_and_follow_the_app(
     third.task("tick")(_noop)
     runtime = await runtime_factory(third, workers=False, sweeper=True, clock=clock)
     stored = await runtime.store.get_schedule("nightly")
-    assert stored is not None and stored.paused
+    assert stored is not None and stored.paused and stored.source == "undeclared"
     clock.advance(5 * 3600)
     assert await runtime.scheduler.tick() == 0
+    await runtime.stop()
+    # A release that declares it again: resumed (errands paused it, not an operator).
+    fourth = Errands()
+    fourth.schedule("nightly", type="tick", cron="0 4 * * *")
+    fourth.task("tick")(_noop)
+    runtime = await runtime_factory(fourth, workers=False, sweeper=True, clock=clock)
+    stored = await runtime.store.get_schedule("nightly")
+    assert stored is not None and not stored.paused and stored.source == "app" and stored.next_at is not None
 
 
 async def test_a_schedule_that_cannot_submit_passes_its_slot_and_blocks_no_other(

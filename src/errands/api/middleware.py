@@ -157,6 +157,7 @@ class GuardMiddleware:
 
 
 access = logging.getLogger("errands.access")
+_CAPABILITY = "/v1/hooks/callback/"
 
 #: A request id a client may give (``X-Request-Id``), else errands makes one.
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -179,6 +180,9 @@ def _logged(scope: Scope, send: Send) -> Send:
     started = time.perf_counter()
     method = scope.get("method", "WEBSOCKET")
     status = [0]
+    path: str = scope["path"]
+    if path.startswith(_CAPABILITY):
+        path = _CAPABILITY + "[redacted]"  # the path itself is the secret
 
     async def sending(message: Message) -> None:
         kind = message["type"]
@@ -186,10 +190,10 @@ def _logged(scope: Scope, send: Send) -> Send:
         if kind in ("http.response.start", "websocket.http.response.start"):
             status[0] = message["status"]
         elif kind == "websocket.accept":
-            access.info("%s %s 101", method, scope["path"])
+            access.info("%s %s 101", method, path)
         elif kind in ("http.response.body", "websocket.http.response.body") and not message.get("more_body"):
             took_ms = (time.perf_counter() - started) * 1000
-            access.info("%s %s %d %.1f ms", method, scope["path"], status[0], took_ms)
+            access.info("%s %s %d %.1f ms", method, path, status[0], took_ms)
 
     return sending
 

@@ -138,13 +138,20 @@ async def count_tasks(call: Call) -> Response:
     return json(orjson.dumps({"count": await overview.count(call.principal, q.selection())}))
 
 
+class BulkSelection(SelectionQuery):
+    """A bulk action's selection: a misspelt field is refused, never ignored (it would widen
+    the action to every task)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class BulkRequest(BaseModel):
     """The body of ``POST /v1/tasks/bulk``: an action, the selection, and where to go on."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
     action: Literal["cancel", "retry"]
-    selection: SelectionQuery = Field(default_factory=SelectionQuery)
+    selection: BulkSelection = Field(default_factory=BulkSelection)
     limit: Annotated[int, Field(ge=1, le=MAX_BULK), integral] = MAX_BULK
     cursor: Annotated[str, Field(max_length=512, description="next_cursor of the call before.")] | None = None
 

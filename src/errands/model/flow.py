@@ -141,7 +141,9 @@ def _scope_key(per: Per, owner: str, key: str | None) -> str:
     (owner and key are any text: JSON keeps them apart)."""
     if per == "all":
         return ""
-    return json.dumps([owner] if per == "owner" else [owner, key], ensure_ascii=False)
+    if per == "owner":
+        return json.dumps([owner], ensure_ascii=False)
+    return json.dumps([owner, key if key is not None else owner], ensure_ascii=False)  # no key: the owner
 
 
 def split_scope(scope: str) -> tuple[str, Per, str | None, str | None]:
@@ -225,7 +227,8 @@ def tally(
         if bound.limit.concurrency is not None:
             for task_type, owner, task_key, n in rows:
                 if task_type in bound.types and (
-                    per == "all" or (owner == scope_owner and (per == "owner" or task_key == scope_key))
+                    per == "all"
+                    or (owner == scope_owner and (per == "owner" or (task_key or owner) == scope_key))
                 ):
                     count += n
         usage[scope] = Usage(count, tats.get(scope))

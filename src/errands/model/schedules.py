@@ -80,7 +80,9 @@ class Schedule:
     expression names no more."""
 
     spec: ScheduleSpec
-    source: Literal["app", "api"]
+    #: Who made it: the app's declaration, the API, or an app declaration no longer declared
+    #: (``undeclared``: paused by errands, resumed when the app declares it again).
+    source: Literal["app", "api", "undeclared"]
     paused: bool
     next_at: float | None
     last_slot: float | None

@@ -41,6 +41,9 @@ class Statements:
     select_task: str  # id → task row
     select_tombstone: str  # id → (id, owner, purged_at)
     list_tasks: str  # a template with {where} and {limit}; newest first
+    #: The condition "the id starts with" (its two placeholders: the prefix and the prefix with
+    #: "~" after it, which sorts after every id character where ids compare by their bytes).
+    id_prefix: str
     count_tasks: str  # a template with {where} → (count,)
     count_by_status: str  # a template with {where} → (status, count)
     series_created: str  # since, step → (bucket, count): tasks created per step since

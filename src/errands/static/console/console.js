@@ -3,6 +3,7 @@
 // never in a URL: the live list reads the set watch (SSE) through fetch, not EventSource.
 
 const STATUSES = ["pending", "processing", "completed", "failed", "timeout", "cancelled"];
+const FINAL = new Set(["completed", "failed", "timeout", "cancelled"]);
 const KEY = "errands.console.token";
 const $ = (selector) => document.querySelector(selector);
 
@@ -222,24 +223,35 @@ async function loadPage(more = false) {
   $("#more").hidden = !page.next_cursor;
 }
 
+/** A new watch for the view about to be drawn: the one before is stopped first (a view that
+ * is left while it loads must not keep its watch). */
+function newWatch() {
+  if (state.watch) state.watch.abort();
+  state.watch = new AbortController();
+  return state.watch;
+}
+
 async function showTasks() {
   show("tasks");
-  if (state.watch) state.watch.abort();
+  const watch = newWatch();
   state.rows.clear();
   $("#tasks tbody").replaceChildren();
   const sel = selection();
+  const since = new Date().toISOString(); // tasks created after the list's read come from the watch
   await Promise.all([loadPage(), loadCounts()]);
-  const watch = new AbortController();
-  state.watch = watch;
-  // The set watch narrows by type, status and owner on the server; the rest is checked here.
-  const params = { type: sel.type, status: sel.status, owner: sel.owner };
+  if (watch.signal.aborted) return;
+  // The set watch narrows by type and owner on the server; the status is checked here, so that
+  // a task entering the selected status appears and one leaving it is shown as it is now.
+  const params = { type: sel.type, owner: sel.owner };
   follow("/v1/watch", params, (event, data) => {
-    // The snapshot holds the unfinished tasks as the watch starts: those created or changed
-    // between the list's read and the watch's start are in it.
-    const tasks = data.task ? [data.task] : data.tasks || [];
+    // The snapshot holds the unfinished tasks as the watch starts: those created between the
+    // list's read and the watch's start are in it (older ones are the list's).
+    const tasks = data.task ? [data.task] : [...(data.tasks || [])].reverse();
     for (const task of tasks) {
-      const known = state.rows.has(task.id);
-      if (known || ((data.type === "task.created" || !data.task) && matches(task, sel))) put(task, { first: !known });
+      if (state.rows.has(task.id)) put(task);
+      else if (matches(task, sel) && (data.task ? data.type === "task.created" || sel.status : task.created_at >= since)) {
+        put(task, { first: true });
+      }
     }
     countsSoon();
   }, watch.signal);
@@ -271,7 +283,7 @@ async function bulk(action) {
 
 async function showTask(id) {
   show("task");
-  if (state.watch) state.watch.abort();
+  const watch = newWatch();
   const view = $("#view-task");
   const draw = async () => {
     const task = await api(`/v1/tasks/${encodeURIComponent(id)}`);
@@ -326,13 +338,16 @@ async function showTask(id) {
     ));
   };
   await draw();
-  const watch = new AbortController();
-  state.watch = watch;
+  if (watch.signal.aborted) return;
   let pending = null;
-  // With its streams: what the task writes redraws the page too (at most every 300 ms).
-  follow(`/v1/tasks/${encodeURIComponent(id)}/watch`, { streams: "include" }, () => {
-    pending ??= setTimeout(() => { pending = null; draw(); }, 300);
-  }, watch.signal);
+  // With its streams: what the task writes redraws the page too (at most every 300 ms). The
+  // watch of a task ends with the task: then it is not opened again (the page stays drawn).
+  const stream = new AbortController();
+  watch.signal.addEventListener("abort", () => stream.abort());
+  follow(`/v1/tasks/${encodeURIComponent(id)}/watch`, { streams: "include" }, (event, data) => {
+    pending ??= setTimeout(() => { pending = null; if (!watch.signal.aborted) draw(); }, 300);
+    if (FINAL.has(data.task?.status)) stream.abort();
+  }, stream.signal);
 }
 
 /** A stream's text (or JSON lines) as written so far, under its line in the list. */
@@ -350,7 +365,7 @@ async function showStream(button, id, stream) {
 
 async function showCharts(window) {
   show("charts");
-  if (state.watch) state.watch.abort();
+  newWatch();
   const series = await api("/v1/stats/series", { params: { window } });
   const width = 900, height = 200, pad = 24;
   const peak = Math.max(1, ...series.buckets.map((b) => b.submitted + b.completed + b.failed));
@@ -388,7 +403,7 @@ async function showCharts(window) {
 
 async function showEndpoints() {
   show("endpoints");
-  if (state.watch) state.watch.abort();
+  newWatch();
   const [{ endpoints }, stats] = await Promise.all([api("/v1/endpoints"), api("/v1/stats")]);
   const change = (id, body) => async () => {
     const answer = await api(`/v1/endpoints/${id}`, { method: "PATCH", body });

@@ -155,6 +155,8 @@ STATEMENTS = Statements(
     select_task=f"SELECT {SELECT_LIST} FROM errands_tasks WHERE id = $1",
     select_tombstone="SELECT id, owner, purged_at FROM errands_tombstones WHERE id = $1",
     list_tasks=f"SELECT {SELECT_LIST} FROM errands_tasks {{where}} ORDER BY created_at DESC, id DESC LIMIT {{limit}}",
+    # The database's collation may sort '~' before letters (en_US, ICU): compare the bytes.
+    id_prefix='id COLLATE "C" >= {} AND id COLLATE "C" < {}',
     count_tasks="SELECT count(*) FROM errands_tasks {where}",
     count_by_status="SELECT status, count(*) FROM errands_tasks {where} GROUP BY status",
     series_created=(
@@ -184,7 +186,7 @@ STATEMENTS = Statements(
     claim_except=_claim(
         " AND NOT EXISTS (SELECT 1 FROM unnest($4::text[], $5::text[], $6::text[], $7::text[]) AS x(t, per, o, k) "
         "WHERE x.t = type AND (x.per = 'all' OR (x.o = owner "
-        "AND (x.per = 'owner' OR x.k IS NOT DISTINCT FROM limit_key))))"
+        "AND (x.per = 'owner' OR x.k = coalesce(limit_key, owner)))))"
     ),
     flow_usage=(
         "SELECT type, owner, limit_key, count(*), NULL, NULL FROM errands_tasks WHERE status = 'processing' "

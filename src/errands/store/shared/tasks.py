@@ -197,8 +197,8 @@ class TaskOps(Dialect):
                 ("id = {}", given(query.task_id)),
                 ("status = {}", given(None if query.status is None else query.status.value)),
                 ("type = {}", given(query.type)),
-                # Ids are letters, digits, '_' and '-', all below '~': a range of the primary key.
-                ("id >= {} AND id < {}", None if prefix is None else (prefix, prefix + "~")),
+                # Ids are letters, digits, '_' and '-', all below '~' byte for byte.
+                (self.sql.id_prefix, None if prefix is None else (prefix, prefix + "~")),
                 ("created_at >= {}", given(query.created_after)),
                 ("created_at < {}", given(query.created_before)),
                 ("(created_at, id) < ({}, {})", query.before),

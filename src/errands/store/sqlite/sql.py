@@ -63,6 +63,7 @@ STATEMENTS = Statements(
     select_task=f"SELECT {SELECT_LIST} FROM tasks WHERE id = ?",
     select_tombstone="SELECT id, owner, purged_at FROM tombstones WHERE id = ?",
     list_tasks=f"SELECT {SELECT_LIST} FROM tasks {{where}} ORDER BY created_at DESC, id DESC LIMIT {{limit}}",
+    id_prefix="id >= {} AND id < {}",  # SQLite compares text by its bytes: a range of the primary key
     count_tasks="SELECT count(*) FROM tasks {where}",
     count_by_status="SELECT status, count(*) FROM tasks {where} GROUP BY status",
     series_created=(
@@ -91,7 +92,7 @@ STATEMENTS = Statements(
         " AND NOT EXISTS (SELECT 1 FROM json_each(?4) t JOIN json_each(?5) p ON p.key = t.key "
         "JOIN json_each(?6) o ON o.key = t.key JOIN json_each(?7) k ON k.key = t.key "
         "WHERE t.value = tasks.type AND (p.value = 'all' OR (o.value = tasks.owner "
-        "AND (p.value = 'owner' OR k.value IS tasks.limit_key))))"
+        "AND (p.value = 'owner' OR k.value = coalesce(tasks.limit_key, tasks.owner)))))"
     ),
     flow_usage=(
         "SELECT type, owner, limit_key, count(*), NULL, NULL FROM tasks WHERE status = 'processing' "
