@@ -70,6 +70,15 @@ def _client_call(url: str, token: str | None, call: Callable[[Any], Coroutine[An
     raise AssertionError("unreachable")
 
 
+def _json_input(text: str) -> Any:
+    """An ``--input`` option's JSON (a usage error, exit 2, when it is not JSON)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        fail("--input is not valid JSON.", 2)
+    raise AssertionError("unreachable")
+
+
 def print_json(data: Any) -> None:
     typer.echo(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode())
 
@@ -107,10 +116,7 @@ def submit(
     token: TokenOpt = None,
 ) -> None:
     """Submit a task and print it (or follow it with --wait)."""
-    try:
-        data = orjson.loads(input)
-    except orjson.JSONDecodeError:
-        fail("--input is not valid JSON.", 2)
+    data = _json_input(input)
     if not isinstance(data, dict):
         fail("--input must be a JSON object.", 2)
 
@@ -338,11 +344,7 @@ def schedules_set(
     token: TokenOpt = None,
 ) -> None:
     """Create or replace a schedule; print it with its next runs."""
-    try:
-        data = orjson.loads(input)
-    except orjson.JSONDecodeError:
-        fail("--input is not valid JSON.", 2)
-    options = {"tz": tz, "input": data, "missed": missed}
+    options = {"tz": tz, "input": _json_input(input), "missed": missed}
     print_json(_client_call(url, token, lambda c: c.put_schedule(name, type=type, cron=cron, **options)))
 
 

@@ -32,6 +32,7 @@ from pydantic import (
     BeforeValidator,
     Field,
     StringConstraints,
+    TypeAdapter,
     ValidationError,
 )
 
@@ -83,6 +84,7 @@ Owner = Annotated[
     AfterValidator(_no_nul),
     Field(json_schema_extra={"pattern": NO_NUL_PATTERN}),
 ]
+_OWNER: TypeAdapter[str] = TypeAdapter(Owner)
 TaskId = Annotated[str, StringConstraints(pattern=TASK_ID_PATTERN)]
 Priority = Annotated[int, Field(ge=PRIORITY_MIN, le=PRIORITY_MAX), integral]
 TypeName = Annotated[str, StringConstraints(pattern=TYPE_PATTERN)]
@@ -116,9 +118,10 @@ def parse_seq(text: str, what: str) -> int:
 
 def check_owner(owner: str) -> str:
     """``owner`` if it is one (what :data:`Owner` checks, for values that come from code)."""
-    if not 1 <= len(owner) <= OWNER_MAX_CHARS:
-        raise BadValue(f"an owner is 1 to {OWNER_MAX_CHARS} characters")
-    return check_text(owner, "an owner")
+    try:
+        return _OWNER.validate_python(owner)
+    except ValidationError:
+        raise BadValue(f"an owner is 1 to {OWNER_MAX_CHARS} characters without NUL") from None
 
 
 def check_json(

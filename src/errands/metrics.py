@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -146,14 +147,14 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+@dataclass(frozen=True, slots=True)
 class StoreReading:
     """What a scrape reads from the store: pending tasks by type, providers held (seconds left),
     and how many events of the log this process's hub has yet to read."""
 
-    __slots__ = ("held_s", "lag", "pending")
-
-    def __init__(self, pending: Mapping[str, int], held_s: Mapping[str, float], lag: int) -> None:
-        self.pending, self.held_s, self.lag = pending, held_s, lag
+    pending: Mapping[str, int]
+    held_s: Mapping[str, float]
+    lag: int
 
 
 class _StoreView(Collector):

@@ -27,14 +27,15 @@ from errands.service import Selection, Service, decode_cursor, encode_cursor, pe
 from errands.store.base import Store
 
 Action = Literal["cancel", "retry"]
+Window = Literal["hour", "day"]
 #: The statuses each action applies to.
 APPLIES: dict[str, tuple[Status, ...]] = {
     "cancel": (Status.PENDING, Status.PROCESSING),
     "retry": (Status.FAILED, Status.TIMEOUT),
 }
 MAX_BULK = 500
-#: Windows of the series, and the step of each.
-WINDOWS = {3600: 60, 86_400: 900}
+#: The windows of the series: their length and step, in seconds.
+WINDOWS = {"hour": (3600, 60), "day": (86_400, 900)}
 SAMPLE = 20_000
 
 
@@ -103,10 +104,10 @@ class Overview:
         next_cursor = encode_cursor(page[-1]) if page and (full or len(found) > limit) else None
         return BulkResult(len(done), len(page) - len(done), next_cursor)
 
-    async def series(self, principal: Principal, window_s: int) -> dict[str, Any]:
+    async def series(self, principal: Principal, window: Window) -> dict[str, Any]:
         if not principal.admin:
             raise Forbidden("Only an admin may read the series.")
-        step = WINDOWS[window_s]
+        window_s, step = WINDOWS[window]
         now = self.clock.now()
         first = int((now - window_s) // step) + 1
         rows = await self.store.series(since=first * step, step_s=step, sample=SAMPLE)

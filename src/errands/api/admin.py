@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import HTMLResponse, Response
 
 from errands.api.middleware import credential
-from errands.api.routing import Call, PathParam, Route
+from errands.api.routing import Call, PathParam, Route, file_response
 from errands.api.schemas import Health, Readiness, SeriesOut, StatsOut, TokenOut
 from errands.errors import Forbidden, NotFound, Unauthorized
 from errands.service import TokenRequest
@@ -87,8 +87,7 @@ class SeriesQuery(BaseModel):
 async def series(call: Call) -> Response:
     """Tasks submitted, completed and failed (or timed out) per step over the window, and queue
     wait and run time p50/p95 by type (admin)."""
-    window_s = 3600 if call.query(SeriesQuery).window == "hour" else 86_400
-    return _json(await call.runtime.overview.series(call.principal, window_s))
+    return _json(await call.runtime.overview.series(call.principal, call.query(SeriesQuery).window))
 
 
 async def metrics(call: Call) -> Response:
@@ -140,11 +139,8 @@ async def docs(call: Call) -> Response:
 
 async def docs_asset(call: Call) -> Response:
     """A file of Swagger UI (no token needed)."""
-    name = call.path_params["asset"]
-    if name not in _ASSETS:
-        raise NotFound("No such file.")
     headers = {"Cache-Control": "public, max-age=86400"}
-    return Response(_asset(name), media_type=_ASSETS[name], headers=headers)
+    return file_response(call.path_params["asset"], _ASSETS, _asset, headers)
 
 
 ROUTES = [

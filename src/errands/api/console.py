@@ -3,12 +3,12 @@ a client of the public API like any other. The files need no token; every call t
 
 from __future__ import annotations
 
+import functools
 from importlib import resources
 
 from starlette.responses import Response
 
-from errands.api.routing import Call, PathParam, Route
-from errands.errors import NotFound
+from errands.api.routing import Call, PathParam, Route, file_response
 
 _FILES = {
     "console.js": "text/javascript; charset=utf-8",
@@ -26,19 +26,20 @@ _HEADERS = {
 }
 
 
+@functools.cache
+def _read(name: str) -> bytes:
+    return _FOLDER.joinpath(name).read_bytes()
+
+
 async def console(call: Call) -> Response:
     """The console's page (sign in with the admin key or an owner token)."""
     del call
-    page = _FOLDER.joinpath("index.html").read_bytes()
-    return Response(page, media_type="text/html; charset=utf-8", headers=_HEADERS)
+    return Response(_read("index.html"), media_type="text/html; charset=utf-8", headers=_HEADERS)
 
 
 async def console_file(call: Call) -> Response:
     """A file of the console."""
-    name = call.path_params["file"]
-    if name not in _FILES:
-        raise NotFound("No such file.")
-    return Response(_FOLDER.joinpath(name).read_bytes(), media_type=_FILES[name], headers=_HEADERS)
+    return file_response(call.path_params["file"], _FILES, _read, _HEADERS)
 
 
 ROUTES = [

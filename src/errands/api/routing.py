@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from errands.api.errors import error_response, invalid, parse, response_for
 from errands.auth import Principal
-from errands.errors import InvalidRequest, Unauthorized
+from errands.errors import InvalidRequest, NotFound, Unauthorized
 
 if TYPE_CHECKING:
     from errands.runtime import Runtime
@@ -152,6 +152,16 @@ class Call:
 
 
 _SEGMENT = re.compile(r"\{([a-z_]+)\}")
+
+
+def file_response(
+    name: str, media_types: Mapping[str, str], read: Callable[[str], bytes], headers: Mapping[str, str]
+) -> Response:
+    """One of a fixed set of files (``media_types``: name to type); any other name is ``404``."""
+    media_type = media_types.get(name)
+    if media_type is None:
+        raise NotFound("No such file.")
+    return Response(read(name), media_type=media_type, headers=dict(headers))
 
 
 def _pattern(path: str, *, named: bool) -> str:
