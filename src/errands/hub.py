@@ -162,6 +162,7 @@ class Hub:
         self._poll_s = poll_s
         self._listeners: list[Listener] = []
         self._work: list[Callable[[Hint], None]] = []
+        self._wants = Hint.NONE  # the hints the on_hints callbacks want
         #: follow_only(): the tasks followed (id → the seq after which their events count),
         #: and the last seq read of each.
         self._only: Callable[[], Mapping[str, int]] | None = None
@@ -262,11 +263,21 @@ class Hub:
         wanted = Hint.WORK | Hint.ENDED if ends else Hint.WORK
         self.on_hints(lambda hint: callback() if hint & wanted else None)
 
-    def on_hints(self, callback: Callable[[Hint], None]) -> None:
+    def on_hints(self, callback: Callable[[Hint], None], *, wants: Hint = Hint.ALL) -> None:
         """``callback(hint)`` runs with the hints of each commit that may have made work: only
         ``WORK`` and ``LATER`` where the listeners see every event, and every hint with
-        :meth:`follow_only` (where they see only their tasks' events)."""
+        :meth:`follow_only` (where they see only their tasks' events). ``wants``: the hints
+        that matter to it (with :meth:`follow_only`, the store need not tell the others)."""
         self._work.append(callback)
+        self._wants |= wants
+        if self._only is not None and self.started:
+            self._store.subscribe(self)
+
+    @property
+    def wanted(self) -> Hint | None:
+        """Every commit while the log is followed; with :meth:`follow_only`, those that may
+        stop a followed task, and those the hint callbacks want."""
+        return None if self._only is None else Hint.STOPPED | self._wants
 
     def follow_only(self, tasks: Callable[[], Mapping[str, int]], *, poll_s: float) -> None:
         """Read only the events of ``tasks()`` (id → the seq after which they count), when the
@@ -277,6 +288,8 @@ class Hub:
             raise RuntimeError("only a worker process's hub on a store that tells commits follows tasks")
         self._only = tasks
         self._poll_s = poll_s
+        if self.started:
+            self._store.subscribe(self)
 
     def _announce(self, hint: Hint) -> None:
         if not hint:
@@ -315,7 +328,7 @@ class Hub:
                 log.exception("a commit listener failed")
         hint = hints((e.type, e.waits) for e in events)
         if self._only is not None:
-            self.remote_commit(hint)  # read like any other commit: only the followed tasks
+            self.remote_commit(hint, None)  # read like any other commit: only the followed tasks
             return
         # Fast path: our own commit directly follows what we delivered. Otherwise some other
         # process's events sit in between, and reading the log keeps the order.
@@ -327,9 +340,12 @@ class Hub:
         # whether a task waits (the log does not say), so LATER is passed on.
         self._announce(hint & _SHARED_HINTS)
 
-    def remote_commit(self, hint: Hint) -> None:
+    def remote_commit(self, hint: Hint, seq: int | None) -> None:
         if self._only is None:
-            self._wake.set()
+            # A commit at or below the last seq delivered was read already (this process's
+            # own, announced after its hub read the log): nothing more to read for it.
+            if seq is None or seq > self.last_seq:
+                self._wake.set()
             self._announce(hint & _SHARED_HINTS)
             return
         if hint & Hint.STOPPED:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import signal
 import socket
@@ -56,6 +57,15 @@ def bind(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
+
+
+def _settle_memory() -> None:
+    """A process of errands' own, started: what it made so far (modules, the app, the loops)
+    lives as long as it does, so the collector's full passes need not walk it again and again,
+    and its young objects are collected less often (a request or a task makes thousands).
+    Only in processes errands runs, never in an app that embeds it."""
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
 
 
 def _on_signals(handler: Callable[[], None]) -> Callable[[], None]:
@@ -187,6 +197,7 @@ async def serve(
         async with metrics_endpoint(runtime):
             with app.serving(runtime):
                 await api.start()
+                _settle_memory()
                 if on_ready is not None:
                     on_ready(runtime, api.url)
                 await api.wait()
@@ -211,6 +222,7 @@ async def work(app: Errands, settings: Settings, *, on_ready: Callable[[Runtime]
     try:
         async with metrics_endpoint(runtime):
             with app.serving(runtime):
+                _settle_memory()
                 if on_ready is not None:
                     on_ready(runtime)
                 await stop.wait()

@@ -327,11 +327,12 @@ class Recorder:
     def __init__(self) -> None:
         self.commits: list[list[int]] = []
         self.remote: list[Hint] = []
+        self.wanted: Hint | None = None
 
     def committed(self, events: Sequence[Event]) -> None:
         self.commits.append([e.seq for e in events])
 
-    def remote_commit(self, hint: Hint) -> None:
+    def remote_commit(self, hint: Hint, seq: int | None) -> None:
         self.remote.append(hint)
 
 

@@ -138,15 +138,18 @@ def test_a_change_that_leaves_its_task_waiting_hints_later_not_work() -> None:
 @pytest.mark.parametrize(
     ("payload", "expected"),
     [
-        ("123/0", Hint.NONE),
-        ("123/1", Hint.WORK),
-        (f"123/{(Hint.ENDED | Hint.STOPPED).value}", Hint.ENDED | Hint.STOPPED),
+        ("123/0", (Hint.NONE, 123)),
+        ("123/1", (Hint.WORK, 123)),
+        (f"123/{(Hint.ENDED | Hint.STOPPED).value}", (Hint.ENDED | Hint.STOPPED, 123)),
         # A node of an earlier version ("123+" or "123"), or anything unreadable: assume all.
-        ("123+", Hint.ALL),
-        ("123", Hint.ALL),
-        ("123/x", Hint.ALL),
-        ("123/4096", Hint.ALL),
+        ("123+", (Hint.ALL, None)),
+        ("123", (Hint.ALL, None)),
+        ("123/x", (Hint.ALL, None)),
+        ("123/4096", (Hint.ALL, None)),
+        ("x/1", (Hint.ALL, None)),
     ],
 )
-def test_a_notifications_hints_are_read_safely(payload: str, expected: Hint) -> None:
+def test_a_notifications_hints_and_seq_are_read_safely(
+    payload: str, expected: tuple[Hint, int | None]
+) -> None:
     assert notification_hint(payload) == expected

@@ -102,9 +102,15 @@ class CommitSubscriber(Protocol):
     def committed(self, events: Sequence[Event]) -> None:
         """This process committed ``events`` (in seq order), on the event loop, right after."""
 
-    def remote_commit(self, hint: Hint) -> None:
+    @property
+    def wanted(self) -> Hint | None:
+        """Which remote commits matter here: those with one of these hints, or every one
+        (``None``: the whole log is followed). A store may tell only those."""
+
+    def remote_commit(self, hint: Hint, seq: int | None) -> None:
         """Another process may have committed events, which may mean ``hint`` (all of it after
-        a reconnect). Stores that cannot tell (SQLite) never call it: readers poll their log."""
+        a reconnect); ``seq`` is the commit's last, when known. Stores that cannot tell (SQLite)
+        never call it: readers poll their log."""
 
 
 class Lifecycle(Protocol):
@@ -126,7 +132,7 @@ class Lifecycle(Protocol):
 
     def subscribe(self, subscriber: CommitSubscriber) -> None:
         """Set the one subscriber of commits (it catches up from the log when it starts, so
-        what committed before it subscribed is not lost)."""
+        what committed before it subscribed is not lost); again when what it wants changed."""
 
     async def hold_sweeper_lock(self) -> bool:
         """Whether this process should sweep now: one sweeper at a time where that can be
@@ -154,11 +160,14 @@ class Tasks(Protocol):
 
     async def list_tasks(self, query: TaskQuery) -> list[TaskRecord]: ...
 
-    async def apply(self, task_id: str, decide: Decision) -> TaskRecord:
+    async def apply(self, task_id: str, decide: Decision, *, seen: TaskRecord | None = None) -> TaskRecord:
         """Run ``decide`` on the current row and write its change and event atomically.
 
         Returns the task after the change (unchanged if ``decide`` returned ``None``). Raises
         :class:`NotFound`, or whatever ``decide`` raised, in which case nothing was written.
+        ``seen``: the row as the caller last saw it (or wrote it); a store may decide on it
+        without reading the row, and then writes the change only if the row is still as seen
+        (otherwise it decides again, on the row as it is): the result is the same.
         """
 
     async def apply_many(self, decisions: Sequence[tuple[str, Decision]]) -> list[Outcome]:

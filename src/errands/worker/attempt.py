@@ -37,6 +37,13 @@ class Held:
     stop_reason: StopReason | None = None
     finished: bool = False
     started_at: float = field(default_factory=time.monotonic)
+    #: The row as this worker last wrote it (its claim, then its progress and streams): what
+    #: its outcome may be decided on (``Tasks.apply``'s ``seen``).
+    latest: TaskRecord | None = None
+
+    def wrote(self, record: TaskRecord) -> None:
+        if self.latest is None or record.seq > self.latest.seq:
+            self.latest = record
 
 
 @dataclass(frozen=True, slots=True)

@@ -109,7 +109,10 @@ class Worker:
         self._stopping = False
         self._hub = hub
         hub.add_listener(self._on_event)
-        hub.on_hints(self._on_hints)
+        # An end elsewhere matters only where a limit counts the running tasks.
+        hub.on_hints(
+            self._on_hints, wants=Hint.WORK | Hint.LATER | (Hint.ENDED if self._limited else Hint.NONE)
+        )
 
     @property
     def running(self) -> int:
@@ -304,11 +307,13 @@ class Worker:
         async def write_progress(progress: int | None, message: str | None) -> None:
             now = self.clock.now()
             try:
-                await self.store.apply(
-                    record.id,
-                    lambda r: model.report_progress(
-                        r, now=now, lease_token=token, progress=progress, message=message
-                    ),
+                held.wrote(
+                    await self.store.apply(
+                        record.id,
+                        lambda r: model.report_progress(
+                            r, now=now, lease_token=token, progress=progress, message=message
+                        ),
+                    )
                 )
             except LeaseLost:
                 self.stop_task(record.id, StopReason.LOST)
@@ -326,11 +331,13 @@ class Worker:
                 while True:
                     now = self.clock.now()
                     try:
-                        await self.store.apply(
-                            record.id,
-                            lambda r, p=part, at=now: model.stream_output(  # type: ignore[misc]
-                                r, now=at, lease_token=token, name=p.name, index=p.index, chunks=p.chunks
-                            ),
+                        held.wrote(
+                            await self.store.apply(
+                                record.id,
+                                lambda r, p=part, at=now: model.stream_output(  # type: ignore[misc]
+                                    r, now=at, lease_token=token, name=p.name, index=p.index, chunks=p.chunks
+                                ),
+                            )
                         )
                         break
                     except LeaseLost:
@@ -366,7 +373,7 @@ class Worker:
             sink=progress,
             streams=streams,
         )
-        held = Held(record, task_type, ctx, progress, streams)
+        held = Held(record, task_type, ctx, progress, streams, latest=record)
         self._held[record.id] = held
         run = asyncio.create_task(
             self._attempt(held), name=f"errands-task-{record.id}", context=in_task(record.id, record.attempt)
@@ -380,7 +387,7 @@ class Worker:
             decide = await self._execute(held)
             if decide is not None:
                 held.finished = True
-                await self._write_outcome(record, decide)
+                await self._write_outcome(record, decide, held.latest)
         except LeaseLost:
             log.info("the outcome of task %s was refused: this worker lost its lease", record.id)
         except (NotFound, StoreError) as exc:
@@ -392,14 +399,15 @@ class Worker:
             self._held.pop(record.id, None)
             self._wake.set()
 
-    async def _write_outcome(self, record: TaskRecord, decide: Decision) -> None:
+    async def _write_outcome(self, record: TaskRecord, decide: Decision, seen: TaskRecord | None) -> None:
         """Write an attempt's outcome, retrying while the database is unreachable (a restart):
-        for as long as the lease could still be ours, the result is worth keeping."""
+        for as long as the lease could still be ours, the result is worth keeping. ``seen``: the
+        row as this worker last wrote it (the store may decide on it, see ``Tasks.apply``)."""
         deadline = time.monotonic() + max(self.settings.lease_s, 5.0)
         delay = 0.1
         while True:
             try:
-                await self.store.apply(record.id, decide)
+                await self.store.apply(record.id, decide, seen=seen)
                 return
             except StoreError:
                 if time.monotonic() + delay > deadline:

@@ -30,7 +30,7 @@ from errands.model import Event, TaskRecord
 from errands.store.base import CommitSubscriber, Hint
 from errands.store.columns import to_event
 from errands.store.migrations import fresh_schema, migrations
-from errands.store.postgres.sql import CHANNEL, HINT_MARK, STATEMENTS
+from errands.store.postgres.sql import HINT_MARK, STATEMENTS, listened
 from errands.store.postgres.writer import CONNECTION_ERRORS, PgTx, Writer
 from errands.store.records import LogRead
 from errands.store.shared import Mode, Tx, op_error
@@ -52,15 +52,23 @@ _LISTEN_IDLE_S = 60.0
 
 
 def session_settings(
-    *, idle_in_transaction_s: float | None = None, idle_s: float | None = None
+    *, idle_in_transaction_s: float | None = None, idle_s: float | None = None, writes: bool = False
 ) -> dict[str, str]:
-    """The settings every session of errands' starts with (they override the URL's)."""
+    """The settings every session of errands' starts with (they override the URL's); with
+    ``writes``, a session of the write path's, whose statements reach rows only through indexes
+    (see the writer's "Plans that stay cheap")."""
     settings = {
         "application_name": APPLICATION_NAME,
         # The log's bound relies on a fresh snapshot per statement (migration 0007), and the
         # write path on reading what committed before each statement.
         "default_transaction_isolation": "read committed",
     }
+    if writes:
+        settings["enable_seqscan"] = settings["enable_bitmapscan"] = "off"
+        # A plan that must still take a disabled path costs more than any threshold of the JIT
+        # compiler, which would then compile it on every execution (tens of milliseconds):
+        # short statements never gain from it.
+        settings["jit"] = "off"
     if idle_in_transaction_s is not None:
         ms = str(max(1, round(idle_in_transaction_s * 1000)))
         settings["idle_in_transaction_session_timeout"] = ms
@@ -71,14 +79,14 @@ def session_settings(
     return settings
 
 
-def notification_hint(payload: str) -> Hint:
-    """The hints of a notification (all of them when it cannot be read: a node of another
-    version)."""
-    _seq, mark, value = payload.partition(HINT_MARK)
+def notification_hint(payload: str) -> tuple[Hint, int | None]:
+    """The hints and the last seq of a notification (every hint and no seq when it cannot be
+    read: a node of another version)."""
+    seq, mark, value = payload.partition(HINT_MARK)
     try:
-        return Hint(int(value)) if mark else Hint.ALL
+        return (Hint(int(value)), int(seq)) if mark else (Hint.ALL, None)
     except ValueError:
-        return Hint.ALL
+        return Hint.ALL, None
 
 
 def safe_url(url: str) -> str:
@@ -89,6 +97,16 @@ def safe_url(url: str) -> str:
     scheme, _, credentials = head.partition("://")
     user = credentials.split(":", 1)[0]
     return f"{scheme}://{user}@{tail}"
+
+
+async def _either(*events: asyncio.Event) -> None:
+    """Until one of ``events`` is set."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -128,34 +146,52 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps)
         self._lock_idle_s = max(_LISTEN_IDLE_S, 4 * sweep_every_s)
         self._pool_size = max(2, pool_size)
         self._lanes = max(1, min(write_lanes, self._pool_size - 1))
-        self._pool: asyncpg.Pool | None = None
+        self._pool: asyncpg.Pool | None = None  # reads
+        self._write_pool: asyncpg.Pool | None = None  # the writer's lanes, and transactions of their own
         self._writer: Writer | None = None
         self._listener: asyncio.Task[None] | None = None
         self._listen_conn: asyncpg.Connection | None = None
         self._lock_conn: asyncpg.Connection | None = None
         self._lock_held = False
         self._subscriber: CommitSubscriber | None = None
+        self._channels_changed = asyncio.Event()
+        self._own_pids: set[int] = set()  # the server processes of the pool's connections
         self.listening = asyncio.Event()
 
     # -- life cycle ---------------------------------------------------------------------------
 
     def subscribe(self, subscriber: CommitSubscriber) -> None:
         self._subscriber = subscriber
+        self._channels_changed.set()  # the listener listens to what it wants now
+
+    def _channels(self) -> list[str]:
+        return listened(Hint.ALL if self._subscriber is None else self._subscriber.wanted)
 
     def _committed(self, events: Sequence[Event]) -> None:
         if self._subscriber is not None:
             self._subscriber.committed(events)
 
-    def _remote(self, hint: Hint) -> None:
+    def _remote(self, hint: Hint, seq: int | None = None) -> None:
         if self._subscriber is not None:
             try:
-                self._subscriber.remote_commit(hint)
+                self._subscriber.remote_commit(hint, seq)
             except Exception:
                 log.exception("the commit subscriber failed")
 
-    async def _session(self, **settings: float) -> asyncpg.Connection:
+    def _notified(self, _conn: object, pid: int, _channel: str, payload: object) -> None:
+        # This process's own commits reach the subscriber right after them (committed()):
+        # their notifications, which may come first, would only make it read the log twice.
+        if pid not in self._own_pids:
+            self._remote(*notification_hint(str(payload)))
+
+    async def _own_session(self, conn: asyncpg.Connection) -> None:
+        pid = conn.get_server_pid()
+        self._own_pids.add(pid)
+        conn.add_termination_listener(lambda _conn: self._own_pids.discard(pid))
+
+    async def _session(self, *, idle_s: float | None = None) -> asyncpg.Connection:
         """A connection of its own (not pooled), named as errands' (see the module docstring)."""
-        return await asyncpg.connect(self.url, timeout=10, server_settings=session_settings(**settings))
+        return await asyncpg.connect(self.url, timeout=10, server_settings=session_settings(idle_s=idle_s))
 
     async def _connect(self) -> asyncpg.Connection:
         try:
@@ -166,22 +202,32 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps)
     async def open(self, *, migrate: bool = True) -> None:
         if migrate:
             await self.migrate()
+        # Of the connections, one per lane and one for transactions of their own write; the
+        # rest read.
+        writes = min(self._lanes + 1, self._pool_size - 1)
         try:
-            self._pool = await asyncpg.create_pool(
-                self.url,
-                min_size=1,
-                max_size=self._pool_size,
-                command_timeout=30,
-                timeout=10,
-                reset=_keep_session,
-                server_settings=session_settings(idle_in_transaction_s=self._stall_s),
-            )
+            self._pool = await self._create_pool(self._pool_size - writes, writes=False)
+            self._write_pool = await self._create_pool(writes, writes=True)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            await self.close()
             raise ConfigError(f"Cannot connect to PostgreSQL at {safe_url(self.url)}: {exc}.") from None
         if not migrate and await self._pending_migrations():
             raise ConfigError("The database schema is not up to date; run `errands migrate`.")
-        self._writer = Writer(self._pool, self._committed, self._lanes)
+        self._writer = Writer(self._write_pool, self._committed, self._lanes)
         self._listener = asyncio.create_task(self._listen(), name="errands-pg-listen")
+
+    async def _create_pool(self, size: int, *, writes: bool) -> asyncpg.Pool:
+        pool: asyncpg.Pool = await asyncpg.create_pool(
+            self.url,
+            min_size=1,
+            max_size=size,
+            command_timeout=30,
+            timeout=10,
+            reset=_keep_session,
+            init=self._own_session,
+            server_settings=session_settings(idle_in_transaction_s=self._stall_s, writes=writes),
+        )
+        return pool
 
     async def close(self) -> None:
         if self._listener is not None:
@@ -197,13 +243,15 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps)
                 with contextlib.suppress(Exception):
                     await conn.close(timeout=2)
         self._listen_conn = self._lock_conn = None
-        if self._pool is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._pool.close(), 5)
-            self._pool = None
+        for pool in (self._pool, self._write_pool):
+            if pool is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(pool.close(), 5)
+        self._pool = self._write_pool = None
 
     async def _listen(self) -> None:
-        """Keep a LISTEN connection; on every (re)connect, tell the subscriber to catch up."""
+        """Keep a LISTEN connection on the channels the subscriber wants; on every (re)connect
+        and change of channels, tell the subscriber to catch up."""
         delay = 0.2
         while True:
             try:
@@ -211,16 +259,23 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps)
                 self._listen_conn = conn
                 lost = asyncio.Event()
                 conn.add_termination_listener(lambda _, gone=lost: gone.set())
-                await conn.add_listener(
-                    CHANNEL, lambda _c, _p, _n, payload: self._remote(notification_hint(payload))
-                )
-                self.listening.set()
-                delay = 0.2
-                self._remote(Hint.ALL)  # whatever was committed while not listening
+                channels: list[str] = []
+                self._channels_changed.set()
                 while not lost.is_set() and not conn.is_closed():
+                    if self._channels_changed.is_set():
+                        self._channels_changed.clear()
+                        wanted = self._channels()
+                        for channel in (c for c in wanted if c not in channels):  # new ones first
+                            await conn.add_listener(channel, self._notified)
+                        for channel in (c for c in channels if c not in wanted):
+                            await conn.remove_listener(channel, self._notified)
+                        channels = wanted
+                        self.listening.set()
+                        delay = 0.2
+                        self._remote(Hint.ALL)  # whatever was committed while not listening
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(lost.wait(), 5)
-                    if not lost.is_set():
+                        await asyncio.wait_for(_either(lost, self._channels_changed), 5)
+                    if not lost.is_set() and not self._channels_changed.is_set():
                         await conn.execute("SELECT 1")  # notice a silently dead connection
                 log.warning("listening for events failed: the connection was lost; reconnecting")
             except asyncio.CancelledError:
@@ -321,20 +376,21 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps)
         mode: Mode = "batch",
         task_id: str | None = None,
         creates: TaskRecord | None = None,
+        seen: TaskRecord | None = None,
     ) -> T:
         if mode == "own":
             return await self._own(op)
         if self._writer is None:
             raise StoreError("The store is closed.")
-        result: T = await self._writer.submit(op, mode=mode, task_id=task_id, creates=creates)
+        result: T = await self._writer.submit(op, mode=mode, task_id=task_id, creates=creates, seen=seen)
         return result
 
     async def _own(self, op: Callable[[PgTx], Awaitable[T]]) -> T:
         """A transaction of its own, outside the writer: for changes that touch no task."""
-        if self._pool is None:
+        if self._write_pool is None:
             raise StoreError("The store is closed.")
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
+            async with self._write_pool.acquire() as conn, conn.transaction():
                 tx = PgTx(conn)
                 result = await op(tx)
                 await tx.commit_changes()

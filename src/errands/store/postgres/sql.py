@@ -3,6 +3,7 @@ given), and the statements only its write path runs (see :mod:`.writer`)."""
 
 from __future__ import annotations
 
+from errands.store.base import Hint
 from errands.store.columns import (
     ATTEMPTS,
     COLUMNS,
@@ -16,12 +17,37 @@ from errands.store.columns import (
 )
 from errands.store.statements import ENDED, FIRST_IN_LINE, STARTABLE, Statements
 
-#: The channel every commit notifies (the payload is a wake-up with hints, see the store).
+#: The channel every commit notifies (the payload is a wake-up with hints, see the store): what
+#: a hub that follows the whole log listens to.
 CHANNEL = "errands_events"
+#: Channels that a commit also notifies when it has one of their hints: what a process that needs
+#: only those listens to (a worker process: work, and stops; ends where a limit counts them), so
+#: that the commits of claims and ends elsewhere do not wake it.
+HINT_CHANNELS = {
+    "errands_hints": Hint.WORK | Hint.LATER | Hint.STOPPED,
+    "errands_ended": Hint.ENDED,
+}
 #: Between a notification's two parts: the commit's last seq, and its hints (a Hint's value).
 HINT_MARK = "/"
 #: The seq base of the transaction (assigning its id if it has none yet), read beside a row.
 BASE = "(pg_current_xact_id()::text::bigint << 16)"
+
+
+def channels(hint: Hint) -> list[str]:
+    """The channels a commit with ``hint`` notifies."""
+    return [CHANNEL, *(name for name, wanted in HINT_CHANNELS.items() if hint & wanted)]
+
+
+def listened(wanted: Hint | None) -> list[str]:
+    """The channels a subscriber that wants ``wanted`` listens to (``None``: every commit)."""
+    if wanted is None:
+        return [CHANNEL]
+    return [name for name, hint in HINT_CHANNELS.items() if hint & wanted]
+
+
+def _notify(payload: str, channels_arg: str) -> str:
+    """An expression that notifies ``payload`` on each channel of a ``text[]`` argument."""
+    return f"(SELECT count(pg_notify(c, {payload})) FROM unnest({channels_arg}::text[]) AS c)"
 
 
 def _marks(n: int) -> str:
@@ -32,8 +58,17 @@ WRITTEN = tuple(c for c in MUTABLE if c != "seq")
 INSERTED = tuple(c for c in COLUMNS if c != "seq")
 
 
-def _commit_sql() -> str:
-    """The second phase of a write transaction: rows, events, notification; one round trip."""
+def _commit_sql(*, seen: bool = False) -> str:
+    """The second phase of a write transaction: rows, events, notification; one round trip.
+
+    With ``seen``, the changes were decided on rows as their writers last saw them, not read
+    here: the statement is a transaction of its own, and writes a change (and its event) only
+    where the row is still as seen (its seq, and the two columns written without one: the
+    lease's expiry and the next poll), locking those rows first (``NOWAIT``: a locked row fails
+    the statement, and the caller decides again on the row as it is). A row its seq says was
+    written by an older transaction is the only kind there can be (what the statement's
+    snapshot sees committed before the transaction took its id), checked all the same. It
+    returns the ids written."""
     n_rows = len(WRITTEN) + 2  # id, ord, then the columns
     row_args = ", ".join(
         f"${i + 2}::{t}[]" for i, t in enumerate(["text", "int4"] + [PG_TYPES[c] for c in WRITTEN])
@@ -43,7 +78,10 @@ def _commit_sql() -> str:
     event_types = ["int4", "text", "float8", "text", "text", "text", "text", "bytea"]
     event_args = ", ".join(f"${first_event + i}::{t}[]" for i, t in enumerate(event_types))
     sets = ", ".join(f"{c} = r.{c}" for c in WRITTEN)
-    return f"""
+    hint, chans = first_event + len(event_types), first_event + len(event_types) + 1
+    payload = f"(base + $1::int4)::text || '{HINT_MARK}' || ${hint}::text"
+    if not seen:
+        return f"""
 WITH s AS (
     SELECT {BASE} AS base
 ), written AS (
@@ -55,7 +93,33 @@ WITH s AS (
     SELECT s.base + e.ord, e.type, e.at, e.task_id, e.owner, e.task_type, e.status, e.task
     FROM s, unnest({event_args}) AS e(ord, type, at, task_id, owner, task_type, status, task)
 )
-SELECT base, pg_notify('{CHANNEL}', (base + $1::int4)::text || '{HINT_MARK}' || ${first_event + len(event_types)}::text) FROM s
+SELECT base, {_notify(payload, f"${chans}")} FROM s
+"""
+    x = chans + 1  # the rows as seen: ids, seqs, lease expiries, next polls
+    return f"""
+WITH s AS (
+    SELECT {BASE} AS base
+), still AS MATERIALIZED (
+    SELECT t.id FROM errands_tasks t
+    JOIN unnest(${x}::text[], ${x + 1}::int8[], ${x + 2}::float8[], ${x + 3}::float8[]) AS x(id, seq, lease, poll)
+      ON t.id = x.id
+    WHERE t.seq = x.seq AND t.seq < (SELECT base FROM s)
+      AND t.lease_expires_at IS NOT DISTINCT FROM x.lease AND t.poll_at IS NOT DISTINCT FROM x.poll
+    ORDER BY t.id FOR UPDATE OF t NOWAIT
+), written AS (
+    UPDATE errands_tasks t SET {sets}, seq = s.base + r.ord
+    FROM s, unnest({row_args}) AS r({row_names})
+    WHERE t.id = r.id AND t.id IN (SELECT id FROM still)
+    RETURNING t.id
+), events AS (
+    INSERT INTO errands_events ({EVENT_COLUMNS})
+    SELECT s.base + e.ord, e.type, e.at, e.task_id, e.owner, e.task_type, e.status, e.task
+    FROM s, unnest({event_args}) AS e(ord, type, at, task_id, owner, task_type, status, task)
+    WHERE e.task_id IN (SELECT id FROM written)
+)
+SELECT base, ARRAY(SELECT id FROM written),
+       CASE WHEN EXISTS (SELECT 1 FROM written) THEN {_notify(payload, f"${chans}")} END
+FROM s
 """
 
 
@@ -75,7 +139,7 @@ WITH ins AS (
     INSERT INTO errands_events ({EVENT_COLUMNS})
     SELECT seq, 'task.created', updated_at, id, owner, type, 'pending', ${n + 2} FROM ins
 )
-SELECT seq, pg_notify('{CHANNEL}', seq::text || '{HINT_MARK}' || ${n + 3}::int4::text) FROM ins
+SELECT seq, {_notify(f"seq::text || '{HINT_MARK}' || ${n + 3}::int4::text", f"${n + 4}")} FROM ins
 """
 
 
@@ -99,12 +163,13 @@ WITH r AS (
     SELECT ins.seq, 'task.created', ins.updated_at, ins.id, ins.owner, ins.type, 'pending', r.snapshot
     FROM ins JOIN r ON r.id = ins.id AND {BASE} + r.ord = ins.seq
 )
-SELECT id, seq, pg_notify('{CHANNEL}', (SELECT max(seq) FROM ins)::text || '{HINT_MARK}' || ${n + 3}::int4::text)
+SELECT id, seq, {_notify(f"(SELECT max(seq) FROM ins)::text || '{HINT_MARK}' || ${n + 3}::int4::text", f"${n + 4}")}
 FROM ins
 """
 
 
 COMMIT = _commit_sql()
+COMMIT_SEEN = _commit_sql(seen=True)
 INSERT_TASK = _insert_sql()
 INSERT_TASKS = _insert_many_sql()
 LOCK_TASKS = f"SELECT {SELECT_LIST}, {BASE} FROM errands_tasks WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE NOWAIT"

@@ -24,11 +24,21 @@ row it locks is read with the batch's seq base, and a row whose latest event is 
 the batch run again, younger. A claim (``SKIP LOCKED``, never waiting) always comes first in its
 transaction, so that takes its id as it locks what it claims.
 
-**Plans that stay cheap.** Write transactions begin with ``enable_seqscan`` and
-``enable_bitmapscan`` off: the task table is a queue whose partial indexes hold many entries of
-rows that have moved on until ``VACUUM``; an ordered index scan marks them dead as it passes and
-later scans skip them, a bitmap scan reads them every time, and plans cached while the table was
-small scan all of it for one row.
+**Changes decided on rows as seen.** A worker writing its attempt's outcome knows the row as it
+last wrote it. Such changes are decided on that record, unread, and written in one statement
+(no ``BEGIN`` or ``COMMIT`` of their own) that writes each only where the row is still as seen
+(:data:`.sql.COMMIT_SEEN`): four round trips become one. Those whose row changed meanwhile (a
+cancel, a renewed lease) are run again as usual: read, locked, decided.
+
+**Plans that stay cheap.** The write path's sessions have ``enable_seqscan`` and
+``enable_bitmapscan`` off (the store's ``session_settings``): the task table is a queue whose
+partial indexes hold many entries of rows that have moved on until ``VACUUM``; an ordered index
+scan marks them dead as it passes and later scans skip them, a bitmap scan reads them every
+time, and plans cached while the table was small scan all of it for one row. A claim is planned
+anew each time (``plan_cache_mode``, in its ``BEGIN``): a plan cached while the queue was small
+(a new database) reads every pending task and sorts them to claim a few, for as long as the
+session lives; planned with its parameters and the table's size now, it walks the queue's index
+in order.
 """
 
 from __future__ import annotations
@@ -50,6 +60,7 @@ from errands.store.base import hints
 from errands.store.columns import COLUMNS, to_record, values, with_seq
 from errands.store.postgres.sql import (
     COMMIT,
+    COMMIT_SEEN,
     INSERT_RECEIPTS,
     INSERT_TASK,
     INSERT_TASKS,
@@ -59,6 +70,7 @@ from errands.store.postgres.sql import (
     LOCK_TASKS,
     REPORT_TARGET,
     WRITTEN,
+    channels,
 )
 from errands.store.records import Receipt
 from errands.store.shared import Mode, Settlement, TxBase, op_error, settle
@@ -68,8 +80,8 @@ log = logging.getLogger("errands.store")
 _MAX_BATCH = 256
 _ATTEMPTS = 12
 _SEQ = COLUMNS.index("seq")
-#: How a write transaction begins, in one round trip (see "Plans that stay cheap" above).
-_BEGIN = "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off"
+#: How a claim's transaction begins, in one round trip (see "Plans that stay cheap" above).
+_BEGIN_CLAIM = "BEGIN; SET LOCAL enable_sort = off"
 CONNECTION_ERRORS = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
@@ -83,6 +95,10 @@ CONNECTION_ERRORS = (
 )
 if TYPE_CHECKING:
     Connection: TypeAlias = PoolConnectionProxy[asyncpg.Record] | asyncpg.Connection
+
+
+class _Unseen(Exception):
+    """A change decided on rows as seen needed a row it was not given: run it as usual."""
 
 
 class YoungerWrite(Exception):
@@ -125,6 +141,11 @@ class PgTx(TxBase):
         # first insert writes them all in one statement, and keeps each one's outcome here.
         self.declared: list[TaskRecord] = []
         self.inserted: dict[int, bool] = {}  # by id() of the record: created, or already there
+        #: Rows as their writers last saw them, taken as they are instead of read (no
+        #: transaction around the changes: see Writer._run_seen); those the commit found
+        #: changed since are left in ``unwritten``.
+        self.seen: dict[str, TaskRecord] | None = None
+        self.unwritten: set[str] = set()
 
     # -- statements ---------------------------------------------------------------------------
 
@@ -147,10 +168,16 @@ class PgTx(TxBase):
     async def load(self, task_id: str) -> TaskRecord | None:
         if task_id in self.overlay:
             return self.overlay[task_id]
+        if self.seen is not None:
+            if task_id not in self.seen:
+                raise _Unseen()
+            return self.seen[task_id]
         await self.lock((task_id,))
         return self.locked.get(task_id)
 
     async def lock(self, task_ids: Iterable[str]) -> None:
+        if self.seen is not None:
+            return  # nothing is read: each row is taken as seen
         ids = sorted(
             {i for i in task_ids if i not in self.overlay and i not in self.locked and i not in self.absent}
         )
@@ -192,10 +219,15 @@ class PgTx(TxBase):
         ordinals = range(self.ordinal + 1, self.ordinal + 1 + len(records))
         self.ordinal += len(records)
         snapshots = [r.public_json() for r in records]
-        hint = hints((EventType.CREATED, r.waits) for r in records).value
+        hint = hints((EventType.CREATED, r.waits) for r in records)
         if len(records) == 1:
             seq = await self.conn.fetchval(
-                INSERT_TASK, *values(records[0], INSERTED), ordinals[0], snapshots[0], hint
+                INSERT_TASK,
+                *values(records[0], INSERTED),
+                ordinals[0],
+                snapshots[0],
+                hint.value,
+                channels(hint),
             )
             seqs = {} if seq is None else {records[0].id: seq}
         else:
@@ -203,7 +235,9 @@ class PgTx(TxBase):
             arrays = [[row[i] for row in rows] for i in range(len(INSERTED))]
             seqs = {
                 i: q
-                for i, q, _ in await self.conn.fetch(INSERT_TASKS, *arrays, list(ordinals), snapshots, hint)
+                for i, q, _ in await self.conn.fetch(
+                    INSERT_TASKS, *arrays, list(ordinals), snapshots, hint.value, channels(hint)
+                )
             }
         for record, snapshot in zip(records, snapshots, strict=True):
             seq = seqs.get(record.id)
@@ -316,12 +350,23 @@ class PgTx(TxBase):
             snapshots,
         ]
         hint = hints((c.event, c.record.waits) for c in self.pending)
-        base = await self.conn.fetchval(
-            COMMIT, first + len(self.pending) - 1, *row_arrays, *event_arrays, str(hint.value)
-        )
+        args = [first + len(self.pending) - 1, *row_arrays, *event_arrays, str(hint.value), channels(hint)]
+        if self.seen is None:
+            base = await self.conn.fetchval(COMMIT, *args)
+        else:
+            as_seen = [self.seen[r.id] for r in finals]
+            row = await self.conn.fetchrow(
+                COMMIT_SEEN, *args, [r.id for r in as_seen], [r.seq for r in as_seen],
+                [r.lease_expires_at for r in as_seen], [r.poll_at for r in as_seen],
+            )  # fmt: skip
+            assert row is not None  # one row, always
+            base = row[0]
+            self.unwritten = {r.id for r in finals} - set(row[1])
         events = list(self.written)
         for ord_, (change, snapshot) in enumerate(zip(self.pending, snapshots, strict=True), start=first):
             record, kind = change.record, change.event
+            if record.id in self.unwritten:
+                continue
             seq = base + ord_
             if last_ord[record.id] == ord_:
                 object.__setattr__(record, "seq", seq)  # fresh records, not shared yet
@@ -342,12 +387,14 @@ class _Job(NamedTuple):
     mode: Mode
     task_id: str | None = None
     creates: TaskRecord | None = None
+    seen: TaskRecord | None = None
 
 
 @contextlib.asynccontextmanager
-async def indexed_transaction(conn: Connection) -> AsyncIterator[None]:
-    """A transaction whose statements reach rows only through indexes."""
-    await conn.execute(_BEGIN)
+async def transaction(conn: Connection, *, claims: bool = False) -> AsyncIterator[None]:
+    """A transaction (on a session of the write path's, see "Plans that stay cheap"). One that
+    ``claims`` plans its statements anew each time (see "Plans that stay cheap")."""
+    await conn.execute(_BEGIN_CLAIM if claims else "BEGIN")
     try:
         yield
     except BaseException:
@@ -373,15 +420,22 @@ class Writer:
         return all(not lane.done() for lane in self._lanes)
 
     def submit(
-        self, fn: _Op, *, mode: Mode = "batch", task_id: str | None = None, creates: TaskRecord | None = None
+        self,
+        fn: _Op,
+        *,
+        mode: Mode = "batch",
+        task_id: str | None = None,
+        creates: TaskRecord | None = None,
+        seen: TaskRecord | None = None,
     ) -> asyncio.Future[Any]:
         """``creates``: the record ``fn`` inserts before anything else, if it does (then the
-        creates of a batch are written in one statement)."""
+        creates of a batch are written in one statement); ``seen``: the row ``task_id`` as the
+        caller last saw it, which ``fn`` may be decided on (see the module docstring)."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if self._stopping:
             future.set_exception(StoreError("The store is closed."))
             return future
-        self._queue.append(_Job(fn, future, mode, task_id, creates))
+        self._queue.append(_Job(fn, future, mode, task_id, creates, seen if task_id is not None else None))
         self._wake.set()
         return future
 
@@ -402,8 +456,19 @@ class Writer:
                 await self._wake.wait()
                 continue
             batch = [self._queue.popleft()]
-            while self._queue and len(batch) < _MAX_BATCH and self._queue[0].mode != "first":
-                batch.append(self._queue.popleft())
+            if batch[0].seen is not None:
+                # Changes decided on rows as seen go together, one per task (a second change of
+                # the same task must be decided on the first's result).
+                tasks = {batch[0].task_id}
+                while (
+                    self._queue and len(batch) < _MAX_BATCH and self._queue[0].seen is not None
+                    and self._queue[0].task_id not in tasks
+                ):  # fmt: skip
+                    tasks.add(self._queue[0].task_id)
+                    batch.append(self._queue.popleft())
+            else:
+                while self._queue and len(batch) < _MAX_BATCH and self._queue[0].mode != "first":
+                    batch.append(self._queue.popleft())
             if self._queue:
                 self._wake.set()  # let another lane take the rest
             try:
@@ -418,6 +483,11 @@ class Writer:
                 )
 
     async def _run(self, batch: list[_Job]) -> None:
+        if batch[0].seen is not None:
+            left = await self._run_seen(batch)
+            if left:
+                await self._run([job._replace(seen=None) for job in left])
+            return
         if len(batch) > 1 and all(job.mode == "alone" and job.creates is not None for job in batch):
             for job in await self._create_many(batch):
                 await self._run([job])
@@ -448,6 +518,40 @@ class Writer:
                     log.exception("a commit listener failed")
             settle(results)
             return
+
+    async def _run_seen(self, batch: list[_Job]) -> list[_Job]:
+        """Changes decided on their rows as seen, in one statement (see the module docstring):
+        those written are settled; the others (the row changed, the decision refused or
+        changed nothing on the row as seen, the statement failed) are returned, to be run as
+        usual, on the row as it is."""
+        written: list[tuple[_Job, Any]] = []
+        try:
+            async with self._pool.acquire() as conn:
+                tx = PgTx(conn)
+                tx.seen = {job.seen.id: job.seen for job in batch if job.seen is not None}
+                decided: list[tuple[_Job, Any]] = []
+                for job in batch:
+                    mark = await tx.mark()
+                    try:
+                        result = await job.fn(tx)
+                    except Exception:  # perhaps only because the row seen is not the row as it is
+                        await tx.reset(mark)
+                        continue
+                    if len(tx.pending) == mark:  # nothing to write, which only the row as it is can say
+                        continue
+                    decided.append((job, result))
+                events = await tx.commit_changes()
+                written = [(job, result) for job, result in decided if job.task_id not in tx.unwritten]
+        except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:
+            log.debug("changes decided on rows as seen were not written (%s): deciding again", exc)
+            return batch
+        if events:
+            try:
+                self._on_commit(events)
+            except Exception:
+                log.exception("a commit listener failed")
+        settle([(job.future, result, None) for job, result in written])
+        return [job for job in batch if all(job is not w for w, _ in written)]
 
     async def _create_many(self, batch: list[_Job]) -> list[_Job]:
         """Creates that each would be one statement alone, as one statement (one commit for all):
@@ -487,7 +591,7 @@ class Writer:
                         raise
                     return [(future, None, exc)], tx.written
                 return [(future, result, None)], await tx.commit_changes()
-        async with self._pool.acquire() as conn, indexed_transaction(conn):
+        async with self._pool.acquire() as conn, transaction(conn, claims=batch[0].mode == "first"):
             tx = PgTx(conn)
             tx.declared = [job.creates for job in batch if job.creates is not None]
             results: list[_Result] = []

@@ -175,10 +175,12 @@ class Dialect:
         mode: Mode = "batch",
         task_id: str | None = None,
         creates: TaskRecord | None = None,
+        seen: TaskRecord | None = None,
     ) -> T:
         """Run ``op`` in a write transaction (see :data:`Mode`); ``task_id``, when known, is the
         task it will load (locked with the others' of its batch); ``creates``, the record ``op``
-        inserts first, if it does (written with the batch's other creates in one statement)."""
+        inserts first, if it does (written with the batch's other creates in one statement);
+        ``seen``, the row ``task_id`` as the caller last saw it (see ``Tasks.apply``)."""
         raise NotImplementedError
 
     def _where(self, conditions: Sequence[tuple[str, tuple[Any, ...] | None]]) -> tuple[str, list[Any]]:

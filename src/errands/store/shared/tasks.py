@@ -232,11 +232,13 @@ class TaskOps(Dialect):
             runs=[(r[0], max(0.0, r[1])) for r in runs],
         )
 
-    async def apply(self, task_id: str, decide: Decision) -> TaskRecord:
+    async def apply(self, task_id: str, decide: Decision, *, seen: TaskRecord | None = None) -> TaskRecord:
         async def op(tx: Tx) -> TaskRecord:
             return await tx.apply(task_id, decide)
 
-        return await self._write(op, task_id=task_id)
+        return await self._write(
+            op, task_id=task_id, seen=seen if seen is not None and seen.id == task_id else None
+        )
 
     async def apply_many(self, decisions: Sequence[tuple[str, Decision]]) -> list[Outcome]:
         async def op(tx: Tx) -> list[Outcome]:

@@ -214,8 +214,11 @@ class SqliteStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps):
         mode: Mode = "batch",
         task_id: str | None = None,
         creates: TaskRecord | None = None,
+        seen: TaskRecord | None = None,
     ) -> T:
-        del mode, task_id, creates  # one writer: every change shares its batch, and holds the one lock
+        # One writer: every change shares its batch, holds the one lock, and reads its row
+        # in-process (as cheap as taking it as seen).
+        del mode, task_id, creates, seen
         if self._writer is None:
             raise StoreError("The store is closed.")
         run: Callable[[SqliteTx], Awaitable[T]] = op  # an SqliteTx is a Tx
