@@ -33,7 +33,7 @@ from errands.errors import TooManyRequests
 from errands.model import Event, EventType, Status
 from errands.model.streams import StreamChoice
 from errands.store.base import EventLog as Log
-from errands.store.base import Hint, Lifecycle, TaskLog, hints
+from errands.store.base import Hint, Lifecycle, TaskLog, claimable, hints
 
 log = logging.getLogger("errands.hub")
 #: The hints a hub whose listeners see every event still passes on: work, and a task that waits
@@ -161,7 +161,7 @@ class Hub:
         self._snapshots = snapshots
         self._poll_s = poll_s
         self._listeners: list[Listener] = []
-        self._work: list[Callable[[Hint], None]] = []
+        self._work: list[Callable[[Hint, int], None]] = []
         self._wants = Hint.NONE  # the hints the on_hints callbacks want
         #: follow_only(): the tasks followed (id → the seq after which their events count),
         #: and the last seq read of each.
@@ -261,13 +261,14 @@ class Hub:
         tell, in another process: a worker claims at once instead of waiting for the hub's next
         read of the log."""
         wanted = Hint.WORK | Hint.ENDED if ends else Hint.WORK
-        self.on_hints(lambda hint: callback() if hint & wanted else None)
+        self.on_hints(lambda hint, _work: callback() if hint & wanted else None)
 
-    def on_hints(self, callback: Callable[[Hint], None], *, wants: Hint = Hint.ALL) -> None:
-        """``callback(hint)`` runs with the hints of each commit that may have made work: only
-        ``WORK`` and ``LATER`` where the listeners see every event, and every hint with
-        :meth:`follow_only` (where they see only their tasks' events). ``wants``: the hints
-        that matter to it (with :meth:`follow_only`, the store need not tell the others)."""
+    def on_hints(self, callback: Callable[[Hint, int], None], *, wants: Hint = Hint.ALL) -> None:
+        """``callback(hint, work)`` runs with the hints of each commit that may have made work,
+        and how many tasks it made claimable: only ``WORK`` and ``LATER`` where the listeners
+        see every event, and every hint with :meth:`follow_only` (where they see only their
+        tasks' events). ``wants``: the hints that matter to it (with :meth:`follow_only`, the
+        store need not tell the others)."""
         self._work.append(callback)
         self._wants |= wants
         if self._only is not None and self.started:
@@ -291,12 +292,12 @@ class Hub:
         if self.started:
             self._store.subscribe(self)
 
-    def _announce(self, hint: Hint) -> None:
+    def _announce(self, hint: Hint, work: int) -> None:
         if not hint:
             return
         for callback in self._work:
             try:
-                callback(hint)
+                callback(hint, work)
             except Exception:
                 log.exception("a work listener failed")
 
@@ -326,9 +327,10 @@ class Hub:
                 callback(events)
             except Exception:
                 log.exception("a commit listener failed")
-        hint = hints((e.type, e.waits) for e in events)
+        kinds = [(e.type, e.waits) for e in events]
+        hint, work = hints(kinds), claimable(kinds)
         if self._only is not None:
-            self.remote_commit(hint, None)  # read like any other commit: only the followed tasks
+            self.remote_commit(hint, None, work)  # read like any other commit: only the followed tasks
             return
         # Fast path: our own commit directly follows what we delivered. Otherwise some other
         # process's events sit in between, and reading the log keeps the order.
@@ -338,20 +340,20 @@ class Hub:
             self._wake.set()
         # Without follow_only, the listeners see every end in the events themselves; not
         # whether a task waits (the log does not say), so LATER is passed on.
-        self._announce(hint & _SHARED_HINTS)
+        self._announce(hint & _SHARED_HINTS, work)
 
-    def remote_commit(self, hint: Hint, seq: int | None) -> None:
+    def remote_commit(self, hint: Hint, seq: int | None, work: int) -> None:
         if self._only is None:
             # A commit at or below the last seq delivered was read already (this process's
             # own, announced after its hub read the log): nothing more to read for it.
             if seq is None or seq > self.last_seq:
                 self._wake.set()
-            self._announce(hint & _SHARED_HINTS)
+            self._announce(hint & _SHARED_HINTS, work)
             return
         if hint & Hint.STOPPED:
             self.stops += 1
             self._wake.set()
-        self._announce(hint)
+        self._announce(hint, work)
 
     def _deliver(self, events: Sequence[Event]) -> None:
         for event in events:

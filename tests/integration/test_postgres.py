@@ -248,6 +248,39 @@ async def test_write_transactions_reach_tasks_through_indexes(runtime_factory: R
     assert "Index Cond: (run_after <=" in due, plan
 
 
+async def test_a_claim_planned_while_the_queue_was_empty_still_walks_its_index(
+    runtime_factory: RuntimeFactory,
+) -> None:
+    """A plan cached while the queue was nearly empty (a new database: the sixth claim of a
+    session is planned once for good) must not read every pending task and sort them once the
+    queue has grown: a claim's transaction plans without sorting where an index gives the order."""
+    from errands.store.postgres import PostgresStore
+    from errands.store.postgres.sql import STATEMENTS
+    from errands.store.records import ClaimSpec
+
+    runtime = await runtime_factory(app, workers=False)
+    store = runtime.store
+    assert isinstance(store, PostgresStore)
+    # The statistics of a queue that has run dry (autovacuum's, early in a database's life).
+    for i in range(3):
+        await runtime.service.submit(SubmitRequest(type="work", id=f"few{i}"), SYSTEM)
+    assert len(await store.claim(worker_id="w", specs=[ClaimSpec("work")], limit=10, lease_s=60)) == 3
+    await store._fetch("ANALYZE errands_tasks")
+
+    async def generic_plan(tx: Any) -> str:
+        await tx.conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        await tx.conn.execute(f"PREPARE empty_queue_claim(text[], float8, int4) AS {STATEMENTS.claim}")
+        try:
+            rows = await tx.conn.fetch("EXPLAIN EXECUTE empty_queue_claim('{work}', 1e12, 20)")
+        finally:
+            await tx.conn.execute("DEALLOCATE empty_queue_claim")
+        return "\n".join(r[0] for r in rows)
+
+    plan = await store._write(generic_plan, mode="first")
+    queued = plan.split("CTE queued")[1].split("CTE due")[0]
+    assert "Index Scan using errands_tasks_queue" in queued and "Sort" not in queued, plan
+
+
 async def test_meta_setdefault_answers_the_value_a_concurrent_first_start_committed(
     postgres_database: str,
 ) -> None:

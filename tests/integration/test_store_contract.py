@@ -233,6 +233,97 @@ async def test_claim_respects_concurrency_per_owner(store: Store, clock: ManualC
     assert [t.id for t in await store.claim(worker_id="w", specs=spec, limit=10, lease_s=30)] == ["a2"]
 
 
+async def test_a_change_decided_on_the_row_as_seen_is_written_once(store: Store, clock: ManualClock) -> None:
+    """``apply(..., seen=row)``, the row as the caller last wrote it (a worker's outcome): the
+    same task and events as without it."""
+    await store.create(new_task("t1"))
+    [claimed] = await store.claim(worker_id="w", specs=SPEC, limit=1, lease_s=30)
+    token = claimed.lease_token or ""
+    done = await store.apply(
+        "t1", lambda r: model.complete(r, now=clock.now(), lease_token=token, result=7), seen=claimed
+    )
+    assert done.status is Status.COMPLETED and done.result == 7 and done.seq > claimed.seq
+    assert [e.type for e in await store.events("t1")] == [
+        EventType.CREATED,
+        EventType.PROCESSING,
+        EventType.COMPLETED,
+    ]
+    assert await store.get("t1") == done
+
+
+async def test_a_change_decided_on_an_older_row_is_decided_again_on_the_row_as_it_is(
+    store: Store, clock: ManualClock
+) -> None:
+    """A row that changed since it was seen, even in a column written without a new event (a
+    renewed lease), is read again and the change decided on it: a write decided on an older
+    read never undoes a later one, and a refused one stays refused."""
+    await store.create(new_task("t1"))
+    [claimed] = await store.claim(worker_id="w", specs=SPEC, limit=1, lease_s=30)
+    token = claimed.lease_token or ""
+    clock.advance(20)
+    assert await store.renew({"t1": token}, 30) == set()  # same seq, a later expiry
+    progress = await store.apply(
+        "t1",
+        lambda r: model.report_progress(r, now=clock.now(), lease_token=token, progress=40, message="half"),
+        seen=claimed,
+    )
+    assert progress.progress == 40 and progress.lease_expires_at == clock.now() + 30
+    got = await store.get("t1")
+    assert isinstance(got, model.TaskRecord) and got.lease_expires_at == clock.now() + 30
+    # Seen before the progress: decided again on the row with it.
+    done = await store.apply(
+        "t1", lambda r: model.complete(r, now=clock.now(), lease_token=token, result=None), seen=claimed
+    )
+    assert done.status is Status.COMPLETED and done.progress == 100 and done.message == "half"
+    # Cancelled meanwhile (the worker had not heard yet): its outcome is refused as it would be.
+    await store.create(new_task("t2"))
+    [second] = await store.claim(worker_id="w", specs=SPEC, limit=1, lease_s=30)
+    await store.apply("t2", lambda r: model.cancel(r, now=clock.now()))
+    before = await event_count(store)
+    stale = second.lease_token or ""
+    with pytest.raises(LeaseLost):
+        await store.apply(
+            "t2", lambda r: model.complete(r, now=clock.now(), lease_token=stale, result=1), seen=second
+        )
+    assert await event_count(store) == before
+    got = await store.get("t2")
+    assert isinstance(got, model.TaskRecord) and got.status is Status.CANCELLED
+
+
+async def test_outcomes_decided_on_rows_as_seen_land_together_or_each_as_it_must(
+    store: Store, clock: ManualClock
+) -> None:
+    """Many outcomes at once, some on rows that changed since: each task ends as decided on
+    its row as it is, with one event each."""
+    for i in range(30):
+        await store.create(new_task(f"t{i}"))
+    claimed = await store.claim(worker_id="w", specs=SPEC, limit=30, lease_s=30)
+    assert len(claimed) == 30
+    for record in claimed[::3]:
+        await store.apply(record.id, lambda r: model.cancel(r, now=clock.now()))
+    outcomes = await asyncio.gather(
+        *(
+            store.apply(
+                r.id,
+                lambda row, t=r.lease_token or "": model.complete(
+                    row, now=clock.now(), lease_token=t, result=1
+                ),
+                seen=r,
+            )
+            for r in claimed
+        ),
+        return_exceptions=True,
+    )
+    lost = {r.id for r, o in zip(claimed, outcomes, strict=True) if isinstance(o, LeaseLost)}
+    assert lost == {r.id for r in claimed[::3]}
+    for record in claimed:
+        got = await store.get(record.id)
+        assert isinstance(got, model.TaskRecord)
+        assert got.status is (Status.CANCELLED if record.id in lost else Status.COMPLETED)
+        kinds = [e.type for e in await store.events(record.id)]
+        assert kinds.count(EventType.COMPLETED) == (0 if record.id in lost else 1), kinds
+
+
 async def test_renew_extends_the_lease(store: Store, clock: ManualClock) -> None:
     await store.create(new_task("t1"))
     [claimed] = await store.claim(worker_id="w", specs=SPEC, limit=1, lease_s=30)
@@ -332,7 +423,7 @@ class Recorder:
     def committed(self, events: Sequence[Event]) -> None:
         self.commits.append([e.seq for e in events])
 
-    def remote_commit(self, hint: Hint, seq: int | None) -> None:
+    def remote_commit(self, hint: Hint, seq: int | None, work: int) -> None:
         self.remote.append(hint)
 
 

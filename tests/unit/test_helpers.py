@@ -138,18 +138,42 @@ def test_a_change_that_leaves_its_task_waiting_hints_later_not_work() -> None:
 @pytest.mark.parametrize(
     ("payload", "expected"),
     [
-        ("123/0", (Hint.NONE, 123)),
-        ("123/1", (Hint.WORK, 123)),
-        (f"123/{(Hint.ENDED | Hint.STOPPED).value}", (Hint.ENDED | Hint.STOPPED, 123)),
-        # A node of an earlier version ("123+" or "123"), or anything unreadable: assume all.
-        ("123+", (Hint.ALL, None)),
-        ("123", (Hint.ALL, None)),
-        ("123/x", (Hint.ALL, None)),
-        ("123/4096", (Hint.ALL, None)),
-        ("x/1", (Hint.ALL, None)),
+        ("123/0/0", (Hint.NONE, 123, 0)),
+        ("123/1/8", (Hint.WORK, 123, 8)),
+        (f"123/{(Hint.ENDED | Hint.STOPPED).value}/0", (Hint.ENDED | Hint.STOPPED, 123, 0)),
+        # A node of an earlier version ("123/1", "123+" or "123"), or anything unreadable: assume all.
+        ("123/1", (Hint.WORK, 123, 1)),
+        ("123/0", (Hint.NONE, 123, 0)),
+        ("123+", (Hint.ALL, None, 1)),
+        ("123", (Hint.ALL, None, 1)),
+        ("123/x", (Hint.ALL, None, 1)),
+        ("123/1/x", (Hint.ALL, None, 1)),
+        ("123/4096", (Hint.ALL, None, 1)),
+        ("x/1", (Hint.ALL, None, 1)),
     ],
 )
-def test_a_notifications_hints_and_seq_are_read_safely(
-    payload: str, expected: tuple[Hint, int | None]
+def test_a_notifications_hints_seq_and_work_are_read_safely(
+    payload: str, expected: tuple[Hint, int | None, int]
 ) -> None:
     assert notification_hint(payload) == expected
+
+
+def test_workers_that_share_the_work_claim_as_seldom_together_as_one_would() -> None:
+    from errands.worker.loop import claim_share
+
+    # Alone: it takes what is announced, and claims after the shortest gap.
+    assert claim_share(1.0, announced=5, claimed=5, free=20) == 1.0
+    # One of four: it takes a quarter; the estimate moves halfway each claim, towards four.
+    share = 1.0
+    for _ in range(8):
+        share = claim_share(share, announced=40, claimed=10, free=20)
+    assert 3.9 < share <= 4.0
+    # Others took everything: it backs off, up to a bound.
+    for _ in range(20):
+        share = claim_share(share, announced=8, claimed=0, free=20)
+    assert share == 16.0
+    # A claim that filled every slot says nothing about the others.
+    assert claim_share(3.0, announced=100, claimed=20, free=20) == 3.0
+    # A claim with nothing announced (a timer, a freed slot) brings it back towards one.
+    assert claim_share(16.0, announced=0, claimed=3, free=20) == 8.0
+    assert claim_share(1.5, announced=0, claimed=0, free=20) == 1.0

@@ -96,6 +96,12 @@ def hints(events: Iterable[tuple[EventType, bool]]) -> Hint:
     return found
 
 
+def claimable(events: Iterable[tuple[EventType, bool]]) -> int:
+    """How many tasks a commit that wrote events of these types (each with whether it left its
+    task waiting) made claimable now: what its ``WORK`` hint stands for."""
+    return sum(1 for kind, waits in events if not waits and _HINTS.get(kind, Hint.NONE) & Hint.WORK)
+
+
 class CommitSubscriber(Protocol):
     """The one listener of a store's commits (the hub, which tells everyone else)."""
 
@@ -107,10 +113,10 @@ class CommitSubscriber(Protocol):
         """Which remote commits matter here: those with one of these hints, or every one
         (``None``: the whole log is followed). A store may tell only those."""
 
-    def remote_commit(self, hint: Hint, seq: int | None) -> None:
+    def remote_commit(self, hint: Hint, seq: int | None, work: int) -> None:
         """Another process may have committed events, which may mean ``hint`` (all of it after
-        a reconnect); ``seq`` is the commit's last, when known. Stores that cannot tell (SQLite)
-        never call it: readers poll their log."""
+        a reconnect); ``seq`` is the commit's last, when known, and ``work`` how many tasks it
+        made claimable. Stores that cannot tell (SQLite) never call it: readers poll their log."""
 
 
 class Lifecycle(Protocol):

@@ -42,10 +42,27 @@ from errands.worker.streams import Part, Streams
 
 log = logging.getLogger("errands.worker")
 
-#: The shortest time between a claim that emptied the queue and the next one (see _idle),
-#: doubled after each claim in a row that found nothing, up to 2**_MAX_EMPTY times.
+#: The shortest time between a claim that emptied the queue and the next one (see _idle), for
+#: a worker that takes what is announced; one that shares it with others waits as many times
+#: longer (see claim_share), up to _MAX_SHARE times.
 _CLAIM_GAP_S = 0.004
-_MAX_EMPTY = 4
+_MAX_SHARE = 16.0
+
+
+def claim_share(share: float, *, announced: int, claimed: int, free: int) -> float:
+    """About how many workers share the work announced to this one, from its last claim: it
+    took ``claimed`` of the ``announced`` tasks made claimable since the claim before (with
+    ``free`` slots to fill). Each claim moves the estimate halfway to what it saw, between 1
+    and :data:`_MAX_SHARE`; a claim that found nothing of what was announced saw twice as many
+    sharers as thought; a claim that filled every slot says nothing of the others.
+
+    A worker waits ``share`` times the claim gap between claims: N workers under a steady
+    stream of work each claim every N gaps, so that together they claim as often, and in
+    batches as large, as one would; alone, or when the stream stops, it claims at once again."""
+    if claimed >= free:
+        return share
+    seen = announced / claimed if claimed else 2 * share if announced else 0.0
+    return min(_MAX_SHARE, max(1.0, (share + seen) / 2))
 
 
 def default_worker_id() -> str:
@@ -95,8 +112,8 @@ class Worker:
         self._ready_stale = True
         self._last_claim = -1e9  # loop time of the last claim
         self._claimed_at = 0.0  # the clock's time as the last claim began
-        self._empty_claims = 0  # claims in a row, made on news of work, that found nothing
-        self._work_news = False  # whether work was announced since the last claim
+        self._announced = 0  # tasks announced as claimable since the last claim
+        self._share = 1.0  # about how many workers share them (see claim_share)
         #: Whether a claim could find something: set by announcements of work, by a claim that
         #: filled every free slot, and at start; cleared by each claim.
         self._maybe_work = True
@@ -157,7 +174,7 @@ class Worker:
             self._maybe_work = True
             self._wake.set()
 
-    def _on_hints(self, hint: Hint) -> None:
+    def _on_hints(self, hint: Hint, work: int) -> None:
         # Where the hub follows only this worker's tasks (a worker process), the hints stand in
         # for the events _on_event would have seen: a task may wait to be due (delayed, or a
         # retry's backoff), and an end may give an owner's turn away.
@@ -171,7 +188,7 @@ class Worker:
             # announcements of several commits into one claim); a full one claims when a slot
             # comes free.
             self._maybe_work = True
-            self._work_news = self._work_news or bool(hint & Hint.WORK)
+            self._announced += work
             if len(self._held) < self.settings.concurrency:
                 self._wake.set()
 
@@ -210,7 +227,7 @@ class Worker:
                 self._maybe_work = False
                 try:
                     self._last_claim = asyncio.get_running_loop().time()
-                    stops, news, self._work_news = self._hub.stops, self._work_news, False
+                    stops, announced, self._announced = self._hub.stops, self._announced, 0
                     self._claimed_at = self.clock.now()
                     held = await self._holds.held_types(self._claimed_at)
                     specs = [s for s in self._specs if s.type not in held] if held else self._specs
@@ -223,12 +240,7 @@ class Worker:
                     log.exception("claiming tasks failed")
                     await asyncio.sleep(min(10.0, 0.2 * 2**failures))
                     continue
-                # Only news of work that others took first is a sign to back off (not an end that
-                # freed no turn, nor a full claim's look for more).
-                if claimed:
-                    self._empty_claims = 0
-                elif news:
-                    self._empty_claims = min(_MAX_EMPTY, self._empty_claims + 1)
+                self._share = claim_share(self._share, announced=announced, claimed=len(claimed), free=free)
                 self._flow_at = claimed.retry_at
                 for record in claimed:
                     self._start(record)
@@ -274,10 +286,10 @@ class Worker:
             self._maybe_work = True  # a rate allows the next start
         # The queue was empty a moment ago. When work arrives as fast as it is taken, every new
         # task wakes every worker: wait out a short gap since the last claim, so the next claim
-        # takes what came meanwhile instead of each worker claiming (mostly nothing) per task.
-        # A worker whose claims keep finding nothing (others took it first) waits longer: the
-        # workers that find work claim at once, the others stop claiming per announcement.
-        gap = _CLAIM_GAP_S * 2**self._empty_claims
+        # takes what came meanwhile instead of each worker claiming (mostly nothing) per task;
+        # as many times longer as workers share the work, so that together they claim no more
+        # often than one would (see claim_share).
+        gap = _CLAIM_GAP_S * self._share
         pause = self._last_claim + gap - asyncio.get_running_loop().time()
         if pause > 0:
             await asyncio.sleep(pause)

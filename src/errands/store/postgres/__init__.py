@@ -79,14 +79,18 @@ def session_settings(
     return settings
 
 
-def notification_hint(payload: str) -> tuple[Hint, int | None]:
-    """The hints and the last seq of a notification (every hint and no seq when it cannot be
-    read: a node of another version)."""
-    seq, mark, value = payload.partition(HINT_MARK)
+def notification_hint(payload: str) -> tuple[Hint, int | None, int]:
+    """The hints, the last seq and the tasks made claimable of a notification (``seq/hint/work``;
+    every hint, no seq and one task when it cannot be read: a node of another version)."""
+    seq, mark, rest = payload.partition(HINT_MARK)
+    value, _, work = rest.partition(HINT_MARK)
     try:
-        return (Hint(int(value)), int(seq)) if mark else (Hint.ALL, None)
+        if not mark:
+            raise ValueError(payload)
+        hint = Hint(int(value))
+        return hint, int(seq), int(work) if work else int(bool(hint & Hint.WORK))
     except ValueError:
-        return Hint.ALL, None
+        return Hint.ALL, None, 1
 
 
 def safe_url(url: str) -> str:
@@ -171,10 +175,10 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps)
         if self._subscriber is not None:
             self._subscriber.committed(events)
 
-    def _remote(self, hint: Hint, seq: int | None = None) -> None:
+    def _remote(self, hint: Hint, seq: int | None = None, work: int = 1) -> None:
         if self._subscriber is not None:
             try:
-                self._subscriber.remote_commit(hint, seq)
+                self._subscriber.remote_commit(hint, seq, work)
             except Exception:
                 log.exception("the commit subscriber failed")
 

@@ -27,7 +27,8 @@ HINT_CHANNELS = {
     "errands_hints": Hint.WORK | Hint.LATER | Hint.STOPPED,
     "errands_ended": Hint.ENDED,
 }
-#: Between a notification's two parts: the commit's last seq, and its hints (a Hint's value).
+#: Between a notification's parts: the commit's last seq, its hints (a Hint's value), and how
+#: many tasks it made claimable (``seq/hint/work``).
 HINT_MARK = "/"
 #: The seq base of the transaction (assigning its id if it has none yet), read beside a row.
 BASE = "(pg_current_xact_id()::text::bigint << 16)"
@@ -36,6 +37,11 @@ BASE = "(pg_current_xact_id()::text::bigint << 16)"
 def channels(hint: Hint) -> list[str]:
     """The channels a commit with ``hint`` notifies."""
     return [CHANNEL, *(name for name, wanted in HINT_CHANNELS.items() if hint & wanted)]
+
+
+def payload(hint: Hint, work: int) -> str:
+    """A notification's parts after its seq (see :data:`HINT_MARK`)."""
+    return f"{hint.value}{HINT_MARK}{work}"
 
 
 def listened(wanted: Hint | None) -> list[str]:
@@ -125,7 +131,8 @@ FROM s
 
 def _insert_sql() -> str:
     """A create in one statement: the row with its final seq, its event, the notification (its
-    hint the last parameter: work now, or later for a delayed task)."""
+    hints and work, ``hint/work``, the last parameters but one: work now, or later for a
+    delayed task)."""
     n = len(INSERTED)
     row = [f"${i + 1}::{PG_TYPES[c]}" for i, c in enumerate(INSERTED)]
     return f"""
@@ -139,7 +146,7 @@ WITH ins AS (
     INSERT INTO errands_events ({EVENT_COLUMNS})
     SELECT seq, 'task.created', updated_at, id, owner, type, 'pending', ${n + 2} FROM ins
 )
-SELECT seq, {_notify(f"seq::text || '{HINT_MARK}' || ${n + 3}::int4::text", f"${n + 4}")} FROM ins
+SELECT seq, {_notify(f"seq::text || '{HINT_MARK}' || ${n + 3}::text", f"${n + 4}")} FROM ins
 """
 
 
@@ -163,7 +170,7 @@ WITH r AS (
     SELECT ins.seq, 'task.created', ins.updated_at, ins.id, ins.owner, ins.type, 'pending', r.snapshot
     FROM ins JOIN r ON r.id = ins.id AND {BASE} + r.ord = ins.seq
 )
-SELECT id, seq, {_notify(f"(SELECT max(seq) FROM ins)::text || '{HINT_MARK}' || ${n + 3}::int4::text", f"${n + 4}")}
+SELECT id, seq, {_notify(f"(SELECT max(seq) FROM ins)::text || '{HINT_MARK}' || ${n + 3}::text", f"${n + 4}")}
 FROM ins
 """
 

@@ -34,11 +34,13 @@ cancel, a renewed lease) are run again as usual: read, locked, decided.
 ``enable_bitmapscan`` off (the store's ``session_settings``): the task table is a queue whose
 partial indexes hold many entries of rows that have moved on until ``VACUUM``; an ordered index
 scan marks them dead as it passes and later scans skip them, a bitmap scan reads them every
-time, and plans cached while the table was small scan all of it for one row. A claim is planned
-anew each time (``plan_cache_mode``, in its ``BEGIN``): a plan cached while the queue was small
-(a new database) reads every pending task and sorts them to claim a few, for as long as the
-session lives; planned with its parameters and the table's size now, it walks the queue's index
-in order.
+time, and plans cached while the table was small scan all of it for one row. A claim's
+transaction also plans without sorts (``SET LOCAL enable_sort``, in its ``BEGIN``): a plan cached
+while the statistics said the queue was empty (early in a database's life) would read every
+pending task through another index and sort them to claim a few, for as long as the session
+lives; without sorts, each part of the queue is walked in its index's order. (Neither path is
+forbidden, only priced out, which would make the JIT compiler compile every such plan: the write
+path's sessions have ``jit`` off.)
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from errands.errors import StoreError
 from errands.model import Change, Event, EventType, TaskRecord
-from errands.store.base import hints
+from errands.store.base import claimable, hints
 from errands.store.columns import COLUMNS, to_record, values, with_seq
 from errands.store.postgres.sql import (
     COMMIT,
@@ -71,6 +73,7 @@ from errands.store.postgres.sql import (
     REPORT_TARGET,
     WRITTEN,
     channels,
+    payload,
 )
 from errands.store.records import Receipt
 from errands.store.shared import Mode, Settlement, TxBase, op_error, settle
@@ -220,14 +223,10 @@ class PgTx(TxBase):
         self.ordinal += len(records)
         snapshots = [r.public_json() for r in records]
         hint = hints((EventType.CREATED, r.waits) for r in records)
+        notice = payload(hint, sum(not r.waits for r in records))
         if len(records) == 1:
             seq = await self.conn.fetchval(
-                INSERT_TASK,
-                *values(records[0], INSERTED),
-                ordinals[0],
-                snapshots[0],
-                hint.value,
-                channels(hint),
+                INSERT_TASK, *values(records[0], INSERTED), ordinals[0], snapshots[0], notice, channels(hint)
             )
             seqs = {} if seq is None else {records[0].id: seq}
         else:
@@ -236,7 +235,7 @@ class PgTx(TxBase):
             seqs = {
                 i: q
                 for i, q, _ in await self.conn.fetch(
-                    INSERT_TASKS, *arrays, list(ordinals), snapshots, hint.value, channels(hint)
+                    INSERT_TASKS, *arrays, list(ordinals), snapshots, notice, channels(hint)
                 )
             }
         for record, snapshot in zip(records, snapshots, strict=True):
@@ -349,8 +348,10 @@ class PgTx(TxBase):
             [c.record.status.value for c in self.pending],
             snapshots,
         ]
-        hint = hints((c.event, c.record.waits) for c in self.pending)
-        args = [first + len(self.pending) - 1, *row_arrays, *event_arrays, str(hint.value), channels(hint)]
+        kinds = [(c.event, c.record.waits) for c in self.pending]
+        hint = hints(kinds)
+        notice = payload(hint, claimable(kinds))
+        args = [first + len(self.pending) - 1, *row_arrays, *event_arrays, notice, channels(hint)]
         if self.seen is None:
             base = await self.conn.fetchval(COMMIT, *args)
         else:
@@ -392,8 +393,8 @@ class _Job(NamedTuple):
 
 @contextlib.asynccontextmanager
 async def transaction(conn: Connection, *, claims: bool = False) -> AsyncIterator[None]:
-    """A transaction (on a session of the write path's, see "Plans that stay cheap"). One that
-    ``claims`` plans its statements anew each time (see "Plans that stay cheap")."""
+    """A transaction (on a session of the write path's, see "Plans that stay cheap"); one that
+    ``claims`` plans without sorts."""
     await conn.execute(_BEGIN_CLAIM if claims else "BEGIN")
     try:
         yield
