@@ -86,20 +86,26 @@ _HINTS = {
 }
 
 
+# The same as plain numbers (flag arithmetic builds enum members, and this runs per event).
+_NOW = {kind: hint.value for kind, hint in _HINTS.items()}
+_LATER = {kind: (hint & ~Hint.WORK | Hint.LATER).value for kind, hint in _HINTS.items()}
+_WORK = frozenset(kind for kind, hint in _HINTS.items() if hint & Hint.WORK)
+_LATER_ONLY = Hint.LATER.value
+
+
 def hints(events: Iterable[tuple[EventType, bool]]) -> Hint:
     """The hints of a commit that wrote events of these types, each with whether it left its
     task waiting to be due (:attr:`errands.model.TaskRecord.waits`)."""
-    found = Hint.NONE
+    found = 0
     for kind, waits in events:
-        hint = _HINTS.get(kind, Hint.NONE)
-        found |= hint & ~Hint.WORK | Hint.LATER if waits else hint
-    return found
+        found |= _LATER.get(kind, _LATER_ONLY) if waits else _NOW.get(kind, 0)
+    return Hint(found)
 
 
 def claimable(events: Iterable[tuple[EventType, bool]]) -> int:
     """How many tasks a commit that wrote events of these types (each with whether it left its
     task waiting) made claimable now: what its ``WORK`` hint stands for."""
-    return sum(1 for kind, waits in events if not waits and _HINTS.get(kind, Hint.NONE) & Hint.WORK)
+    return sum(1 for kind, waits in events if not waits and kind in _WORK)
 
 
 class CommitSubscriber(Protocol):
