@@ -87,6 +87,30 @@ async def test_a_burst_of_creates_answers_each_as_if_it_were_alone(store: Store,
         assert event.seq == record.seq and event.type is EventType.CREATED
 
 
+async def test_a_batch_of_creates_stores_every_field_of_each(store: Store, clock: ManualClock) -> None:
+    """A batch's rows name only the columns some of its tasks set (SQLite): each task reads back
+    as created, whether it set a rare field or left it empty, and so do later batches."""
+    for rare in ("key", "notify_url", "start_within_s", None):
+        extra: dict[str, object] = {
+            "key": {"key": "k1"},
+            "notify_url": {"notify_url": "https://example.com/hook"},
+            "start_within_s": {"start_within_s": 30.0},
+            None: {},
+        }[rare]
+        batch = [new_task(f"{rare}-{i}", **(extra if i == 3 else {})) for i in range(12)]
+        answers = await store.create_many(batch)
+        for answer in answers:
+            assert isinstance(answer, tuple) and answer[1], answer
+            assert await store.get(answer[0].id) == answer[0]
+        got = await store.get(f"{rare}-3")
+        assert isinstance(got, model.TaskRecord)
+        assert (got.key, got.notify_url, got.start_by is not None) == (
+            "k1" if rare == "key" else None,
+            "https://example.com/hook" if rare == "notify_url" else None,
+            rare == "start_within_s",
+        )
+
+
 async def test_create_many_answers_each_create_in_one_transaction(store: Store, clock: ManualClock) -> None:
     await store.create(new_task("purged"))
     await store.apply("purged", lambda r: model.cancel(r, now=clock.now()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import orjson
 import pytest
 
 from errands.config import load_settings
@@ -177,3 +178,29 @@ def test_workers_that_share_the_work_claim_as_seldom_together_as_one_would() -> 
     # A claim with nothing announced (a timer, a freed slot) brings it back towards one.
     assert claim_share(16.0, announced=0, claimed=3, free=20) == 8.0
     assert claim_share(1.5, announced=0, claimed=0, free=20) == 1.0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"type": "noop"},
+        {"type": "noop", "id": "a1", "owner": "u1", "input": {"b": [1, 2, {"c": None}], "a": "x"}},
+        {"type": "noop", "priority": 5, "timeout_s": 12.5, "max_attempts": 2, "expires_in_s": 60},
+        {"type": "noop", "run_at": "2030-01-02T03:04:05.678+08:00", "start_within_s": 30, "key": "k"},
+        {"type": "noop", "delay_s": 0, "debounce_key": "d", "notify_url": "https://example.com/x"},
+        {"type": "noop", "debounce_key": "d", "debounce_s": 2},
+    ],
+)
+def test_a_requests_fingerprint_is_what_it_was(body: dict[str, object]) -> None:
+    """Fingerprints are stored: a change of how they are made must not change them (a repeated
+    request would then be refused as another one)."""
+    import hashlib
+
+    from errands.service import _LATER_FIELDS, SubmitRequest, request_fingerprint
+
+    request = SubmitRequest.model_validate_json(orjson.dumps(body))
+    unset = {k for k in _LATER_FIELDS if getattr(request, k) is None}
+    before = hashlib.sha256(
+        orjson.dumps([request.model_dump(exclude={"id", "owner", *unset}), "u9"], option=orjson.OPT_SORT_KEYS)
+    ).hexdigest()
+    assert request_fingerprint(request, "u9") == before

@@ -138,27 +138,25 @@ def _compile() -> tuple[Callable[[Any], TaskRecord], dict[str, Callable[[TaskRec
         elif c.name != "error_message":
             arguments.append(f"{c.attribute}={(c.decode or '{}').format(f'v[{i}]')}")
     source = "def to_record(v):\n    return TaskRecord(" + ", ".join(arguments) + ")\n"
-    getters = {}
-    for c in TASK_COLUMNS:
-        source += f"def get_{c.name}(r):\n    return {c.encode or f'r.{c.attribute}'}\n"
     exec(source, scope)  # noqa: S102 - the code is built from the column table above
-    for c in TASK_COLUMNS:
-        getters[c.name] = scope[f"get_{c.name}"]
-    return scope["to_record"], getters
+    return scope["to_record"], scope
 
 
-to_record, _GETTER = _compile()
+to_record, _SCOPE = _compile()
 to_record.__doc__ = "A record from a row of ``COLUMNS`` (a tuple from SQLite, an ``asyncpg.Record``)."
-_GETTERS: dict[Sequence[str], tuple[Callable[[TaskRecord], Any], ...]] = {}
+_VALUE = {c.name: c.encode or f"r.{c.attribute}" for c in TASK_COLUMNS}
+_ROWS: dict[Sequence[str], Callable[[TaskRecord], list[Any]]] = {}
 
 
 def values(r: TaskRecord, columns: Sequence[str] = COLUMNS) -> list[Any]:
-    """The values of ``columns`` for a record, ready to bind (the accessors of each column list
-    are gathered once)."""
-    getters = _GETTERS.get(columns)
-    if getters is None:
-        getters = _GETTERS[columns] = tuple(_GETTER[c] for c in columns)
-    return [get(r) for get in getters]
+    """The values of ``columns`` for a record, ready to bind (one function per column list,
+    compiled the first time: every row written runs it)."""
+    row = _ROWS.get(columns)
+    if row is None:
+        source = f"def row(r):\n    return [{', '.join(_VALUE[c] for c in columns)}]\n"
+        exec(source, _SCOPE)  # noqa: S102 - the code is built from the column table
+        row = _ROWS[columns] = _SCOPE["row"]
+    return row(r)
 
 
 # -- the event log ----------------------------------------------------------------------------

@@ -166,12 +166,16 @@ WITH r AS (
     ON CONFLICT (id) DO NOTHING
     RETURNING seq, id, owner, type, updated_at
 ), ev AS (
+    -- Each row's snapshot by its ordinal (consecutive, from the first): no join of the two lists,
+    -- which a plan for lists of unknown length may make a loop in a loop.
     INSERT INTO errands_events ({EVENT_COLUMNS})
-    SELECT ins.seq, 'task.created', ins.updated_at, ins.id, ins.owner, ins.type, 'pending', r.snapshot
-    FROM ins JOIN r ON r.id = ins.id AND {BASE} + r.ord = ins.seq
+    SELECT ins.seq, 'task.created', ins.updated_at, ins.id, ins.owner, ins.type, 'pending',
+           (${n + 2}::bytea[])[(ins.seq - {BASE})::int4 - (${n + 1}::int4[])[1] + 1]
+    FROM ins
+), note AS (  -- once, and only if something was created
+    SELECT CASE WHEN EXISTS (SELECT 1 FROM ins) THEN {_notify(f"(SELECT max(seq) FROM ins)::text || '{HINT_MARK}' || ${n + 3}::text", f"${n + 4}")} END AS sent
 )
-SELECT id, seq, {_notify(f"(SELECT max(seq) FROM ins)::text || '{HINT_MARK}' || ${n + 3}::text", f"${n + 4}")}
-FROM ins
+SELECT id, seq, note.sent FROM ins, note
 """
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import sqlite3
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -37,6 +38,8 @@ _INSERT_NEW_TASK = (
     "WHERE NOT EXISTS (SELECT 1 FROM tombstones WHERE id = ?) ON CONFLICT (id) DO NOTHING"
 )
 _INSERT_TASK = f"INSERT INTO tasks ({SELECT_LIST}) VALUES ({', '.join('?' * len(COLUMNS))})"
+#: Inserts of new tasks naming only some columns, by the indexes of those columns.
+_INSERTS: dict[tuple[int, ...], str] = {}
 _TAKEN_IDS = (
     "SELECT id FROM tasks WHERE id IN (SELECT value FROM json_each(?1)) "
     "UNION SELECT id FROM tombstones WHERE id IN (SELECT value FROM json_each(?2))"
@@ -130,7 +133,19 @@ class SqliteTx(TxBase):
                 self.seq += 1
                 _set_seq(record, self.seq)
                 fresh.append(record)
-        self.conn.executemany(_INSERT_TASK, [values(r) for r in fresh])
+        if not fresh:
+            return done
+        rows = [values(r) for r in fresh]
+        # Only the columns some new task sets: those all leave NULL are left to the table.
+        kept = tuple(i for i, column in enumerate(zip(*rows, strict=True)) if column.count(None) < len(rows))
+        if len(kept) < len(COLUMNS):
+            sql = _INSERTS.get(kept)
+            if sql is None:
+                names = ", ".join(COLUMNS[i] for i in kept)
+                sql = _INSERTS[kept] = f"INSERT INTO tasks ({names}) VALUES ({', '.join('?' * len(kept))})"
+            self.conn.executemany(sql, map(operator.itemgetter(*kept), rows))
+        else:
+            self.conn.executemany(_INSERT_TASK, rows)
         self._events([Event(r.seq, EventType.CREATED, r.updated_at, r.id, r.owner, r.type, r.status,
                             r.public_json(), r.waits, r) for r in fresh])  # fmt: skip
         return done
