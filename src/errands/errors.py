@@ -10,6 +10,7 @@
         ├── BadRequest          400
         │   └── InvalidCursor
         ├── Unauthorized        401
+        ├── InsufficientCredits 402
         ├── Forbidden           403
         ├── NotFound            404
         ├── Conflict            409
@@ -97,6 +98,13 @@ class NotFound(ApiError):
 
     status_code = 404
     code = "not_found"
+
+
+class InsufficientCredits(ApiError):
+    """The owner's credits do not cover this task's cost."""
+
+    status_code = 402
+    code = "insufficient_credits"
 
 
 class Conflict(ApiError):

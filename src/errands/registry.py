@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from errands.errors import ConfigError
 from errands.inputs import TYPE_PATTERN
 from errands.model import Bound, Limit, Task, valid_pattern
+from errands.model.credits import MAX_CREDITS
 from errands.model.schedules import BadSchedule, Missed, ScheduleSpec
 from errands.model.schedules import check as check_schedule
 
@@ -49,6 +50,8 @@ class TaskType:
     poll_every_s: float = 10.0
     #: Flow control of the type (:mod:`errands.model.flow`), ``concurrency_per_owner`` included.
     limits: tuple[Limit, ...] = ()
+    #: Credits a task of the type reserves of its owner's (:mod:`errands.model.credits`).
+    cost: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +159,12 @@ class Registry:
             raise ConfigError("concurrency_per_owner must be at least 1.")
 
     @staticmethod
+    def _cost(cost: int) -> int:
+        if isinstance(cost, bool) or not isinstance(cost, int) or not 0 <= cost <= MAX_CREDITS:
+            raise ConfigError(f"cost must be a whole number of credits from 0 to {MAX_CREDITS}.")
+        return cost
+
+    @staticmethod
     def _limits(
         what: str, limits: Sequence[Limit], concurrency_per_owner: int | None = None
     ) -> tuple[Limit, ...]:
@@ -213,6 +222,7 @@ class Registry:
         poll_every_s: float = 10.0,
         concurrency_per_owner: int | None = None,
         limits: Sequence[Limit] = (),
+        cost: int = 0,
     ) -> None:
         """Register a task type that ``provider`` performs (see :mod:`errands.providers`).
 
@@ -239,6 +249,7 @@ class Registry:
             poll_after_s=poll_after_s,
             poll_every_s=poll_every_s,
             limits=own,
+            cost=self._cost(cost),
         )
 
     def task(
@@ -249,11 +260,15 @@ class Registry:
         max_attempts: int | None = None,
         concurrency_per_owner: int | None = None,
         limits: Sequence[Limit] = (),
+        cost: int = 0,
     ) -> Callable[[H], H]:
         """Register a handler for ``name``; sync handlers run in a thread of their own.
-        ``limits`` caps how many run at once and start per period (:class:`errands.Limit`)."""
+        ``limits`` caps how many run at once and start per period (:class:`errands.Limit`);
+        ``cost``, the credits each task reserves of its owner's balance (charged when it
+        completes, given back when it ends otherwise; see docs/api.md, "Credits")."""
         self._check(name, timeout_s, max_attempts, concurrency_per_owner)
         own = self._limits(f"Task type '{name}'", limits, concurrency_per_owner)
+        price = self._cost(cost)
 
         def register(handler: H) -> H:
             self.task_types[name] = TaskType(
@@ -264,6 +279,7 @@ class Registry:
                 max_attempts=max_attempts,
                 concurrency_per_owner=concurrency_per_owner,
                 limits=own,
+                cost=price,
             )
             return handler
 

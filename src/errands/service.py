@@ -38,6 +38,7 @@ from errands.inputs import (
 )
 from errands.intake import Intake
 from errands.model import Event, NewTask, Status, TaskRecord, Usage
+from errands.model.credits import MAX_CREDITS
 from errands.model.flow import waiting_for
 from errands.model.streams import StreamChoice, StreamInfo, StreamRead, read_stream, streams
 from errands.registry import Registry
@@ -84,6 +85,8 @@ class SubmitRequest(BaseModel):
     #: ``debounce_s`` delays the task that long (the quiet time that lets the next replace it).
     debounce_key: Owner | None = None
     debounce_s: float | None = Field(None, gt=0, le=86_400)
+    #: Credits it reserves of its owner's balance, instead of its type's cost (admin keys only).
+    cost: Annotated[int, Field(ge=0, le=MAX_CREDITS), integral] | None = None
 
     @model_validator(mode="after")
     def _one_time(self) -> SubmitRequest:
@@ -97,7 +100,7 @@ class SubmitRequest(BaseModel):
         return self
 
 
-_LATER_FIELDS = ("run_at", "delay_s", "start_within_s", "key", "debounce_key", "debounce_s")
+_LATER_FIELDS = ("run_at", "delay_s", "start_within_s", "key", "debounce_key", "debounce_s", "cost")
 
 
 def request_fingerprint(request: SubmitRequest, owner: str) -> str:
@@ -279,6 +282,8 @@ class Service:
             owner = principal.owner or self.settings.default_owner
         if request.notify_url is not None and not principal.admin:
             raise Forbidden("Only an admin key may set notify_url.")
+        if request.cost is not None and not principal.admin:
+            raise Forbidden("Only an admin key may set a task's cost.")
         try:
             check_json(request.input, what="input", max_depth=self.settings.max_json_depth)
         except BadValue as exc:
@@ -303,6 +308,7 @@ class Service:
             start_within_s=request.start_within_s,
             key=request.key,
             debounce_key=request.debounce_key,
+            cost=task_type.cost if request.cost is None else request.cost,
         )
 
     async def get(self, task_id: str, principal: Principal) -> TaskRecord:

@@ -34,7 +34,8 @@ STORES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 _TABLES = (
     "errands_tasks, errands_events, errands_tombstones, errands_meta, errands_admin_keys, "
     "errands_webhook_ids, errands_webhook_deliveries, errands_endpoints, errands_messages, "
-    "errands_message_attempts, errands_schedules, errands_flow_rates"
+    "errands_message_attempts, errands_schedules, errands_flow_rates, errands_credit_balances, "
+    "errands_credit_ledger"
 )
 
 
@@ -248,6 +249,7 @@ async def sse(client: httpx.AsyncClient, path: str, **kwargs: Any) -> AsyncItera
 #: meta, admin keys, and the inbound delivery log, which records refusals by design).
 STATE_TABLES = (
     "tasks", "events", "tombstones", "endpoints", "messages", "webhook_ids", "schedules", "flow_rates",
+    "credit_balances", "credit_ledger",
 )  # fmt: skip
 
 

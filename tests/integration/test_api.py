@@ -63,7 +63,7 @@ async def test_submit_answers_at_once_and_is_idempotent(admin: httpx.AsyncClient
         "id", "type", "owner", "status", "input", "result", "error", "progress", "message", "attempt",
         "max_attempts", "priority", "external_id", "webhook_received", "notification_sent", "created_at",
         "updated_at", "started_at", "finished_at", "expires_at", "scheduled_for", "waiting_for", "start_by",
-        "key", "debounce_key", "notify_url", "seq",
+        "key", "debounce_key", "notify_url", "cost", "seq",
     ]  # fmt: skip
     assert task["created_at"].endswith("Z")
     again = await admin.post("/v1/tasks", json=body)

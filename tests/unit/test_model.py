@@ -233,6 +233,39 @@ def test_public_task_has_the_documented_fields_in_order() -> None:
         "id", "type", "owner", "status", "input", "result", "error", "progress", "message", "attempt",
         "max_attempts", "priority", "external_id", "webhook_received", "notification_sent", "created_at",
         "updated_at", "started_at", "finished_at", "expires_at", "scheduled_for", "waiting_for", "start_by",
-        "key", "debounce_key", "notify_url", "seq",
+        "key", "debounce_key", "notify_url", "cost", "seq",
     ]  # fmt: skip
     assert "lease_token" not in fields
+
+
+def test_a_tasks_cost_is_reserved_charged_or_given_back_at_each_end_and_once() -> None:
+    from errands.model.credits import Balance, CreditMove, after_move, credit_move
+
+    free = record()
+    assert credit_move(None, free) is None and credit_move(free, model.cancel(free, now=NOW).record) is None
+    priced = dataclasses.replace(record(), cost=7)
+    assert credit_move(None, priced) == CreditMove("reserve", -7, 7)
+    running = dataclasses.replace(priced, status=Status.PROCESSING, lease_token="L")
+    assert credit_move(priced, running) is None  # a claim keeps the reservation
+    done = model.complete(running, now=NOW, lease_token="L", result=1).record
+    assert credit_move(running, done) == CreditMove("charge", 0, -7)
+    for end in (
+        model.cancel(priced, now=NOW).record,
+        model.cancel(running, now=NOW).record,
+        model.fail_attempt(
+            running, now=NOW, lease_token="L", error=TaskError("x", "y"), retry=False, retry_delay_s=0
+        ).record,
+    ):
+        assert credit_move(running if end.attempt else priced, end) == CreditMove("release", 7, -7)
+    retry = model.fail_attempt(
+        running, now=NOW, lease_token="L", error=TaskError("x", "y"), retry=True, retry_delay_s=1
+    ).record
+    assert retry.status is Status.PENDING and credit_move(running, retry) is None  # automatic: kept
+    failed = dataclasses.replace(done, status=Status.FAILED)
+    assert credit_move(
+        failed, model.manual_retry(failed, now=NOW, max_manual_retries=2).record
+    ) == CreditMove("reserve", -7, 7)
+    assert credit_move(done, done) is None  # an ended task's later changes move nothing
+    # A balance never goes below zero.
+    assert after_move(Balance("o", 5), CreditMove("reserve", -7, 7), now=NOW) is None
+    assert after_move(Balance("o", 7), CreditMove("reserve", -7, 7), now=NOW) == Balance("o", 0, 7, NOW)

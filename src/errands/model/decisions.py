@@ -71,6 +71,7 @@ def create(new: NewTask, *, now: float) -> TaskRecord:
         start_by=None if new.start_within_s is None else due + new.start_within_s,
         key=new.key,
         debounce_key=new.debounce_key,
+        cost=new.cost,
     )
 
 

@@ -133,6 +133,8 @@ class NewTask:
     key: str | None = None
     #: A newer task of the owner and type with the same key replaces this one while it is pending.
     debounce_key: str | None = None
+    #: Credits it reserves of its owner's balance (see :mod:`errands.model.credits`).
+    cost: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +186,8 @@ class TaskRecord:
     key: str | None = None
     #: Submitted again with this key (same owner and type), the pending task is replaced.
     debounce_key: str | None = None
+    #: Credits it holds of its owner's (see :mod:`errands.model.credits`).
+    cost: int = 0
     #: Why a pending task does not run yet, as a read found it (not stored; see
     #: :func:`errands.model.flow.waiting_for`): ``None`` in events and writes.
     waiting_for: str | None = None
@@ -233,6 +237,7 @@ class TaskRecord:
             "key": self.key,
             "debounce_key": self.debounce_key,
             "notify_url": self.notify_url,
+            "cost": self.cost,
             "seq": self.seq,
         }
 
@@ -388,6 +393,7 @@ class Task(BaseModel):
     key: str | None = None
     debounce_key: str | None = None
     notify_url: str | None = None
+    cost: int = 0
     seq: int = 0
 
     @property

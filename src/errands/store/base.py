@@ -31,6 +31,7 @@ from typing import Protocol, runtime_checkable
 
 from errands.errors import ErrandsError
 from errands.model import Bound, Change, Event, EventType, NewTask, Status, TaskRecord, Usage
+from errands.model.credits import Balance, LedgerEntry
 from errands.model.schedules import Schedule, ScheduleSpec
 from errands.model.streams import StreamChoice
 from errands.store.records import (
@@ -397,5 +398,23 @@ class Meta(Protocol):
     async def admin_key_hashes(self) -> set[str]: ...
 
 
-class Store(Lifecycle, Tasks, Sweeping, EventLog, Reports, Outbox, Schedules, Meta, Protocol):
+class Credits(Protocol):
+    """Owners' credits (:mod:`errands.model.credits`): a task's own moves are made with its
+    changes; these are the grants and the reads."""
+
+    async def grant(self, owner: str, amount: int, *, note: str | None = None) -> Balance:
+        """Add ``amount`` (taken back when negative) to the owner's balance, with a ledger
+        entry; :class:`errands.errors.InsufficientCredits` when the balance cannot go so low."""
+
+    async def balance(self, owner: str) -> Balance:
+        """The owner's credits (``0``/``0`` when it never had any)."""
+
+    async def balances(self, *, after: str, limit: int) -> list[Balance]:
+        """Owners with credits, by owner, after ``after``."""
+
+    async def ledger(self, owner: str, *, after: int, limit: int) -> list[LedgerEntry]:
+        """The owner's ledger entries after id ``after``, oldest first."""
+
+
+class Store(Lifecycle, Tasks, Sweeping, EventLog, Reports, Outbox, Schedules, Meta, Credits, Protocol):
     """Everything a store does (what the runtime opens and hands out, by concern)."""

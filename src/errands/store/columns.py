@@ -93,6 +93,7 @@ TASK_COLUMNS: tuple[Column, ...] = (
     Column("start_by", "float8"),  # a manual retry drops it
     Column("limit_key", "text", mutable=False, field="key"),
     Column("debounce_key", "text", mutable=False),
+    Column("cost", "int8", mutable=False),
 )
 
 #: Column order of every ``SELECT`` of a task row.

@@ -29,6 +29,9 @@ FIRST_IN_LINE = (
 #: window while it waits for the sweeper to end it. ``{now}`` is the claim's time.
 STARTABLE = " AND (start_by IS NULL OR started_at IS NOT NULL OR start_by >= {now})"
 
+#: A ledger entry's columns, in :class:`errands.model.credits.LedgerEntry`'s order.
+LEDGER_COLUMNS = "id, owner, kind, amount, held, balance, reserved, at, task_id, note"
+
 
 @dataclass(frozen=True, slots=True)
 class Statements:
@@ -116,6 +119,13 @@ class Statements:
     list_attempts: str  # a template with {where} and {limit} → attempt rows and id, newest first
     resend_message: str  # now, id → message row
     recover_endpoint: str  # now, endpoint_id, since
+    # -- credits ------------------------------------------------------------------------------
+    lock_balance: str  # owner → (owner, balance, reserved, updated_at), locked (never waited for)
+    set_balance: str  # owner, balance, reserved, now
+    insert_ledger: str  # owner, kind, amount, held, balance, reserved, at, task_id, note → (id,)
+    select_balance: str  # owner → (owner, balance, reserved, updated_at)
+    list_balances: str  # after (owner), limit → balance rows by owner
+    select_ledger: str  # owner, after (id), limit → ledger rows (LEDGER_COLUMNS) by id
     # -- meta ---------------------------------------------------------------------------------
     meta_setdefault: str  # key, value → (stored value,)
     hold: str  # 'hold:' + name, until (text) → (stored until,): the later of the two is kept

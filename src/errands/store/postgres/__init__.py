@@ -34,6 +34,7 @@ from errands.store.postgres.sql import HINT_MARK, STATEMENTS, listened
 from errands.store.postgres.writer import CONNECTION_ERRORS, PgTx, Writer
 from errands.store.records import LogRead
 from errands.store.shared import Mode, Tx, op_error
+from errands.store.shared.credits import CreditOps
 from errands.store.shared.log import LogOps
 from errands.store.shared.meta import MetaOps
 from errands.store.shared.outbox import OutboxOps
@@ -118,7 +119,7 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     (no LISTEN, no session locks, no cursors), and asyncpg's reset costs a round trip each time."""
 
 
-class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps):
+class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps, CreditOps):
     """A :class:`~errands.store.base.Store` on PostgreSQL (see the module docstring)."""
 
     dialect = "postgres"

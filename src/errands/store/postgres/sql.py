@@ -15,7 +15,7 @@ from errands.store.columns import (
     RECEIPTS,
     SELECT_LIST,
 )
-from errands.store.statements import ENDED, FIRST_IN_LINE, STARTABLE, Statements
+from errands.store.statements import ENDED, FIRST_IN_LINE, LEDGER_COLUMNS, STARTABLE, Statements
 
 #: The channel every commit notifies (the payload is a wake-up with hints, see the store): what
 #: a hub that follows the whole log listens to.
@@ -424,6 +424,28 @@ STATEMENTS = Statements(
     recover_endpoint=(
         "UPDATE errands_messages SET state = 'pending', attempts = 0, next_at = $1, lease_token = NULL, "
         "updated_at = $1 WHERE channel = 'endpoint' AND target = $2 AND state = 'failed' AND created_at >= $3"
+    ),
+    # -- credits
+    lock_balance=(
+        "SELECT owner, balance, reserved, updated_at FROM errands_credit_balances WHERE owner = $1 "
+        "FOR UPDATE NOWAIT"
+    ),
+    set_balance=(
+        "INSERT INTO errands_credit_balances (owner, balance, reserved, updated_at) VALUES ($1, $2, $3, $4) "
+        "ON CONFLICT (owner) DO UPDATE SET balance = excluded.balance, reserved = excluded.reserved, "
+        "updated_at = excluded.updated_at"
+    ),
+    insert_ledger=(
+        "INSERT INTO errands_credit_ledger (owner, kind, amount, held, balance, reserved, at, task_id, note) "
+        "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id"
+    ),
+    select_balance="SELECT owner, balance, reserved, updated_at FROM errands_credit_balances WHERE owner = $1",
+    list_balances=(
+        'SELECT owner, balance, reserved, updated_at FROM errands_credit_balances WHERE owner COLLATE "C" > $1 '
+        'ORDER BY owner COLLATE "C" LIMIT $2'
+    ),
+    select_ledger=(
+        f"SELECT {LEDGER_COLUMNS} FROM errands_credit_ledger WHERE owner = $1 AND id > $2 ORDER BY id LIMIT $3"
     ),
     # -- meta
     hold=(

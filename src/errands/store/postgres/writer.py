@@ -58,6 +58,7 @@ from asyncpg.pool import PoolConnectionProxy
 
 from errands.errors import StoreError
 from errands.model import Change, Event, EventType, TaskRecord
+from errands.model.credits import Balance, CreditMove
 from errands.store.base import claimable, hints
 from errands.store.columns import COLUMNS, to_record, values, with_seq
 from errands.store.postgres.sql import (
@@ -71,6 +72,7 @@ from errands.store.postgres.sql import (
     LOCK_SCOPES,
     LOCK_TASKS,
     REPORT_TARGET,
+    STATEMENTS,
     WRITTEN,
     channels,
     payload,
@@ -126,6 +128,8 @@ def _older(row: Any) -> Any:
 
 class PgTx(TxBase):
     """One write transaction, as the changes of a batch see it (see the module docstring)."""
+
+    sql = STATEMENTS
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -190,6 +194,13 @@ class PgTx(TxBase):
             record = to_record(_older(row))
             self.locked[record.id] = record
         self.absent.update(i for i in ids if i not in self.locked)
+
+    async def move_credits(
+        self, owner: str, move: CreditMove, *, now: float, task_id: str | None = None, note: str | None = None
+    ) -> Balance:
+        if self.seen is not None:  # one statement, no transaction: the move could not share it
+            raise _Unseen()
+        return await super().move_credits(owner, move, now=now, task_id=task_id, note=note)
 
     def write(self, change: Change, before: TaskRecord) -> TaskRecord:
         del before  # the second phase writes every mutable column

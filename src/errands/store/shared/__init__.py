@@ -16,8 +16,9 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal, Protocol, TypeVar
 
 from errands.clock import Clock
-from errands.errors import ErrandsError, NotFound, StoreError
+from errands.errors import ErrandsError, InsufficientCredits, NotFound, StoreError
 from errands.model import Change, TaskRecord
+from errands.model.credits import Balance, CreditMove, after_move, credit_move
 from errands.store.base import Changes, Decision
 from errands.store.records import Receipt
 from errands.store.statements import Statements
@@ -61,8 +62,19 @@ class Tx(Protocol):
 
     async def apply(self, task_id: str, decide: Decision) -> TaskRecord: ...
 
-    def write_all(self, changes: Changes, current: TaskRecord) -> TaskRecord:
-        """Write what a decision asked for (nothing, a change, or changes in order)."""
+    async def write_changes(self, changes: Changes, current: TaskRecord) -> TaskRecord:
+        """Write what a decision asked for (nothing, a change, or changes in order), with the
+        credit moves they make (raises :class:`InsufficientCredits` when one cannot be paid)."""
+
+    async def cover_credits(self, owner: str, move: CreditMove) -> None:
+        """Raise :class:`InsufficientCredits` unless the owner's credits cover ``move``; they stay
+        as they are (held) for the rest of the transaction."""
+
+    async def move_credits(
+        self, owner: str, move: CreditMove, *, now: float, task_id: str | None = None, note: str | None = None
+    ) -> Balance:
+        """Apply ``move`` to the owner's credits and write its ledger entry; raise
+        :class:`InsufficientCredits` (nothing written) when the balance cannot cover it."""
 
     async def mark(self) -> object:
         """A point to undo back to (``reset``) or keep (``release``)."""
@@ -133,6 +145,14 @@ def as_errands_error(exc: Exception) -> Exception:
 class TxBase:
     """What every dialect's transaction does the same way."""
 
+    sql: Statements  # the dialect's
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        raise NotImplementedError
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        raise NotImplementedError
+
     async def load(self, task_id: str) -> TaskRecord | None:
         raise NotImplementedError
 
@@ -143,13 +163,45 @@ class TxBase:
         current = await self.load(task_id)
         if current is None:
             raise NotFound()
-        return self.write_all(decide(current), current)
+        return await self.write_changes(decide(current), current)
 
-    def write_all(self, changes: Changes, current: TaskRecord) -> TaskRecord:
-        """Write what a decision asked for, in order; the record as it is after."""
+    async def write_changes(self, changes: Changes, current: TaskRecord) -> TaskRecord:
+        """Write what a decision asked for, in order, each change with the credit move it makes
+        (:func:`errands.model.credits.credit_move`); the record as it is after."""
         for change in () if changes is None else (changes,) if isinstance(changes, Change) else changes:
+            move = credit_move(current, change.record)
             current = self.write(change, current)
+            if move is not None:
+                await self.move_credits(current.owner, move, now=current.updated_at, task_id=current.id)
         return current
+
+    async def cover_credits(self, owner: str, move: CreditMove) -> None:
+        await self._after(owner, move, now=0.0)
+
+    async def _after(self, owner: str, move: CreditMove, *, now: float) -> Balance:
+        """The owner's credits after ``move`` (its balance locked, never waited for, for the
+        rest of the transaction), or :class:`InsufficientCredits`."""
+        rows = await self.fetch(self.sql.lock_balance, owner)
+        current = Balance(*rows[0]) if rows else Balance(owner)
+        after = after_move(current, move, now=now)
+        if after is None:
+            raise InsufficientCredits(
+                f"The owner has {current.balance} credits; this takes {-move.amount}."
+                if move.amount < 0
+                else "The owner's credits cannot hold that many."
+            )
+        return after
+
+    async def move_credits(
+        self, owner: str, move: CreditMove, *, now: float, task_id: str | None = None, note: str | None = None
+    ) -> Balance:
+        after = await self._after(owner, move, now=now)
+        await self.execute(self.sql.set_balance, owner, after.balance, after.reserved, now)
+        await self.execute(
+            self.sql.insert_ledger, owner, move.kind, move.amount, move.held, after.balance, after.reserved, now,
+            task_id, note,
+        )  # fmt: skip
+        return after
 
 
 class Dialect:

@@ -26,7 +26,7 @@ class ReportOps(Dialect):
                 await tx.add_receipt(dataclasses.replace(about, outcome=ReportOutcome.DUPLICATE))
                 return ReportOutcome.DUPLICATE, None
             outcome, change = judge(record)
-            written = tx.write_all(change, record)
+            written = await tx.write_changes(change, record)
             await tx.add_receipt(dataclasses.replace(about, outcome=outcome))
             return outcome, None if outcome is ReportOutcome.LATE else written
 

@@ -6,7 +6,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from errands.errors import ErrandsError, IdConflict, InvalidTransition, TooManyRequests
+from errands.errors import ErrandsError, IdConflict, InsufficientCredits, InvalidTransition, TooManyRequests
 from errands.model import (
     Bound,
     Change,
@@ -20,6 +20,7 @@ from errands.model import (
     debounce,
     start_attempt,
 )
+from errands.model.credits import credit_move
 from errands.model.flow import exclusions, tally
 from errands.store.base import Decision
 from errands.store.columns import to_record
@@ -60,6 +61,22 @@ async def read_usage(
     return tally(scopes, [*running, *own], tats)
 
 
+async def _create_costed(tx: Tx, record: TaskRecord) -> bool:
+    """Insert a task with a cost and reserve it, or raise :class:`InsufficientCredits` having
+    written nothing; ``False`` (nothing written) when its id is taken. Whether the credits
+    cover it is settled first, the owner's balance held for the rest of the transaction, so the
+    reservation after the insert cannot fail: a refused task leaves no row to undo."""
+    if await tx.load(record.id) is not None:
+        return False  # answered as a repeat (or a conflict), with no credits moved
+    move = credit_move(None, record)
+    assert move is not None  # a cost
+    await tx.cover_credits(record.owner, move)
+    if not await tx.insert(record):
+        return False
+    await tx.move_credits(record.owner, move, now=record.created_at, task_id=record.id)
+    return True
+
+
 class TaskOps(Dialect):
     async def create(
         self, new: NewTask, *, max_pending_per_owner: int | None = None
@@ -85,7 +102,11 @@ class TaskOps(Dialect):
                         code="too_many_pending",
                         retry_after_s=5,
                     )
-            if await tx.insert(record):
+            if record.cost > 0:
+                created = await _create_costed(tx, record)
+            else:
+                created = await tx.insert(record)
+            if created:
                 if record.debounce_key is not None:
                     await self._debounce(tx, [record])
                 return record, True
@@ -95,9 +116,10 @@ class TaskOps(Dialect):
             return same_request(existing)
 
         # Alone, the insert is one atomic statement (row, event, notification) where the dialect
-        # can make it one: then the count for max_pending_per_owner is a soft limit.
-        if record.debounce_key is not None:
-            return await self._write(op)  # the replaced tasks' changes go with it
+        # can make it one: then the count for max_pending_per_owner is a soft limit. A task with a
+        # cost reserves it in the same transaction, so never alone.
+        if record.debounce_key is not None or record.cost > 0:
+            return await self._write(op)  # the replaced tasks' changes, or the credits, go with it
         return await self._write(op, mode="alone", creates=record if max_pending_per_owner is None else None)
 
     async def create_many(
@@ -121,11 +143,23 @@ class TaskOps(Dialect):
                     if room[new.owner] > 0:
                         room[new.owner] -= 1
                         tried.append(i)
-            inserted = await tx.insert_many([records[i] for i in tried])
             held_back = set(range(len(news))) - set(tried)
+            costed = [i for i in tried if records[i].cost > 0]  # one at a time, each with its credits
+            tried = [i for i in tried if records[i].cost <= 0]
+            inserted = await tx.insert_many([records[i] for i in tried])
             for i, ok in zip(tried, inserted, strict=True):
                 if ok:
                     out[i] = (records[i], True)
+            for i in costed:
+                mark = await tx.mark()
+                try:
+                    if await _create_costed(tx, records[i]):
+                        out[i] = (records[i], True)
+                except InsufficientCredits as exc:
+                    await tx.reset(mark)
+                    out[i] = exc
+                else:
+                    await tx.release(mark)
             await tx.lock(news[i].id for i in range(len(news)) if out[i] is None)  # one statement
             for i, new in enumerate(news):
                 if out[i] is not None:

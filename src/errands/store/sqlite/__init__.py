@@ -28,6 +28,7 @@ from errands.model import Event, TaskRecord
 from errands.store.base import CommitSubscriber
 from errands.store.migrations import fresh_schema, migrations
 from errands.store.shared import Mode, Tx
+from errands.store.shared.credits import CreditOps
 from errands.store.shared.log import LogOps
 from errands.store.shared.meta import MetaOps
 from errands.store.shared.outbox import OutboxOps
@@ -57,7 +58,7 @@ def statements_of(script: str) -> list[str]:
     return out
 
 
-class SqliteStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps):
+class SqliteStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps, CreditOps):
     """A :class:`~errands.store.base.Store` on one SQLite file (see the module docstring)."""
 
     dialect = "sqlite"

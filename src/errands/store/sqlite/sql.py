@@ -11,7 +11,7 @@ from errands.store.columns import (
     RECEIPTS,
     SELECT_LIST,
 )
-from errands.store.statements import ENDED, FIRST_IN_LINE, STARTABLE, Statements
+from errands.store.statements import ENDED, FIRST_IN_LINE, LEDGER_COLUMNS, STARTABLE, Statements
 
 
 def _marks(n: int) -> str:
@@ -224,6 +224,22 @@ STATEMENTS = Statements(
         "UPDATE messages SET state = 'pending', attempts = 0, next_at = ?1, lease_token = NULL, updated_at = ?1 "
         "WHERE channel = 'endpoint' AND target = ?2 AND state = 'failed' AND created_at >= ?3"
     ),
+    # -- credits (the writer holds the database's one write lock: a read is as good as locked)
+    lock_balance="SELECT owner, balance, reserved, updated_at FROM credit_balances WHERE owner = ?",
+    set_balance=(
+        "INSERT INTO credit_balances (owner, balance, reserved, updated_at) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (owner) DO UPDATE SET balance = excluded.balance, reserved = excluded.reserved, "
+        "updated_at = excluded.updated_at"
+    ),
+    insert_ledger=(
+        "INSERT INTO credit_ledger (owner, kind, amount, held, balance, reserved, at, task_id, note) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id"
+    ),
+    select_balance="SELECT owner, balance, reserved, updated_at FROM credit_balances WHERE owner = ?",
+    list_balances=(
+        "SELECT owner, balance, reserved, updated_at FROM credit_balances WHERE owner > ? ORDER BY owner LIMIT ?"
+    ),
+    select_ledger=f"SELECT {LEDGER_COLUMNS} FROM credit_ledger WHERE owner = ? AND id > ? ORDER BY id LIMIT ?",
     # -- meta
     meta_setdefault=(
         "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = meta.value "

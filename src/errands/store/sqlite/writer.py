@@ -27,7 +27,7 @@ from errands.model import Change, Event, EventType, TaskRecord
 from errands.store.columns import COLUMNS, SELECT_LIST, changed_columns, to_record, values, with_seq
 from errands.store.records import Receipt
 from errands.store.shared import Settlement, TxBase, settle
-from errands.store.sqlite.sql import LAST_SEQ
+from errands.store.sqlite.sql import LAST_SEQ, STATEMENTS
 
 log = logging.getLogger("errands.store")
 
@@ -77,6 +77,8 @@ class _Mark:
 
 class SqliteTx(TxBase):
     """The write transaction a batch runs in, as one operation sees it."""
+
+    sql = STATEMENTS
 
     def __init__(self, conn: sqlite3.Connection, seq: int) -> None:
         self.conn = conn

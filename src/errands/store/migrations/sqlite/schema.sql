@@ -35,7 +35,7 @@ CREATE TABLE tasks (
     deadline_at       REAL,
     worker_id         TEXT,
     manual_retries    INTEGER NOT NULL DEFAULT 0
-, poll_at REAL, callback_nonce TEXT, notify_url TEXT, stream_positions TEXT, start_by REAL, limit_key TEXT, debounce_key TEXT);
+, poll_at REAL, callback_nonce TEXT, notify_url TEXT, stream_positions TEXT, start_by REAL, limit_key TEXT, debounce_key TEXT, cost INTEGER NOT NULL DEFAULT 0);
 
 CREATE INDEX tasks_queue ON tasks (priority DESC, created_at, id) WHERE status = 'pending' AND run_after <= created_at;
 
@@ -211,6 +211,28 @@ CREATE TABLE flow_rates (
 );
 
 CREATE INDEX tasks_debounce ON tasks (owner, type, debounce_key) WHERE status = 'pending' AND debounce_key IS NOT NULL;
+
+CREATE TABLE credit_balances (
+    owner      TEXT PRIMARY KEY,
+    balance    INTEGER NOT NULL,
+    reserved   INTEGER NOT NULL,
+    updated_at REAL NOT NULL
+);
+
+CREATE TABLE credit_ledger (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    owner    TEXT NOT NULL,
+    kind     TEXT NOT NULL,
+    amount   INTEGER NOT NULL,
+    held     INTEGER NOT NULL,
+    balance  INTEGER NOT NULL,
+    reserved INTEGER NOT NULL,
+    at       REAL NOT NULL,
+    task_id  TEXT,
+    note     TEXT
+);
+
+CREATE INDEX credit_ledger_owner ON credit_ledger (owner, id);
 
 INSERT INTO meta (key, value) VALUES ('horizon', '0');
 

@@ -1,0 +1,28 @@
+"""Credits: grants, and reads of balances and the ledger. A task's own moves (reserve, charge,
+release) are made by the write of its change (:meth:`TxBase.write_changes`)."""
+
+from __future__ import annotations
+
+from errands.model.credits import Balance, CreditMove, LedgerEntry
+from errands.store.shared import Dialect, Tx
+
+
+class CreditOps(Dialect):
+    async def grant(self, owner: str, amount: int, *, note: str | None = None) -> Balance:
+        move = CreditMove("grant", amount, 0)
+        now = self.clock.now()
+
+        async def op(tx: Tx) -> Balance:
+            return await tx.move_credits(owner, move, now=now, note=note)
+
+        return await self._write(op)
+
+    async def balance(self, owner: str) -> Balance:
+        rows = await self._fetch(self.sql.select_balance, owner)
+        return Balance(*rows[0]) if rows else Balance(owner)
+
+    async def balances(self, *, after: str, limit: int) -> list[Balance]:
+        return [Balance(*row) for row in await self._fetch(self.sql.list_balances, after, limit)]
+
+    async def ledger(self, owner: str, *, after: int, limit: int) -> list[LedgerEntry]:
+        return [LedgerEntry(*row) for row in await self._fetch(self.sql.select_ledger, owner, after, limit)]
