@@ -14,6 +14,7 @@ from errands.config import Settings, load_settings
 from errands.errors import ApiError, Unavailable
 from errands.inputs import validate
 from errands.model import Task
+from errands.model.credits import Balance
 from errands.registry import Registry
 from errands.runtime import Runtime
 from errands.service import SubmitRequest
@@ -89,6 +90,7 @@ class Errands(Registry):
         key: str | None = None,
         debounce_key: str | None = None,
         debounce_s: float | None = None,
+        cost: int | None = None,
     ) -> Task:
         """Submit a task from code living next to the service; returns at once with the task.
 
@@ -99,6 +101,8 @@ class Errands(Registry):
         ``key`` names whose share of ``per="key"`` limits it uses (default: its owner's).
         ``debounce_key``: this task replaces the owner's pending tasks of the type with the same
         key (they end ``cancelled``, code ``debounced``); ``debounce_s`` delays it that long.
+        ``cost``: the credits it reserves of its owner's (default: its type's); one the balance
+        cannot cover raises :class:`errands.errors.InsufficientCredits`.
         """
         if self._runtime is None:
             raise Unavailable("The app is not running; use `async with app.running():` or `errands serve`.")
@@ -120,10 +124,23 @@ class Errands(Registry):
                 "key": key,
                 "debounce_key": debounce_key,
                 "debounce_s": None if debounce_s is None else float(debounce_s),
+                "cost": cost,
             },
         )
         record, _ = await self._runtime.service.submit(request, SYSTEM)
         return record.to_task()
+
+    async def grant(self, owner: str, amount: int, *, note: str | None = None) -> Balance:
+        """Add ``amount`` credits to the owner's balance (take them back when negative)."""
+        if self._runtime is None:
+            raise Unavailable("The app is not running; use `async with app.running():` or `errands serve`.")
+        return await self._runtime.service.grant(owner, amount, note, SYSTEM)
+
+    async def balance(self, owner: str) -> Balance:
+        """The owner's credits: what it may spend, and what its unfinished tasks hold."""
+        if self._runtime is None:
+            raise Unavailable("The app is not running; use `async with app.running():` or `errands serve`.")
+        return await self._runtime.store.balance(owner)
 
     async def submit_many(self, tasks: list[dict[str, Any]]) -> list[Task | ApiError]:
         """Up to 1,000 submissions in one transaction, each a dict of ``POST /v1/tasks``'s body

@@ -33,7 +33,7 @@ from errands.errors import TooManyRequests
 from errands.model import Event, EventType, Status
 from errands.model.streams import StreamChoice
 from errands.store.base import EventLog as Log
-from errands.store.base import Hint, Lifecycle, TaskLog, claimable, hints
+from errands.store.base import Hint, Lifecycle, TaskLog, Work, claimable, hints
 
 log = logging.getLogger("errands.hub")
 #: The hints a hub whose listeners see every event still passes on: work, and a task that waits
@@ -161,7 +161,7 @@ class Hub:
         self._snapshots = snapshots
         self._poll_s = poll_s
         self._listeners: list[Listener] = []
-        self._work: list[Callable[[Hint, int], None]] = []
+        self._work: list[Callable[[Hint, Work], None]] = []
         self._wants = Hint.NONE  # the hints the on_hints callbacks want
         #: follow_only(): the tasks followed (id → the seq after which their events count),
         #: and the last seq read of each.
@@ -263,9 +263,9 @@ class Hub:
         wanted = Hint.WORK | Hint.ENDED if ends else Hint.WORK
         self.on_hints(lambda hint, _work: callback() if hint & wanted else None)
 
-    def on_hints(self, callback: Callable[[Hint, int], None], *, wants: Hint = Hint.ALL) -> None:
+    def on_hints(self, callback: Callable[[Hint, Work], None], *, wants: Hint = Hint.ALL) -> None:
         """``callback(hint, work)`` runs with the hints of each commit that may have made work,
-        and how many tasks it made claimable: only ``WORK`` and ``LATER`` where the listeners
+        and how many tasks of each type it made claimable: only ``WORK`` and ``LATER`` where the listeners
         see every event, and every hint with :meth:`follow_only` (where they see only their
         tasks' events). ``wants``: the hints that matter to it (with :meth:`follow_only`, the
         store need not tell the others)."""
@@ -292,7 +292,7 @@ class Hub:
         if self.started:
             self._store.subscribe(self)
 
-    def _announce(self, hint: Hint, work: int) -> None:
+    def _announce(self, hint: Hint, work: Work) -> None:
         if not hint:
             return
         for callback in self._work:
@@ -327,8 +327,8 @@ class Hub:
                 callback(events)
             except Exception:
                 log.exception("a commit listener failed")
-        kinds = [(e.type, e.waits) for e in events]
-        hint, work = hints(kinds), claimable(kinds)
+        hint = hints((e.type, e.waits) for e in events)
+        work = claimable((e.type, e.waits, e.task_type) for e in events)
         if self._only is not None:
             self.remote_commit(hint, None, work)  # read like any other commit: only the followed tasks
             return
@@ -342,7 +342,7 @@ class Hub:
         # whether a task waits (the log does not say), so LATER is passed on.
         self._announce(hint & _SHARED_HINTS, work)
 
-    def remote_commit(self, hint: Hint, seq: int | None, work: int) -> None:
+    def remote_commit(self, hint: Hint, seq: int | None, work: Work) -> None:
         if self._only is None:
             # A commit at or below the last seq delivered was read already (this process's
             # own, announced after its hub read the log): nothing more to read for it.

@@ -38,15 +38,15 @@ from errands.inputs import (
 )
 from errands.intake import Intake
 from errands.model import Event, NewTask, Status, TaskRecord, Usage
-from errands.model.credits import MAX_CREDITS
+from errands.model.credits import MAX_CREDITS, Balance, LedgerEntry
 from errands.model.flow import waiting_for
 from errands.model.streams import StreamChoice, StreamInfo, StreamRead, read_stream, streams
 from errands.registry import Registry
-from errands.store.base import EventLog, Meta, Sweeping, Tasks
+from errands.store.base import Credits, EventLog, Meta, Sweeping, Tasks
 from errands.store.records import TaskQuery, Tombstone
 
 
-class _Store(Tasks, Sweeping, EventLog, Meta, Protocol):
+class _Store(Tasks, Sweeping, EventLog, Meta, Credits, Protocol):
     """What the service needs of a store."""
 
 
@@ -310,6 +310,39 @@ class Service:
             debounce_key=request.debounce_key,
             cost=task_type.cost if request.cost is None else request.cost,
         )
+
+    # -- credits ------------------------------------------------------------------------------
+
+    async def grant(self, owner: str, amount: int, note: str | None, principal: Principal) -> Balance:
+        if not principal.admin:
+            raise Forbidden("Only an admin key may grant credits.")
+        return await self.store.grant(owner, amount, note=note)
+
+    async def balances(
+        self, principal: Principal, *, after: str, limit: int
+    ) -> tuple[list[Balance], str | None]:
+        """A page of owners' credits and where the next starts; an owner token: its own."""
+        principal.require(READ)
+        if not principal.admin:
+            mine = (
+                [await self.store.balance(principal.owner or "")] if after < (principal.owner or "") else []
+            )
+            return mine, None
+        page = await self.store.balances(after=after, limit=limit + 1)
+        return page[:limit], page[limit - 1].owner if len(page) > limit else None
+
+    async def ledger(
+        self, principal: Principal, owner: str | None, *, after: int, limit: int
+    ) -> tuple[list[LedgerEntry], int | None]:
+        """A page of an owner's ledger (every owner's, for an admin who names none) and where
+        the next starts; an owner token reads its own, another owner's answers ``404``."""
+        principal.require(READ)
+        if not principal.admin:
+            if owner is not None and owner != principal.owner:
+                raise NotFound()
+            owner = principal.owner or ""
+        page = await self.store.ledger(owner, after=after, limit=limit + 1)
+        return page[:limit], page[limit - 1].id if len(page) > limit else None
 
     async def get(self, task_id: str, principal: Principal) -> TaskRecord:
         principal.require(READ)

@@ -32,6 +32,15 @@ async def quick(ctx: TaskContext, input: dict[str, Any]) -> dict[str, Any]:
     return {"pid": os.getpid()}
 
 
+@app.task("priced", cost=3, max_attempts=2)
+async def priced(ctx: TaskContext, input: dict[str, Any]) -> dict[str, Any]:
+    """Costs 3 credits; fails (every attempt) when asked to, after a short while either way."""
+    await asyncio.sleep(input.get("seconds", 0.05))
+    if input.get("fail"):
+        raise RuntimeError("asked to fail")
+    return {"pid": os.getpid()}
+
+
 @app.task("steps", timeout_s=300)
 async def steps(ctx: TaskContext, input: dict[str, Any]) -> dict[str, Any]:
     """Four steps, each once the test has made its file in input["dir"]: progress that moves."""

@@ -24,7 +24,7 @@ ST = str(Path(sys.executable).parent / "st")
 #: Where a schema-valid request may still be refused: the checks that need the world (a
 #: notify_url or endpoint URL inside the network or whose name does not resolve, a cursor that
 #: this service did not make, a secret given without rotate_secret, a cron expression or time
-#: zone that names no time) are not JSON Schema.
+#: zone that names no time, credits that do not cover a cost or a take-back) are not JSON Schema.
 CONFIG = """
 max-stream-events = 3
 request-timeout = 5
@@ -34,7 +34,13 @@ include-operation-id = [
   "submit", "create_endpoint", "update_endpoint", "list_tasks", "create_schedule", "replace_schedule",
   "bulk",
 ]
-checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "409", "422", "429"]
+checks.positive_data_acceptance.expected-statuses = [
+  "2xx", "400", "401", "402", "403", "404", "409", "422", "429",
+]
+
+[[operations]]
+include-operation-id = ["grant"]
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "402", "403"]
 
 [[operations]]
 # A byte range that starts past the end of a stream's text is answered 416, as HTTP says.

@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import asyncio
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 
-from errands import model
+from errands import Errands, Fail, TaskContext, model
 from errands.clock import ManualClock
 from errands.errors import InsufficientCredits, LeaseLost
 from errands.model import EventType, Status, TaskError
 from errands.store.base import Store
 from errands.store.records import ClaimSpec
-from tests.integration.conftest import new_task
+from tests.integration.conftest import RuntimeFactory, http, new_task, wait_task
 
 SPEC = [ClaimSpec("work")]
 
@@ -218,3 +219,73 @@ async def test_an_outcome_on_a_task_with_a_cost_is_charged_once_whatever_was_see
     await assert_consistent(store, "alice", 50, 0)
     kinds = [e.kind for e in await store.ledger("alice", after=0, limit=100)]
     assert kinds.count("charge") == 5 and kinds.count("release") == 1 and kinds.count("reserve") == 6
+
+
+# -- over HTTP --------------------------------------------------------------------------------
+
+app = Errands()
+
+
+@app.task("photo", cost=10)
+async def photo(ctx: TaskContext, input: dict[str, Any]) -> str:
+    if input.get("fail"):
+        raise Fail("bad_input", "no")
+    return "done"
+
+
+async def test_credits_over_http(runtime_factory: RuntimeFactory) -> None:
+    runtime = await runtime_factory(app)
+    async with http(runtime) as admin:
+        r = await admin.post("/v1/credits", json={"owner": "carol", "amount": 25, "note": "trial"})
+        assert r.status_code == 200 and r.json()["balance"] == 25, r.text
+        ok = await admin.post("/v1/tasks", json={"type": "photo", "id": "p1", "owner": "carol"})
+        assert ok.status_code == 202 and ok.json()["cost"] == 10
+        bad = await admin.post(
+            "/v1/tasks", json={"type": "photo", "id": "p2", "owner": "carol", "input": {"fail": 1}}
+        )
+        assert bad.status_code == 202
+        for task_id in ("p1", "p2"):
+            await wait_task(runtime, task_id)
+        # One charged, one given back: 15 left, nothing held.
+        assert (await admin.get("/v1/credits")).json()["balances"] == [
+            {"owner": "carol", "balance": 15, "reserved": 0, "updated_at": ANY}
+        ]
+        # Two more cost 20: the second is refused, with its reason, and leaves nothing.
+        assert (
+            await admin.post("/v1/tasks", json={"type": "photo", "id": "p3", "owner": "carol"})
+        ).status_code == 202
+        refused = await admin.post("/v1/tasks", json={"type": "photo", "id": "p4", "owner": "carol"})
+        assert refused.status_code == 402 and refused.json()["error"]["code"] == "insufficient_credits"
+        assert (await admin.get("/v1/tasks/p4")).status_code == 404
+        # A batch answers item by item; an admin may set a task's own cost.
+        batch = await admin.post(
+            "/v1/tasks/batch",
+            json={
+                "tasks": [{"type": "photo", "owner": "carol", "cost": 5}, {"type": "photo", "owner": "carol"}]
+            },
+        )
+        assert [x["status"] for x in batch.json()["results"]] == [202, 402]
+        ledger = (await admin.get("/v1/credits/ledger", params={"owner": "carol"})).json()
+        assert [e["kind"] for e in ledger["entries"]][:3] == ["grant", "reserve", "reserve"]
+        assert sum(e["amount"] for e in ledger["entries"]) == (await runtime.store.balance("carol")).balance
+        # Refused requests: an unknown field, a take-back below zero, a fraction, no owner.
+        for body, status in (
+            ({"owner": "carol", "amount": 5, "extra": 1}, 422),
+            ({"owner": "carol", "amount": -10_000}, 402),
+            ({"owner": "carol", "amount": 1.5}, 422),
+            ({"owner": "", "amount": 1}, 422),
+        ):
+            answer = await admin.post("/v1/credits", json=body)
+            assert answer.status_code == status, (body, answer.text)
+        # Without an owner, an admin reads every owner's ledger.
+        everyone = (await admin.get("/v1/credits/ledger")).json()["entries"]
+        assert {e["owner"] for e in everyone} == {"carol"} and len(everyone) >= 5
+        # An owner token: its own balance and ledger, no grants, no cost of its own choosing.
+        token = (await admin.post("/v1/tokens", json={"owner": "carol"})).json()["token"]
+    async with http(runtime, token) as carol:
+        assert [b["owner"] for b in (await carol.get("/v1/credits")).json()["balances"]] == ["carol"]
+        assert (await carol.get("/v1/credits/ledger")).json()["entries"]
+        assert (await carol.get("/v1/credits/ledger", params={"owner": "dave"})).status_code == 404
+        assert (await carol.post("/v1/credits", json={"owner": "carol", "amount": 100})).status_code == 403
+        chosen = await carol.post("/v1/tasks", json={"type": "photo", "cost": 0})
+        assert chosen.status_code == 403

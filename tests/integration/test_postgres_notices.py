@@ -6,7 +6,7 @@ never hears its own commits (its hub learns of them right after them)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -49,14 +49,16 @@ class Heard:
 
     def __init__(self, wanted: Hint | None = None) -> None:
         self.wanted = wanted
-        self.remote: list[tuple[Hint, int | None, int]] = []
+        self.remote: list[tuple[Hint, int | None, int]] = []  # work: how many of any type
         self.changed = asyncio.Event()
+        self.types: list[dict[str, int]] = []
 
     def committed(self, events: Sequence[Event]) -> None:
         pass
 
-    def remote_commit(self, hint: Hint, seq: int | None, work: int) -> None:
-        self.remote.append((hint, seq, work))
+    def remote_commit(self, hint: Hint, seq: int | None, work: Mapping[str, int]) -> None:
+        self.remote.append((hint, seq, sum(work.values())))
+        self.types.append(dict(work))
         self.changed.set()
 
     async def next(self) -> tuple[Hint, int | None, int]:

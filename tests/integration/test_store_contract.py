@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import orjson
 import pytest
@@ -447,7 +447,7 @@ class Recorder:
     def committed(self, events: Sequence[Event]) -> None:
         self.commits.append([e.seq for e in events])
 
-    def remote_commit(self, hint: Hint, seq: int | None, work: int) -> None:
+    def remote_commit(self, hint: Hint, seq: int | None, work: Mapping[str, int]) -> None:
         self.remote.append(hint)
 
 

@@ -139,24 +139,40 @@ def test_a_change_that_leaves_its_task_waiting_hints_later_not_work() -> None:
 @pytest.mark.parametrize(
     ("payload", "expected"),
     [
-        ("123/0/0", (Hint.NONE, 123, 0)),
-        ("123/1/8", (Hint.WORK, 123, 8)),
-        (f"123/{(Hint.ENDED | Hint.STOPPED).value}/0", (Hint.ENDED | Hint.STOPPED, 123, 0)),
-        # A node of an earlier version ("123/1", "123+" or "123"), or anything unreadable: assume all.
-        ("123/1", (Hint.WORK, 123, 1)),
-        ("123/0", (Hint.NONE, 123, 0)),
-        ("123+", (Hint.ALL, None, 1)),
-        ("123", (Hint.ALL, None, 1)),
-        ("123/x", (Hint.ALL, None, 1)),
-        ("123/1/x", (Hint.ALL, None, 1)),
-        ("123/4096", (Hint.ALL, None, 1)),
-        ("x/1", (Hint.ALL, None, 1)),
+        ("123/0/0/", (Hint.NONE, 123, {})),
+        ("123/1/8/a=5,b.c:d=3", (Hint.WORK, 123, {"a": 5, "b.c:d": 3})),
+        ("123/1/8/a=5", (Hint.WORK, 123, {"a": 5, "": 3})),  # types left out: any type
+        ("123/1/8/", (Hint.WORK, 123, {"": 8})),
+        (f"123/{(Hint.ENDED | Hint.STOPPED).value}/0/", (Hint.ENDED | Hint.STOPPED, 123, {})),
+        # Nodes of earlier versions ("123/1/8", "123/1", "123+", "123"), or anything unreadable.
+        ("123/1/8", (Hint.WORK, 123, {"": 8})),
+        ("123/1", (Hint.WORK, 123, {"": 1})),
+        ("123/0", (Hint.NONE, 123, {})),
+        ("123+", (Hint.ALL, None, {"": 1})),
+        ("123", (Hint.ALL, None, {"": 1})),
+        ("123/x", (Hint.ALL, None, {"": 1})),
+        ("123/1/x/", (Hint.ALL, None, {"": 1})),
+        ("123/1/-4/", (Hint.ALL, None, {"": 1})),
+        ("123/1_0/2/", (Hint.ALL, None, {"": 1})),
+        ("123/1/2/a=-1", (Hint.ALL, None, {"": 1})),
+        ("123/4096/0/", (Hint.ALL, None, {"": 1})),
+        ("x/1/1/", (Hint.ALL, None, {"": 1})),
+        ("1/1/1/a=1/b", (Hint.ALL, None, {"": 1})),
     ],
 )
 def test_a_notifications_hints_seq_and_work_are_read_safely(
-    payload: str, expected: tuple[Hint, int | None, int]
+    payload: str, expected: tuple[Hint, int | None, dict[str, int]]
 ) -> None:
     assert notification_hint(payload) == expected
+
+
+def test_a_notification_says_how_much_work_of_each_type_or_of_any() -> None:
+    from errands.store.postgres.sql import payload
+
+    assert payload(Hint.WORK, {"a": 2, "b": 1}) == "1/3/a=2,b=1"
+    assert notification_hint("9/" + payload(Hint.WORK, {"a": 2, "b": 1})) == (Hint.WORK, 9, {"a": 2, "b": 1})
+    many = {f"type-{i}": 1 for i in range(500)}  # too long to tell: any type
+    assert notification_hint("9/" + payload(Hint.WORK, many)) == (Hint.WORK, 9, {"": 500})
 
 
 def test_workers_that_share_the_work_claim_as_seldom_together_as_one_would() -> None:
@@ -204,3 +220,16 @@ def test_a_requests_fingerprint_is_what_it_was(body: dict[str, object]) -> None:
         orjson.dumps([request.model_dump(exclude={"id", "owner", *unset}), "u9"], option=orjson.OPT_SORT_KEYS)
     ).hexdigest()
     assert request_fingerprint(request, "u9") == before
+
+
+def test_a_worker_counts_only_the_work_it_could_take() -> None:
+    from errands.worker.loop import claim_share, mine
+
+    assert mine({"bulk": 100, "fast": 1}, {"fast"}) == 1
+    assert mine({"": 3, "bulk": 100}, {"fast"}) == 3  # of types not told: perhaps its own
+    # A worker of a quiet type beside a busy one: it takes all of its own, and stays at the
+    # shortest gap.
+    share = 1.0
+    for _ in range(10):
+        share = claim_share(share, announced=mine({"bulk": 100, "fast": 1}, {"fast"}), claimed=1, free=10)
+    assert share == 1.0

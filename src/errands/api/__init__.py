@@ -9,7 +9,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import Response
 from starlette.types import ASGIApp
 
-from errands.api import admin, console, inbound, notify, openapi, schedules, streams, tasks, watch
+from errands.api import admin, console, credits, inbound, notify, openapi, schedules, streams, tasks, watch
 from errands.api.middleware import GuardMiddleware, OriginPolicy
 from errands.api.routing import Call, Route, Router
 
@@ -29,6 +29,7 @@ def routes() -> list[Route]:
         *inbound.ROUTES,
         *notify.ROUTES,
         *schedules.ROUTES,
+        *credits.ROUTES,
         *admin.ROUTES,
         *console.ROUTES,
     ]

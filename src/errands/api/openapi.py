@@ -23,6 +23,7 @@ _REF = "#/components/schemas/{model}"
 _ERRORS = {
     400: "The request is malformed (not JSON, a bad header or cursor).",
     401: "No valid token (or, for a webhook, no valid signature).",
+    402: "The owner's credits do not cover the task's cost; nothing was written.",
     403: "The token may not do this.",
     404: "No such resource (another owner's task is not found either).",
     405: "The method is not allowed on this path.",

@@ -221,7 +221,7 @@ ROUTES = [
         body=SubmitRequest,
         response=Task,
         answers={200: ("The same request was already accepted.", Task)},
-        errors=(400, 401, 403, 409, 413, 422, 429),
+        errors=(400, 401, 402, 403, 409, 413, 422, 429),
     ),
     Route(
         "POST",
@@ -290,7 +290,7 @@ ROUTES = [
         "tasks",
         path_params=(TASK_ID,),
         response=Task,
-        errors=_STATE,
+        errors=(402, *_STATE),
     ),
     Route(
         "GET",

@@ -103,10 +103,20 @@ def hints(events: Iterable[tuple[EventType, bool]]) -> Hint:
     return Hint(found)
 
 
-def claimable(events: Iterable[tuple[EventType, bool]]) -> int:
-    """How many tasks a commit that wrote events of these types (each with whether it left its
-    task waiting) made claimable now: what its ``WORK`` hint stands for."""
-    return sum(1 for kind, waits in events if not waits and kind in _WORK)
+#: How many tasks a commit made claimable, by task type: what its ``WORK`` hint stands for. The
+#: type ``""`` counts tasks of types not told (a node of an earlier version, or a commit of too
+#: many types for its notification).
+Work = Mapping[str, int]
+
+
+def claimable(events: Iterable[tuple[EventType, bool, str]]) -> dict[str, int]:
+    """How many tasks, by type, a commit made claimable now, from its events: each event's
+    type, whether it left its task waiting, and its task's type."""
+    work: dict[str, int] = {}
+    for kind, waits, task_type in events:
+        if not waits and kind in _WORK:
+            work[task_type] = work.get(task_type, 0) + 1
+    return work
 
 
 class CommitSubscriber(Protocol):
@@ -120,10 +130,11 @@ class CommitSubscriber(Protocol):
         """Which remote commits matter here: those with one of these hints, or every one
         (``None``: the whole log is followed). A store may tell only those."""
 
-    def remote_commit(self, hint: Hint, seq: int | None, work: int) -> None:
+    def remote_commit(self, hint: Hint, seq: int | None, work: Work) -> None:
         """Another process may have committed events, which may mean ``hint`` (all of it after
-        a reconnect); ``seq`` is the commit's last, when known, and ``work`` how many tasks it
-        made claimable. Stores that cannot tell (SQLite) never call it: readers poll their log."""
+        a reconnect); ``seq`` is the commit's last, when known, and ``work`` how many tasks of
+        each type it made claimable. Stores that cannot tell (SQLite) never call it: readers
+        poll their log."""
 
 
 class Lifecycle(Protocol):
@@ -412,8 +423,9 @@ class Credits(Protocol):
     async def balances(self, *, after: str, limit: int) -> list[Balance]:
         """Owners with credits, by owner, after ``after``."""
 
-    async def ledger(self, owner: str, *, after: int, limit: int) -> list[LedgerEntry]:
-        """The owner's ledger entries after id ``after``, oldest first."""
+    async def ledger(self, owner: str | None, *, after: int, limit: int) -> list[LedgerEntry]:
+        """The owner's ledger entries (every owner's with ``None``) after id ``after``, oldest
+        first."""
 
 
 class Store(Lifecycle, Tasks, Sweeping, EventLog, Reports, Outbox, Schedules, Meta, Credits, Protocol):

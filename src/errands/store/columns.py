@@ -155,8 +155,9 @@ def values(r: TaskRecord, columns: Sequence[str] = COLUMNS) -> list[Any]:
     row = _ROWS.get(columns)
     if row is None:
         source = f"def row(r):\n    return [{', '.join(_VALUE[c] for c in columns)}]\n"
-        exec(source, _SCOPE)  # noqa: S102 - the code is built from the column table
-        row = _ROWS[columns] = _SCOPE["row"]
+        scope = dict(_SCOPE)  # its own: two threads may compile two column lists at once
+        exec(source, scope)  # noqa: S102 - the code is built from the column table
+        row = _ROWS[columns] = scope["row"]
     return row(r)
 
 

@@ -126,6 +126,7 @@ class Statements:
     select_balance: str  # owner → (owner, balance, reserved, updated_at)
     list_balances: str  # after (owner), limit → balance rows by owner
     select_ledger: str  # owner, after (id), limit → ledger rows (LEDGER_COLUMNS) by id
+    select_all_ledger: str  # after (id), limit → every owner's ledger rows by id
     # -- meta ---------------------------------------------------------------------------------
     meta_setdefault: str  # key, value → (stored value,)
     hold: str  # 'hold:' + name, until (text) → (stored until,): the later of the two is kept

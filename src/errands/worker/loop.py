@@ -18,6 +18,7 @@ import random
 import secrets
 import socket
 import time
+from collections.abc import Container
 from typing import Any, Protocol
 
 from errands import model
@@ -30,7 +31,7 @@ from errands.logs import in_task
 from errands.model import Event, EventType, Status, TaskRecord
 from errands.providers import Callbacks, ProviderBusy
 from errands.registry import Registry
-from errands.store.base import Decision, Hint, Meta, Tasks
+from errands.store.base import Decision, Hint, Meta, Tasks, Work
 from errands.store.records import ClaimSpec
 from errands.worker.attempt import Ended, Executor, Held, StopReason
 from errands.worker.handlers import HandlerExecutor
@@ -47,6 +48,13 @@ log = logging.getLogger("errands.worker")
 #: longer (see claim_share), up to _MAX_SHARE times.
 _CLAIM_GAP_S = 0.004
 _MAX_SHARE = 16.0
+
+
+def mine(work: Work, types: Container[str]) -> int:
+    """Of the tasks a commit made claimable, how many a worker of ``types`` could take (those of
+    types not told, any): a worker of a quiet type does not count a busy type's stream as work
+    others took from it."""
+    return sum(n for name, n in work.items() if not name or name in types)
 
 
 def claim_share(share: float, *, announced: int, claimed: int, free: int) -> float:
@@ -174,7 +182,7 @@ class Worker:
             self._maybe_work = True
             self._wake.set()
 
-    def _on_hints(self, hint: Hint, work: int) -> None:
+    def _on_hints(self, hint: Hint, work: Work) -> None:
         # Where the hub follows only this worker's tasks (a worker process), the hints stand in
         # for the events _on_event would have seen: a task may wait to be due (delayed, or a
         # retry's backoff), and an end may give an owner's turn away.
@@ -188,7 +196,7 @@ class Worker:
             # announcements of several commits into one claim); a full one claims when a slot
             # comes free.
             self._maybe_work = True
-            self._announced += work
+            self._announced += mine(work, self._types)
             if len(self._held) < self.settings.concurrency:
                 self._wake.set()
 

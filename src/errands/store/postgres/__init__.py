@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -27,7 +28,7 @@ import asyncpg
 from errands.clock import Clock
 from errands.errors import ConfigError, StoreError
 from errands.model import Event, TaskRecord
-from errands.store.base import CommitSubscriber, Hint
+from errands.store.base import CommitSubscriber, Hint, Work
 from errands.store.columns import to_event
 from errands.store.migrations import fresh_schema, migrations
 from errands.store.postgres.sql import HINT_MARK, STATEMENTS, listened
@@ -80,18 +81,33 @@ def session_settings(
     return settings
 
 
-def notification_hint(payload: str) -> tuple[Hint, int | None, int]:
-    """The hints, the last seq and the tasks made claimable of a notification (``seq/hint/work``;
-    every hint, no seq and one task when it cannot be read: a node of another version)."""
-    seq, mark, rest = payload.partition(HINT_MARK)
-    value, _, work = rest.partition(HINT_MARK)
+_DIGITS = re.compile(r"[0-9]{1,19}")
+#: What a notification that cannot be read may have made claimable: some task, of any type.
+_ANY_WORK: Work = {"": 1}
+
+
+def notification_hint(payload: str) -> tuple[Hint, int | None, dict[str, int]]:
+    """The hints, the last seq and the tasks made claimable (by type) of a notification
+    (``seq/hint/work/type=n,…``, see :data:`.sql.HINT_MARK`). What cannot be read (a node of
+    another version, or anything else) counts as every hint, no seq, and work of any type."""
+    parts = payload.split(HINT_MARK)
     try:
-        if not mark:
+        if not 2 <= len(parts) <= 4 or not all(_DIGITS.fullmatch(p) for p in parts[:3]):
             raise ValueError(payload)
-        hint = Hint(int(value))
-        return hint, int(seq), int(work) if work else int(bool(hint & Hint.WORK))
+        hint = Hint(int(parts[1]))
+        total = int(parts[2]) if len(parts) > 2 else int(bool(hint & Hint.WORK))
+        work: dict[str, int] = {}
+        if len(parts) == 4 and parts[3]:
+            for item in parts[3].split(","):
+                name, _, n = item.rpartition("=")
+                if not name or not _DIGITS.fullmatch(n):
+                    raise ValueError(payload)
+                work[name] = int(n)
+        if sum(work.values()) < total:
+            work[""] = total - sum(work.values())
+        return hint, int(parts[0]), work
     except ValueError:
-        return Hint.ALL, None, 1
+        return Hint.ALL, None, {"": 1}
 
 
 def safe_url(url: str) -> str:
@@ -176,7 +192,7 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps,
         if self._subscriber is not None:
             self._subscriber.committed(events)
 
-    def _remote(self, hint: Hint, seq: int | None = None, work: int = 1) -> None:
+    def _remote(self, hint: Hint, seq: int | None = None, work: Work = _ANY_WORK) -> None:
         if self._subscriber is not None:
             try:
                 self._subscriber.remote_commit(hint, seq, work)

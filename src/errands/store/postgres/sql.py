@@ -3,6 +3,8 @@ given), and the statements only its write path runs (see :mod:`.writer`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from errands.store.base import Hint
 from errands.store.columns import (
     ATTEMPTS,
@@ -27,9 +29,12 @@ HINT_CHANNELS = {
     "errands_hints": Hint.WORK | Hint.LATER | Hint.STOPPED,
     "errands_ended": Hint.ENDED,
 }
-#: Between a notification's parts: the commit's last seq, its hints (a Hint's value), and how
-#: many tasks it made claimable (``seq/hint/work``).
+#: Between a notification's parts: the commit's last seq, its hints (a Hint's value), how many
+#: tasks it made claimable, and how many of each type (``seq/hint/work/type=n,type=n``).
 HINT_MARK = "/"
+#: The most a notification's types may take (its payload must stay under 8,000 bytes): beyond,
+#: the types are left out and a reader counts the work as of every type.
+_MAX_TYPES_CHARS = 2000
 #: The seq base of the transaction (assigning its id if it has none yet), read beside a row.
 BASE = "(pg_current_xact_id()::text::bigint << 16)"
 
@@ -39,9 +44,12 @@ def channels(hint: Hint) -> list[str]:
     return [CHANNEL, *(name for name, wanted in HINT_CHANNELS.items() if hint & wanted)]
 
 
-def payload(hint: Hint, work: int) -> str:
+def payload(hint: Hint, work: Mapping[str, int]) -> str:
     """A notification's parts after its seq (see :data:`HINT_MARK`)."""
-    return f"{hint.value}{HINT_MARK}{work}"
+    types = ",".join(f"{name}={n}" for name, n in work.items())
+    if len(types) > _MAX_TYPES_CHARS:
+        types = ""
+    return f"{hint.value}{HINT_MARK}{sum(work.values())}{HINT_MARK}{types}"
 
 
 def listened(wanted: Hint | None) -> list[str]:
@@ -70,11 +78,11 @@ def _commit_sql(*, seen: bool = False) -> str:
     With ``seen``, the changes were decided on rows as their writers last saw them, not read
     here: the statement is a transaction of its own, and writes a change (and its event) only
     where the row is still as seen (its seq, and the two columns written without one: the
-    lease's expiry and the next poll), locking those rows first (``NOWAIT``: a locked row fails
-    the statement, and the caller decides again on the row as it is). A row its seq says was
-    written by an older transaction is the only kind there can be (what the statement's
-    snapshot sees committed before the transaction took its id), checked all the same. It
-    returns the ids written."""
+    lease's expiry and the next poll), locking those rows first (``SKIP LOCKED``: a row another
+    transaction holds is left as it is, its change decided again on the row as it is; never
+    waiting, the statement needs no order of locks). A row its seq says was written by an older
+    transaction is the only kind there can be (what the statement's snapshot sees committed
+    before the transaction took its id), checked all the same. It returns the ids written."""
     n_rows = len(WRITTEN) + 2  # id, ord, then the columns
     row_args = ", ".join(
         f"${i + 2}::{t}[]" for i, t in enumerate(["text", "int4"] + [PG_TYPES[c] for c in WRITTEN])
@@ -111,7 +119,7 @@ WITH s AS (
       ON t.id = x.id
     WHERE t.seq = x.seq AND t.seq < (SELECT base FROM s)
       AND t.lease_expires_at IS NOT DISTINCT FROM x.lease AND t.poll_at IS NOT DISTINCT FROM x.poll
-    ORDER BY t.id FOR UPDATE OF t NOWAIT
+    FOR UPDATE OF t SKIP LOCKED
 ), written AS (
     UPDATE errands_tasks t SET {sets}, seq = s.base + r.ord
     FROM s, unnest({row_args}) AS r({row_names})
@@ -447,6 +455,7 @@ STATEMENTS = Statements(
     select_ledger=(
         f"SELECT {LEDGER_COLUMNS} FROM errands_credit_ledger WHERE owner = $1 AND id > $2 ORDER BY id LIMIT $3"
     ),
+    select_all_ledger=f"SELECT {LEDGER_COLUMNS} FROM errands_credit_ledger WHERE id > $1 ORDER BY id LIMIT $2",
     # -- meta
     hold=(
         "INSERT INTO errands_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = "

@@ -35,7 +35,8 @@ cancel, a renewed lease) are run again as usual: read, locked, decided.
 partial indexes hold many entries of rows that have moved on until ``VACUUM``; an ordered index
 scan marks them dead as it passes and later scans skip them, a bitmap scan reads them every
 time, and plans cached while the table was small scan all of it for one row. A claim's
-transaction also plans without sorts (``SET LOCAL enable_sort``, in its ``BEGIN``): a plan cached
+transaction (a claim alone: nothing else is planned so) plans without sorts (``SET LOCAL
+enable_sort``, in its ``BEGIN``): a plan cached
 while the statistics said the queue was empty (early in a database's life) would read every
 pending task through another index and sort them to claim a few, for as long as the session
 lives; without sorts, each part of the queue is walked in its index's order. (Neither path is
@@ -234,7 +235,7 @@ class PgTx(TxBase):
         self.ordinal += len(records)
         snapshots = [r.public_json() for r in records]
         hint = hints((EventType.CREATED, r.waits) for r in records)
-        notice = payload(hint, sum(not r.waits for r in records))
+        notice = payload(hint, claimable((EventType.CREATED, r.waits, r.type) for r in records))
         if len(records) == 1:
             seq = await self.conn.fetchval(
                 INSERT_TASK, *values(records[0], INSERTED), ordinals[0], snapshots[0], notice, channels(hint)
@@ -359,9 +360,8 @@ class PgTx(TxBase):
             [c.record.status.value for c in self.pending],
             snapshots,
         ]
-        kinds = [(c.event, c.record.waits) for c in self.pending]
-        hint = hints(kinds)
-        notice = payload(hint, claimable(kinds))
+        hint = hints((c.event, c.record.waits) for c in self.pending)
+        notice = payload(hint, claimable((c.event, c.record.waits, c.record.type) for c in self.pending))
         args = [first + len(self.pending) - 1, *row_arrays, *event_arrays, notice, channels(hint)]
         if self.seen is None:
             base = await self.conn.fetchval(COMMIT, *args)
@@ -478,7 +478,7 @@ class Writer:
                 ):  # fmt: skip
                     tasks.add(self._queue[0].task_id)
                     batch.append(self._queue.popleft())
-            else:
+            elif batch[0].mode != "first":  # a claim plans without sorts: nothing shares that
                 while self._queue and len(batch) < _MAX_BATCH and self._queue[0].mode != "first":
                     batch.append(self._queue.popleft())
             if self._queue:

@@ -24,5 +24,9 @@ class CreditOps(Dialect):
     async def balances(self, *, after: str, limit: int) -> list[Balance]:
         return [Balance(*row) for row in await self._fetch(self.sql.list_balances, after, limit)]
 
-    async def ledger(self, owner: str, *, after: int, limit: int) -> list[LedgerEntry]:
-        return [LedgerEntry(*row) for row in await self._fetch(self.sql.select_ledger, owner, after, limit)]
+    async def ledger(self, owner: str | None, *, after: int, limit: int) -> list[LedgerEntry]:
+        if owner is None:
+            rows = await self._fetch(self.sql.select_all_ledger, after, limit)
+        else:
+            rows = await self._fetch(self.sql.select_ledger, owner, after, limit)
+        return [LedgerEntry(*row) for row in rows]

@@ -240,6 +240,7 @@ STATEMENTS = Statements(
         "SELECT owner, balance, reserved, updated_at FROM credit_balances WHERE owner > ? ORDER BY owner LIMIT ?"
     ),
     select_ledger=f"SELECT {LEDGER_COLUMNS} FROM credit_ledger WHERE owner = ? AND id > ? ORDER BY id LIMIT ?",
+    select_all_ledger=f"SELECT {LEDGER_COLUMNS} FROM credit_ledger WHERE id > ? ORDER BY id LIMIT ?",
     # -- meta
     meta_setdefault=(
         "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = meta.value "

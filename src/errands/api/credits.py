@@ -1,0 +1,153 @@
+"""Credits: grant (admin), read balances and the ledger (admin, or an owner its own)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import Response
+
+from errands.api.routing import Call, Route
+from errands.clock import iso
+from errands.inputs import Owner, Text, integral
+from errands.model.credits import MAX_CREDITS, Balance, LedgerEntry
+
+
+class GrantRequest(BaseModel):
+    """The body of ``POST /v1/credits``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    owner: Owner
+    amount: Annotated[
+        int,
+        Field(ge=-MAX_CREDITS, le=MAX_CREDITS, description="Credits to add; negative to take back."),
+        integral,
+    ]
+    note: Annotated[Text, Field(max_length=500)] | None = None
+
+
+class BalanceOut(BaseModel):
+    owner: str
+    balance: int = Field(description="Credits the owner may spend now.")
+    reserved: int = Field(description="Credits its unfinished tasks hold.")
+    updated_at: str | None
+
+
+class BalancePage(BaseModel):
+    balances: list[BalanceOut]
+    next_after: str | None = Field(description="Pass as `after` for the next page; null on the last.")
+
+
+class LedgerEntryOut(BaseModel):
+    id: int
+    owner: str
+    kind: str = Field(description="`grant`, `reserve`, `charge` or `release`.")
+    amount: int = Field(description="What it did to the balance.")
+    held: int = Field(description="What it did to the reserved credits.")
+    balance: int
+    reserved: int
+    at: str
+    task_id: str | None
+    note: str | None
+
+
+class LedgerPage(BaseModel):
+    entries: list[LedgerEntryOut]
+    next_after: int | None = Field(description="Pass as `after` for the next page; null on the last.")
+
+
+class BalancesQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    after: Annotated[Owner, Field(description="The last owner of the previous page.")] | None = None
+    limit: Annotated[int, Field(ge=1, le=500), integral] = 100
+
+
+class LedgerQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    owner: (
+        Annotated[Owner, Field(description="Whose ledger (an owner token: its own, the default).")] | None
+    ) = None
+    after: Annotated[
+        int, Field(ge=0, le=2**62, description="The last id of the previous page."), integral
+    ] = 0
+    limit: Annotated[int, Field(ge=1, le=500), integral] = 100
+
+
+def _json(body: Any) -> Response:
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+def balance_out(b: Balance) -> dict[str, Any]:
+    return {"owner": b.owner, "balance": b.balance, "reserved": b.reserved, "updated_at": iso(b.updated_at)}
+
+
+def entry_out(e: LedgerEntry) -> dict[str, Any]:
+    return {
+        "id": e.id, "owner": e.owner, "kind": e.kind, "amount": e.amount, "held": e.held,
+        "balance": e.balance, "reserved": e.reserved, "at": iso(e.at), "task_id": e.task_id, "note": e.note,
+    }  # fmt: skip
+
+
+async def grant(call: Call) -> Response:
+    """Add credits to an owner's balance (``amount`` < 0 takes them back): ``402`` when the
+    balance cannot go that low. Each grant is a ledger entry."""
+    body = await call.json(GrantRequest)
+    return _json(
+        balance_out(await call.runtime.service.grant(body.owner, body.amount, body.note, call.principal))
+    )
+
+
+async def balances(call: Call) -> Response:
+    """Owners' credits, by owner (admin); an owner token sees its own only."""
+    q = call.query(BalancesQuery)
+    page, next_after = await call.runtime.service.balances(call.principal, after=q.after or "", limit=q.limit)
+    return _json({"balances": [balance_out(b) for b in page], "next_after": next_after})
+
+
+async def ledger(call: Call) -> Response:
+    """An owner's ledger, oldest first: every grant, and every task's reservation, charge or
+    release, with the balance right after it. Its ``amount`` sum to the balance, its ``held``
+    to the reserved credits."""
+    q = call.query(LedgerQuery)
+    page, next_after = await call.runtime.service.ledger(
+        call.principal, q.owner, after=q.after, limit=q.limit
+    )
+    return _json({"entries": [entry_out(e) for e in page], "next_after": next_after})
+
+
+ROUTES = [
+    Route(
+        "POST",
+        "/v1/credits",
+        grant,
+        "Grant credits to an owner (admin)",
+        "credits",
+        body=GrantRequest,
+        response=BalanceOut,
+        errors=(400, 401, 402, 403, 413, 422),
+    ),
+    Route(
+        "GET",
+        "/v1/credits",
+        balances,
+        "Owners' credits",
+        "credits",
+        query=BalancesQuery,
+        response=BalancePage,
+        errors=(401, 403, 422),
+    ),
+    Route(
+        "GET",
+        "/v1/credits/ledger",
+        ledger,
+        "An owner's ledger",
+        "credits",
+        query=LedgerQuery,
+        response=LedgerPage,
+        errors=(401, 403, 404, 422),
+    ),
+]
