@@ -101,9 +101,10 @@ def serve(
 
     settings = _settings(app=app, db=db, host=host, port=port, concurrency=concurrency)
 
-    def ready(runtime: Runtime, url: str) -> None:
+    def ready(runtime: Runtime, url: str, metrics_url: str | None) -> None:
         name = settings.app or "the built-in demo app"
         typer.echo(f"errands is serving {name} at {url} (database: {settings.db})")
+        _announce_metrics(metrics_url)
         if dev_provider_url:
             typer.echo(f"The demo's fake_ai tasks run on a development provider at {dev_provider_url}")
         if runtime.generated_admin_key:
@@ -127,6 +128,11 @@ def serve(
             await serve_forever(errands_app, settings, workers=workers, on_ready=ready)
 
     run(main())
+
+
+def _announce_metrics(metrics_url: str | None) -> None:
+    if metrics_url is not None:
+        typer.echo(f"Metrics for Prometheus (no key): {metrics_url}/metrics")
 
 
 @contextlib.asynccontextmanager
@@ -209,9 +215,10 @@ def worker(app: AppOpt = None, db: DbOpt = None, concurrency: ConcurrencyOpt = N
 
     settings = _settings(app=app, db=db, concurrency=concurrency)
 
-    def ready(runtime: Runtime) -> None:
+    def ready(runtime: Runtime, metrics_url: str | None) -> None:
         worker_id = runtime.worker.id if runtime.worker else "?"
         typer.echo(f"errands worker {worker_id} is running (database: {settings.db})")
+        _announce_metrics(metrics_url)
         sys.stdout.flush()
 
     try:

@@ -178,9 +178,10 @@ async def serve(
     settings: Settings,
     *,
     workers: bool = True,
-    on_ready: Callable[[Runtime, str], None] | None = None,
+    on_ready: Callable[[Runtime, str, str | None], None] | None = None,
 ) -> None:
-    """Run the API, the workers and the sweeper until a signal arrives."""
+    """Run the API, the workers and the sweeper until a signal arrives; ``on_ready`` is told
+    the API's base URL and the private metrics endpoint's (``None`` without one)."""
     sock = bind(settings.host, settings.port)
     # Providers call back where this process listens, unless ERRANDS_PUBLIC_URL says otherwise.
     runtime = Runtime(app, settings, base_url=settings.public_url or url_of(sock))
@@ -194,12 +195,12 @@ async def serve(
 
     remove = _on_signals(request_stop)
     try:
-        async with metrics_endpoint(runtime):
+        async with metrics_endpoint(runtime) as metrics_url:
             with app.serving(runtime):
                 await api.start()
                 _settle_memory()
                 if on_ready is not None:
-                    on_ready(runtime, api.url)
+                    on_ready(runtime, api.url, metrics_url)
                 await api.wait()
     finally:
         remove()
@@ -207,8 +208,11 @@ async def serve(
         await runtime.stop()
 
 
-async def work(app: Errands, settings: Settings, *, on_ready: Callable[[Runtime], Any] | None = None) -> None:
-    """Run workers only (no API, no sweeper) until a signal arrives."""
+async def work(
+    app: Errands, settings: Settings, *, on_ready: Callable[[Runtime, str | None], Any] | None = None
+) -> None:
+    """Run workers only (no API, no sweeper) until a signal arrives; ``on_ready`` is told the
+    private metrics endpoint's base URL (``None`` without one)."""
     runtime = Runtime(app, settings, serves_watches=False)
     await runtime.start(workers=True, sweeper=False, api=False)
     stop = asyncio.Event()
@@ -220,11 +224,11 @@ async def work(app: Errands, settings: Settings, *, on_ready: Callable[[Runtime]
 
     remove = _on_signals(request_stop)
     try:
-        async with metrics_endpoint(runtime):
+        async with metrics_endpoint(runtime) as metrics_url:
             with app.serving(runtime):
                 _settle_memory()
                 if on_ready is not None:
-                    on_ready(runtime)
+                    on_ready(runtime, metrics_url)
                 await stop.wait()
     finally:
         remove()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,13 +21,6 @@ HERE = Path(__file__).parent
 ERRANDS = str(Path(sys.executable).parent / "errands")
 
 pytestmark = pytest.mark.acceptance
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def eventually(check: Callable[[], Any], timeout_s: float = 20.0, what: str = "condition") -> Any:
@@ -86,6 +78,21 @@ class Proc:
             self._err.close()
 
 
+def served_url(proc: Proc, timeout_s: float = 20.0) -> str:
+    """The base URL a started ``errands serve`` announces (the port it took)."""
+    return proc.wait_for(r"errands is serving .* at (http://\S+) \(database", timeout_s).group(1)
+
+
+def metrics_url(proc: Proc) -> str:
+    """The private metrics endpoint a started process announces."""
+    return proc.wait_for(r"Metrics for Prometheus \(no key\): (http://\S+)").group(1)
+
+
+def listening_url(proc: Proc) -> str:
+    """The URL a started ``errands dev-provider`` announces."""
+    return proc.wait_for(r"errands dev-provider is listening at (http://\S+)").group(1)
+
+
 class Cluster:
     """Processes of one test sharing one database; all stopped at the end."""
 
@@ -109,12 +116,11 @@ class Cluster:
     def serve(
         self, *args: str, env: dict[str, str] | None = None, port: int | None = None
     ) -> tuple[Proc, httpx.Client]:
-        port = port or free_port()
-        proc = self.start("serve", "--port", str(port), *args, name="serve", env=env)
-        proc.wait_for(r"errands is serving")
-        client = httpx.Client(
-            base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10
-        )
+        """Start ``errands serve`` (on a port of its own choosing unless one is given) and a client of
+        it. A port picked here and passed on could be taken by any socket in between."""
+        proc = self.start("serve", "--port", str(port or 0), *args, name="serve", env=env)
+        url = served_url(proc)
+        client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=10)
         self.clients.append(client)
         return proc, client
 

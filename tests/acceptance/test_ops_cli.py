@@ -10,7 +10,7 @@ import httpx
 import websockets
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.acceptance.conftest import ADMIN_KEY, Cluster, eventually, free_port, wait_status
+from tests.acceptance.conftest import ADMIN_KEY, Cluster, eventually, metrics_url, wait_status
 
 
 def test_json_logs_parse_carry_the_task_and_request_and_hide_secrets(cluster: Cluster) -> None:
@@ -56,15 +56,15 @@ def test_json_logs_parse_carry_the_task_and_request_and_hide_secrets(cluster: Cl
 
 def test_a_worker_process_serves_its_metrics_on_a_private_port(cluster: Cluster) -> None:
     _, client = cluster.serve("--no-workers", "--app", "sample_app:app")
-    port = free_port()
-    cluster.worker("--app", "sample_app:app", env={"ERRANDS_METRICS_LISTEN": f"127.0.0.1:{port}"})
+    worker = cluster.worker("--app", "sample_app:app", env={"ERRANDS_METRICS_LISTEN": "127.0.0.1:0"})
+    metrics = metrics_url(worker)
     for i in range(3):
         client.post("/v1/tasks", json={"type": "quick", "id": f"q-{i}"})
     for i in range(3):
         wait_status(client, f"q-{i}", "completed")
 
     def finished() -> float | None:
-        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text  # no key on this port
+        text = httpx.get(metrics, timeout=5).text  # no key on this port
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 if sample.name == "errands_tasks_finished_total" and sample.labels == {

@@ -15,7 +15,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.acceptance.conftest import Cluster, eventually, sse_lines, task_status
+from tests.acceptance.conftest import Cluster, eventually, served_url, sse_lines, task_status
 from tests.conftest import ADMIN_KEY
 
 pytestmark = pytest.mark.postgres
@@ -176,21 +176,17 @@ def test_nodes_started_all_at_once_on_a_fresh_database_all_come_up(pg_cluster: C
     """Every node migrates, stores the shared secrets and generates what it needs at the same
     moment on an empty database: each must come up, and all must agree on the secrets (a token
     minted by one is accepted by every other)."""
-    from tests.acceptance.conftest import free_port
-
-    ports = [free_port() for _ in range(3)]
-    nodes = [pg_cluster.start("serve", "--port", str(port), name="serve") for port in ports]
+    nodes = [pg_cluster.start("serve", "--port", "0", name="serve") for _ in range(3)]
     workers = [pg_cluster.start("worker", "--app", "sample_app:app", name="worker") for _ in range(3)]
-    for node in nodes:
-        node.wait_for(r"errands is serving", timeout_s=60)
+    urls = [served_url(node, timeout_s=60) for node in nodes]
     for worker in workers:
         worker.wait_for(r"errands worker \S+ is running", timeout_s=60)
     headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
-    token = httpx.post(
-        f"http://127.0.0.1:{ports[0]}/v1/tokens", json={"owner": "alice"}, headers=headers, timeout=10
-    ).json()["token"]
-    for port in ports:
-        r = httpx.get(f"http://127.0.0.1:{port}/v1/tasks", params={"access_token": token}, timeout=10)
+    token = httpx.post(f"{urls[0]}/v1/tokens", json={"owner": "alice"}, headers=headers, timeout=10).json()[
+        "token"
+    ]
+    for url in urls:
+        r = httpx.get(f"{url}/v1/tasks", params={"access_token": token}, timeout=10)
         assert r.status_code == 200, r.text
     for proc in [*nodes, *workers]:
         assert "Traceback" not in proc.output()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.acceptance.conftest import Cluster, eventually, free_port, task_status
+from tests.acceptance.conftest import Cluster, eventually, listening_url, task_status
 
 
 def test_the_demo_runs_an_external_task_out_of_the_box(cluster: Cluster) -> None:
@@ -17,15 +17,13 @@ def test_the_demo_runs_an_external_task_out_of_the_box(cluster: Cluster) -> None
 
 
 def test_chaos_against_the_dev_provider_cli(cluster: Cluster) -> None:
-    port = free_port()
     chaos = [
-        "--port", str(port), "--delay-s", "0.3", "--steps", "3", "--jitter-s", "0.05", "--seed", "7",
+        "--port", "0", "--delay-s", "0.3", "--steps", "3", "--jitter-s", "0.05", "--seed", "7",
         "--drop", "0.3", "--duplicate", "0.3", "--bad-signature", "0.2", "--reorder", "0.5", "--fail", "0.25",
     ]  # fmt: skip
     provider = cluster.start("dev-provider", *chaos, name="dev-provider")
-    provider.wait_for("errands dev-provider is listening")
     _, client = cluster.serve(
-        env={"ERRANDS_DEV_PROVIDER_URL": f"http://127.0.0.1:{port}", "ERRANDS_SWEEP_INTERVAL_S": "0.5"}
+        env={"ERRANDS_DEV_PROVIDER_URL": listening_url(provider), "ERRANDS_SWEEP_INTERVAL_S": "0.5"}
     )
     ids = [
         client.post("/v1/tasks", json={"type": "fake_ai", "input": {"i": i}}).json()["id"] for i in range(30)
