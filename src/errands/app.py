@@ -134,7 +134,7 @@ class Errands(Registry):
         """Add ``amount`` credits to the owner's balance (take them back when negative)."""
         if self._runtime is None:
             raise Unavailable("The app is not running; use `async with app.running():` or `errands serve`.")
-        return await self._runtime.service.grant(owner, amount, note, SYSTEM)
+        return await self._runtime.service.accounts.grant(owner, amount, note, SYSTEM)
 
     async def balance(self, owner: str) -> Balance:
         """The owner's credits: what it may spend, and what its unfinished tasks hold."""

@@ -18,6 +18,7 @@ import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from errands import model
+from errands.accounts import Accounts
 from errands.auth import READ, WRITE, Principal, TokenSigner
 from errands.clock import Clock, iso
 from errands.config import Settings
@@ -38,7 +39,7 @@ from errands.inputs import (
 )
 from errands.intake import Intake
 from errands.model import Event, NewTask, Status, TaskRecord, Usage
-from errands.model.credits import MAX_CREDITS, Balance, LedgerEntry
+from errands.model.credits import MAX_CREDITS
 from errands.model.flow import waiting_for
 from errands.model.streams import StreamChoice, StreamInfo, StreamRead, read_stream, streams
 from errands.registry import Registry
@@ -203,6 +204,7 @@ class Service:
         self.signer = signer
         self.guard = guard
         self.intake = intake
+        self.accounts = Accounts(store, clock)
 
     # -- tasks --------------------------------------------------------------------------------
 
@@ -310,39 +312,6 @@ class Service:
             debounce_key=request.debounce_key,
             cost=task_type.cost if request.cost is None else request.cost,
         )
-
-    # -- credits ------------------------------------------------------------------------------
-
-    async def grant(self, owner: str, amount: int, note: str | None, principal: Principal) -> Balance:
-        if not principal.admin:
-            raise Forbidden("Only an admin key may grant credits.")
-        return await self.store.grant(owner, amount, note=note)
-
-    async def balances(
-        self, principal: Principal, *, after: str, limit: int
-    ) -> tuple[list[Balance], str | None]:
-        """A page of owners' credits and where the next starts; an owner token: its own."""
-        principal.require(READ)
-        if not principal.admin:
-            mine = (
-                [await self.store.balance(principal.owner or "")] if after < (principal.owner or "") else []
-            )
-            return mine, None
-        page = await self.store.balances(after=after, limit=limit + 1)
-        return page[:limit], page[limit - 1].owner if len(page) > limit else None
-
-    async def ledger(
-        self, principal: Principal, owner: str | None, *, after: int, limit: int
-    ) -> tuple[list[LedgerEntry], int | None]:
-        """A page of an owner's ledger (every owner's, for an admin who names none) and where
-        the next starts; an owner token reads its own, another owner's answers ``404``."""
-        principal.require(READ)
-        if not principal.admin:
-            if owner is not None and owner != principal.owner:
-                raise NotFound()
-            owner = principal.owner or ""
-        page = await self.store.ledger(owner, after=after, limit=limit + 1)
-        return page[:limit], page[limit - 1].id if len(page) > limit else None
 
     async def get(self, task_id: str, principal: Principal) -> TaskRecord:
         principal.require(READ)

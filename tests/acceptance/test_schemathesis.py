@@ -39,6 +39,11 @@ checks.positive_data_acceptance.expected-statuses = [
 ]
 
 [[operations]]
+# A range of days given backwards or longer than 366 days; a cursor this service did not make.
+include-operation-id = ["usage"]
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403", "404", "422"]
+
+[[operations]]
 include-operation-id = ["grant"]
 checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "402", "403"]
 

@@ -35,7 +35,7 @@ _TABLES = (
     "errands_tasks, errands_events, errands_tombstones, errands_meta, errands_admin_keys, "
     "errands_webhook_ids, errands_webhook_deliveries, errands_endpoints, errands_messages, "
     "errands_message_attempts, errands_schedules, errands_flow_rates, errands_credit_balances, "
-    "errands_credit_ledger"
+    "errands_credit_ledger, errands_usage_days"
 )
 
 
@@ -249,7 +249,7 @@ async def sse(client: httpx.AsyncClient, path: str, **kwargs: Any) -> AsyncItera
 #: meta, admin keys, and the inbound delivery log, which records refusals by design).
 STATE_TABLES = (
     "tasks", "events", "tombstones", "endpoints", "messages", "webhook_ids", "schedules", "flow_rates",
-    "credit_balances", "credit_ledger",
+    "credit_balances", "credit_ledger", "usage_days",
 )  # fmt: skip
 
 

@@ -1,17 +1,21 @@
-"""Credits: grant (admin), read balances and the ledger (admin, or an owner its own)."""
+"""Credits and usage: grant (admin), read balances, the ledger and usage (admin, or an owner its
+own)."""
 
 from __future__ import annotations
 
+import datetime as dt
+import re
 from typing import Annotated, Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.responses import Response
 
 from errands.api.routing import Call, Route
 from errands.clock import iso
-from errands.inputs import Owner, Text, integral
+from errands.inputs import Owner, Text, TypeName, integral
 from errands.model.credits import MAX_CREDITS, Balance, LedgerEntry
+from errands.model.usage import DayUsage
 
 
 class GrantRequest(BaseModel):
@@ -77,6 +81,51 @@ class LedgerQuery(BaseModel):
     limit: Annotated[int, Field(ge=1, le=500), integral] = 100
 
 
+#: The days a usage read may name (those whose timestamps every store and client can represent).
+def _day(value: Any) -> Any:
+    """Only ``YYYY-MM-DD`` names a day (not a timestamp, nor a date with a time)."""
+    if not isinstance(value, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        raise ValueError("a day is written YYYY-MM-DD")
+    return value
+
+
+Day = Annotated[dt.date, BeforeValidator(_day), Field(ge=dt.date(1970, 1, 1), le=dt.date(9000, 12, 31))]
+
+
+class UsageQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    owner: (
+        Annotated[Owner, Field(description="Whose usage (an owner token: its own, the default).")] | None
+    ) = None
+    type: Annotated[TypeName, Field(description="Of this task type only.")] | None = None
+    since: (
+        Annotated[Day, Field(description="The first day (UTC), `YYYY-MM-DD`; 30 days ago by default.")] | None
+    ) = None
+    until: Annotated[Day, Field(description="The last day (UTC), included; today by default.")] | None = None
+    after: (
+        Annotated[Text, Field(max_length=2000, description="`next_after` of the previous page.")] | None
+    ) = None
+    limit: Annotated[int, Field(ge=1, le=1000), integral] = 500
+
+
+class DayUsageOut(BaseModel):
+    day: str = Field(description="The day (UTC) its tasks were submitted, `YYYY-MM-DD`.")
+    owner: str
+    type: str
+    submitted: int = Field(description="Tasks submitted that day (stored or since purged).")
+    statuses: dict[str, int] = Field(description="How many of them are in each status now.")
+    credits_charged: int = Field(description="Credits charged for those that completed.")
+    credits_reserved: int = Field(description="Credits held by those not ended yet.")
+
+
+class UsagePageOut(BaseModel):
+    since: str
+    until: str
+    usage: list[DayUsageOut] = Field(description="By day, then owner, then type.")
+    next_after: str | None = Field(description="Pass as `after` for the next page; null on the last.")
+
+
 def _json(body: Any) -> Response:
     return Response(orjson.dumps(body), media_type="application/json")
 
@@ -97,14 +146,18 @@ async def grant(call: Call) -> Response:
     balance cannot go that low. Each grant is a ledger entry."""
     body = await call.json(GrantRequest)
     return _json(
-        balance_out(await call.runtime.service.grant(body.owner, body.amount, body.note, call.principal))
+        balance_out(
+            await call.runtime.service.accounts.grant(body.owner, body.amount, body.note, call.principal)
+        )
     )
 
 
 async def balances(call: Call) -> Response:
     """Owners' credits, by owner (admin); an owner token sees its own only."""
     q = call.query(BalancesQuery)
-    page, next_after = await call.runtime.service.balances(call.principal, after=q.after or "", limit=q.limit)
+    page, next_after = await call.runtime.service.accounts.balances(
+        call.principal, after=q.after or "", limit=q.limit
+    )
     return _json({"balances": [balance_out(b) for b in page], "next_after": next_after})
 
 
@@ -113,10 +166,31 @@ async def ledger(call: Call) -> Response:
     release, with the balance right after it. Its ``amount`` sum to the balance, its ``held``
     to the reserved credits."""
     q = call.query(LedgerQuery)
-    page, next_after = await call.runtime.service.ledger(
+    page, next_after = await call.runtime.service.accounts.ledger(
         call.principal, q.owner, after=q.after, limit=q.limit
     )
     return _json({"entries": [entry_out(e) for e in page], "next_after": next_after})
+
+
+def usage_out(u: DayUsage) -> dict[str, Any]:
+    return {
+        "day": u.day, "owner": u.owner, "type": u.type, "submitted": u.submitted, "statuses": u.by_status(),
+        "credits_charged": u.charged, "credits_reserved": u.reserved,
+    }  # fmt: skip
+
+
+async def usage(call: Call) -> Response:
+    """What tasks came to, per day (UTC, of their submit), owner and type: how many were
+    submitted, how many are in each status, the credits charged and still held. Tasks without a
+    cost count too; purged tasks stay counted."""
+    q = call.query(UsageQuery)
+    page = await call.runtime.service.accounts.usage(
+        call.principal, owner=q.owner, type=q.type, first=q.since, last=q.until, after=q.after, limit=q.limit
+    )
+    return _json({
+        "since": page.first.isoformat(), "until": page.last.isoformat(),
+        "usage": [usage_out(u) for u in page.rows], "next_after": page.next_after,
+    })  # fmt: skip
 
 
 ROUTES = [
@@ -149,5 +223,15 @@ ROUTES = [
         query=LedgerQuery,
         response=LedgerPage,
         errors=(401, 403, 404, 422),
+    ),
+    Route(
+        "GET",
+        "/v1/usage",
+        usage,
+        "Usage per day, owner and type",
+        "credits",
+        query=UsageQuery,
+        response=UsagePageOut,
+        errors=(400, 401, 403, 404, 422),
     ),
 ]

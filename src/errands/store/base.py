@@ -25,6 +25,7 @@ Both implementations (SQLite, PostgreSQL) raise only :mod:`errands.errors` excep
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol, runtime_checkable
@@ -34,6 +35,7 @@ from errands.model import Bound, Change, Event, EventType, NewTask, Status, Task
 from errands.model.credits import Balance, LedgerEntry
 from errands.model.schedules import Schedule, ScheduleSpec
 from errands.model.streams import StreamChoice
+from errands.model.usage import DayUsage
 from errands.store.records import (
     Attempt,
     AttemptResult,
@@ -426,6 +428,19 @@ class Credits(Protocol):
     async def ledger(self, owner: str | None, *, after: int, limit: int) -> list[LedgerEntry]:
         """The owner's ledger entries (every owner's with ``None``) after id ``after``, oldest
         first."""
+
+    async def usage(
+        self,
+        *,
+        first: dt.date,
+        last: dt.date,
+        owner: str | None = None,
+        type: str | None = None,
+        after: tuple[str, str, str] = ("", "", ""),
+        limit: int = 1000,
+    ) -> list[DayUsage]:
+        """What tasks submitted from day ``first`` to ``last`` (UTC, both included) came to, per
+        (day, owner, type) in that order, after ``after``; of one owner or type if named."""
 
 
 class Store(Lifecycle, Tasks, Sweeping, EventLog, Reports, Outbox, Schedules, Meta, Credits, Protocol):

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from errands.model import TERMINAL
+from errands.model.usage import STATUSES
 
 #: The ordering rule of messages, once for both dialects: a message waits while an earlier one
 #: of the same task to the same destination is pending, so each destination sees a task's
@@ -31,6 +32,28 @@ STARTABLE = " AND (start_by IS NULL OR started_at IS NOT NULL OR start_by >= {no
 
 #: A ledger entry's columns, in :class:`errands.model.credits.LedgerEntry`'s order.
 LEDGER_COLUMNS = "id, owner, kind, amount, held, balance, reserved, at, task_id, note"
+
+
+def usage_sql(*, day: str, tasks: str, days: str, param: Callable[[int], str]) -> str:
+    """The ``usage`` statement of a dialect: ``day`` is its SQL for a task's day (UTC) of
+    submit, ``tasks`` and ``days`` its tables. The live counts of the stored tasks and the
+    rollups of purged ones, read in one statement (one snapshot: a purge moving tasks from one
+    to the other is seen whole or not at all), summed per (day, owner, type), in that order."""
+    counts = ", ".join(
+        f"CAST(sum(CASE WHEN status = '{s.value}' THEN n ELSE 0 END) AS BIGINT)" for s in STATUSES
+    )
+    p = param
+    return (
+        f"SELECT day, owner, type, {counts}, "
+        "CAST(sum(CASE WHEN status = 'completed' THEN c ELSE 0 END) AS BIGINT), "
+        "CAST(sum(CASE WHEN status IN ('pending', 'processing') THEN c ELSE 0 END) AS BIGINT) "
+        f"FROM (SELECT {day} AS day, owner, type, status, count(*) AS n, sum(cost) AS c FROM {tasks} "
+        f"WHERE created_at >= {p(1)} AND created_at < {p(2)}{{tasks_where}} GROUP BY 1, 2, 3, 4 "
+        f"UNION ALL SELECT day, owner, type, status, tasks, credits FROM {days} "
+        f"WHERE day >= {p(3)} AND day <= {p(4)}{{days_where}}) AS u "
+        f"GROUP BY day, owner, type HAVING (day, owner, type) > ({p(5)}, {p(6)}, {p(7)}) "
+        f"ORDER BY day, owner, type LIMIT {p(8)}"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +93,7 @@ class Statements:
     due_expiry: str  # now, limit → ids
     due_starts: str  # now, limit → ids of tasks never started by start_by
     due_polls: str  # now, limit → ids
-    purge_tasks: str  # finished_before, limit → (id, owner) of the tasks it deleted
+    purge_tasks: str  # finished_before, limit → (id, owner, type, created_at, status, cost) of those deleted
     purge_events: str  # ids → seqs of the events it deleted
     raise_horizon: str  # seq
     add_tombstones: str  # ids, owners, now
@@ -127,6 +150,10 @@ class Statements:
     list_balances: str  # after (owner), limit → balance rows by owner
     select_ledger: str  # owner, after (id), limit → ledger rows (LEDGER_COLUMNS) by id
     select_all_ledger: str  # after (id), limit → every owner's ledger rows by id
+    #: (usage_sql) since, until (timestamps), first and last day, after (day, owner, type), limit,
+    #: then the template's own: {tasks_where} and {days_where}, each " AND …" or empty → usage rows
+    usage: str
+    add_usage: str  # day, owner, type, status, tasks, credits: added to the day's rollup
     # -- meta ---------------------------------------------------------------------------------
     meta_setdefault: str  # key, value → (stored value,)
     hold: str  # 'hold:' + name, until (text) → (stored until,): the later of the two is kept

@@ -17,7 +17,7 @@ from errands.store.columns import (
     RECEIPTS,
     SELECT_LIST,
 )
-from errands.store.statements import ENDED, FIRST_IN_LINE, LEDGER_COLUMNS, STARTABLE, Statements
+from errands.store.statements import ENDED, FIRST_IN_LINE, LEDGER_COLUMNS, STARTABLE, Statements, usage_sql
 
 #: The channel every commit notifies (the payload is a wake-up with hints, see the store): what
 #: a hub that follows the whole log listens to.
@@ -310,7 +310,7 @@ STATEMENTS = Statements(
     ),
     purge_tasks=(
         "DELETE FROM errands_tasks WHERE id IN (SELECT id FROM errands_tasks WHERE finished_at IS NOT NULL "
-        "AND finished_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id, owner"
+        "AND finished_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id, owner, type, created_at, status, cost"
     ),
     purge_events="DELETE FROM errands_events WHERE task_id = ANY($1::text[]) RETURNING seq",
     raise_horizon="UPDATE errands_meta SET value = GREATEST(value::bigint, $1)::text WHERE key = 'horizon'",
@@ -456,6 +456,17 @@ STATEMENTS = Statements(
         f"SELECT {LEDGER_COLUMNS} FROM errands_credit_ledger WHERE owner = $1 AND id > $2 ORDER BY id LIMIT $3"
     ),
     select_all_ledger=f"SELECT {LEDGER_COLUMNS} FROM errands_credit_ledger WHERE id > $1 ORDER BY id LIMIT $2",
+    usage=usage_sql(
+        day="to_char(to_timestamp(created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+        tasks="errands_tasks",
+        days="errands_usage_days",
+        param=lambda n: f"${n}",
+    ),
+    add_usage=(
+        "INSERT INTO errands_usage_days (day, owner, type, status, tasks, credits) VALUES ($1, $2, $3, $4, $5, $6) "
+        "ON CONFLICT (day, owner, type, status) DO UPDATE SET tasks = errands_usage_days.tasks + excluded.tasks, "
+        "credits = errands_usage_days.credits + excluded.credits"
+    ),
     # -- meta
     hold=(
         "INSERT INTO errands_meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = "

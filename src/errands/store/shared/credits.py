@@ -1,9 +1,13 @@
-"""Credits: grants, and reads of balances and the ledger. A task's own moves (reserve, charge,
+"""Credits and usage: grants, and reads of balances, the ledger and usage. A task's own moves (reserve, charge,
 release) are made by the write of its change (:meth:`TxBase.write_changes`)."""
 
 from __future__ import annotations
 
+import datetime as dt
+from typing import Any
+
 from errands.model.credits import Balance, CreditMove, LedgerEntry
+from errands.model.usage import DayUsage, day_range
 from errands.store.shared import Dialect, Tx
 
 
@@ -30,3 +34,25 @@ class CreditOps(Dialect):
         else:
             rows = await self._fetch(self.sql.select_ledger, owner, after, limit)
         return [LedgerEntry(*row) for row in rows]
+
+    async def usage(
+        self,
+        *,
+        first: dt.date,
+        last: dt.date,
+        owner: str | None = None,
+        type: str | None = None,
+        after: tuple[str, str, str] = ("", "", ""),
+        limit: int = 1000,
+    ) -> list[DayUsage]:
+        since, until = day_range(first, last)
+        args: list[Any] = [since, until, first.isoformat(), last.isoformat(), *after, limit]
+        where = ""
+        for column, value in (("owner", owner), ("type", type)):
+            if value is not None:
+                args.append(value)
+                where += f" AND {column} = {self.sql.param(len(args))}"
+        sql = self.sql.usage.format(tasks_where=where, days_where=where)
+        return [
+            DayUsage(r[0], r[1], r[2], tuple(r[3:-2]), r[-2], r[-1]) for r in await self._fetch(sql, *args)
+        ]

@@ -22,6 +22,7 @@ from errands.model import (
 )
 from errands.model.credits import credit_move
 from errands.model.flow import exclusions, tally
+from errands.model.usage import rollup
 from errands.store.base import Decision
 from errands.store.columns import to_record
 from errands.store.records import (
@@ -425,6 +426,8 @@ class TaskOps(Dialect):
                     # The horizon first: a reader that finds no event below it knows why.
                     await tx.execute(self.sql.raise_horizon, max(seqs))
                 await tx.execute(self.sql.add_tombstones, ids, [r[1] for r in gone], now)
+                # What they came to stays counted (errands.model.usage), in this transaction.
+                await tx.executemany(self.sql.add_usage, rollup((r[1], r[2], r[3], r[4], r[5]) for r in gone))
             await tx.execute(self.sql.purge_tombstones, tombstones_before)
             for statement in self.sql.purge_old:  # receipts, finished messages, the delivery log
                 await tx.execute(statement, finished_before)

@@ -11,7 +11,7 @@ from errands.store.columns import (
     RECEIPTS,
     SELECT_LIST,
 )
-from errands.store.statements import ENDED, FIRST_IN_LINE, LEDGER_COLUMNS, STARTABLE, Statements
+from errands.store.statements import ENDED, FIRST_IN_LINE, LEDGER_COLUMNS, STARTABLE, Statements, usage_sql
 
 
 def _marks(n: int) -> str:
@@ -126,7 +126,7 @@ STATEMENTS = Statements(
     due_polls="SELECT id FROM tasks WHERE status = 'processing' AND poll_at IS NOT NULL AND poll_at <= ? LIMIT ?",
     purge_tasks=(
         "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ? "
-        "LIMIT ?) RETURNING id, owner"
+        "LIMIT ?) RETURNING id, owner, type, created_at, status, cost"
     ),
     purge_events=f"DELETE FROM events WHERE task_id IN {_each(1)} RETURNING seq",
     raise_horizon="UPDATE meta SET value = ?1 WHERE key = 'horizon' AND CAST(value AS INTEGER) < ?1",
@@ -241,6 +241,17 @@ STATEMENTS = Statements(
     ),
     select_ledger=f"SELECT {LEDGER_COLUMNS} FROM credit_ledger WHERE owner = ? AND id > ? ORDER BY id LIMIT ?",
     select_all_ledger=f"SELECT {LEDGER_COLUMNS} FROM credit_ledger WHERE id > ? ORDER BY id LIMIT ?",
+    usage=usage_sql(
+        day="strftime('%Y-%m-%d', created_at, 'unixepoch')",
+        tasks="tasks",
+        days="usage_days",
+        param=lambda n: f"?{n}",
+    ),
+    add_usage=(
+        "INSERT INTO usage_days (day, owner, type, status, tasks, credits) VALUES (?, ?, ?, ?, ?, ?) "
+        "ON CONFLICT (day, owner, type, status) DO UPDATE SET tasks = tasks + excluded.tasks, "
+        "credits = credits + excluded.credits"
+    ),
     # -- meta
     meta_setdefault=(
         "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = meta.value "

@@ -327,3 +327,13 @@ CREATE TABLE errands_credit_ledger (
     note     text
 );
 CREATE INDEX errands_credit_ledger_owner ON errands_credit_ledger (owner, id);
+CREATE TABLE errands_usage_days (
+    day     text NOT NULL,
+    owner   text NOT NULL,
+    type    text NOT NULL,
+    status  text NOT NULL,
+    tasks   bigint NOT NULL,
+    credits bigint NOT NULL,
+    PRIMARY KEY (day, owner, type, status)
+);
+CREATE INDEX errands_usage_days_owner ON errands_usage_days (owner, day);

@@ -234,6 +234,18 @@ CREATE TABLE credit_ledger (
 
 CREATE INDEX credit_ledger_owner ON credit_ledger (owner, id);
 
+CREATE TABLE usage_days (
+    day     TEXT NOT NULL,
+    owner   TEXT NOT NULL,
+    type    TEXT NOT NULL,
+    status  TEXT NOT NULL,
+    tasks   INTEGER NOT NULL,
+    credits INTEGER NOT NULL,
+    PRIMARY KEY (day, owner, type, status)
+);
+
+CREATE INDEX usage_days_owner ON usage_days (owner, day);
+
 INSERT INTO meta (key, value) VALUES ('horizon', '0');
 
 INSERT INTO meta (key, value) VALUES ('notify_cursor', '0');
