@@ -32,11 +32,20 @@ cli = typer.Typer(
 cli.add_typer(client_cli)  # submit, get, tasks, watch, cancel, retry, events, stats, token, schedules
 
 AppOpt = Annotated[
-    str | None, typer.Option("--app", envvar="ERRANDS_APP", help="module:attribute of your Errands app.")
+    str | None,
+    typer.Option(
+        "--app",
+        envvar="ERRANDS_APP",
+        help="Your Errands app as module:attribute (default: the built-in demo app).",
+    ),
 ]
 DbOpt = Annotated[
     str | None,
-    typer.Option("--db", envvar="ERRANDS_DB", help="sqlite:///path.db (default sqlite:///errands.db)."),
+    typer.Option(
+        "--db",
+        envvar="ERRANDS_DB",
+        help="sqlite:///path.db or postgresql://user:password@host/dbname (default sqlite:///errands.db).",
+    ),
 ]
 ConcurrencyOpt = Annotated[
     int | None,
@@ -93,7 +102,7 @@ def serve(
     concurrency: ConcurrencyOpt = None,
     workers: Annotated[bool, typer.Option(help="Run workers in this process too.")] = True,
 ) -> None:
-    """Run the HTTP API, workers and the sweeper."""
+    """Run the HTTP API, workers and the sweeper, for your app or, without --app, the demo."""
     from errands.clock import SystemClock
     from errands.runtime import Runtime
     from errands.server import serve as serve_forever
@@ -209,7 +218,7 @@ def dev_provider(
 
 @cli.command()
 def worker(app: AppOpt = None, db: DbOpt = None, concurrency: ConcurrencyOpt = None) -> None:
-    """Run workers only (several may share one database)."""
+    """Run workers only, of your app or, without --app, of the demo (several may share one database)."""
     from errands.runtime import Runtime
     from errands.server import work
 

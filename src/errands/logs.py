@@ -8,9 +8,13 @@ line: ``time``, ``level``, ``logger``, ``message`` and, where there is one, ``re
 the request id for each request (``X-Request-Id`` when the client sent a usable one), the worker
 sets the task id and attempt for everything an attempt logs (its handler's lines included).
 
-errands never logs a token itself, but the libraries it runs on may log request lines (uvicorn
-logs every WebSocket handshake with its query string, where browsers put ``?access_token=``).
-A filter on every handler rewrites such records before they are written.
+errands never logs a token or a query string itself, but the libraries it runs on log request
+lines (uvicorn every WebSocket handshake with its query string, where browsers put
+``?access_token=``; websockets, at DEBUG, the request it read). A filter on every handler rewrites
+such records before they are written: request lines lose their query string, and whatever looks
+like a credential anywhere else is replaced. The HTTP client's loggers (``httpx`` names whole
+URLs, and an endpoint's or a provider's may hold a key) are set to WARNING, so its request lines
+are not written whatever ``ERRANDS_LOG_LEVEL`` says.
 """
 
 from __future__ import annotations
@@ -26,6 +30,11 @@ from pythonjsonlogger.json import JsonFormatter
 from errands.clock import iso
 
 _SECRETS = re.compile(r"(access_token=)[^&\s\"']+|\b(ek[ao]_|eto_)[A-Za-z0-9_\-.]+|(Bearer\s+)[^\s\"']+")
+#: A request line's target (``GET /path?query``, ``"WebSocket /path?query"``, ``GET http://host/path?query``)
+#: up to its query string, and the query string.
+_REQUEST_QUERY = re.compile(
+    r"\b((?:WebSocket|GET|HEAD|POST|PUT|PATCH|DELETE|OPTIONS) (?:https?://[^/\s?\"']+)?/[^\s?\"']*)\?[^\s\"']*"
+)
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("errands_request_id", default=None)
 task_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("errands_task_id", default=None)
@@ -40,12 +49,17 @@ def redact(text: str) -> str:
     return _SECRETS.sub(lambda m: (m.group(1) or m.group(2) or m.group(3)) + "[redacted]", text)
 
 
+def without_queries(text: str) -> str:
+    """``text`` with the query string of every request line in it dropped."""
+    return _REQUEST_QUERY.sub(r"\1", text)
+
+
 class RedactSecrets(logging.Filter):
-    """Rewrites a record's message when it contains a credential."""
+    """Rewrites a record's message when it holds a request line's query string or a credential."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        cleaned = redact(message)
+        cleaned = redact(without_queries(message))
         if cleaned != message:
             record.msg, record.args = cleaned, None
         return True

@@ -13,6 +13,8 @@ Each pass looks for
   so their owner gets ``410 Gone``;
 * external tasks whose provider has not reported in time: polled (every ``poll_every_s`` of their
   type, backing off while the provider fails to answer), and told to stop when they time out.
+  A poll falls due at the task's ``poll_at`` and is made by the first pass after it: a sweeper
+  polls a task at most once every ``sweep_interval_s``, whatever ``poll_every_s`` says.
 
 Every change is re-checked when it is applied, so a sweeper racing a worker (or another sweeper)
 changes nothing twice. Backoff needs no sweeping: a requeued task is claimable once its

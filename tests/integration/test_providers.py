@@ -134,6 +134,37 @@ async def test_refused_webhooks_change_nothing(live: LiveFactory, dev: DevProvid
     assert current.status is Status.PROCESSING and current.result is None
 
 
+async def test_every_refused_delivery_is_recorded_but_one_over_the_size_limit(
+    live: LiveFactory, dev: DevProvider
+) -> None:
+    """What an operator reads in ``GET /v1/webhook-deliveries`` when a provider is set up wrong:
+    a provider name errands does not know, an unsigned body, an unreadable one, an unknown job.
+    A body over ``ERRANDS_MAX_BODY_BYTES`` is refused before it is read, and not recorded."""
+    _, url = await live(external_app(dev.url), max_body_bytes=1024, **FAST)  # type: ignore[attr-defined]
+    garbage, garbage_headers = (
+        b"not json",
+        signing.sign([signing.secret_key(DEV_SECRET)], "msg_garbage", int(time.time()), b"not json"),
+    )
+    unknown_job, unknown_job_headers = signed({"id": "job_nobody", "status": "running"})
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as client:
+        sent = [
+            await client.post("/v1/hooks/replicate", content=b"{}"),  # a provider this app lacks
+            await client.post("/v1/hooks/dev", content=b"{}"),  # unsigned
+            await client.post("/v1/hooks/dev", content=garbage, headers=garbage_headers),
+            await client.post("/v1/hooks/dev", content=unknown_job, headers=unknown_job_headers),
+            await client.post("/v1/hooks/dev", content=b"{" + b" " * 2048 + b"}"),
+        ]
+        assert [r.status_code for r in sent] == [404, 401, 400, 404, 413]
+        recorded = (await client.get("/v1/webhook-deliveries")).json()["deliveries"]
+    assert [(d["provider"], d["outcome"], d["status_code"]) for d in reversed(recorded)] == [
+        ("replicate", "unknown_task", 404),
+        ("dev", "unauthorized", 401),
+        ("dev", "malformed", 400),
+        ("dev", "unknown_task", 404),
+    ]
+    assert recorded[-1]["detail"] == "No such provider."
+
+
 async def test_webhooks_signed_by_the_standardwebhooks_package_are_accepted(
     live: LiveFactory, dev: DevProvider
 ) -> None:

@@ -8,7 +8,9 @@
 Answers: ``200`` when the report was applied, changed nothing, was a duplicate (its delivery id
 was seen before) or came late (the task had moved on) — in each case the provider must stop
 retrying; ``401`` forged, stale or unsigned; ``404`` unknown provider or task; ``400`` malformed.
-Every report is recorded with its outcome. Bearer tokens play no part here.
+Every report is recorded with its outcome, refused ones too (by :mod:`errands.intake`), but for a
+body over ``max_body_bytes``: the middleware answers ``413`` before the route runs. Bearer tokens
+play no part here.
 """
 
 from __future__ import annotations

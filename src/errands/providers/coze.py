@@ -1,5 +1,8 @@
 """``coze``: a Coze workflow run asynchronously.
 
+The routes named here are Coze's, on ``base_url`` (``https://api.coze.com``), not errands'; a
+workflow reports to errands on the task's capability URL (``POST /v1/hooks/callback/{token}``).
+
 * submit: ``POST /v1/workflow/run`` with ``{"workflow_id", "parameters", "is_async": true}``,
   answered with ``{"code": 0, "execute_id": …}``. The task's input becomes the parameters, plus
   the task's capability callback URL (as ``callback_parameter``): a workflow that ends in an HTTP

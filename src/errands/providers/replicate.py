@@ -1,9 +1,14 @@
 """``replicate``: Replicate's predictions API.
 
+The routes named here are Replicate's, on ``base_url`` (``https://api.replicate.com``), not
+errands'; Replicate's webhooks come to errands' ``POST /v1/hooks/replicate`` (the adapter's
+``name``), which the adapter gives it with each prediction.
+
 * submit: ``POST /v1/predictions`` (or ``/v1/models/{owner}/{name}/predictions``) with
   ``{"version"?, "input", "webhook", "webhook_events_filter"}``, answered with a prediction;
 * webhooks: the prediction object, signed the Standard Webhooks way with the account's secret
-  (``GET /v1/webhooks/default/secret``);
+  (Replicate's ``GET https://api.replicate.com/v1/webhooks/default/secret`` answers it as
+  ``{"key": "whsec_…"}``: pass it as ``webhook_secret``);
 * statuses: ``starting``/``processing`` → running; ``succeeded`` → completed with ``output``;
   ``failed`` → failed with ``error``; ``canceled``/``aborted`` → failed (``provider_cancelled``);
 * progress: the last percentage in the logs (models print progress bars), message: the last
