@@ -29,7 +29,9 @@ cli = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-cli.add_typer(client_cli)  # submit, get, tasks, watch, cancel, retry, events, stats, token, schedules
+cli.add_typer(
+    client_cli
+)  # submit, get, tasks, watch, cancel, retry, events, stats, usage, grant, token, schedules
 
 AppOpt = Annotated[
     str | None,

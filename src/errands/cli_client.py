@@ -10,6 +10,7 @@ followed to an end other than ``completed``), ``2`` a usage or configuration err
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import sys
 from collections.abc import Callable, Coroutine
@@ -297,7 +298,64 @@ def _when(moment: Any) -> str:
 @client_cli.command()
 def stats(url: UrlOpt = "http://127.0.0.1:8000", token: TokenOpt = None) -> None:
     """Counts by status and type, queue wait and run time (admin)."""
-    print_json(_client_call(url, token, lambda c: c.stats()))
+    print_json(dataclasses.asdict(_client_call(url, token, lambda c: c.stats())))
+
+
+@client_cli.command()
+def usage(
+    owner: Annotated[
+        str | None, typer.Option(help="Only this owner's (admin keys; a token: its own).")
+    ] = None,
+    type: Annotated[str | None, typer.Option("--type", help="Only tasks of this type.")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="The first day (UTC), YYYY-MM-DD; 30 days ago by default.")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="The last day (UTC), included; today by default.")] = None,
+    json: JsonOpt = False,
+    url: UrlOpt = _URL,
+    token: TokenOpt = None,
+) -> None:
+    """Tasks submitted per day, owner and type: by status, with the credits charged and held."""
+    filters = {"owner": owner, "type": type, "since": since, "until": until}
+    rows, after = [], None
+    while True:
+        page = _client_call(url, token, lambda c: c.usage(**filters, after=after, limit=1000))
+        rows.extend(page.items)
+        if (after := page.next_after) is None:
+            break
+    if json:
+        print_json([dataclasses.asdict(row) for row in rows])
+        return
+    typer.echo(
+        f"{'day':<10}  {'owner':<16} {'type':<16} {'submitted':>9} {'completed':>9} {'failed':>6} "
+        f"{'timeout':>7} {'cancelled':>9} {'open':>5} {'charged':>8} {'held':>6}"
+    )
+    for row in rows:
+        n = row.statuses
+        typer.echo(
+            f"{row.day:<10}  {row.owner:<16} {row.type:<16} {row.submitted:>9} {n['completed']:>9} "
+            f"{n['failed']:>6} {n['timeout']:>7} {n['cancelled']:>9} {n['pending'] + n['processing']:>5} "
+            f"{row.credits_charged:>8} {row.credits_reserved:>6}"
+        )
+    if not rows:
+        typer.echo("no tasks in that range")
+
+
+@client_cli.command()
+def grant(
+    owner: Annotated[str, typer.Argument(help="Whose credits.")],
+    amount: Annotated[int, typer.Argument(help="Credits to add (negative: to take back).")],
+    note: Annotated[str | None, typer.Option(help="Why, for the ledger.")] = None,
+    json: JsonOpt = False,
+    url: UrlOpt = _URL,
+    token: TokenOpt = None,
+) -> None:
+    """Grant credits to an owner (admin); prints its balance after."""
+    balance = _client_call(url, token, lambda c: c.grant(owner, amount, note=note))
+    if json:
+        print_json(dataclasses.asdict(balance))
+        return
+    typer.echo(f"{balance.owner}: {balance.balance} to spend, {balance.reserved} held")
 
 
 @client_cli.command()

@@ -5,13 +5,15 @@ balance after every crash."""
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.acceptance.conftest import Cluster, eventually
+from tests.acceptance.conftest import ERRANDS, Cluster, eventually, task_status
 
 pytestmark = pytest.mark.acceptance
 
@@ -80,3 +82,43 @@ def test_a_sigkill_as_tasks_end_neither_loses_nor_doubles_a_charge_or_a_refund(
         check_books(client, 1000)
     eventually(lambda: len(ended(client)) == N, 60, what="every task to end")
     check_books(client, 1000)
+
+
+COLUMNS = [
+    "day", "owner", "type", "submitted", "completed", "failed", "timeout", "cancelled", "open",
+    "charged", "held",
+]  # fmt: skip
+
+
+def test_grant_and_usage_from_the_cli(cluster: Cluster) -> None:
+    _, client = cluster.serve("--app", "sample_app:app")
+    env = {**cluster.env, "ERRANDS_URL": str(client.base_url)}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [ERRANDS, *args], env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+
+    granted = run("grant", "acct", "10", "--note", "trial", "--json")
+    assert granted.returncode == 0, granted.stderr
+    assert json.loads(granted.stdout) | {"updated_at": None} == {
+        "owner": "acct", "balance": 10, "reserved": 0, "updated_at": None
+    }  # fmt: skip
+    for i, fail in enumerate((False, True)):
+        body = {"type": "priced", "id": f"u-{i}", "owner": "acct", "input": {"fail": fail}}
+        assert client.post("/v1/tasks", json=body).status_code == 202
+    for i, status in enumerate(("completed", "failed")):
+        eventually(lambda i=i, status=status: task_status(client, f"u-{i}")["status"] == status, 60)
+    usage = json.loads(run("usage", "--json").stdout)
+    assert [(u["owner"], u["type"], u["submitted"], u["credits_charged"]) for u in usage] == [
+        ("acct", "priced", 2, 3)
+    ]
+    assert usage[0]["statuses"]["completed"] == 1 and usage[0]["statuses"]["failed"] == 1
+    table = run("usage", "--owner", "acct").stdout.splitlines()
+    assert table[0].split() == COLUMNS
+    assert table[1].split()[1:] == ["acct", "priced", "2", "1", "1", "0", "0", "0", "3", "0"]
+    # A take-back below zero, a day not written as one: refused with the API's reason, exit 1.
+    refused = run("grant", "acct", "--", "-1000")
+    assert refused.returncode == 1 and "has 7 credits" in refused.stderr
+    bad_day = run("usage", "--since", "yesterday")
+    assert bad_day.returncode == 1 and "YYYY-MM-DD" in bad_day.stderr

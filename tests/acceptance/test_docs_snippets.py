@@ -146,7 +146,7 @@ def inline_commands(path: Path) -> Iterator[Paragraph]:
             words = _errands_words(span.group(1).replace("[", " ").replace("]", " ").split())
             if words:
                 commands.append(Command(where, words))
-            elif span.group(1).startswith("--"):
+            elif span.group(1).startswith("--") and span.group(1).split()[0] != "--":
                 alone.append(span.group(1).split()[0].split("=")[0])
         if commands:
             yield Paragraph(f"{_name(path)}:{start}", tuple(commands), tuple(alone))
@@ -221,7 +221,7 @@ def options_of(helps: Helps, words: tuple[str, ...], where: str) -> set[str]:
 def check(helps: Helps, command: Command) -> None:
     options = options_of(helps, command.words, command.where)
     for word in command.words:
-        if word.startswith("--"):
+        if word.startswith("--") and word != "--":  # a lone "--" ends the options (POSIX)
             assert word.split("=")[0] in options, f"{command.where}: {word} is not an option of it"
 
 

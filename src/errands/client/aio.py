@@ -1,165 +1,36 @@
-"""Python SDK: :class:`AsyncClient`, and :class:`Client` which wraps it for synchronous code.
-
-::
-
-    async with AsyncClient("http://127.0.0.1:8000", token) as client:
-        task = await client.submit("photography", {"prompt": "a cat"}, id="order-42")
-        async for event in client.watch(task.id):      # live, resumes by itself
-            print(event.type, event.task.progress)
-
-Errors are :class:`errands.errors.ErrandsError` subclasses: ``NotFound``, ``Conflict``,
-``TooManyRequests`` (with ``retry_after_s``), ``Unavailable`` when the server cannot be reached…
-
-Watches reconnect after a dropped connection or a server restart and resume from the last event
-they delivered (``Last-Event-ID``), so the sequence they yield has no gap and no duplicate. If
-the server (or a proxy in between) cannot stream, they fall back to polling.
-"""
+"""The async client (:class:`AsyncClient`)."""
 
 from __future__ import annotations
 
 import asyncio
 import builtins
 import logging
-import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Literal, TypeVar, overload
+from collections.abc import AsyncGenerator, AsyncIterator
+from datetime import date, datetime
+from typing import Any, Literal, overload
 
 import httpx
 import orjson
 
 from errands import errors
+from errands.client.results import (
+    CreditBalance,
+    DayUsage,
+    LedgerEntry,
+    Page,
+    Stats,
+    StreamChunk,
+    TaskEvent,
+    TaskPage,
+    chunks,
+)
+from errands.client.wire import SseMessage, StreamingUnavailable, api_error, parse_sse, raise_for
 from errands.model import Status, Task
-
-T = TypeVar("T")
 
 log = logging.getLogger("errands.client")
 
 #: How long a stream may stay silent (the server sends a keep-alive every 15 s by default).
 STREAM_READ_TIMEOUT_S = 60.0
-
-_BY_STATUS: dict[int, type[errors.ApiError]] = {
-    400: errors.BadRequest,
-    401: errors.Unauthorized,
-    403: errors.Forbidden,
-    404: errors.NotFound,
-    409: errors.Conflict,
-    410: errors.Gone,
-    413: errors.PayloadTooLarge,
-    422: errors.InvalidRequest,
-    429: errors.TooManyRequests,
-    503: errors.Unavailable,
-}
-_BY_CODE: dict[str, type[errors.ApiError]] = {
-    "id_conflict": errors.IdConflict,
-    "invalid_state": errors.InvalidTransition,
-    "unknown_type": errors.UnknownTaskType,
-    "invalid_cursor": errors.InvalidCursor,
-}
-
-
-def _raise_for(response: httpx.Response) -> None:
-    if response.is_success:
-        return
-    try:
-        body = response.json()["error"]
-        code, message = str(body["code"]), str(body["message"])
-    except (ValueError, KeyError, TypeError):
-        code, message = "http_error", f"HTTP {response.status_code}"
-    try:
-        retry_after = float(response.headers.get("retry-after", "1"))
-    except ValueError:
-        retry_after = 1.0
-    raise _error(response.status_code, code, message, retry_after)
-
-
-def _error(status: int, code: str, message: str, retry_after_s: float = 1.0) -> errors.ApiError:
-    """The exception for an error the API answered (``status``, ``{code, message}``)."""
-    cls = _BY_CODE.get(code) or _BY_STATUS.get(status, errors.ApiError)
-    if cls is errors.TooManyRequests:
-        return errors.TooManyRequests(message, retry_after_s=retry_after_s, code=code)
-    error = cls(message, code=code)
-    error.status_code = status
-    return error
-
-
-class StreamingUnavailable(errors.ErrandsError):
-    """The server (or a proxy) does not stream events; the client polls instead."""
-
-
-@dataclass(frozen=True, slots=True)
-class SseMessage:
-    event: str
-    id: str | None
-    data: str | None
-
-
-async def parse_sse(lines: AsyncIterator[str]) -> AsyncIterator[SseMessage]:
-    """Server-Sent Events from a stream of lines (the WHATWG format: fields, blank-line ends)."""
-    event, last_id = "", None
-    data: list[str] = []
-    async for line in lines:
-        if not line:
-            if data or event:
-                yield SseMessage(event or "message", last_id, "\n".join(data) if data else None)
-            event, data = "", []
-            continue
-        if line.startswith(":"):
-            continue
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "event":
-            event = value
-        elif name == "data":
-            data.append(value)
-        elif name == "id" and "\0" not in value:
-            last_id = value
-
-
-@dataclass(frozen=True, slots=True)
-class TaskPage:
-    tasks: list[Task]
-    next_cursor: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class StreamChunk:
-    """One chunk of a task's output stream: its ``value`` (a string, or a JSON value), its
-    position in the stream (``index``, from 0 in each attempt) and the ``attempt`` that wrote
-    it (a retry starts its streams again: ``index == 0`` with a greater ``attempt``)."""
-
-    name: str
-    value: Any
-    index: int
-    attempt: int
-
-    def __str__(self) -> str:
-        return self.value if isinstance(self.value, str) else orjson.dumps(self.value).decode()
-
-
-def _chunks(data: dict[str, Any]) -> list[StreamChunk]:
-    part = data["stream"]
-    return [
-        StreamChunk(part["name"], value, index, part["attempt"])
-        for index, value in enumerate(part["chunks"], start=part["index"])
-    ]
-
-
-@dataclass(frozen=True, slots=True)
-class TaskEvent:
-    """One committed change of a task, as the log and the watch streams report it."""
-
-    seq: int
-    type: str
-    at: str
-    task: Task
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TaskEvent:
-        return cls(
-            seq=int(data["seq"]), type=str(data["type"]), at=str(data["at"]), task=Task(**data["task"])
-        )
 
 
 class AsyncClient:
@@ -193,7 +64,7 @@ class AsyncClient:
             response = await self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
             raise errors.Unavailable(f"Cannot reach errands at {self.url}: {type(exc).__name__}.") from exc
-        _raise_for(response)
+        raise_for(response)
         return response.json() if response.content else None
 
     async def submit(
@@ -251,7 +122,7 @@ class AsyncClient:
         data = await self._request("POST", "/v1/tasks/batch", json={"tasks": tasks})
         return [
             Task(**r["task"]) if "task" in r and r["task"] is not None
-            else _error(int(r["status"]), str(r["error"]["code"]), str(r["error"]["message"]))
+            else api_error(int(r["status"]), str(r["error"]["code"]), str(r["error"]["message"]))
             for r in data["results"]
         ]  # fmt: skip
 
@@ -285,9 +156,58 @@ class AsyncClient:
         data = await self._request("GET", f"/v1/tasks/{task_id}/events", params={"after": after})
         return [TaskEvent.from_json(e) for e in data["events"] if e["type"] != "task.stream"]
 
-    async def stats(self) -> dict[str, Any]:
-        result: dict[str, Any] = await self._request("GET", "/v1/stats")
-        return result
+    async def stats(self) -> Stats:
+        """Tasks by status and type, queue waits and run times (admin)."""
+        return Stats.from_json(await self._request("GET", "/v1/stats"))
+
+    # -- credits and usage --------------------------------------------------------------------
+
+    async def grant(self, owner: str, amount: int, *, note: str | None = None) -> CreditBalance:
+        """Add credits to an owner's balance, or take them back with a negative ``amount``
+        (admin); :class:`~errands.errors.InsufficientCredits` when it cannot go that low."""
+        body: dict[str, Any] = {"owner": owner, "amount": amount}
+        if note is not None:
+            body["note"] = note
+        return CreditBalance(**await self._request("POST", "/v1/credits", json=body))
+
+    async def balances(self, *, after: str | None = None, limit: int = 100) -> Page[CreditBalance]:
+        """Owners' credits by owner (admin); an owner token gets its own."""
+        params: dict[str, Any] = {"limit": limit, **({"after": after} if after else {})}
+        data = await self._request("GET", "/v1/credits", params=params)
+        return Page([CreditBalance(**b) for b in data["balances"]], data["next_after"])
+
+    async def ledger(
+        self, owner: str | None = None, *, after: int = 0, limit: int = 100
+    ) -> Page[LedgerEntry]:
+        """An owner's ledger, oldest first (an admin: every owner's when it names none)."""
+        params: dict[str, Any] = {"after": after, "limit": limit, **({"owner": owner} if owner else {})}
+        data = await self._request("GET", "/v1/credits/ledger", params=params)
+        return Page([LedgerEntry(**e) for e in data["entries"]], data["next_after"])
+
+    async def usage(
+        self,
+        *,
+        owner: str | None = None,
+        type: str | None = None,
+        since: date | str | None = None,
+        until: date | str | None = None,
+        after: str | None = None,
+        limit: int = 500,
+    ) -> Page[DayUsage]:
+        """Tasks per day (UTC), owner and type from ``since`` to ``until`` (the last 30 days by
+        default): how many were submitted, in each status, the credits charged and held."""
+        params: dict[str, Any] = {"limit": limit}
+        for name, value in (
+            ("owner", owner),
+            ("type", type),
+            ("since", since),
+            ("until", until),
+            ("after", after),
+        ):
+            if value is not None:
+                params[name] = value.isoformat() if isinstance(value, date) else value
+        data = await self._request("GET", "/v1/usage", params=params)
+        return Page([DayUsage(**u) for u in data["usage"]], data["next_after"])
 
     async def mint_token(
         self,
@@ -360,7 +280,7 @@ class AsyncClient:
                     await response.aread()
                     if response.status_code == 404 and "No such route" in response.text:
                         raise StreamingUnavailable()
-                    _raise_for(response)
+                    raise_for(response)
                 if not response.headers.get("content-type", "").startswith("text/event-stream"):
                     raise StreamingUnavailable()
                 async for message in parse_sse(response.aiter_lines()):
@@ -418,7 +338,7 @@ class AsyncClient:
                         data = orjson.loads(message.data)
                         if message.event == "task.stream":
                             last, backoff = int(data["seq"]), 0.2
-                            for chunk in _chunks(data):
+                            for chunk in chunks(data):
                                 yield chunk
                             continue
                         event = TaskEvent.from_json(data)
@@ -464,7 +384,7 @@ class AsyncClient:
                     data = orjson.loads(message.data)
                     last, backoff, heard = int(data["seq"]), 0.2, True
                     if message.event == "task.stream":
-                        for chunk in _chunks(data):
+                        for chunk in chunks(data):
                             if chunk.name == name:
                                 yield chunk
                     elif Status(data["task"]["status"]).terminal:
@@ -571,111 +491,3 @@ class AsyncClient:
                         seq=task.seq, type="task.snapshot", at=task.updated_at.isoformat(), task=task
                     )
             await asyncio.sleep(poll_s)
-
-
-class _Portal:
-    """An event loop in a daemon thread, for running the async client from sync code."""
-
-    def __init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="errands-client", daemon=True)
-        self._thread.start()
-
-    def call(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-    def iterate(self, agen: AsyncGenerator[T, None]) -> Iterator[T]:
-        """A blocking iterator over an async generator running on the portal's loop."""
-        try:
-            while True:
-                try:
-                    yield self.call(agen.__anext__())
-                except StopAsyncIteration:
-                    return
-        finally:
-            self.call(agen.aclose())
-
-    def close(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
-
-
-async def _construct(*args: Any, **kwargs: Any) -> AsyncClient:
-    return AsyncClient(*args, **kwargs)
-
-
-class Client:
-    """The synchronous client: the same methods as :class:`AsyncClient`, blocking."""
-
-    def __init__(
-        self, url: str = "http://127.0.0.1:8000", token: str | None = None, *, timeout_s: float = 30.0
-    ) -> None:
-        self._portal = _Portal()
-        self._async = self._portal.call(_construct(url, token, timeout_s=timeout_s))
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._portal.call(self._async.aclose())
-        self._portal.close()
-
-    def submit(self, type: str, input: dict[str, Any] | None = None, **options: Any) -> Task:
-        return self._portal.call(self._async.submit(type, input, **options))
-
-    def submit_many(self, tasks: builtins.list[dict[str, Any]]) -> builtins.list[Task | errors.ApiError]:
-        return self._portal.call(self._async.submit_many(tasks))
-
-    def get(self, task_id: str) -> Task:
-        return self._portal.call(self._async.get(task_id))
-
-    def list(self, **filters: Any) -> TaskPage:
-        return self._portal.call(self._async.list(**filters))
-
-    def cancel(self, task_id: str) -> Task:
-        return self._portal.call(self._async.cancel(task_id))
-
-    def retry(self, task_id: str) -> Task:
-        return self._portal.call(self._async.retry(task_id))
-
-    def events(self, task_id: str, *, after: int = 0) -> builtins.list[TaskEvent]:
-        return self._portal.call(self._async.events(task_id, after=after))
-
-    def stats(self) -> dict[str, Any]:
-        return self._portal.call(self._async.stats())
-
-    def mint_token(self, owner: str, **options: Any) -> str:
-        return self._portal.call(self._async.mint_token(owner, **options))
-
-    def schedules(self) -> builtins.list[dict[str, Any]]:
-        return self._portal.call(self._async.schedules())
-
-    def schedule(self, name: str, *, next: int = 5) -> dict[str, Any]:
-        return self._portal.call(self._async.schedule(name, next=next))
-
-    def put_schedule(self, name: str, *, type: str, cron: str, **options: Any) -> dict[str, Any]:
-        return self._portal.call(self._async.put_schedule(name, type=type, cron=cron, **options))
-
-    def pause_schedule(self, name: str, *, paused: bool = True) -> dict[str, Any]:
-        return self._portal.call(self._async.pause_schedule(name, paused=paused))
-
-    def delete_schedule(self, name: str) -> None:
-        self._portal.call(self._async.delete_schedule(name))
-
-    def wait(self, task_id: str, *, timeout_s: float | None = None) -> Task:
-        return self._portal.call(self._async.wait(task_id, timeout_s=timeout_s))
-
-    def watch(self, task_id: str, **options: Any) -> Iterator[Any]:
-        """As :meth:`AsyncClient.watch`: :class:`TaskEvent` (and :class:`StreamChunk` with
-        ``streams=True``)."""
-        return self._portal.iterate(self._async.watch(task_id, **options))
-
-    def stream(self, task_id: str, name: str = "text", **options: Any) -> Iterator[StreamChunk]:
-        return self._portal.iterate(self._async.stream(task_id, name, **options))
-
-    def watch_tasks(self, **options: Any) -> Iterator[TaskEvent]:
-        return self._portal.iterate(self._async.watch_tasks(**options))
