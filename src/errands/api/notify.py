@@ -242,7 +242,7 @@ ROUTES = [
         path_params=(ENDPOINT_ID,),
         body=RecoverIn,
         response=Recovered,
-        errors=(400, *_ADMIN, 413),
+        errors=(400, *_ADMIN, 409, 413),
     ),
     Route(
         "GET",
