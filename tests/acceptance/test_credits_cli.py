@@ -30,21 +30,33 @@ def ended(client: httpx.Client) -> list[dict[str, Any]]:
     return tasks
 
 
-def check_books(client: httpx.Client, granted: int) -> None:
-    """The ledger sums to the balance and the reserved credits, and each ended task's cost was
-    reserved once and settled once; what is reserved is what the unfinished tasks hold."""
+def ledger(client: httpx.Client) -> list[dict[str, Any]]:
     entries: list[dict[str, Any]] = []
     after = 0
     while True:
         page = client.get("/v1/credits/ledger", params={"owner": "acct", "after": after, "limit": 500}).json()
         entries += page["entries"]
         if page["next_after"] is None:
-            break
+            return entries
         after = page["next_after"]
+
+
+def books(client: httpx.Client) -> tuple[list[dict[str, Any]], dict[str, Any], list[dict[str, Any]]] | None:
+    """The ledger, the balance and the ended tasks as of one moment: read between two reads of
+    the ledger that agree (every move of credits adds an entry in the transaction that makes it,
+    so nothing moved in between); ``None`` while tasks keep ending."""
+    first = ledger(client)
     [balance] = client.get("/v1/credits").json()["balances"]
+    done = ended(client)
+    return (first, balance, done) if ledger(client) == first else None
+
+
+def check_books(client: httpx.Client, granted: int) -> None:
+    """The ledger sums to the balance and the reserved credits, and each ended task's cost was
+    reserved once and settled once; what is reserved is what the unfinished tasks hold."""
+    entries, balance, done = eventually(lambda: books(client), 60, what="the books between two moves")
     assert sum(e["amount"] for e in entries) == balance["balance"]
     assert sum(e["held"] for e in entries) == balance["reserved"]
-    done = ended(client)
     by_task: dict[str, list[str]] = {}
     for entry in entries:
         if entry["task_id"] is not None:
