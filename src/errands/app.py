@@ -1,13 +1,22 @@
-"""The app object users decorate: a registry of task types, with the means to run it in-process."""
+"""The app object users decorate: a registry of task types, with the means to run it in-process
+and to serve its API from inside another ASGI app."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
-from collections.abc import AsyncIterator, Iterator
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import datetime
+from types import FrameType
 from typing import Any
 
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from errands.api import create_api
+from errands.api.errors import response_for
 from errands.auth import SYSTEM
 from errands.clock import Clock
 from errands.config import Settings, load_settings
@@ -17,7 +26,7 @@ from errands.model import Task
 from errands.model.credits import Balance
 from errands.registry import Registry
 from errands.runtime import Runtime
-from errands.service import SubmitRequest
+from errands.service import SubmitRequest, TokenRequest
 
 
 class Errands(Registry):
@@ -34,12 +43,14 @@ class Errands(Registry):
             return {"images": [...]}
 
     Serve it with ``errands serve --app module:app``, or run it inside your own program with
-    ``async with app.running(): await app.submit("photography", {...})``.
+    ``async with app.running(): await app.submit("photography", {...})``, its API mounted in
+    your ASGI app with :meth:`asgi`.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self._runtime: Runtime | None = None
+        self._mounted = False
 
     @contextlib.contextmanager
     def serving(self, runtime: Runtime) -> Iterator[Runtime]:
@@ -63,14 +74,59 @@ class Errands(Registry):
         rng: random.Random | None = None,
     ) -> AsyncIterator[Runtime]:
         """Run the store, workers, sweeper and notifier in this process for the duration of the
-        block (the notifier runs where the sweeper does unless ``notifier`` says otherwise)."""
+        block (the notifier runs where the sweeper does unless ``notifier`` says otherwise);
+        the API of :meth:`asgi` serves it meanwhile. Leaving the block stops claiming, lets
+        running handlers finish within ``shutdown_grace_s`` and closes the store."""
         runtime = Runtime(self, settings or load_settings(), clock=clock, rng=rng)
         await runtime.start(workers=workers, sweeper=sweeper, notifier=notifier)
         try:
-            with self.serving(runtime):
+            with (
+                self.serving(runtime),
+                _signals_end_watches(runtime) if self._mounted else contextlib.nullcontext(),
+            ):
                 yield runtime
         finally:
             await runtime.stop()
+
+    def asgi(self) -> ASGIApp:
+        """errands' HTTP API as an ASGI app to mount in an app of your own: one process, no
+        second service. It serves the runtime that :meth:`running` starts in your app's
+        lifespan (before and after, it answers ``503 unavailable``)::
+
+            @contextlib.asynccontextmanager
+            async def lifespan(api: FastAPI) -> AsyncIterator[None]:
+                async with errands.running():
+                    yield
+
+            api = FastAPI(lifespan=lifespan)
+            api.mount("/errands", errands.asgi())
+
+        Its routes are the API's, below the mount's path (``/errands/v1/tasks/{id}/watch``).
+        While it runs, SIGTERM and SIGINT also end its open watches (a second one cuts the
+        workers' grace short) before they do what they did: a server such as uvicorn waits for
+        open responses before it runs the lifespan's shutdown, and a watch would hold it."""
+        self._mounted = True
+        return _MountedApi(self)
+
+    def mint_token(
+        self,
+        owner: str,
+        *,
+        scopes: Sequence[str] = ("read", "write"),
+        task_id: str | None = None,
+        ttl_s: float = 3600,
+    ) -> str:
+        """An owner token (``eto_…``), as ``POST /v1/tokens`` mints, for your front end to call
+        the API as ``owner``: it sees that owner's tasks only (another's are ``404``), and only
+        task ``task_id`` when given; ``scopes`` ``read`` and/or ``write``; it expires after
+        ``ttl_s`` (up to 30 days). Same rules as the API: a value it would refuse raises
+        :class:`errands.errors.InvalidRequest`."""
+        if self._runtime is None:
+            raise Unavailable("The app is not running; use `async with app.running():` or `errands serve`.")
+        request = validate(
+            TokenRequest, {"owner": owner, "scopes": list(scopes), "task_id": task_id, "ttl_s": float(ttl_s)}
+        )
+        return str(self._runtime.service.mint_token(request, SYSTEM)["token"])
 
     async def submit(
         self,
@@ -150,3 +206,65 @@ class Errands(Registry):
             raise Unavailable("The app is not running; use `async with app.running():` or `errands serve`.")
         answers = await self._runtime.service.submit_many(tasks, SYSTEM)
         return [a[0].to_task() if isinstance(a, tuple) else a for a in answers]
+
+
+class _MountedApi:
+    """The API of whichever runtime the app is serving (see :meth:`Errands.asgi`)."""
+
+    def __init__(self, app: Errands) -> None:
+        self._app = app
+        self._served: tuple[Runtime, ASGIApp] | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return  # a mount hears no lifespan: the host's lifespan runs `running()`
+        runtime = self._app._runtime
+        if runtime is None:
+            await response_for(Unavailable("errands is not running: run `app.running()` in the lifespan."))(
+                scope, receive, send
+            )
+            return
+        if self._served is None or self._served[0] is not runtime:
+            self._served = (runtime, create_api(runtime))
+        # Starlette's Mount leaves the whole path in `path` and its prefix in `root_path`.
+        root: str = scope.get("root_path", "")
+        if root and scope["path"].startswith(root):
+            scope = {**scope, "path": scope["path"][len(root) :] or "/"}
+        await self._served[1](scope, receive, send)
+
+
+@contextlib.contextmanager
+def _signals_end_watches(runtime: Runtime) -> Iterator[None]:
+    """For the duration of the block, SIGTERM and SIGINT end the open watches (a second one
+    hurries the workers' shutdown), then call the handler they had (the server's). A signal
+    whose action is the default is left alone: then no server waits on open responses."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+    loop = asyncio.get_running_loop()
+    before: dict[int, Callable[[int, FrameType | None], Any]] = {}
+    heard: list[int] = []
+
+    def stopping() -> None:
+        runtime.hub.close_watches()
+        if heard and runtime.worker is not None:
+            runtime.worker.hurry()
+        heard.append(1)
+
+    def handler(sig: int, frame: FrameType | None) -> None:
+        # A signal handler runs between two bytecodes of whatever runs: the loop takes it from here.
+        with contextlib.suppress(RuntimeError):  # the loop closed
+            loop.call_soon_threadsafe(stopping)
+        before[sig](sig, frame)
+
+    for name in (signal.SIGTERM, signal.SIGINT):
+        current = signal.getsignal(name)
+        if callable(current):
+            before[name] = current
+            signal.signal(name, handler)
+    try:
+        yield
+    finally:
+        for number, previous in before.items():
+            if signal.getsignal(number) is handler:
+                signal.signal(number, previous)
