@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 
@@ -160,7 +161,7 @@ SUBMIT_PAGE = (
     """<!doctype html><meta charset="utf-8"><title>submit</title>
 <script type="module">
 const params = new URLSearchParams(location.search);
-const { submitTask, submitTasks, watchTask, wxAdapter } =
+const { getBalance, getUsage, submitTask, submitTasks, watchTask, wxAdapter } =
   await import(params.get("api") + "/client/errands.js");
 """
     + WX
@@ -174,7 +175,11 @@ try { await submitTask({ type: "echo", delay_s: -1 }, options); } catch (e) { re
 const batch = await submitTasks([{ type: "echo", id: id + "-b" }, { type: "nope" }], options);
 const summary = batch.map((r) => [r.status, r.task ? r.task.id : r.error.code]);
 window.result = { task, again, refused, batch: summary };
-watchTask(id, { ...options, onEnd: (t) => { window.done = t; } });
+watchTask(id, { ...options, onEnd: async (t) => {
+  const usage = await getUsage({ type: "echo" }, options);
+  window.books = { balance: await getBalance(options), usage: usage.usage, next: usage.next_after };
+  window.done = t;
+} });
 </script>"""
 )
 
@@ -185,6 +190,7 @@ def test_a_page_submits_delayed_tasks_and_batches_through_errands_js(
     _, client = cluster.serve(env={"ERRANDS_CORS_ORIGINS": site})
     api = str(client.base_url).rstrip("/")
     token = client.post("/v1/tokens", json={"owner": "web"}).json()["token"]
+    assert client.post("/v1/credits", json={"owner": "web", "amount": 5}).status_code == 200
     (tmp_path / "submit.html").write_text(SUBMIT_PAGE)
     for wx in (False, True):
         task_id = f"page-{int(wx)}"
@@ -192,8 +198,12 @@ def test_a_page_submits_delayed_tasks_and_batches_through_errands_js(
         page = context.new_page()
         page.goto(f"{site}/submit.html?id={task_id}&token={token}&api={api}" + ("&wx=1" if wx else ""))
         page.wait_for_function("() => window.done !== undefined", timeout=30_000)
-        result = page.evaluate("() => ({...window.result, done: window.done})")
+        result = page.evaluate("() => ({...window.result, done: window.done, books: window.books})")
         context.close()
+        assert result["books"]["balance"] == {"owner": "web", "balance": 5, "reserved": 0, "updated_at": ANY}
+        [usage] = result["books"]["usage"]  # the page's echo tasks: two a page, so far
+        assert (usage["owner"], usage["type"], usage["submitted"]) == ("web", "echo", 2 * (1 + wx))
+        assert result["books"]["next"] is None
         assert result["task"]["owner"] == "web" and result["task"]["scheduled_for"] is not None
         assert result["again"]["seq"] == result["task"]["seq"]  # the same request: the same task
         assert result["refused"] == [422, "invalid_request"]

@@ -1,6 +1,8 @@
 // Compiled by tsc (tests/unit/test_js_types.py): the declarations of errands.js describe how the
 // README and docs use it, and refuse what it does not take.
-import { submitTask, submitTasks, watchTask, watchTasks, wxAdapter, type Task, type Transport } from "../../src/errands/static/errands.js";
+import {
+  getBalance, getUsage, submitTask, submitTasks, watchTask, watchTasks, wxAdapter, type Task, type Transport,
+} from "../../src/errands/static/errands.js";
 
 const token = "eto_example";
 const handle = watchTask("order-42", {
@@ -29,9 +31,19 @@ async function submit(): Promise<void> {
 }
 submit();
 
+async function books(): Promise<void> {
+  const { balance, reserved } = await getBalance({ token });
+  const page = await getUsage({ since: "2026-12-01", type: "photography" }, { token });
+  for (const day of page.usage) console.log(day.day, day.statuses.completed, day.credits_charged);
+  console.log(balance - reserved, page.next_after);
+}
+books();
+
 // @ts-expect-error: a watch takes a task id, not a number
 watchTask(42, { token });
 // @ts-expect-error: no such transport
 watchTask("x", { transport: "carrier-pigeon" });
 // @ts-expect-error: a submission needs its type
 submitTask({ input: {} });
+// @ts-expect-error: usage is filtered by day, type and owner only
+getUsage({ status: "failed" });

@@ -138,8 +138,43 @@ export interface SetFilter {
   owner?: string;
 }
 
+export interface Balance {
+  owner: string;
+  balance: number;
+  reserved: number;
+  updated_at: string | null;
+}
+
+export interface DayUsage {
+  day: string;
+  owner: string;
+  type: string;
+  submitted: number;
+  statuses: Record<Status, number>;
+  credits_charged: number;
+  credits_reserved: number;
+}
+
+export interface UsageFilter {
+  since?: string;
+  until?: string;
+  type?: string;
+  owner?: string;
+  after?: string;
+  limit?: number;
+}
+
+export interface UsagePage {
+  since: string;
+  until: string;
+  usage: DayUsage[];
+  next_after: string | null;
+}
+
 export function wxAdapter(wx: unknown): Adapter;
 export function submitTask(body: SubmitBody, options?: ClientOptions): Promise<Task>;
 export function submitTasks(tasks: SubmitBody[], options?: ClientOptions): Promise<BatchResult[]>;
 export function watchTask(id: string, options?: WatchOptions): WatchHandle;
 export function watchTasks(filter?: SetFilter, options?: WatchOptions): WatchHandle;
+export function getBalance(options?: ClientOptions): Promise<Balance>;
+export function getUsage(filter?: UsageFilter, options?: ClientOptions): Promise<UsagePage>;

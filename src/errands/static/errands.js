@@ -322,10 +322,10 @@ class Watcher {
   }
 }
 
-async function post(path, body, options) {
+async function call(method, path, body, options) {
   const adapter = options.adapter || browserAdapter();
   const headers = options.token ? { Authorization: `Bearer ${options.token}` } : {};
-  const r = await adapter.request(`${(options.baseUrl || "").replace(/\/$/, "")}${path}`, headers, "POST", body);
+  const r = await adapter.request(`${(options.baseUrl || "").replace(/\/$/, "")}${path}`, headers, method, body);
   if (r.status >= 400) {
     const error = (r.data && r.data.error) || { code: "http_error", message: `HTTP ${r.status}` };
     throw Object.assign(new Error(error.message), { status: r.status, code: error.code });
@@ -339,7 +339,7 @@ async function post(path, body, options) {
  * `code`. Options: {token, baseUrl, adapter}, as for watchTask.
  */
 export function submitTask(body, options = {}) {
-  return post("/v1/tasks", body, options);
+  return call("POST", "/v1/tasks", body, options);
 }
 
 /**
@@ -348,7 +348,24 @@ export function submitTask(body, options = {}) {
  * refused (one refused task refuses only itself).
  */
 export async function submitTasks(tasks, options = {}) {
-  return (await post("/v1/tasks/batch", { tasks }, options)).results;
+  return (await call("POST", "/v1/tasks/batch", { tasks }, options)).results;
+}
+
+/**
+ * The credits of the token's owner: {owner, balance (what it may spend), reserved (what its
+ * unfinished tasks hold), updated_at}.
+ */
+export async function getBalance(options = {}) {
+  return (await call("GET", "/v1/credits", undefined, options)).balances[0];
+}
+
+/**
+ * Usage per day (UTC), owner and type: `filter` {since, until ("YYYY-MM-DD"), type, owner (admin),
+ * after, limit}; resolves to {since, until, usage: [{day, owner, type, submitted, statuses,
+ * credits_charged, credits_reserved}], next_after}.
+ */
+export function getUsage(filter = {}, options = {}) {
+  return call("GET", "/v1/usage" + query(filter), undefined, options);
 }
 
 /** Watch one task until it ends. Returns a handle with close(). */
