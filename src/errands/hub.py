@@ -34,6 +34,7 @@ from errands.model import Event, EventType, Status
 from errands.model.streams import StreamChoice
 from errands.store.base import EventLog as Log
 from errands.store.base import Hint, Lifecycle, TaskLog, Work, claimable, hints
+from errands.waits import wait_set
 
 log = logging.getLogger("errands.hub")
 #: The hints a hub whose listeners see every event still passes on: work, and a task that waits
@@ -421,8 +422,7 @@ class Hub:
         while not self._stopped:
             # Events wait above the safe bound for older transactions: come back for them soon.
             wait_s = 0.005 if self._behind else self._poll_s
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait_s)
+            await wait_set(self._wake, wait_s)
             pause = last_read + gap_s - loop.time()
             if pause > 0:
                 await asyncio.sleep(pause)  # the commits of the next few ms share this read

@@ -12,7 +12,6 @@ ordinary submission (``service.prepare``): same defaults, same checks, same even
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Annotated, Any, Literal
 
@@ -37,6 +36,7 @@ from errands.model.schedules import (
 from errands.registry import Registry
 from errands.service import Service, SubmitRequest
 from errands.store.base import Schedules
+from errands.waits import wait_set
 
 log = logging.getLogger("errands.scheduler")
 
@@ -232,8 +232,7 @@ class Scheduler:
             except Exception as exc:
                 self.last_error = str(exc)
                 log.exception("firing schedules failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait_s)
+            await wait_set(self._wake, wait_s)
 
 
 def _admin(principal: Principal) -> None:

@@ -33,6 +33,7 @@ from errands.providers import Callbacks, ProviderBusy
 from errands.registry import Registry
 from errands.store.base import Decision, Hint, Meta, Tasks, Work
 from errands.store.records import ClaimSpec
+from errands.waits import wait_set
 from errands.worker.attempt import Ended, Executor, Held, StopReason
 from errands.worker.handlers import HandlerExecutor
 from errands.worker.holds import Holds
@@ -283,9 +284,7 @@ class Worker:
             timeout = min(timeout, max(0.001, self._ready_at - now))
         if self._flow_at is not None:
             timeout = min(timeout, max(0.001, self._flow_at - now))
-        try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
-        except TimeoutError:
+        if not await wait_set(self._wake, timeout):
             self._maybe_work = True  # a backoff ran out, or it is time to look anyway
         later = self.clock.now()
         if self._ready_at is not None and self._ready_at <= later:

@@ -42,6 +42,7 @@ from errands.store.shared.outbox import OutboxOps
 from errands.store.shared.reports import ReportOps
 from errands.store.shared.schedules import ScheduleOps
 from errands.store.shared.tasks import TaskOps
+from errands.waits import within
 
 log = logging.getLogger("errands.store")
 
@@ -294,8 +295,7 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps,
                         self.listening.set()
                         delay = 0.2
                         self._remote(Hint.ALL)  # whatever was committed while not listening
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(_either(lost, self._channels_changed), 5)
+                    await within(_either(lost, self._channels_changed), 5)
                     if not lost.is_set() and not self._channels_changed.is_set():
                         await conn.execute("SELECT 1")  # notice a silently dead connection
                 log.warning("listening for events failed: the connection was lost; reconnecting")
