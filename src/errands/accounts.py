@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import re
 from dataclasses import dataclass
 
 import orjson
@@ -12,12 +13,16 @@ import orjson
 from errands.auth import READ, Principal
 from errands.clock import Clock
 from errands.errors import Forbidden, InvalidCursor, InvalidRequest, NotFound
+from errands.inputs import OWNER_MAX_CHARS, TYPE_PATTERN
 from errands.model.credits import Balance, LedgerEntry
 from errands.model.usage import MAX_DAYS, DayUsage, utc_day
 from errands.store.base import Credits
 
 #: The days a usage read covers when it names none: the last 30, today's included.
 DEFAULT_DAYS = 30
+#: The first day a usage read may cover.
+FIRST_DAY = dt.date(1970, 1, 1)
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +44,12 @@ def decode_usage_cursor(cursor: str) -> tuple[str, str, str]:
         parts = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         if not isinstance(parts, list) or len(parts) != 3 or not all(isinstance(p, str) for p in parts):
             raise ValueError
-        return parts[0], parts[1], parts[2]
+        day, owner, type_ = parts
+        if not _DAY.fullmatch(day) or len(owner) > OWNER_MAX_CHARS or "\0" in owner:
+            raise ValueError
+        if type_ and not re.fullmatch(TYPE_PATTERN, type_):
+            raise ValueError
+        return day, owner, type_
     except (ValueError, TypeError, orjson.JSONDecodeError):
         raise InvalidCursor() from None
 
@@ -60,7 +70,7 @@ class Accounts:
         self, principal: Principal, *, after: str, limit: int
     ) -> tuple[list[Balance], str | None]:
         """A page of owners' credits and where the next starts; an owner token: its own."""
-        principal.require(READ)
+        _require_owner_wide(principal)
         if not principal.admin:
             mine = (
                 [await self.store.balance(principal.owner or "")] if after < (principal.owner or "") else []
@@ -93,7 +103,7 @@ class Accounts:
         included; the last 30 days by default), of every owner for an admin who names none."""
         owner = _whose(principal, owner)
         last = last or dt.date.fromisoformat(utc_day(self.clock.now()))
-        first = first or last - dt.timedelta(days=DEFAULT_DAYS - 1)
+        first = first or max(FIRST_DAY, last - dt.timedelta(days=DEFAULT_DAYS - 1))
         if first > last:
             raise InvalidRequest("'since' is after 'until'.")
         if (last - first).days >= MAX_DAYS:
@@ -109,9 +119,17 @@ class Accounts:
 def _whose(principal: Principal, owner: str | None) -> str | None:
     """The owner a read is about: an owner token reads its own (another owner's is not found),
     an admin the one it names (every owner's when it names none)."""
-    principal.require(READ)
+    _require_owner_wide(principal)
     if principal.admin:
         return owner
     if owner is not None and owner != principal.owner:
         raise NotFound()
     return principal.owner or ""
+
+
+def _require_owner_wide(principal: Principal) -> None:
+    """Credits and usage are about all of an owner's tasks: a token scoped to one task reads
+    only that task, not them."""
+    principal.require(READ)
+    if principal.task_id is not None:
+        raise Forbidden("A token scoped to one task cannot read credits or usage.")

@@ -29,9 +29,8 @@ cli = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-cli.add_typer(
-    client_cli
-)  # submit, get, tasks, watch, cancel, retry, events, stats, usage, grant, token, schedules
+# submit, get, tasks, watch, cancel, retry, events, stats, usage, grant, token, schedules
+cli.add_typer(client_cli)
 
 AppOpt = Annotated[
     str | None,

@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from errands.errors import ConfigError
 from errands.inputs import TYPE_PATTERN
 from errands.model import Bound, Limit, Task, valid_pattern
-from errands.model.credits import MAX_CREDITS
+from errands.model.credits import MAX_COST
 from errands.model.schedules import BadSchedule, Missed, ScheduleSpec
 from errands.model.schedules import check as check_schedule
 
@@ -160,8 +160,8 @@ class Registry:
 
     @staticmethod
     def _cost(cost: int) -> int:
-        if isinstance(cost, bool) or not isinstance(cost, int) or not 0 <= cost <= MAX_CREDITS:
-            raise ConfigError(f"cost must be a whole number of credits from 0 to {MAX_CREDITS}.")
+        if isinstance(cost, bool) or not isinstance(cost, int) or not 0 <= cost <= MAX_COST:
+            raise ConfigError(f"cost must be a whole number of credits from 0 to {MAX_COST}.")
         return cost
 
     @staticmethod

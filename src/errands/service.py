@@ -39,7 +39,7 @@ from errands.inputs import (
 )
 from errands.intake import Intake
 from errands.model import Event, NewTask, Status, TaskRecord, Usage
-from errands.model.credits import MAX_CREDITS
+from errands.model.credits import MAX_COST
 from errands.model.flow import waiting_for
 from errands.model.streams import StreamChoice, StreamInfo, StreamRead, read_stream, streams
 from errands.registry import Registry
@@ -87,7 +87,7 @@ class SubmitRequest(BaseModel):
     debounce_key: Owner | None = None
     debounce_s: float | None = Field(None, gt=0, le=86_400)
     #: Credits it reserves of its owner's balance, instead of its type's cost (admin keys only).
-    cost: Annotated[int, Field(ge=0, le=MAX_CREDITS), integral] | None = None
+    cost: Annotated[int, Field(ge=0, le=MAX_COST), integral] | None = None
 
     @model_validator(mode="after")
     def _one_time(self) -> SubmitRequest:

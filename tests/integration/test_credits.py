@@ -269,6 +269,8 @@ async def test_credits_over_http(runtime_factory: RuntimeFactory) -> None:
         assert [e["kind"] for e in ledger["entries"]][:3] == ["grant", "reserve", "reserve"]
         assert sum(e["amount"] for e in ledger["entries"]) == (await runtime.store.balance("carol")).balance
         # Refused requests: an unknown field, a take-back below zero, a fraction, no owner.
+        too_dear = await admin.post("/v1/tasks", json={"type": "photo", "owner": "carol", "cost": 10**9 + 1})
+        assert too_dear.status_code == 422  # a task costs at most a billion credits
         for body, status in (
             ({"owner": "carol", "amount": 5, "extra": 1}, 422),
             ({"owner": "carol", "amount": -10_000}, 402),

@@ -61,6 +61,8 @@ async def test_stats_credits_ledger_and_usage_are_typed(runtime_factory: Runtime
 
         today = utc_day(runtime.clock.now())
         page = await admin.usage(since=dt.date.fromisoformat(today), until=today)
+        at_noon = dt.datetime.fromisoformat(today + "T12:00:00+00:00")  # a datetime names its day
+        assert (await admin.usage(since=at_noon, until=at_noon)).items == page.items
         assert page.items == [
             DayUsage(
                 day=today, owner="erin", type="photo", submitted=2,

@@ -4,7 +4,9 @@ and over HTTP, each owner its own."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import json
 from typing import Any
 
 import pytest
@@ -17,6 +19,10 @@ from errands.store.records import ClaimSpec
 from tests.integration.conftest import RuntimeFactory, http, new_task, wait_task
 
 DAY = 86_400.0
+
+
+def cursor(parts: list[str]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(parts).encode()).decode().rstrip("=")
 
 
 def figures(rows: list[DayUsage]) -> list[tuple[str, str, str, dict[str, int], int, int]]:
@@ -41,13 +47,13 @@ async def test_usage_counts_per_day_owner_and_type_and_survives_a_purge(
 ) -> None:
     # The last moment of one day and the first of the next, UTC.
     midnight = (int(clock.now() // DAY) + 1) * DAY
-    clock.advance(midnight - clock.now() - 0.001)
+    clock.advance(midnight - clock.now() - 0.0004)  # SQLite would round this to the next day
     day1 = utc_day(clock.now())
     await store.grant("alice", 100)
     await store.create(new_task("a1", cost=7))  # alice, work, costs 7
     await store.create(new_task("a2", type="other"))
     await store.create(new_task("b1", owner="bob", type="other"))
-    clock.advance(0.001)
+    clock.advance(0.0004)
     day2 = utc_day(clock.now())
     assert day2 > day1
     await store.create(new_task("a3", cost=5))
@@ -144,12 +150,25 @@ async def test_usage_over_http(runtime_factory: RuntimeFactory) -> None:
             ({"limit": 1.5}, 422),
             ({"after": "not-a-cursor"}, 400),
             ({"after": "W10"}, 400),  # base64 of [] — well formed, not ours
+            ({"after": cursor(["\u0000", "", ""])}, 400),  # the same answer on both stores
+            ({"after": cursor(["2026-12-06", "x" * 300, ""])}, 400),
+            ({"after": cursor(["2026-12-06", "carol", "no such type!"])}, 400),
             ({"type": "no such type!"}, 422),
         ):
             answer = await admin.get("/v1/usage", params=params)
             assert answer.status_code == status, (params, answer.text)
             assert answer.json()["error"]["message"]
+        early = (await admin.get("/v1/usage", params={"until": "1970-01-05"})).json()
+        assert (early["since"], early["usage"]) == ("1970-01-01", [])  # the default range starts no earlier
         token = (await admin.post("/v1/tokens", json={"owner": "carol"})).json()["token"]
+        one_task = (await admin.post("/v1/tokens", json={"owner": "carol", "task_id": "carol-0"})).json()[
+            "token"
+        ]
+    async with http(runtime, one_task) as scoped:  # it reads its task, not the owner's accounts
+        assert (await scoped.get("/v1/tasks/carol-0")).status_code == 200
+        for path in ("/v1/usage", "/v1/credits", "/v1/credits/ledger"):
+            refused = await scoped.get(path)
+            assert refused.status_code == 403, (path, refused.text)
     async with http(runtime, token) as carol:
         own = (await carol.get("/v1/usage")).json()
         assert [u["owner"] for u in own["usage"]] == ["carol"]

@@ -81,7 +81,6 @@ class LedgerQuery(BaseModel):
     limit: Annotated[int, Field(ge=1, le=500), integral] = 100
 
 
-#: The days a usage read may name (those whose timestamps every store and client can represent).
 def _day(value: Any) -> Any:
     """Only ``YYYY-MM-DD`` names a day (not a timestamp, nor a date with a time)."""
     if not isinstance(value, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
@@ -89,6 +88,7 @@ def _day(value: Any) -> Any:
     return value
 
 
+#: The days a usage read may name (those whose timestamps every store and client can represent).
 Day = Annotated[dt.date, BeforeValidator(_day), Field(ge=dt.date(1970, 1, 1), le=dt.date(9000, 12, 31))]
 
 

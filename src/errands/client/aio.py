@@ -205,7 +205,8 @@ class AsyncClient:
             ("after", after),
         ):
             if value is not None:
-                params[name] = value.isoformat() if isinstance(value, date) else value
+                day = value.date() if isinstance(value, datetime) else value  # a datetime is a date too
+                params[name] = day.isoformat() if isinstance(day, date) else day
         data = await self._request("GET", "/v1/usage", params=params)
         return Page([DayUsage(**u) for u in data["usage"]], data["next_after"])
 

@@ -19,6 +19,9 @@ from errands.model.task import Status, TaskRecord
 MoveKind = Literal["grant", "reserve", "charge", "release"]
 #: The most credits one move may carry, and an owner may hold (64-bit columns, JSON-safe).
 MAX_CREDITS = 10**15
+#: The most one task may cost: a day's sums of costs per owner, type and status (the usage
+#: rollups) stay far inside 64 bits at any rate of tasks.
+MAX_COST = 10**9
 
 
 @dataclass(frozen=True, slots=True)

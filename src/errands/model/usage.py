@@ -9,6 +9,7 @@ submitted, under its status now (a retried task moves from ``failed`` back to ``
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -45,8 +46,9 @@ class DayUsage:
 
 
 def utc_day(at: float) -> str:
-    """The day (``YYYY-MM-DD``, UTC) of a timestamp, as the stores' SQL computes it."""
-    return dt.datetime.fromtimestamp(at, dt.UTC).date().isoformat()
+    """The day (``YYYY-MM-DD``, UTC) of a timestamp, as the stores' SQL computes it: of its whole
+    second (a timestamp rounded up to the next day's midnight would fall outside its range)."""
+    return dt.datetime.fromtimestamp(math.floor(at), dt.UTC).date().isoformat()
 
 
 def day_range(first: dt.date, last: dt.date) -> tuple[float, float]:

@@ -457,7 +457,7 @@ STATEMENTS = Statements(
     ),
     select_all_ledger=f"SELECT {LEDGER_COLUMNS} FROM errands_credit_ledger WHERE id > $1 ORDER BY id LIMIT $2",
     usage=usage_sql(
-        day="to_char(to_timestamp(created_at) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+        day="to_char(to_timestamp(floor(created_at)) AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
         tasks="errands_tasks",
         days="errands_usage_days",
         param=lambda n: f"${n}",

@@ -242,7 +242,7 @@ STATEMENTS = Statements(
     select_ledger=f"SELECT {LEDGER_COLUMNS} FROM credit_ledger WHERE owner = ? AND id > ? ORDER BY id LIMIT ?",
     select_all_ledger=f"SELECT {LEDGER_COLUMNS} FROM credit_ledger WHERE id > ? ORDER BY id LIMIT ?",
     usage=usage_sql(
-        day="strftime('%Y-%m-%d', created_at, 'unixepoch')",
+        day="date(CAST(created_at AS INTEGER), 'unixepoch')",
         tasks="tasks",
         days="usage_days",
         param=lambda n: f"?{n}",
