@@ -229,8 +229,8 @@ class Registry:
         A worker submits each task to the provider (retrying with backoff if it cannot); the
         provider's webhooks complete it; without a final webhook ``poll_after_s`` after
         submission, the sweeper polls every ``poll_every_s`` until the task ends or times out.
-        Polls are made by the sweeper's passes, so ``poll_every_s`` is in effect rounded up to a
-        whole number of ``ERRANDS_SWEEP_INTERVAL_S`` (5 s by default).
+        The sweeper polls on a timer of its own (``poll_every_s`` holds down to one second); it
+        looks for tasks newly handed over every 5 s at least.
         """
         self._check(name, timeout_s, max_attempts, concurrency_per_owner)
         own = self._limits(f"Task type '{name}'", limits, concurrency_per_owner)

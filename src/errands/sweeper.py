@@ -13,8 +13,8 @@ Each pass looks for
   so their owner gets ``410 Gone``;
 * external tasks whose provider has not reported in time: polled (every ``poll_every_s`` of their
   type, backing off while the provider fails to answer), and told to stop when they time out.
-  A poll falls due at the task's ``poll_at`` and is made by the first pass after it: a sweeper
-  polls a task at most once every ``sweep_interval_s``, whatever ``poll_every_s`` says.
+  A poll falls due at the task's ``poll_at``; between passes, the sweeper wakes when the next
+  one falls due (at most once a second, at least every 5 s) and makes the polls then due.
 
 Every change is re-checked when it is applied, so a sweeper racing a worker (or another sweeper)
 changes nothing twice. Backoff needs no sweeping: a requeued task is claimable once its
@@ -50,6 +50,12 @@ class _Store(Tasks, Sweeping, Lifecycle, Protocol):
 log = logging.getLogger("errands.sweeper")
 
 WORKER_LOST = TaskError("worker_lost", "The worker running the task stopped responding.")
+#: The least a sweeper waits between two looks for due polls (a poll that cannot be made, for a
+#: task type no longer registered say, leaves its task due: it is looked at this often, no more).
+MIN_POLL_WAIT_S = 1.0
+#: The most a sweeper waits between two looks for due polls (a task handed to its provider
+#: since the last look is seen by the next: its first poll is at most this late).
+MAX_POLL_WAIT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,14 +247,38 @@ class Sweeper:
                 log.error("polling failed: %s", result)
         return sum(1 for r in results if r is True)
 
+    async def poll_due(self) -> int:
+        """Poll the providers of the running tasks whose poll has fallen due (between sweeps)."""
+        now = self.clock.now()
+        ids = await self.store.due_polls(now=now, limit=self.settings.sweep_batch)
+        polled = await self._poll(ids, now) if ids else 0
+        if polled and self.metrics is not None:
+            self.metrics.swept({"polled": polled})
+        return polled
+
     async def run(self) -> None:
-        """Sweep every ``sweep_interval_s`` until cancelled; errors are logged and reported."""
+        """Sweep every ``sweep_interval_s`` until cancelled, and between sweeps poll providers as
+        their tasks' polls fall due (every ``poll_every_s``, not rounded up to a sweep; at most
+        one wake-up each ``MIN_POLL_WAIT_S``, at least one each ``MAX_POLL_WAIT_S``). Errors are
+        logged and reported."""
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time()
         while True:
+            wait_s = self.settings.sweep_interval_s
             try:
                 if await self.store.hold_sweeper_lock():
-                    await self.sweep()
+                    if loop.time() >= next_sweep:
+                        next_sweep = loop.time() + self.settings.sweep_interval_s
+                        await self.sweep()
+                    else:
+                        await self.poll_due()
+                    # Tasks handed to providers since are seen at the latest in MAX_POLL_WAIT_S.
+                    wait_s = max(0.0, min(next_sweep - loop.time(), MAX_POLL_WAIT_S))
+                    due_at = await self.store.next_poll_at()
+                    if due_at is not None:
+                        wait_s = min(wait_s, max(MIN_POLL_WAIT_S, due_at - self.clock.now()))
                 self.last_error = None
             except Exception as exc:
                 self.last_error = str(exc)
                 log.exception("sweep failed")
-            await asyncio.sleep(self.settings.sweep_interval_s)
+            await asyncio.sleep(wait_s)

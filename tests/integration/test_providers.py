@@ -511,3 +511,16 @@ async def test_retry_after_0_holds_the_provider_a_second_not_a_loop(
     clock.advance(0.1)
     done = await wait_task(runtime, task.id)
     assert (done.status, done.attempt, dev.refused) == (Status.COMPLETED, 1, 1)
+
+
+async def test_polls_follow_poll_every_s_not_the_sweep_interval(live: LiveFactory, dev: DevProvider) -> None:
+    """Every webhook is lost and the sweeper sweeps once an hour: the polls, on a timer of their
+    own, still come every poll_every_s (a second at the least) and finish the task."""
+    dev.chaos = Chaos(delay_s=0.5, steps=4, drop=1.0)  # the job runs about two seconds
+    settings = {**FAST, "sweep_interval_s": 3600.0}
+    runtime, _ = await live(external_app(dev.url, poll_after_s=0.1, poll_every_s=1.0), **settings)  # type: ignore[attr-defined]
+    task = await runtime.app.submit("ext", {"i": 1})
+    done = await wait_task(runtime, task.id, timeout_s=60)
+    assert (done.status, done.webhook_received) == (Status.COMPLETED, False)
+    progress = [e for e in await events_of(runtime, task.id) if e["type"] == "task.progress"]
+    assert progress  # a poll saw the job running, and a later one saw it done

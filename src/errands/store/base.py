@@ -223,6 +223,12 @@ class Tasks(Protocol):
 class Sweeping(Protocol):
     async def due(self, *, now: float, limit: int) -> DueTasks: ...
 
+    async def due_polls(self, *, now: float, limit: int) -> list[str]:
+        """Running tasks whose provider is to be polled by ``now`` (``DueTasks.to_poll`` alone)."""
+
+    async def next_poll_at(self) -> float | None:
+        """When the next poll of a running task falls due (``None``: none is to be polled)."""
+
     async def purge(self, *, finished_before: float, tombstones_before: float, limit: int) -> int:
         """Delete finished tasks and their events, leaving tombstones; drop old tombstones."""
 

@@ -93,6 +93,7 @@ class Statements:
     due_expiry: str  # now, limit → ids
     due_starts: str  # now, limit → ids of tasks never started by start_by
     due_polls: str  # now, limit → ids
+    next_poll: str  # → (the earliest poll_at of a running task, or NULL,)
     purge_tasks: str  # finished_before, limit → (id, owner, type, created_at, status, cost) of those deleted
     purge_events: str  # ids → seqs of the events it deleted
     raise_horizon: str  # seq

@@ -308,6 +308,7 @@ STATEMENTS = Statements(
     due_polls=(
         "SELECT id FROM errands_tasks WHERE status = 'processing' AND poll_at IS NOT NULL AND poll_at <= $1 LIMIT $2"
     ),
+    next_poll="SELECT min(poll_at) FROM errands_tasks WHERE status = 'processing' AND poll_at IS NOT NULL",
     purge_tasks=(
         "DELETE FROM errands_tasks WHERE id IN (SELECT id FROM errands_tasks WHERE finished_at IS NOT NULL "
         "AND finished_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING id, owner, type, created_at, status, cost"

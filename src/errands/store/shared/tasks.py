@@ -414,6 +414,13 @@ class TaskOps(Dialect):
             to_poll=ids(await self._fetch(self.sql.due_polls, now, limit)),
         )
 
+    async def due_polls(self, *, now: float, limit: int) -> list[str]:
+        return [r[0] for r in await self._fetch(self.sql.due_polls, now, limit)]
+
+    async def next_poll_at(self) -> float | None:
+        rows = await self._fetch(self.sql.next_poll)
+        return None if not rows or rows[0][0] is None else float(rows[0][0])
+
     async def purge(self, *, finished_before: float, tombstones_before: float, limit: int) -> int:
         now = self.clock.now()
 

@@ -124,6 +124,7 @@ STATEMENTS = Statements(
         "AND start_by < ? LIMIT ?"
     ),
     due_polls="SELECT id FROM tasks WHERE status = 'processing' AND poll_at IS NOT NULL AND poll_at <= ? LIMIT ?",
+    next_poll="SELECT min(poll_at) FROM tasks WHERE status = 'processing' AND poll_at IS NOT NULL",
     purge_tasks=(
         "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE finished_at IS NOT NULL AND finished_at < ? "
         "LIMIT ?) RETURNING id, owner, type, created_at, status, cost"
