@@ -125,7 +125,11 @@ def main() -> int:
         except KeyboardInterrupt:
             return 0
     env = {**os.environ, "COZE_BASE_URL": url, "COZE_API_TOKEN": TOKEN, "COZE_WORKFLOW_ID": WORKFLOW}
-    child = subprocess.Popen(options.command, env=env)  # noqa: S603
+    try:
+        child = subprocess.Popen(options.command, env=env)  # noqa: S603
+    except FileNotFoundError:
+        log(f"cannot run {options.command[0]!r}: give its path (../../.venv/bin/errands) or activate .venv")
+        return 2
     signal.signal(signal.SIGTERM, lambda *_: child.terminate())
     while True:
         try:

@@ -122,7 +122,7 @@ def serve(
             typer.echo(f"  export ERRANDS_URL={url} ERRANDS_ADMIN_KEY={runtime.generated_admin_key}")
         else:
             typer.echo("Use the admin key printed at first start, or the one in ERRANDS_ADMIN_KEY.")
-        typer.echo(f"API reference: {url}/docs")
+        typer.echo(f"Console: {url}/console   API reference: {url}/docs")
         sys.stdout.flush()
 
     try:
@@ -200,7 +200,7 @@ def dev_provider(
     )
     try:
         provider = DevProvider(secret or DEV_SECRET, chaos, seed=seed)
-        sock = bind(host, port)
+        sock = bind(host, port, choose="--port N, or --port 0")
     except ConfigError as exc:
         fail(exc.message, 2)
 

@@ -341,7 +341,8 @@ def usage(
         typer.echo("no tasks in that range")
 
 
-@client_cli.command()
+# A negative amount ("-5") is the amount, not an unknown option.
+@client_cli.command(context_settings={"ignore_unknown_options": True})
 def grant(
     owner: Annotated[str, typer.Argument(help="Whose credits.")],
     amount: Annotated[int, typer.Argument(help="Credits to add (negative: to take back).")],

@@ -42,8 +42,9 @@ class _Uvicorn(uvicorn.Server):
         yield
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """Bind the listening socket up front, so a taken port is one clear sentence."""
+def bind(host: str, port: int, *, choose: str = "--port N (ERRANDS_PORT), or --port 0") -> socket.socket:
+    """Bind the listening socket up front, so a taken port is one clear sentence (``choose``
+    says how to choose another)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -52,7 +53,9 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise ConfigError(f"Port {port} on {host} is already in use.") from None
+            raise ConfigError(
+                f"Port {port} on {host} is already in use: choose another with {choose} for any free port."
+            ) from None
         raise ConfigError(f"Cannot listen on {host}:{port}: {exc.strerror}.") from None
     sock.listen(2048)
     sock.set_inheritable(True)
@@ -168,7 +171,7 @@ async def metrics_endpoint(runtime: Runtime) -> AsyncIterator[str | None]:
         del request
         return Response(await runtime.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    sock = bind(*address)
+    sock = bind(*address, choose="ERRANDS_METRICS_LISTEN, or port 0 in it")
     async with serve_asgi(Starlette(routes=[Route("/metrics", metrics)]), sock):
         yield url_of(sock)
 

@@ -223,7 +223,10 @@ def test_start_up_errors_are_one_plain_sentence(cluster: Cluster) -> None:
         port = taken.getsockname()[1]
         result = _start_error(cluster, "serve", "--port", str(port))
         assert result.returncode == 2
-        assert result.stderr.strip() == f"Port {port} on 127.0.0.1 is already in use."
+        assert result.stderr.strip() == (
+            f"Port {port} on 127.0.0.1 is already in use: choose another with --port N (ERRANDS_PORT), "
+            "or --port 0 for any free port."
+        )
 
 
 def test_migrate_command(cluster: Cluster) -> None:

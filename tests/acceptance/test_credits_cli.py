@@ -130,7 +130,7 @@ def test_grant_and_usage_from_the_cli(cluster: Cluster) -> None:
     assert table[0].split() == COLUMNS
     assert table[1].split()[1:] == ["acct", "priced", "2", "1", "1", "0", "0", "0", "3", "0"]
     # A take-back below zero, a day not written as one: refused with the API's reason, exit 1.
-    refused = run("grant", "acct", "--", "-1000")
+    refused = run("grant", "acct", "-1000")  # a negative amount as written, no "--" needed
     assert refused.returncode == 1 and "has 7 credits" in refused.stderr
     bad_day = run("usage", "--since", "yesterday")
     assert bad_day.returncode == 1 and "YYYY-MM-DD" in bad_day.stderr
