@@ -132,8 +132,10 @@ async def churn(url: str, hold_s: float = 2.0) -> None:
             try:
                 while True:
                     await step(conn)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                pass  # the server went away; connect again
+            except Exception:
+                # Whatever broke the session: the server went away, or asyncpg's protocol lost its
+                # state with it (InternalClientError, seen once in CI). Connect again, soon.
+                await asyncio.sleep(0.2)
             finally:
                 with contextlib.suppress(Exception):
                     await conn.close(timeout=2)
