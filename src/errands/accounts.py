@@ -3,26 +3,22 @@ each caller may read (an owner token: its own; another owner's answers ``404``).
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import re
 from dataclasses import dataclass
 
-import orjson
-
 from errands.auth import READ, Principal
 from errands.clock import Clock
 from errands.errors import Forbidden, InvalidCursor, InvalidRequest, NotFound
-from errands.inputs import OWNER_MAX_CHARS, TYPE_PATTERN
+from errands.inputs import OWNER_MAX_CHARS, TYPE_PATTERN, pack_cursor, unpack_cursor
 from errands.model.credits import Balance, LedgerEntry
-from errands.model.usage import MAX_DAYS, DayUsage, utc_day
+from errands.model.usage import DAY_PATTERN, MAX_DAYS, DayUsage, utc_day
 from errands.store.base import Credits
 
 #: The days a usage read covers when it names none: the last 30, today's included.
 DEFAULT_DAYS = 30
 #: The first day a usage read may cover.
 FIRST_DAY = dt.date(1970, 1, 1)
-_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,23 +30,23 @@ class UsagePage:
 
 
 def usage_cursor(row: DayUsage) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps([row.day, row.owner, row.type])).decode().rstrip("=")
+    return pack_cursor([row.day, row.owner, row.type])
 
 
 def decode_usage_cursor(cursor: str) -> tuple[str, str, str]:
     """The (day, owner, type) a usage cursor stands for; :class:`InvalidCursor` for anything
     this service did not make."""
     try:
-        parts = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        parts = unpack_cursor(cursor)
         if not isinstance(parts, list) or len(parts) != 3 or not all(isinstance(p, str) for p in parts):
             raise ValueError
         day, owner, type_ = parts
-        if not _DAY.fullmatch(day) or len(owner) > OWNER_MAX_CHARS or "\0" in owner:
+        if not re.fullmatch(DAY_PATTERN, day) or len(owner) > OWNER_MAX_CHARS or "\0" in owner:
             raise ValueError
         if type_ and not re.fullmatch(TYPE_PATTERN, type_):
             raise ValueError
         return day, owner, type_
-    except (ValueError, TypeError, orjson.JSONDecodeError):
+    except (ValueError, TypeError):  # a JSONDecodeError is a ValueError
         raise InvalidCursor() from None
 
 
@@ -131,5 +127,4 @@ def _require_owner_wide(principal: Principal) -> None:
     """Credits and usage are about all of an owner's tasks: a token scoped to one task reads
     only that task, not them."""
     principal.require(READ)
-    if principal.task_id is not None:
-        raise Forbidden("A token scoped to one task cannot read credits or usage.")
+    principal.require_owner_wide("A token scoped to one task cannot read credits or usage.")

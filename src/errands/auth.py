@@ -46,6 +46,12 @@ class Principal:
         if not self.admin and scope not in self.scopes:
             raise Forbidden(f"This token lacks the '{scope}' scope.")
 
+    def require_owner_wide(self, refusal: str) -> None:
+        """For what concerns all of the owner's tasks (creating them, watching a set, credits and
+        usage): a token scoped to one task is refused, with ``refusal``."""
+        if self.task_id is not None:
+            raise Forbidden(refusal)
+
     def sees(self, owner: str, task_id: str) -> bool:
         if self.admin:
             return True

@@ -16,6 +16,7 @@ reports, handlers):
 
 from __future__ import annotations
 
+import base64
 import datetime
 import math
 import os
@@ -24,6 +25,7 @@ import time
 from collections.abc import Sequence
 from typing import Annotated, Any, TypeVar
 
+import orjson
 import pydantic_core
 from pydantic import (
     AfterValidator,
@@ -238,3 +240,14 @@ def validate(model: type[M], data: Any) -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         raise invalid(list(exc.errors())) from None
+
+
+def pack_cursor(parts: Sequence[Any]) -> str:
+    """A page's position as the opaque text a client passes back (base64url of its JSON)."""
+    return base64.urlsafe_b64encode(orjson.dumps(list(parts))).decode().rstrip("=")
+
+
+def unpack_cursor(cursor: str) -> Any:
+    """What :func:`pack_cursor` packed; a ``ValueError`` for text it cannot have made (the
+    caller checks every part: the text is the client's)."""
+    return orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))

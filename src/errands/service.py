@@ -6,7 +6,6 @@ rules. Owner isolation lives here too: a task of another owner is reported as no
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import math
 import re
@@ -36,6 +35,8 @@ from errands.inputs import (
     integral,
     invalid,
     new_task_id,
+    pack_cursor,
+    unpack_cursor,
 )
 from errands.intake import Intake
 from errands.model import Event, NewTask, Status, TaskRecord, Usage
@@ -133,7 +134,7 @@ class TokenRequest(BaseModel):
 
 
 def encode_cursor(record: TaskRecord) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps([record.created_at, record.id])).decode().rstrip("=")
+    return pack_cursor([record.created_at, record.id])
 
 
 _TASK_ID = re.compile(TASK_ID_PATTERN)
@@ -143,7 +144,7 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
     """The position a cursor stands for; :class:`InvalidCursor` for anything this service did
     not make (it is decoded from the client's text, so every part is checked)."""
     try:
-        created_at, task_id = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        created_at, task_id = unpack_cursor(cursor)
         if isinstance(created_at, bool) or not isinstance(created_at, int | float):
             raise ValueError
         if not isinstance(task_id, str) or not _TASK_ID.match(task_id):
@@ -279,8 +280,7 @@ class Service:
         else:
             if request.owner is not None and request.owner != principal.owner:
                 raise Forbidden("This token may only create tasks for its own owner.")
-            if principal.task_id is not None:
-                raise Forbidden("A token scoped to one task cannot create tasks.")
+            principal.require_owner_wide("A token scoped to one task cannot create tasks.")
             owner = principal.owner or self.settings.default_owner
         if request.notify_url is not None and not principal.admin:
             raise Forbidden("Only an admin key may set notify_url.")

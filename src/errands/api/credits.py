@@ -15,7 +15,7 @@ from errands.api.routing import Call, Route
 from errands.clock import iso
 from errands.inputs import Owner, Text, TypeName, integral
 from errands.model.credits import MAX_CREDITS, Balance, LedgerEntry
-from errands.model.usage import DayUsage
+from errands.model.usage import DAY_PATTERN, DayUsage
 
 
 class GrantRequest(BaseModel):
@@ -83,7 +83,7 @@ class LedgerQuery(BaseModel):
 
 def _day(value: Any) -> Any:
     """Only ``YYYY-MM-DD`` names a day (not a timestamp, nor a date with a time)."""
-    if not isinstance(value, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+    if not isinstance(value, str) or not re.fullmatch(DAY_PATTERN, value):
         raise ValueError("a day is written YYYY-MM-DD")
     return value
 

@@ -18,6 +18,8 @@ from errands.model.task import Status
 
 #: The statuses a day's counts are given for, in the order the store returns them.
 STATUSES: tuple[Status, ...] = tuple(Status)
+#: How a day is written (``YYYY-MM-DD``), in a query and in a cursor.
+DAY_PATTERN = r"\d{4}-\d{2}-\d{2}"
 #: The longest range one read may cover.
 MAX_DAYS = 366
 

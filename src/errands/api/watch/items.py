@@ -268,8 +268,7 @@ def open_set_watch(
     streams: StreamChoice = "none",
 ) -> Watch:
     principal.require(READ)
-    if principal.task_id is not None:
-        raise Forbidden("A token scoped to one task can only watch that task.")
+    principal.require_owner_wide("A token scoped to one task can only watch that task.")
     if principal.admin:
         watch_owner = owner
     elif owner is not None and owner != principal.owner:
