@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -49,10 +50,13 @@ def on_advance(clock: Clock, listener: Callable[[], None]) -> None:
 _PREFIXES: dict[int, str] = {}
 
 
+@functools.lru_cache(maxsize=4096)
 def iso(ts: float | None) -> str | None:
     """Format epoch seconds as ISO 8601 UTC with milliseconds (``2026-11-23T10:00:00.123Z``).
 
-    Called for every timestamp of every event, so the date-and-time part is cached per second.
+    Called for every timestamp of every event, so each moment's text is cached (a task's
+    creation and expiry recur in all its events, a batch's tasks share theirs), and the
+    date-and-time part per second.
     """
     if ts is None:
         return None

@@ -192,7 +192,18 @@ _TRIPLES = [a + b + c for a in _CROCKFORD for b in _CROCKFORD for c in _CROCKFOR
 
 def new_task_id() -> str:
     """A 26-character id that sorts by creation time (48-bit milliseconds, 80 random bits)."""
-    n = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    return _encode_id((int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big"))
+
+
+def new_task_ids(count: int) -> list[str]:
+    """``count`` ids like :func:`new_task_id`'s, their random bits drawn in one system call (a
+    batch makes a thousand: one call each cost a twentieth of its time)."""
+    ms = int(time.time() * 1000) << 80
+    entropy = os.urandom(10 * count)
+    return [_encode_id(ms | int.from_bytes(entropy[i : i + 10], "big")) for i in range(0, 10 * count, 10)]
+
+
+def _encode_id(n: int) -> str:
     t = _TRIPLES
     # 130 bits, the first two characters (10 bits) then eight of three (a batch makes thousands).
     return (

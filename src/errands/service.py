@@ -35,6 +35,7 @@ from errands.inputs import (
     integral,
     invalid,
     new_task_id,
+    new_task_ids,
     pack_cursor,
     unpack_cursor,
 )
@@ -103,6 +104,7 @@ class SubmitRequest(BaseModel):
 
 
 _LATER_FIELDS = ("run_at", "delay_s", "start_within_s", "key", "debounce_key", "debounce_s", "cost")
+_FIRST_FIELDS = tuple(f for f in SubmitRequest.model_fields if f not in ("id", "owner", *_LATER_FIELDS))
 
 
 def request_fingerprint(request: SubmitRequest, owner: str) -> str:
@@ -110,11 +112,11 @@ def request_fingerprint(request: SubmitRequest, owner: str) -> str:
     owner it is for. The fields added since 0.1 count only when given, so that the requests
     accepted before them still match their fingerprints. (The fields as validated, read
     directly: ``model_dump`` gives the same values, at ten times the cost per task of a batch.)"""
-    fields = {
-        k: v
-        for k, v in request.__dict__.items()
-        if k not in ("id", "owner") and not (v is None and k in _LATER_FIELDS)
-    }
+    given = request.__dict__
+    fields = {k: given[k] for k in _FIRST_FIELDS}
+    for k in _LATER_FIELDS:
+        if given[k] is not None:
+            fields[k] = given[k]
     return hashlib.sha256(orjson.dumps([fields, owner], option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
@@ -225,6 +227,7 @@ class Service:
             raise InvalidRequest(f"A batch holds 1 to {MAX_BATCH} tasks.")
         answers: list[tuple[TaskRecord, bool] | ApiError | None] = [None] * len(items)
         prepared: list[tuple[int, NewTask]] = []
+        ids = new_task_ids(len(items))  # for the items that name none
         for i, item in enumerate(items):
             try:
                 # As POST /v1/tasks reads its body, so that an item is held to the same rules
@@ -239,9 +242,9 @@ class Service:
                 continue
             try:
                 new = (
-                    self._new_task(request, principal)
+                    self._new_task(request, principal, ids[i])
                     if request.notify_url is None
-                    else await self.prepare(request, principal)
+                    else await self.prepare(request, principal, ids[i])
                 )
             except ApiError as exc:
                 answers[i] = exc
@@ -254,9 +257,12 @@ class Service:
             answers[i] = answer if isinstance(answer, tuple | ApiError) else InvalidRequest(str(answer))
         return [a for a in answers if a is not None]
 
-    async def prepare(self, request: SubmitRequest, principal: Principal) -> NewTask:
-        """A submission checked, authorised and made a :class:`NewTask`."""
-        new = self._new_task(request, principal)
+    async def prepare(
+        self, request: SubmitRequest, principal: Principal, new_id: str | None = None
+    ) -> NewTask:
+        """A submission checked, authorised and made a :class:`NewTask` (its id ``new_id`` when
+        it names none; a new one by default)."""
+        new = self._new_task(request, principal, new_id)
         if request.notify_url is not None:
             try:
                 await self.guard.check(request.notify_url)
@@ -266,7 +272,7 @@ class Service:
                 raise InvalidRequest(f"notify_url: {exc}") from None
         return new
 
-    def _new_task(self, request: SubmitRequest, principal: Principal) -> NewTask:
+    def _new_task(self, request: SubmitRequest, principal: Principal, new_id: str | None) -> NewTask:
         """:meth:`prepare` but for where ``notify_url`` leads (checked there, with a look-up
         that may wait): in a batch, a task without one is made without a coroutine of its own."""
         principal.require(WRITE)
@@ -295,7 +301,7 @@ class Service:
             raise InvalidRequest(f"run_at: at most {MAX_DELAY_S // 86_400} days ahead.")
         fingerprint = request_fingerprint(request, owner)
         return NewTask(
-            id=request.id or new_task_id(),
+            id=request.id or new_id or new_task_id(),
             type=request.type,
             owner=owner,
             input=request.input,

@@ -10,7 +10,7 @@ import pytest
 from errands.config import load_settings
 from errands.context import TaskContext
 from errands.errors import ConfigError, InvalidCursor
-from errands.inputs import new_task_id
+from errands.inputs import new_task_id, new_task_ids
 from errands.model import EventType
 from errands.service import decode_cursor, percentile
 from errands.store.base import Hint, hints
@@ -19,10 +19,18 @@ from errands.store.postgres import notification_hint
 
 def test_generated_ids_are_valid_client_ids_and_sort_by_time() -> None:
     ids = [new_task_id() for _ in range(200)]
-    assert all(re.fullmatch(r"[A-Za-z0-9_-]{1,64}", i) for i in ids)
+    ids += new_task_ids(500) + new_task_ids(1) + [new_task_id()]
+    assert all(re.fullmatch(r"[0-9A-HJKMNP-TV-Z]{26}", i) for i in ids)  # ULID's alphabet
     assert len(set(ids)) == len(ids)
     prefixes = [i[:10] for i in ids]
     assert prefixes == sorted(prefixes)
+    assert new_task_ids(0) == []
+
+
+def test_ids_made_at_once_differ_in_their_random_part() -> None:
+    ids = new_task_ids(1000)
+    assert len({i[:10] for i in ids}) <= 2  # the same millisecond (or the next)
+    assert len({i[10:] for i in ids}) == 1000
 
 
 @pytest.mark.parametrize("cursor", ["", "nope", "W10", "WyJhIiwxXQ", "e30"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from pathlib import Path
 
 import pytest
 
@@ -269,3 +270,22 @@ def test_a_tasks_cost_is_reserved_charged_or_given_back_at_each_end_and_once() -
     # A balance never goes below zero.
     assert after_move(Balance("o", 5), CreditMove("reserve", -7, 7), now=NOW) is None
     assert after_move(Balance("o", 7), CreditMove("reserve", -7, 7), now=NOW) == Balance("o", 0, 7, NOW)
+
+
+def test_a_records_fields_are_read_only_to_the_type_checker(tmp_path: Path) -> None:
+    """Records are frozen to mypy (strict, in the test command) and mutable at run time, for
+    speed (see ``errands.model.task.record_class``): assigning to a field fails the check."""
+    from mypy import api
+
+    code = (
+        "from errands.model import Event, NewTask, TaskRecord\n"
+        "def f(n: NewTask, r: TaskRecord, e: Event) -> None:\n"
+        "    n.id = 'x'\n"
+        "    r.status = r.status\n"
+        "    e.seq = 1\n"
+    )
+    (tmp_path / "assigns.py").write_text(code)
+    out, _, status = api.run(["--no-error-summary", "--cache-dir=/dev/null", str(tmp_path / "assigns.py")])
+    assert status == 1, out
+    assert [line.split("  ")[-1] for line in out.splitlines()] == ["[misc]"] * 3, out
+    assert 'Property "id" defined in "NewTask" is read-only' in out, out
