@@ -24,7 +24,9 @@ from tests.acceptance.conftest import eventually
 pytest.importorskip("fastapi", reason="the example needs FastAPI (in the dev extra)")
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "fastapi_embed"
-COMMAND = ".venv/bin/uvicorn --app-dir examples/fastapi_embed app:app --no-access-log"
+RUN = ".venv/bin/uvicorn --app-dir examples/fastapi_embed app:app --no-access-log"
+#: The README's command: the example keeps its tasks in a file of its own.
+COMMAND = f"ERRANDS_DB=sqlite:///examples/fastapi_embed/errands.db \\\n    {RUN}"
 UVICORN = str(Path(sys.executable).parent / "uvicorn")
 KEYS = {"alice": "key-alice", "bob": "key-bob"}
 
@@ -38,7 +40,8 @@ class Example:
         self.log_path = workdir / f"{name}.log"
         self._log = self.log_path.open("wb")
         env = {k: v for k, v in os.environ.items() if not k.startswith("ERRANDS_")}
-        args = COMMAND.split()[1:]  # the README's command, with the uvicorn of this interpreter
+        env["ERRANDS_DB"] = f"sqlite:///{workdir}/errands.db"  # the README's file, in this test's folder
+        args = RUN.split()[1:]  # the README's command, with the uvicorn of this interpreter
         args[args.index("examples/fastapi_embed")] = str(EXAMPLE)
         self.popen = subprocess.Popen(
             [UVICORN, *args, "--port", "0"], cwd=workdir, env=env, stdout=self._log, stderr=subprocess.STDOUT
