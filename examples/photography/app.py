@@ -3,7 +3,8 @@
 # Its owner's credits are reserved as it is submitted, charged when it completes, given back when
 # it fails, times out or is cancelled: errands keeps the books, this file only makes the photo.
 # Run from the repository's root (see README.md):
-#   PYTHONPATH=examples/photography ERRANDS_CORS_ORIGINS=http://127.0.0.1:8080 ./dev serve --app app:app
+#   PYTHONPATH=examples/photography ERRANDS_DB=sqlite:///examples/photography/errands.db \\
+#       ERRANDS_CORS_ORIGINS=http://127.0.0.1:8080 ./dev serve --app app:app
 
 from __future__ import annotations
 

@@ -50,14 +50,9 @@ def on_advance(clock: Clock, listener: Callable[[], None]) -> None:
 _PREFIXES: dict[int, str] = {}
 
 
-@functools.lru_cache(maxsize=4096)
-def iso(ts: float | None) -> str | None:
-    """Format epoch seconds as ISO 8601 UTC with milliseconds (``2026-11-23T10:00:00.123Z``).
-
-    Called for every timestamp of every event, so each moment's text is cached (a task's
-    creation and expiry recur in all its events, a batch's tasks share theirs), and the
-    date-and-time part per second.
-    """
+def iso_text(ts: float | None) -> str | None:
+    """Format epoch seconds as ISO 8601 UTC with milliseconds (``2026-11-23T10:00:00.123Z``),
+    the date-and-time part cached per second (see :data:`iso` for moments that recur)."""
     if ts is None:
         return None
     second, ms = divmod(int(ts * 1000), 1000)
@@ -67,3 +62,9 @@ def iso(ts: float | None) -> str | None:
             _PREFIXES.clear()
         prefix = _PREFIXES[second] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
     return f"{prefix}.{ms:03d}Z"
+
+
+#: :func:`iso_text` with each moment's text cached: called for every timestamp of every event,
+#: whose moments recur (a task's creation and expiry in all its events, a batch's in all its
+#: tasks). Typed as the function it wraps (the cache's own type takes any hashable argument).
+iso: Callable[[float | None], str | None] = functools.lru_cache(maxsize=4096)(iso_text)

@@ -27,7 +27,7 @@ from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
-from errands.clock import iso
+from errands.clock import iso_text
 
 _SECRETS = re.compile(r"(access_token=)[^&\s\"']+|\b(ek[ao]_|eto_)[A-Za-z0-9_\-.]+|(Bearer\s+)[^\s\"']+")
 #: A request line's target (``GET /path?query``, ``"WebSocket /path?query"``, ``GET http://host/path?query``)
@@ -106,7 +106,7 @@ class JsonLines(JsonFormatter):
         )
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        return iso(record.created) or ""
+        return iso_text(record.created) or ""  # each record's own moment: not worth a cache entry
 
     def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in log_data.items() if (v is not None or k == "message") and k not in _DROPPED}

@@ -289,3 +289,11 @@ def test_a_records_fields_are_read_only_to_the_type_checker(tmp_path: Path) -> N
     assert status == 1, out
     assert [line.split("  ")[-1] for line in out.splitlines()] == ["[misc]"] * 3, out
     assert 'Property "id" defined in "NewTask" is read-only' in out, out
+
+
+def test_records_hash_by_their_fields_as_frozen_dataclasses_do() -> None:
+    event = model.Event(1, EventType.CREATED, 1.0, "t1", "o", "noop", Status.PENDING, b"{}")
+    same = model.Event(1, EventType.CREATED, 1.0, "t1", "o", "noop", Status.PENDING, b"{}")
+    assert hash(event) == hash(same) and len({event, same}) == 1
+    with pytest.raises(TypeError):  # its input is a dict, as ever
+        hash(model.NewTask("t1", "noop", "o", {}, 0, 1, 1.0, 1.0, "f"))

@@ -27,7 +27,7 @@ else:
         ``seq``, its cached JSON) say so with ``object.__setattr__``."""
         assert frozen
         assert slots
-        return dataclass(slots=True)
+        return dataclass(slots=True, unsafe_hash=True)  # hashed by its fields, as if frozen
 
 
 class Status(enum.StrEnum):
