@@ -157,8 +157,10 @@ class Sweeper:
 
         return decide
 
-    async def sweep(self) -> SweepReport:
-        """One pass; returns what it changed."""
+    async def sweep(self, *, polls: bool = True) -> SweepReport:
+        """One pass; returns what it changed. ``polls``: also poll the providers whose polls are
+        due (:meth:`run` polls on a timer of its own, so that a provider that is slow to answer
+        holds up no sweep)."""
         now = self.clock.now()
         due = await self.store.due(now=now, limit=self.settings.sweep_batch)
         counts = []
@@ -181,7 +183,7 @@ class Sweeper:
                     ):
                         log.error("sweeping a task failed: %s", outcome.error)
             counts.append(changed)
-        polled = await self._poll(due.to_poll, now) if due.to_poll else 0
+        polled = await self._poll(due.to_poll, now) if due.to_poll and polls else 0
         purged = await self.store.purge(
             finished_before=now - self.settings.retention_s,
             tombstones_before=now - self.settings.tombstone_s,
@@ -257,28 +259,44 @@ class Sweeper:
         return polled
 
     async def run(self) -> None:
-        """Sweep every ``sweep_interval_s`` until cancelled, and between sweeps poll providers as
-        their tasks' polls fall due (every ``poll_every_s``, not rounded up to a sweep; at most
-        one wake-up each ``MIN_POLL_WAIT_S``, at least one each ``MAX_POLL_WAIT_S``). Errors are
-        logged and reported."""
+        """Sweep every ``sweep_interval_s`` until cancelled, and poll providers as their tasks'
+        polls fall due (every ``poll_every_s``, not rounded up to a sweep; at most one wake-up
+        each ``MIN_POLL_WAIT_S``, at least one each ``MAX_POLL_WAIT_S``). A round of polls runs
+        beside the sweeps, one at a time: a provider that does not answer (each poll waits up to
+        ``provider_timeout_s``) delays only the next round, never a sweep. Errors are logged and
+        reported."""
         loop = asyncio.get_running_loop()
         next_sweep = loop.time()
-        while True:
-            wait_s = self.settings.sweep_interval_s
-            try:
-                if await self.store.hold_sweeper_lock():
-                    if loop.time() >= next_sweep:
-                        next_sweep = loop.time() + self.settings.sweep_interval_s
-                        await self.sweep()
-                    else:
-                        await self.poll_due()
-                    # Tasks handed to providers since are seen at the latest in MAX_POLL_WAIT_S.
-                    wait_s = max(0.0, min(next_sweep - loop.time(), MAX_POLL_WAIT_S))
-                    due_at = await self.store.next_poll_at()
-                    if due_at is not None:
-                        wait_s = min(wait_s, max(MIN_POLL_WAIT_S, due_at - self.clock.now()))
-                self.last_error = None
-            except Exception as exc:
-                self.last_error = str(exc)
-                log.exception("sweep failed")
-            await asyncio.sleep(wait_s)
+        polling: asyncio.Task[int] | None = None
+        try:
+            while True:
+                wait_s = self.settings.sweep_interval_s
+                try:
+                    if await self.store.hold_sweeper_lock():
+                        if loop.time() >= next_sweep:
+                            next_sweep = loop.time() + self.settings.sweep_interval_s
+                            await self.sweep(polls=False)
+                        if polling is None or polling.done():
+                            polling = asyncio.create_task(self._poll_round(), name="errands-polls")
+                        # Tasks handed to providers since are seen at the latest in MAX_POLL_WAIT_S.
+                        wait_s = max(0.0, min(next_sweep - loop.time(), MAX_POLL_WAIT_S))
+                        due_at = await self.store.next_poll_at()
+                        if due_at is not None:
+                            wait_s = min(wait_s, max(MIN_POLL_WAIT_S, due_at - self.clock.now()))
+                    self.last_error = None
+                except Exception as exc:
+                    self.last_error = str(exc)
+                    log.exception("sweep failed")
+                await asyncio.sleep(wait_s)
+        finally:
+            if polling is not None and not polling.done():
+                polling.cancel()
+                await asyncio.wait({polling})  # its end, without taking its cancellation as ours
+
+    async def _poll_round(self) -> int:
+        try:
+            return await self.poll_due()
+        except Exception as exc:
+            self.last_error = str(exc)
+            log.exception("polling providers failed")
+            return 0

@@ -23,6 +23,7 @@ from errands.providers.coze import CozeProvider
 from errands.providers.replicate import ReplicateProvider
 from errands.runtime import Runtime
 from errands.server import bind, serve_asgi
+from errands.waits import wait_set
 from tests.conftest import ADMIN_KEY
 from tests.integration.conftest import LiveFactory, wait_task
 from tests.integration.fakes import FakeCoze, FakeReplicate
@@ -524,3 +525,28 @@ async def test_polls_follow_poll_every_s_not_the_sweep_interval(live: LiveFactor
     assert (done.status, done.webhook_received) == (Status.COMPLETED, False)
     progress = [e for e in await events_of(runtime, task.id) if e["type"] == "task.progress"]
     assert progress  # a poll saw the job running, and a later one saw it done
+
+
+async def test_a_provider_that_never_answers_a_poll_holds_up_no_sweep(
+    live: LiveFactory, dev: DevProvider
+) -> None:
+    """Every webhook is lost and the provider never answers a poll (each may wait an hour): the
+    round of polls stays stuck, but the sweeps go on beside it, and a task that expires meanwhile
+    ends on time (before, the sweep waited for its polls)."""
+    dev.chaos = Chaos(drop=1.0)
+    provider = dev_standard_provider(dev.url)
+    asked, never = asyncio.Event(), asyncio.Event()
+
+    async def poll_never_answered(external_id: str) -> Any:
+        asked.set()
+        await never.wait()
+
+    provider.poll = poll_never_answered  # type: ignore[method-assign]
+    app = Errands()
+    app.external("ext", provider=provider, poll_after_s=0.1, poll_every_s=0.1, timeout_s=600)
+    runtime, _ = await live(app, **FAST, provider_timeout_s=3600.0)
+    await runtime.app.submit("ext", {"i": 1})
+    assert await wait_set(asked, 30)  # a round of polls is stuck on it now
+    doomed = await runtime.app.submit("ext", {"i": 2}, expires_in_s=1.0)
+    ended = await wait_task(runtime, doomed.id, timeout_s=30)
+    assert (ended.status, ended.error.code) == (Status.TIMEOUT, "expired")
