@@ -549,3 +549,35 @@ async def test_reading_the_log_pages_through_it(store: Store) -> None:
     rest = (await store.read_log(first[-1].seq, limit=100)).events
     seqs = [e.seq for e in first + rest]
     assert len(seqs) == 7 and seqs == sorted(set(seqs))
+
+
+@pytest.mark.parametrize("step", [1e-7, 0.1 + 0.2, 1 / 3, 12345.000001, 3.5e-12])
+async def test_every_written_value_reads_back_exactly(store: Store, clock: ManualClock, step: float) -> None:
+    """What a write stores is what a read finds, to the last bit of a float and every character
+    of a text, through each way a change is written (a claim, an outcome decided on the row as
+    seen, a change decided on the row as it is)."""
+    clock.advance(step)
+    await store.create(new_task("t1", timeout_s=1 / 7))
+    [claimed] = await store.claim(worker_id="w\"\\é😀", specs=SPEC, limit=1, lease_s=30 + step)
+    clock.advance(step)
+    token = claimed.lease_token or ""
+    note = 'a "quoted" \\ text\n\twith é, 汉字 and 😀'
+    progressed = await store.apply(
+        "t1", lambda r: model.report_progress(r, now=clock.now(), lease_token=token, progress=7, message=note)
+    )
+    running = await store.get("t1")
+    assert running == progressed
+    assert (running.message, running.worker_id, running.lease_expires_at) == (
+        note, "w\"\\é😀", claimed.started_at + 30 + step  # type: ignore[operator]
+    )
+    clock.advance(step)
+    done = await store.apply(
+        "t1",
+        lambda r: model.complete(r, now=clock.now(), lease_token=token, result={"x": 1 / 3, "s": note}),
+        seen=progressed,
+    )
+    assert done is not None
+    found = await store.get("t1")
+    assert found == done
+    assert (found.started_at, found.finished_at, found.timeout_s) == (claimed.started_at, clock.now(), 1 / 7)
+    assert found.result == {"x": 1 / 3, "s": note}
