@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -78,6 +79,10 @@ async def test_an_external_task_completes_from_its_webhooks(live: LiveFactory, d
         ]
     assert {d["outcome"] for d in deliveries} <= {"applied", "unchanged"}
     assert len(deliveries) >= 3  # two progress reports and the end
+    # Times as everywhere in the API: RFC 3339, UTC, milliseconds; newest first.
+    received = [d["received_at"] for d in deliveries]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", r) for r in received), received
+    assert received == sorted(received, reverse=True)
 
 
 async def test_refused_webhooks_change_nothing(live: LiveFactory, dev: DevProvider) -> None:

@@ -558,7 +558,7 @@ async def test_every_written_value_reads_back_exactly(store: Store, clock: Manua
     seen, a change decided on the row as it is)."""
     clock.advance(step)
     await store.create(new_task("t1", timeout_s=1 / 7))
-    [claimed] = await store.claim(worker_id="w\"\\é😀", specs=SPEC, limit=1, lease_s=30 + step)
+    [claimed] = await store.claim(worker_id='w"\\é😀', specs=SPEC, limit=1, lease_s=30 + step)
     clock.advance(step)
     token = claimed.lease_token or ""
     note = 'a "quoted" \\ text\n\twith é, 汉字 and 😀'
@@ -568,7 +568,9 @@ async def test_every_written_value_reads_back_exactly(store: Store, clock: Manua
     running = await store.get("t1")
     assert running == progressed
     assert (running.message, running.worker_id, running.lease_expires_at) == (
-        note, "w\"\\é😀", claimed.started_at + 30 + step  # type: ignore[operator]
+        note,
+        'w"\\é😀',
+        claimed.started_at + 30 + step,  # type: ignore[operator]
     )
     clock.advance(step)
     done = await store.apply(

@@ -25,6 +25,7 @@ from starlette.types import Scope
 from errands.api.errors import response_for
 from errands.api.routing import Call, PathParam, Route
 from errands.api.schemas import DeliveryPage, Outcome
+from errands.clock import iso
 from errands.errors import Forbidden
 from errands.inputs import TASK_ID_PATTERN
 from errands.intake import Answer
@@ -81,7 +82,7 @@ async def deliveries(call: Call) -> Response:
             "task_id": r.task_id,
             "outcome": str(r.outcome),
             "status_code": r.status_code,
-            "received_at": r.received_at,
+            "received_at": iso(r.received_at),
             "detail": r.detail,
         }
         for r in rows

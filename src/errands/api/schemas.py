@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from errands.model import Task
 
@@ -108,7 +108,7 @@ class DeliveryOut(BaseModel):
     task_id: str | None
     outcome: str
     status_code: int
-    received_at: float
+    received_at: str = Field(description="When it came (RFC 3339, UTC).")
     detail: str | None
 
 

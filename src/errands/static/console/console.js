@@ -326,7 +326,7 @@ async function showTask(id) {
         `${s.name} (attempt ${s.attempt}): ${s.chunks} chunks, ${s.bytes} bytes `,
         el("button", { onclick: (e) => showStream(e.target, id, s) }, "Show"))))] : null,
       state.admin ? [el("h2", {}, "Inbound webhooks"), deliveries.deliveries.length
-        ? el("table", {}, el("tbody", {}, deliveries.deliveries.map((d) => el("tr", {}, el("td", {}, d.provider), el("td", {}, d.outcome), el("td", {}, d.status_code), el("td", {}, when(new Date(d.received_at * 1000).toISOString())), el("td", {}, d.detail || "")))))
+        ? el("table", {}, el("tbody", {}, deliveries.deliveries.map((d) => el("tr", {}, el("td", {}, d.provider), el("td", {}, d.outcome), el("td", {}, d.status_code), el("td", {}, when(d.received_at)), el("td", {}, d.detail || "")))))
         : el("p", {}, "none")] : null,
       state.admin ? [el("h2", {}, "Outbound messages"), messages.messages.length
         ? el("table", { id: "messages" }, el("tbody", {}, messages.messages.map((m) => el("tr", {},
