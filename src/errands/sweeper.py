@@ -100,6 +100,7 @@ class Sweeper:
         self._intake = intake
         self._poll_failures: dict[str, int] = {}
         self.last_error: str | None = None
+        self._poll_error: str | None = None  # the last round of polls failed so
 
     def _delay(self, record: TaskRecord) -> float:
         return model.backoff_s(
@@ -272,7 +273,11 @@ class Sweeper:
             while True:
                 wait_s = self.settings.sweep_interval_s
                 try:
-                    if await self.store.hold_sweeper_lock():
+                    if not await self.store.hold_sweeper_lock():
+                        if polling is not None and not polling.done():
+                            polling.cancel()  # another node sweeps and polls now
+                        self._poll_error = None
+                    else:
                         if loop.time() >= next_sweep:
                             next_sweep = loop.time() + self.settings.sweep_interval_s
                             await self.sweep(polls=False)
@@ -283,7 +288,7 @@ class Sweeper:
                         due_at = await self.store.next_poll_at()
                         if due_at is not None:
                             wait_s = min(wait_s, max(MIN_POLL_WAIT_S, due_at - self.clock.now()))
-                    self.last_error = None
+                    self.last_error = self._poll_error  # None, unless the last round failed
                 except Exception as exc:
                     self.last_error = str(exc)
                     log.exception("sweep failed")
@@ -295,8 +300,10 @@ class Sweeper:
 
     async def _poll_round(self) -> int:
         try:
-            return await self.poll_due()
+            polled = await self.poll_due()
         except Exception as exc:
-            self.last_error = str(exc)
+            self._poll_error = self.last_error = str(exc)
             log.exception("polling providers failed")
             return 0
+        self._poll_error = None
+        return polled
