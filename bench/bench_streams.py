@@ -19,25 +19,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import re
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 
 from bench.bench_postgres import fresh_database
-from bench.common import Server, machine, open_sse, pct
-
-TICKS_PER_S = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS_PER_S  # utime + stime
+from bench.common import Server, cpu_s, machine, open_sse, pct
 
 
 class ChunkWatcher:

@@ -192,7 +192,7 @@ _TRIPLES = [a + b + c for a in _CROCKFORD for b in _CROCKFORD for c in _CROCKFOR
 
 def new_task_id() -> str:
     """A 26-character id that sorts by creation time (48-bit milliseconds, 80 random bits)."""
-    return _encode_id((int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big"))
+    return new_task_ids(1)[0]
 
 
 def new_task_ids(count: int) -> list[str]:

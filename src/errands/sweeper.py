@@ -13,7 +13,7 @@ Each pass looks for
   so their owner gets ``410 Gone``;
 * external tasks whose provider has not reported in time: polled (every ``poll_every_s`` of their
   type, backing off while the provider fails to answer), and told to stop when they time out.
-  A poll falls due at the task's ``poll_at``; between passes, the sweeper wakes when the next
+  A poll falls due at the task's ``poll_at``; beside its passes, the sweeper wakes when the next
   one falls due (at most once a second, at least every 5 s) and makes the polls then due.
 
 Every change is re-checked when it is applied, so a sweeper racing a worker (or another sweeper)
@@ -184,7 +184,7 @@ class Sweeper:
                     ):
                         log.error("sweeping a task failed: %s", outcome.error)
             counts.append(changed)
-        polled = await self._poll(due.to_poll, now) if due.to_poll and polls else 0
+        polled = await self._poll_due(now) if polls else 0
         purged = await self.store.purge(
             finished_before=now - self.settings.retention_s,
             tombstones_before=now - self.settings.tombstone_s,
@@ -252,12 +252,14 @@ class Sweeper:
 
     async def poll_due(self) -> int:
         """Poll the providers of the running tasks whose poll has fallen due (between sweeps)."""
-        now = self.clock.now()
-        ids = await self.store.due_polls(now=now, limit=self.settings.sweep_batch)
-        polled = await self._poll(ids, now) if ids else 0
+        polled = await self._poll_due(self.clock.now())
         if polled and self.metrics is not None:
             self.metrics.swept({"polled": polled})
         return polled
+
+    async def _poll_due(self, now: float) -> int:
+        ids = await self.store.due_polls(now=now, limit=self.settings.sweep_batch)
+        return await self._poll(ids, now) if ids else 0
 
     async def run(self) -> None:
         """Sweep every ``sweep_interval_s`` until cancelled, and poll providers as their tasks'

@@ -224,7 +224,7 @@ class Sweeping(Protocol):
     async def due(self, *, now: float, limit: int) -> DueTasks: ...
 
     async def due_polls(self, *, now: float, limit: int) -> list[str]:
-        """Running tasks whose provider is to be polled by ``now`` (``DueTasks.to_poll`` alone)."""
+        """Running tasks whose provider is to be polled by ``now``."""
 
     async def next_poll_at(self) -> float | None:
         """When the next poll of a running task falls due (``None``: none is to be polled)."""

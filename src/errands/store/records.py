@@ -65,7 +65,6 @@ class DueTasks:
     lease_expired: Sequence[str]
     past_deadline: Sequence[str]
     expired: Sequence[str]
-    to_poll: Sequence[str] = ()
     not_started: Sequence[str] = ()
 
 

@@ -411,7 +411,6 @@ class TaskOps(Dialect):
             past_deadline=ids(await self._fetch(self.sql.due_deadlines, now, limit)),
             expired=ids(await self._fetch(self.sql.due_expiry, now, limit)),
             not_started=ids(await self._fetch(self.sql.due_starts, now, limit)),
-            to_poll=ids(await self._fetch(self.sql.due_polls, now, limit)),
         )
 
     async def due_polls(self, *, now: float, limit: int) -> list[str]:
