@@ -161,8 +161,8 @@ class Lifecycle(Protocol):
         what committed before it subscribed is not lost); again when what it wants changed."""
 
     async def hold_sweeper_lock(self) -> bool:
-        """Whether this process should sweep now: one sweeper at a time where that can be
-        arranged (PostgreSQL); every process where sweeps are cheap and serialised (SQLite)."""
+        """Whether this process should sweep now: one process at a time sweeps a database (a
+        lock the database server or the system releases when its holder's process ends)."""
 
 
 class Tasks(Protocol):

@@ -11,13 +11,18 @@ waiting for another process's write lock is an async retry, and checkpoints run 
 
 Reads use a second connection: in WAL mode they never wait for the writer and each statement
 sees a committed snapshot. Several processes may share one file; the write lock serialises them
-and ``seq`` is taken under it, so the log's order is the commit order.
+and ``seq`` is taken under it, so the log's order is the commit order. One of them sweeps: the
+one holding an exclusive lock (``flock``) on ``<file>-sweeper``, which the system releases when
+its process ends, however it ends (the next pass of another process takes it over).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import logging
+import os
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -39,7 +44,23 @@ from errands.store.sqlite.sql import STATEMENTS
 from errands.store.sqlite.writer import SqliteTx, Writer, bind
 
 T = TypeVar("T")
+log = logging.getLogger("errands.store")
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+def take_file_lock(path: str) -> int | None:
+    """An exclusive lock on ``path`` (made if missing): its open descriptor, which holds the lock
+    until it is closed or its process ends; ``None`` if another holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def statements_of(script: str) -> list[str]:
@@ -82,6 +103,7 @@ class SqliteStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps, C
         self._checkpointer: sqlite3.Connection | None = None
         self._writer: Writer | None = None
         self._subscriber: CommitSubscriber | None = None
+        self._sweeper_lock: int | None = None  # the lock file's descriptor, while this process sweeps
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -93,7 +115,13 @@ class SqliteStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps, C
             self._subscriber.committed(events)
 
     async def hold_sweeper_lock(self) -> bool:
-        return True  # sweeps are cheap and the write lock serialises them
+        if self._sweeper_lock is None:
+            try:
+                self._sweeper_lock = take_file_lock(f"{self.path}-sweeper")
+            except OSError as exc:  # no lock file can be made there: sweep, as every process may
+                log.warning("the sweeper's lock file cannot be used (%s): sweeping regardless", exc)
+                return True
+        return self._sweeper_lock is not None
 
     def _connect(self, *, busy_timeout_s: float | None = None) -> sqlite3.Connection:
         timeout = self._busy_timeout_s if busy_timeout_s is None else busy_timeout_s
@@ -136,6 +164,9 @@ class SqliteStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps, C
             if conn is not None:
                 conn.close()
         self._writer_conn = self._reader = self._checkpointer = None
+        if self._sweeper_lock is not None:
+            os.close(self._sweeper_lock)  # another process's next pass takes over
+            self._sweeper_lock = None
 
     async def migrate(self) -> list[int]:
         return await asyncio.to_thread(self._migrate_sync)
