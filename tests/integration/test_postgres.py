@@ -281,6 +281,37 @@ async def test_a_claim_planned_while_the_queue_was_empty_still_walks_its_index(
     assert "Index Scan using errands_tasks_queue" in queued and "Sort" not in queued, plan
 
 
+async def test_the_write_path_plans_each_statement_once(runtime_factory: RuntimeFactory) -> None:
+    """Submits, claims and outcomes (decided on the row as seen: rows passed as arrays, which
+    PostgreSQL would plan again at every call, for a third of a millisecond) all run on plans
+    made once per session ("Plans that stay cheap")."""
+    from errands.store.postgres import PostgresStore
+
+    runtime = await runtime_factory(app)
+    store = runtime.store
+    assert isinstance(store, PostgresStore) and store._write_pool is not None
+    for i in range(8):  # one at a time: each its own claim and outcome
+        await runtime.service.submit(SubmitRequest(type="work", id=f"p{i}"), SYSTEM)
+        assert (await wait_task(runtime, f"p{i}")).status is Status.COMPLETED
+    pool = store._write_pool
+    sessions = [await pool.acquire() for _ in range(pool.get_max_size())]
+    try:
+        rows = [
+            row
+            for conn in sessions
+            for row in await conn.fetch(
+                "SELECT statement, generic_plans, custom_plans FROM pg_prepared_statements"
+            )
+        ]
+    finally:
+        for conn in sessions:
+            await pool.release(conn)
+    task_writes = [r for r in rows if "errands_tasks" in r["statement"]]
+    assert any("UPDATE errands_tasks" in r["statement"] for r in task_writes), rows
+    assert sum(r["generic_plans"] for r in task_writes) >= 8 * 3, rows
+    assert [r["statement"] for r in rows if r["custom_plans"]] == []
+
+
 async def test_meta_setdefault_answers_the_value_a_concurrent_first_start_committed(
     postgres_database: str,
 ) -> None:

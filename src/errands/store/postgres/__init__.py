@@ -72,6 +72,10 @@ def session_settings(
         # compiler, which would then compile it on every execution (tens of milliseconds):
         # short statements never gain from it.
         settings["jit"] = "off"
+        # Every statement of the write path plans alike whatever its arguments (indexes only):
+        # planning again at each call (a custom plan, which PostgreSQL picks for the statements
+        # that pass rows as arrays) costs more than running most of them.
+        settings["plan_cache_mode"] = "force_generic_plan"
     if idle_in_transaction_s is not None:
         ms = str(max(1, round(idle_in_transaction_s * 1000)))
         settings["idle_in_transaction_session_timeout"] = ms

@@ -41,7 +41,10 @@ while the statistics said the queue was empty (early in a database's life) would
 pending task through another index and sort them to claim a few, for as long as the session
 lives; without sorts, each part of the queue is walked in its index's order. (Neither path is
 forbidden, only priced out, which would make the JIT compiler compile every such plan: the write
-path's sessions have ``jit`` off.)
+path's sessions have ``jit`` off.) As every plan of the write path reaches rows through indexes,
+one made at a statement's first call serves every call (``plan_cache_mode =
+force_generic_plan``): PostgreSQL would otherwise plan the statements that pass rows as arrays
+again at every call, which cost more than running them.
 """
 
 from __future__ import annotations
