@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from tests.acceptance.conftest import eventually
+from tests.acceptance.test_browser import browser  # noqa: F401 - the fixture
 
 pytest.importorskip("fastapi", reason="the example needs FastAPI (in the dev extra)")
 
@@ -194,3 +195,32 @@ def test_users_see_their_own_tasks_live_and_a_sigterm_drains_the_workers(start: 
     assert report["status"] == "completed" and report["attempt"] == 1, report
     assert report["result"]["for"] == "alice"
     assert again.stop() in (0, -signal.SIGTERM)
+
+
+def test_the_console_works_below_the_mount(start: Any, browser: Any) -> None:  # noqa: F811
+    """The console's page, files and calls all go below the mount (/errands/…): an owner sees
+    their own tasks live with the token the app minted."""
+    example = start()
+    alice, bob = example.user("alice"), example.user("bob")
+    with alice, bob:
+        mine = alice.post("/reports", json={"seconds": 1}).json()["id"]
+        bob.post("/reports", json={"seconds": 1})
+        token = alice.get("/token").json()["token"]
+        context = browser.new_context()
+        try:
+            page = context.new_page()
+            requested: list[str] = []
+            page.on("request", lambda request: requested.append(request.url))
+            page.goto(f"{example.url}/errands/console")
+            page.fill("#token", token)
+            page.click("#sign-in-form button")
+            page.wait_for_selector(f'tr[data-id="{mine}"]', timeout=30_000)
+            later = alice.post("/reports", json={"seconds": 1}).json()["id"]
+            page.wait_for_selector(f'tr[data-id="{later}"]', timeout=30_000)  # live, through the mount
+            rows = page.eval_on_selector_all("#tasks tbody tr", "rows => rows.map(r => r.dataset.id)")
+            assert rows == [later, mine]  # not bob's
+        finally:
+            context.close()
+    calls = [url for url in requested if "/v1/" in url]
+    assert calls and all(url.startswith(f"{example.url}/errands/v1/") for url in calls), requested
+    assert f"{example.url}/errands/console/console.js" in requested

@@ -8,11 +8,16 @@ const KEY = "errands.console.token";
 const $ = (selector) => document.querySelector(selector);
 
 const state = { token: null, admin: false, watch: null, rows: new Map(), cursor: null };
+// Where errands' API is: the folder above this file's (/console/console.js at a server's root,
+// /errands/console/console.js where an app mounts errands at /errands).
+const ROOT = new URL("..", import.meta.url);
+/** An API path (``/v1/…``) as a URL below errands' root. */
+const at = (path) => new URL(path.replace(/^\//, ""), ROOT);
 
 // -- the API -----------------------------------------------------------------------------------
 
 async function api(path, { method = "GET", body, params } = {}) {
-  const url = new URL(path, location.origin);
+  const url = at(path);
   for (const [key, value] of Object.entries(params || {})) {
     if (value !== undefined && value !== null && value !== "") url.searchParams.set(key, value);
   }
@@ -36,7 +41,7 @@ async function follow(path, params, onEvent, signal) {
   let delay = 500;
   while (!signal.aborted) {
     try {
-      const url = new URL(path, location.origin);
+      const url = at(path);
       for (const [key, value] of Object.entries(params)) if (value) url.searchParams.set(key, value);
       const headers = { Authorization: `Bearer ${state.token}`, Accept: "text/event-stream" };
       if (lastId !== null) headers["Last-Event-ID"] = String(lastId);
@@ -353,7 +358,7 @@ async function showTask(id) {
 /** A stream's text (or JSON lines) as written so far, under its line in the list. */
 async function showStream(button, id, stream) {
   const path = `/v1/tasks/${encodeURIComponent(id)}/streams/${encodeURIComponent(stream.name)}`;
-  const url = new URL(path, location.origin);
+  const url = at(path);
   url.searchParams.set("attempt", stream.attempt);
   const response = await fetch(url, { headers: { Authorization: `Bearer ${state.token}` } });
   const text = await response.text();
