@@ -282,9 +282,9 @@ async def test_a_claim_planned_while_the_queue_was_empty_still_walks_its_index(
 
 
 async def test_the_write_path_plans_each_statement_once(runtime_factory: RuntimeFactory) -> None:
-    """Submits, claims and outcomes (decided on the row as seen: rows passed as arrays, which
-    PostgreSQL would plan again at every call, for a third of a millisecond) all run on plans
-    made once per session ("Plans that stay cheap")."""
+    """Submits, claims and outcomes all run on plans made once per session ("Plans that stay
+    cheap"): PostgreSQL planned a claim's write of its rows and events (passed as arrays) again
+    at every call, for a third of a millisecond each."""
     from errands.store.postgres import PostgresStore
 
     runtime = await runtime_factory(app)
@@ -310,6 +310,44 @@ async def test_the_write_path_plans_each_statement_once(runtime_factory: Runtime
     assert any("UPDATE errands_tasks" in r["statement"] for r in task_writes), rows
     assert sum(r["generic_plans"] for r in task_writes) >= 8 * 3, rows
     assert [r["statement"] for r in rows if r["custom_plans"]] == []
+
+
+@pytest.mark.parametrize("sorts", ["on", "off"])
+async def test_the_second_phase_plans_once_for_any_number_of_rows(
+    runtime_factory: RuntimeFactory, sorts: str
+) -> None:
+    """The statements that write a transaction's rows and events have one plan for every call
+    (made by whichever transaction runs them first: a claim's, without sorts, or another's):
+    each row is reached by its primary key, whatever the number of rows."""
+    from errands.store.postgres import PostgresStore
+    from errands.store.postgres.sql import COMMIT, COMMIT_SEEN
+
+    runtime = await runtime_factory(app, workers=False)
+    store = runtime.store
+    assert isinstance(store, PostgresStore)
+
+    async def generic_plans(tx: Any) -> list[str]:
+        await tx.conn.execute(f"SET LOCAL enable_sort = {sorts}")
+        plans = []
+        for sql in (COMMIT, COMMIT_SEEN):
+            statement = await tx.conn.prepare(sql)
+            types = [
+                await tx.conn.fetchval("SELECT format_type($1, NULL)", t.oid)
+                for t in statement.get_parameters()
+            ]
+            await tx.conn.execute(f"PREPARE second_phase({', '.join(types)}) AS {sql}")
+            try:
+                rows = await tx.conn.fetch(
+                    f"EXPLAIN EXECUTE second_phase({', '.join(['NULL'] * len(types))})"
+                )
+            finally:
+                await tx.conn.execute("DEALLOCATE second_phase")
+            plans.append("\n".join(r[0] for r in rows))
+        return plans
+
+    for plan in await store._write(generic_plans, mode="first"):
+        assert "Index Scan using errands_tasks_pkey on errands_tasks" in plan, plan
+        assert "Seq Scan" not in plan and "Sort" not in plan and "Merge" not in plan, plan
 
 
 async def test_meta_setdefault_answers_the_value_a_concurrent_first_start_committed(

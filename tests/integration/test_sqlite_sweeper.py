@@ -4,6 +4,7 @@ the system releases when its holder ends, however it ends."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -12,9 +13,8 @@ from errands.store.sqlite import SqliteStore
 
 HOLD_AND_WAIT = """
 import sys
-from errands.store.sqlite import take_file_lock
-fd = take_file_lock(sys.argv[1])
-print("held" if fd is not None else "refused", flush=True)
+from errands.store.sqlite.lock import FileLock
+print("held" if FileLock(sys.argv[1]).take() else "refused", flush=True)
 sys.stdin.read()
 """
 
@@ -61,10 +61,37 @@ async def test_a_killed_sweeper_process_leaves_the_lock_to_the_others(tmp_path: 
         await store.close()
 
 
+async def test_a_process_forked_by_the_sweeper_does_not_hold_its_lock(tmp_path: Path) -> None:
+    """A handler's own subprocesses (multiprocessing forks) outlive nothing of the lock: once
+    the sweeper's store closes, another takes over while the child still runs."""
+    first, second = await opened(tmp_path / "e.db"), await opened(tmp_path / "e.db")
+    assert await first.hold_sweeper_lock()
+    ready_r, ready_w = os.pipe()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: say it runs, wait for the parent's word, leave without clean-up
+        os.close(write_end)
+        os.write(ready_w, b"x")
+        os.read(read_end, 1)
+        os._exit(0)
+    os.close(read_end)
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 1) == b"x"  # the child runs (its fork hooks have run)
+        await first.close()
+        assert await second.hold_sweeper_lock()  # while the child forked with the lock still runs
+    finally:
+        os.close(ready_r)
+        os.close(write_end)  # the child reads the end of the pipe and leaves
+        await asyncio.to_thread(os.waitpid, pid, 0)
+        await second.close()
+
+
 async def test_without_a_lock_file_every_process_sweeps_as_before(tmp_path: Path) -> None:
     store = await opened(tmp_path / "e.db")
     try:
-        (tmp_path / "e.db-sweeper").mkdir()  # a lock file cannot be opened there
+        (tmp_path / "e.db-sweeper").symlink_to(tmp_path / "missing" / "lock")  # cannot be made
+        assert await store.hold_sweeper_lock()
         assert await store.hold_sweeper_lock()
     finally:
         await store.close()

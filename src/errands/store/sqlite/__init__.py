@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import logging
 import os
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
@@ -40,27 +38,19 @@ from errands.store.shared.outbox import OutboxOps
 from errands.store.shared.reports import ReportOps
 from errands.store.shared.schedules import ScheduleOps
 from errands.store.shared.tasks import TaskOps
+from errands.store.sqlite.lock import FileLock
 from errands.store.sqlite.sql import STATEMENTS
 from errands.store.sqlite.writer import SqliteTx, Writer, bind
 
 T = TypeVar("T")
-log = logging.getLogger("errands.store")
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 
 
-def take_file_lock(path: str) -> int | None:
-    """An exclusive lock on ``path`` (made if missing): its open descriptor, which holds the lock
-    until it is closed or its process ends; ``None`` if another holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+def _sweeper_lock(path: str) -> FileLock:
+    """The sweeper's lock of the database at ``path``: by the file's real path (SQLite follows
+    links), made with the database's permissions."""
+    real = os.path.realpath(path)
+    return FileLock(f"{real}-sweeper", os.stat(real).st_mode & 0o666)
 
 
 def statements_of(script: str) -> list[str]:
@@ -103,7 +93,7 @@ class SqliteStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps, C
         self._checkpointer: sqlite3.Connection | None = None
         self._writer: Writer | None = None
         self._subscriber: CommitSubscriber | None = None
-        self._sweeper_lock: int | None = None  # the lock file's descriptor, while this process sweeps
+        self._sweeper_lock: FileLock | None = None  # while open
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -115,13 +105,7 @@ class SqliteStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps, C
             self._subscriber.committed(events)
 
     async def hold_sweeper_lock(self) -> bool:
-        if self._sweeper_lock is None:
-            try:
-                self._sweeper_lock = take_file_lock(f"{self.path}-sweeper")
-            except OSError as exc:  # no lock file can be made there: sweep, as every process may
-                log.warning("the sweeper's lock file cannot be used (%s): sweeping regardless", exc)
-                return True
-        return self._sweeper_lock is not None
+        return self._sweeper_lock is not None and self._sweeper_lock.take()
 
     def _connect(self, *, busy_timeout_s: float | None = None) -> sqlite3.Connection:
         timeout = self._busy_timeout_s if busy_timeout_s is None else busy_timeout_s
@@ -155,18 +139,21 @@ class SqliteStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps, C
             conn, self._committed, lock_timeout_s=self._busy_timeout_s, checkpoint=self._checkpoint
         )
         self._writer_conn = conn
+        self._sweeper_lock = await asyncio.to_thread(_sweeper_lock, self.path)
 
     async def close(self) -> None:
-        if self._writer is not None:
-            await self._writer.stop()
-            self._writer = None
-        for conn in (self._writer_conn, self._reader, self._checkpointer):
-            if conn is not None:
-                conn.close()
-        self._writer_conn = self._reader = self._checkpointer = None
-        if self._sweeper_lock is not None:
-            os.close(self._sweeper_lock)  # another process's next pass takes over
-            self._sweeper_lock = None
+        lock, self._sweeper_lock = self._sweeper_lock, None
+        try:
+            if self._writer is not None:
+                await self._writer.stop()
+                self._writer = None
+            for conn in (self._writer_conn, self._reader, self._checkpointer):
+                if conn is not None:
+                    conn.close()
+            self._writer_conn = self._reader = self._checkpointer = None
+        finally:
+            if lock is not None:
+                lock.release()  # another process's next pass takes over
 
     async def migrate(self) -> list[int]:
         return await asyncio.to_thread(self._migrate_sync)
