@@ -32,7 +32,8 @@ from errands.store.base import CommitSubscriber, Hint, Work
 from errands.store.columns import to_event
 from errands.store.migrations import fresh_schema, migrations
 from errands.store.postgres.sql import HINT_MARK, STATEMENTS, listened
-from errands.store.postgres.writer import CONNECTION_ERRORS, PgTx, Writer
+from errands.store.postgres.tx import PgTx
+from errands.store.postgres.writer import CONNECTION_ERRORS, Writer
 from errands.store.records import LogRead
 from errands.store.shared import Mode, Tx, op_error
 from errands.store.shared.credits import CreditOps
