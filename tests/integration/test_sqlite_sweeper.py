@@ -4,9 +4,12 @@ the system releases when its holder ends, however it ends."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sys
 from pathlib import Path
+
+import pytest
 
 from errands.clock import ManualClock
 from errands.store.sqlite import SqliteStore
@@ -19,19 +22,25 @@ sys.stdin.read()
 """
 
 
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """The test's folder by its real path, as the store names its lock file."""
+    return tmp_path.resolve()
+
+
 async def opened(path: Path) -> SqliteStore:
     store = SqliteStore(str(path), ManualClock())
     await store.open()
     return store
 
 
-async def test_one_store_of_a_file_sweeps_and_another_takes_over_when_it_closes(tmp_path: Path) -> None:
-    first, second = await opened(tmp_path / "e.db"), await opened(tmp_path / "e.db")
+async def test_one_store_of_a_file_sweeps_and_another_takes_over_when_it_closes(folder: Path) -> None:
+    first, second = await opened(folder / "e.db"), await opened(folder / "e.db")
     try:
         assert await first.hold_sweeper_lock()
         assert await first.hold_sweeper_lock()  # it keeps it
         assert not await second.hold_sweeper_lock()
-        other_file = await opened(tmp_path / "other.db")
+        other_file = await opened(folder / "other.db")
         try:
             assert await other_file.hold_sweeper_lock()  # a lock per file
         finally:
@@ -42,10 +51,10 @@ async def test_one_store_of_a_file_sweeps_and_another_takes_over_when_it_closes(
         await second.close()
 
 
-async def test_a_killed_sweeper_process_leaves_the_lock_to_the_others(tmp_path: Path) -> None:
-    store = await opened(tmp_path / "e.db")
+async def test_a_killed_sweeper_process_leaves_the_lock_to_the_others(folder: Path) -> None:
+    store = await opened(folder / "e.db")
     holder = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", HOLD_AND_WAIT, f"{tmp_path / 'e.db'}-sweeper",
+        sys.executable, "-c", HOLD_AND_WAIT, f"{folder / 'e.db'}-sweeper",
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
@@ -61,10 +70,10 @@ async def test_a_killed_sweeper_process_leaves_the_lock_to_the_others(tmp_path: 
         await store.close()
 
 
-async def test_a_process_forked_by_the_sweeper_does_not_hold_its_lock(tmp_path: Path) -> None:
+async def test_a_process_forked_by_the_sweeper_does_not_hold_its_lock(folder: Path) -> None:
     """A handler's own subprocesses (multiprocessing forks) outlive nothing of the lock: once
     the sweeper's store closes, another takes over while the child still runs."""
-    first, second = await opened(tmp_path / "e.db"), await opened(tmp_path / "e.db")
+    first, second = await opened(folder / "e.db"), await opened(folder / "e.db")
     assert await first.hold_sweeper_lock()
     ready_r, ready_w = os.pipe()
     read_end, write_end = os.pipe()
@@ -87,11 +96,16 @@ async def test_a_process_forked_by_the_sweeper_does_not_hold_its_lock(tmp_path: 
         await second.close()
 
 
-async def test_without_a_lock_file_every_process_sweeps_as_before(tmp_path: Path) -> None:
-    store = await opened(tmp_path / "e.db")
+async def test_without_a_lock_file_every_process_sweeps_as_before(
+    folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = await opened(folder / "e.db")
     try:
-        (tmp_path / "e.db-sweeper").symlink_to(tmp_path / "missing" / "lock")  # cannot be made
-        assert await store.hold_sweeper_lock()
-        assert await store.hold_sweeper_lock()
+        (folder / "e.db-sweeper").symlink_to(folder / "missing" / "lock")  # cannot be made
+        with caplog.at_level(logging.WARNING, logger="errands.store"):
+            assert await store.hold_sweeper_lock()
+            assert await store.hold_sweeper_lock()
+        warned = [r.message for r in caplog.records if "cannot be used" in r.message]
+        assert len(warned) == 1 and f"{folder / 'e.db'}-sweeper" in warned[0], warned  # once
     finally:
         await store.close()
