@@ -21,6 +21,7 @@ import pytest
 
 from tests.acceptance.conftest import eventually
 from tests.acceptance.test_browser import browser  # noqa: F401 - the fixture
+from tests.acceptance.test_console import shown, sign_in
 
 pytest.importorskip("fastapi", reason="the example needs FastAPI (in the dev extra)")
 
@@ -214,13 +215,11 @@ def test_the_console_works_below_the_mount(start: Any, browser: Any) -> None:  #
             with page.expect_response(lambda r: r.url.endswith("/console.js"), timeout=30_000) as script:
                 page.goto(f"{example.url}/errands/console")
             assert script.value.url == f"{example.url}/errands/console/console.js" and script.value.ok
-            page.fill("#token", token)
-            page.click("#sign-in-form button")
+            sign_in(page, token)
             page.wait_for_selector(f'tr[data-id="{mine}"]', timeout=30_000)
             later = alice.post("/reports", json={"seconds": 1}).json()["id"]
             page.wait_for_selector(f'tr[data-id="{later}"]', timeout=30_000)  # live, through the mount
-            rows = page.eval_on_selector_all("#tasks tbody tr", "rows => rows.map(r => r.dataset.id)")
-            assert rows == [later, mine]  # not bob's
+            assert shown(page) == [later, mine]  # not bob's
         finally:
             context.close()
     calls = [url for url in requested if "/v1/" in url]

@@ -27,6 +27,20 @@ async def work(ctx: TaskContext, input: dict[str, Any]) -> None:
     return None
 
 
+async def generic_plan(conn: Any, sql: str, args: list[str] | None = None) -> str:
+    """The one plan PostgreSQL keeps for ``sql`` whatever its arguments (a generic plan), shown
+    for ``args`` (SQL literals; ``NULL`` each by default, which such a plan does not depend on)."""
+    statement = await conn.prepare(sql)
+    types = [await conn.fetchval("SELECT format_type($1, NULL)", t.oid) for t in statement.get_parameters()]
+    await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+    await conn.execute(f"PREPARE generic_plan({', '.join(types)}) AS {sql}")
+    try:
+        rows = await conn.fetch(f"EXPLAIN EXECUTE generic_plan({', '.join(args or ['NULL'] * len(types))})")
+    finally:
+        await conn.execute("DEALLOCATE generic_plan")
+    return "\n".join(r[0] for r in rows)
+
+
 @pytest.fixture
 def store_kind() -> str:
     return "postgres"
@@ -267,16 +281,10 @@ async def test_a_claim_planned_while_the_queue_was_empty_still_walks_its_index(
     assert len(await store.claim(worker_id="w", specs=[ClaimSpec("work")], limit=10, lease_s=60)) == 3
     await store._fetch("ANALYZE errands_tasks")
 
-    async def generic_plan(tx: Any) -> str:
-        await tx.conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
-        await tx.conn.execute(f"PREPARE empty_queue_claim(text[], float8, int4) AS {STATEMENTS.claim}")
-        try:
-            rows = await tx.conn.fetch("EXPLAIN EXECUTE empty_queue_claim('{work}', 1e12, 20)")
-        finally:
-            await tx.conn.execute("DEALLOCATE empty_queue_claim")
-        return "\n".join(r[0] for r in rows)
+    async def claim_plan(tx: Any) -> str:
+        return await generic_plan(tx.conn, STATEMENTS.claim, ["'{work}'", "1e12", "20"])
 
-    plan = await store._write(generic_plan, mode="first")
+    plan = await store._write(claim_plan, mode="first")
     queued = plan.split("CTE queued")[1].split("CTE due")[0]
     assert "Index Scan using errands_tasks_queue" in queued and "Sort" not in queued, plan
 
@@ -326,26 +334,11 @@ async def test_the_second_phase_plans_once_for_any_number_of_rows(
     store = runtime.store
     assert isinstance(store, PostgresStore)
 
-    async def generic_plans(tx: Any) -> list[str]:
+    async def second_phase_plans(tx: Any) -> list[str]:
         await tx.conn.execute(f"SET LOCAL enable_sort = {sorts}")
-        plans = []
-        for sql in (COMMIT, COMMIT_SEEN):
-            statement = await tx.conn.prepare(sql)
-            types = [
-                await tx.conn.fetchval("SELECT format_type($1, NULL)", t.oid)
-                for t in statement.get_parameters()
-            ]
-            await tx.conn.execute(f"PREPARE second_phase({', '.join(types)}) AS {sql}")
-            try:
-                rows = await tx.conn.fetch(
-                    f"EXPLAIN EXECUTE second_phase({', '.join(['NULL'] * len(types))})"
-                )
-            finally:
-                await tx.conn.execute("DEALLOCATE second_phase")
-            plans.append("\n".join(r[0] for r in rows))
-        return plans
+        return [await generic_plan(tx.conn, sql) for sql in (COMMIT, COMMIT_SEEN)]
 
-    for plan in await store._write(generic_plans, mode="first"):
+    for plan in await store._write(second_phase_plans, mode="first"):
         assert "Index Scan using errands_tasks_pkey on errands_tasks" in plan, plan
         assert "Seq Scan" not in plan and "Sort" not in plan and "Merge" not in plan, plan
 
