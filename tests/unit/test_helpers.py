@@ -184,7 +184,7 @@ def test_a_notification_says_how_much_work_of_each_type_or_of_any() -> None:
 
 
 def test_workers_that_share_the_work_claim_as_seldom_together_as_one_would() -> None:
-    from errands.worker.loop import claim_share
+    from errands.worker.pace import claim_share
 
     # Alone: it takes what is announced, and claims after the shortest gap.
     assert claim_share(1.0, announced=5, claimed=5, free=20) == 1.0
@@ -231,7 +231,7 @@ def test_a_requests_fingerprint_is_what_it_was(body: dict[str, object]) -> None:
 
 
 def test_a_worker_counts_only_the_work_it_could_take() -> None:
-    from errands.worker.loop import claim_share, mine
+    from errands.worker.pace import claim_share, mine
 
     assert mine({"bulk": 100, "fast": 1}, {"fast"}) == 1
     assert mine({"": 3, "bulk": 100}, {"fast"}) == 3  # of types not told: perhaps its own

@@ -18,7 +18,6 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Container
 from typing import Any, Protocol
 
 from errands import model
@@ -38,40 +37,12 @@ from errands.worker.attempt import Ended, Executor, Held, StopReason
 from errands.worker.handlers import HandlerExecutor
 from errands.worker.holds import Holds
 from errands.worker.outcomes import INTERNAL_ERROR, Backoff, retry_or_end
+from errands.worker.pace import Pace, mine
 from errands.worker.progress import Progress
 from errands.worker.providers import ProviderExecutor
 from errands.worker.streams import Part, Streams
 
 log = logging.getLogger("errands.worker")
-
-#: The shortest time between a claim that emptied the queue and the next one (see _idle), for
-#: a worker that takes what is announced; one that shares it with others waits as many times
-#: longer (see claim_share), up to _MAX_SHARE times.
-_CLAIM_GAP_S = 0.004
-_MAX_SHARE = 16.0
-
-
-def mine(work: Work, types: Container[str]) -> int:
-    """Of the tasks a commit made claimable, how many a worker of ``types`` could take (those of
-    types not told, any): a worker of a quiet type does not count a busy type's stream as work
-    others took from it."""
-    return sum(n for name, n in work.items() if not name or name in types)
-
-
-def claim_share(share: float, *, announced: int, claimed: int, free: int) -> float:
-    """About how many workers share the work announced to this one, from its last claim: it
-    took ``claimed`` of the ``announced`` tasks made claimable since the claim before (with
-    ``free`` slots to fill). Each claim moves the estimate halfway to what it saw, between 1
-    and :data:`_MAX_SHARE`; a claim that found nothing of what was announced saw twice as many
-    sharers as thought; a claim that filled every slot says nothing of the others.
-
-    A worker waits ``share`` times the claim gap between claims: N workers under a steady
-    stream of work each claim every N gaps, so that together they claim as often, and in
-    batches as large, as one would; alone, or when the stream stops, it claims at once again."""
-    if claimed >= free:
-        return share
-    seen = announced / claimed if claimed else 2 * share if announced else 0.0
-    return min(_MAX_SHARE, max(1.0, (share + seen) / 2))
 
 
 def default_worker_id() -> str:
@@ -119,10 +90,8 @@ class Worker:
         self._holds = Holds(store, {t.name: t.provider.name for t in self._types.values() if t.provider})
         self._ready_at: float | None = None  # when the next task in backoff becomes claimable
         self._ready_stale = True
-        self._last_claim = -1e9  # loop time of the last claim
+        self._pace = Pace()  # when to claim after work is announced
         self._claimed_at = 0.0  # the clock's time as the last claim began
-        self._announced = 0  # tasks announced as claimable since the last claim
-        self._share = 1.0  # about how many workers share them (see claim_share)
         #: Whether a claim could find something: set by announcements of work, by a claim that
         #: filled every free slot, and at start; cleared by each claim.
         self._maybe_work = True
@@ -193,11 +162,11 @@ class Worker:
             if len(self._held) < self.settings.concurrency:
                 self._wake.set()
         if hint & Hint.WORK or (hint & Hint.ENDED and self._limited):
-            # A worker with a free slot claims (after the short gap of _idle, which gathers the
-            # announcements of several commits into one claim); a full one claims when a slot
-            # comes free.
+            # A worker with a free slot claims (while work comes as a stream, after the short gap
+            # of _idle, which gathers the announcements of several commits into one claim); a
+            # full one claims when a slot comes free.
             self._maybe_work = True
-            self._announced += mine(work, self._types)
+            self._pace.heard(mine(work, self._types))
             if len(self._held) < self.settings.concurrency:
                 self._wake.set()
 
@@ -235,8 +204,8 @@ class Worker:
                         continue
                 self._maybe_work = False
                 try:
-                    self._last_claim = asyncio.get_running_loop().time()
-                    stops, announced, self._announced = self._hub.stops, self._announced, 0
+                    stops = self._hub.stops
+                    announced = self._pace.claiming(time.monotonic())
                     self._claimed_at = self.clock.now()
                     held = await self._holds.held_types(self._claimed_at)
                     specs = [s for s in self._specs if s.type not in held] if held else self._specs
@@ -249,7 +218,7 @@ class Worker:
                     log.exception("claiming tasks failed")
                     await asyncio.sleep(min(10.0, 0.2 * 2**failures))
                     continue
-                self._share = claim_share(self._share, announced=announced, claimed=len(claimed), free=free)
+                self._pace.claimed(announced=announced, claimed=len(claimed), free=free)
                 self._flow_at = claimed.retry_at
                 for record in claimed:
                     self._start(record)
@@ -291,13 +260,10 @@ class Worker:
             self._maybe_work = True  # a delayed task came due
         if self._flow_at is not None and self._flow_at <= later:
             self._maybe_work = True  # a rate allows the next start
-        # The queue was empty a moment ago. When work arrives as fast as it is taken, every new
-        # task wakes every worker: wait out a short gap since the last claim, so the next claim
-        # takes what came meanwhile instead of each worker claiming (mostly nothing) per task;
-        # as many times longer as workers share the work, so that together they claim no more
-        # often than one would (see claim_share).
-        gap = _CLAIM_GAP_S * self._share
-        pause = self._last_claim + gap - asyncio.get_running_loop().time()
+        # The queue was empty a moment ago. While work comes as a stream, every new task wakes
+        # every worker: wait out a short gap since the last claim, so that the next claim takes
+        # what came meanwhile (see errands.worker.pace).
+        pause = self._pace.pause(time.monotonic())
         if pause > 0:
             await asyncio.sleep(pause)
 

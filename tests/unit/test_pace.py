@@ -1,0 +1,89 @@
+"""When a worker claims after work is announced (errands.worker.pace): pure, times given."""
+
+from __future__ import annotations
+
+import pytest
+
+from errands.worker.pace import CLAIM_GAP_S, Pace
+
+
+def step(pace: Pace, at: float, *, during: int = 0) -> float:
+    """A task announced at ``at`` wakes the worker, which waits what ``pace`` says, then claims
+    it with ``during`` more announced meanwhile (it takes them all and empties the queue);
+    returns the wait."""
+    pace.heard(1)
+    wait = pace.pause(at)
+    pace.heard(during)
+    announced = pace.claiming(at + wait)
+    pace.claimed(announced=announced, claimed=announced, free=20)
+    return wait
+
+
+def test_one_task_at_a_time_is_claimed_at_once_however_fast_the_round_trips() -> None:
+    """A caller that waits for each result before it sends the next task: the gap would only be
+    added to every round trip (1 ms in-process on SQLite, 3 ms across processes here)."""
+    pace = Pace()
+    at = 10.0
+    for round_trip in [0.003, 0.001, 0.0005] * 20:
+        assert step(pace, at) == 0.0
+        at += round_trip
+    assert not pace.streaming
+
+
+def test_a_stream_waits_out_the_gap_so_that_one_claim_takes_several_tasks() -> None:
+    pace = Pace()
+    assert step(pace, 10.0) == 0.0
+    # Two tasks came before the worker could claim the first: work arrives faster than claims.
+    step(pace, 10.001, during=1)
+    assert pace.streaming
+    # Every wake-up now waits for the rest of the gap since the last claim began.
+    assert step(pace, 10.002, during=3) == pytest.approx(CLAIM_GAP_S - 0.001)
+    assert pace.pause(10.001 + CLAIM_GAP_S + CLAIM_GAP_S) == 0.0  # the gap is over: at once
+
+
+def test_a_stream_ends_after_two_claims_in_a_row_that_gathered_nothing() -> None:
+    pace = Pace()
+    step(pace, 10.0, during=3)
+    assert pace.streaming
+    step(pace, 10.01)  # one dry claim: perhaps chance
+    assert pace.streaming
+    step(pace, 10.02, during=2)  # the stream goes on
+    step(pace, 10.03)
+    assert pace.streaming
+    step(pace, 10.04)
+    assert not pace.streaming
+    assert step(pace, 10.0405) == 0.0  # the next task comes after its caller's round trip
+
+
+def test_workers_that_share_the_work_wait_the_gap_even_for_one_task_at_a_time() -> None:
+    """Were every worker to claim at once at each task, all but one would find nothing: the one
+    that takes the work claims at once, the others wait their gaps."""
+    taker, other = Pace(), Pace()
+    at = 10.0
+    for _ in range(10):
+        assert step(taker, at) == 0.0
+        other.heard(1)
+        wait = other.pause(at)
+        other.claimed(announced=other.claiming(at + wait), claimed=0, free=20)  # the taker had it
+        at += 0.003
+    assert not other.streaming
+    assert other.share == 16.0
+    other.claiming(at)
+    other.heard(1)
+    assert other.pause(at + 0.003) == pytest.approx(CLAIM_GAP_S * 16 - 0.003)
+
+
+def test_a_claim_that_filled_every_slot_shows_a_stream() -> None:
+    pace = Pace()
+    pace.heard(100)  # one commit of 100 tasks
+    pace.claimed(announced=pace.claiming(10.0), claimed=20, free=20)
+    assert pace.streaming
+
+
+def test_work_it_cannot_take_is_not_counted() -> None:
+    pace = Pace()
+    for _ in range(50):
+        pace.heard(0)  # another type's stream
+    assert pace.claiming(10.0) == 0
+    pace.claimed(announced=0, claimed=0, free=20)
+    assert not pace.streaming
