@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from errands.worker.pace import CLAIM_GAP_S, Pace
+from errands.worker.pace import CLAIM_GAP_S, Pace, mine
 
 
 def step(pace: Pace, at: float, *, during: int = 0) -> float:
@@ -80,10 +80,36 @@ def test_a_claim_that_filled_every_slot_shows_a_stream() -> None:
     assert pace.streaming
 
 
-def test_work_it_cannot_take_is_not_counted() -> None:
+def test_announcements_that_arrive_after_the_claim_took_their_tasks_count_for_nothing() -> None:
+    """A notification can arrive after its commit is visible: a claim may take a task before
+    its announcement does. Counted later, it would look like a task others took (a share above
+    one, and the gap for a worker that is alone) or like a stream."""
     pace = Pace()
-    for _ in range(50):
-        pace.heard(0)  # another type's stream
-    assert pace.claiming(10.0) == 0
+    pace.heard(1)
+    announced = pace.claiming(10.0)
+    pace.heard(1)  # arrives while the claim runs; the claim takes three tasks
+    pace.claimed(announced=announced, claimed=3, free=20)
+    pace.heard(1)  # ...and the third one's announcement comes after it
+    for at in (10.003, 10.006, 10.009):
+        assert step(pace, at) == 0.0
+    assert pace.share == 1.0
+    assert not pace.streaming
+
+
+def test_claims_that_fill_every_slot_do_not_end_a_stream() -> None:
+    pace = Pace()
+    step(pace, 10.0, during=3)
+    assert pace.streaming
+    for i in range(5):  # a backlog drained a slot's worth at a time, nothing new announced
+        pace.claimed(announced=pace.claiming(10.01 + i * 0.001), claimed=20, free=20)
+    assert pace.streaming
+
+
+def test_work_of_other_types_is_not_counted() -> None:
+    pace = Pace()
+    step(pace, 10.0)
+    pace.heard(mine({"bulk": 100}, {"fast"}))  # another type's commit of 100 tasks
+    assert pace.claiming(10.001) == 0
     pace.claimed(announced=0, claimed=0, free=20)
     assert not pace.streaming
+    assert pace.share == 1.0

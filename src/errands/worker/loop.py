@@ -203,9 +203,9 @@ class Worker:
                     if not self._maybe_work:
                         continue
                 self._maybe_work = False
+                stops = self._hub.stops
+                announced = self._pace.claiming(time.monotonic())
                 try:
-                    stops = self._hub.stops
-                    announced = self._pace.claiming(time.monotonic())
                     self._claimed_at = self.clock.now()
                     held = await self._holds.held_types(self._claimed_at)
                     specs = [s for s in self._specs if s.type not in held] if held else self._specs
@@ -216,9 +216,13 @@ class Worker:
                 except StoreError:
                     failures += 1
                     log.exception("claiming tasks failed")
+                    self._maybe_work = True  # what was announced is still to be claimed
+                    self._pace.heard(announced)
                     await asyncio.sleep(min(10.0, 0.2 * 2**failures))
                     continue
-                self._pace.claimed(announced=announced, claimed=len(claimed), free=free)
+                if not held and claimed.retry_at is None:
+                    # (Tasks held back by a provider's hold or a rate were not taken by others.)
+                    self._pace.claimed(announced=announced, claimed=len(claimed), free=free)
                 self._flow_at = claimed.retry_at
                 for record in claimed:
                     self._start(record)

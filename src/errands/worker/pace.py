@@ -6,9 +6,9 @@ as a stream, each announcement would make each worker claim, mostly for one task
 after a claim that emptied the queue a worker waits out a short gap before the next, as many
 times longer as it shares the stream with other workers (:func:`claim_share`).
 
-Work comes as a stream once a claim finds more than one task announced since the claim before:
-tasks arrive faster than the worker claims them one by one. It stops being one when two claims
-in a row, after waiting the gap, find only the task that woke the worker: the gap gathered
+Work comes as a stream once a claim finds more than one task announced since the last claim
+began: tasks arrive faster than the worker claims them one by one. It stops being one when two
+claims in a row (that did not fill every free slot) find no more than one: the gap gathered
 nothing. A caller that sends one task at a time, each after the last one's result (a chain of
 steps, a user waiting for each answer), never makes a stream however fast its round trips are,
 and a worker that takes what is announced to it alone claims its tasks at once: the gap would
@@ -69,24 +69,35 @@ class Pace:
         self.streaming = False  # whether work comes as a stream (see the module docstring)
         self._announced = 0  # tasks announced since the last claim began
         self._last_claim = -math.inf
-        self._dry = 0  # claims in a row, in a stream, that found only the task that woke it
+        self._dry = 0  # claims in a row, in a stream, that found no more than one task announced
+        self._owed = 0  # tasks the last claim took before their announcements arrived
 
     def heard(self, tasks: int) -> None:
         """``tasks`` that this worker could take were announced."""
-        self._announced += tasks
+        late = min(tasks, self._owed)  # announcements of tasks the last claim took already
+        self._owed -= late
+        self._announced += tasks - late
 
     def claiming(self, at: float) -> int:
         """A claim begins at ``at``: how many tasks were announced since the last one began."""
         self._last_claim = at
-        announced, self._announced = self._announced, 0
+        announced, self._announced, self._owed = self._announced, 0, 0
         return announced
 
     def claimed(self, *, announced: int, claimed: int, free: int) -> None:
-        """The claim took ``claimed`` of ``announced`` (see :meth:`claiming`), with ``free`` slots."""
+        """The claim took ``claimed`` of ``announced`` (see :meth:`claiming`), with ``free`` slots.
+        Tasks it took beyond those announced were announced late (a notification can arrive
+        after the commit is visible): their announcements, when they come, count for nothing,
+        or they would look like work that others took."""
+        if claimed > announced:
+            late = claimed - announced
+            during = min(self._announced, late)  # those that arrived while it claimed
+            self._announced -= during
+            self._owed = late - during  # those still to come
         self.share = claim_share(self.share, announced=announced, claimed=claimed, free=free)
         if announced > 1:
             self.streaming, self._dry = True, 0
-        elif self.streaming:
+        elif self.streaming and claimed < free:  # a claim that filled every slot gathered plenty
             self._dry += 1
             self.streaming = self._dry < _DRY_CLAIMS
 
