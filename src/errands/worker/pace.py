@@ -89,11 +89,10 @@ class Pace:
         Tasks it took beyond those announced were announced late (a notification can arrive
         after the commit is visible): their announcements, when they come, count for nothing,
         or they would look like work that others took."""
-        if claimed > announced:
-            late = claimed - announced
-            during = min(self._announced, late)  # those that arrived while it claimed
-            self._announced -= during
-            self._owed = late - during  # those still to come
+        late = max(0, claimed - announced)
+        during = min(self._announced, late)  # those that arrived while it claimed
+        self._announced -= during
+        self._owed = late - during  # those still to come
         self.share = claim_share(self.share, announced=announced, claimed=claimed, free=free)
         if announced > 1:
             self.streaming, self._dry = True, 0
