@@ -322,7 +322,7 @@ class Hub:
         right after it (what this process did, whatever its hub follows: its metrics)."""
         self._committed.append(callback)
 
-    def committed(self, events: Sequence[Event]) -> None:
+    def committed(self, events: Sequence[Event], after: int | None) -> None:
         for callback in self._committed:
             try:
                 callback(events)
@@ -333,9 +333,10 @@ class Hub:
         if self._only is not None:
             self.remote_commit(hint, None, work)  # read like any other commit: only the followed tasks
             return
-        # Fast path: our own commit directly follows what we delivered. Otherwise some other
-        # process's events sit in between, and reading the log keeps the order.
-        if events and events[0].seq == self.last_seq + 1:
+        # Fast path: our own commit directly follows what was delivered (the store says nothing
+        # else can come between). Otherwise other commits may sit in between, or may still come:
+        # reading the log keeps the order.
+        if events and after is not None and after <= self.last_seq < events[0].seq:
             self._deliver(events)
         else:
             self._wake.set()

@@ -53,7 +53,7 @@ class Heard:
         self.changed = asyncio.Event()
         self.types: list[dict[str, int]] = []
 
-    def committed(self, events: Sequence[Event]) -> None:
+    def committed(self, events: Sequence[Event], after: int | None) -> None:
         pass
 
     def remote_commit(self, hint: Hint, seq: int | None, work: Mapping[str, int]) -> None:

@@ -440,11 +440,13 @@ class Recorder:
 
     def __init__(self) -> None:
         self.commits: list[list[int]] = []
+        self.afters: list[int | None] = []
         self.remote: list[Hint] = []
         self.wanted: Hint | None = None
 
-    def committed(self, events: Sequence[Event]) -> None:
+    def committed(self, events: Sequence[Event], after: int | None) -> None:
         self.commits.append([e.seq for e in events])
+        self.afters.append(after)
 
     def remote_commit(self, hint: Hint, seq: int | None, work: Mapping[str, int]) -> None:
         self.remote.append(hint)
@@ -456,6 +458,26 @@ async def test_the_subscriber_sees_each_commit_in_seq_order(store: Store) -> Non
     await asyncio.gather(*(store.create(new_task(f"t{i}")) for i in range(30)))
     seen = [seq for commit in recorder.commits for seq in commit]
     assert len(seen) == 30 and seen == sorted(set(seen))
+
+
+async def test_a_commit_says_what_precedes_it_when_nothing_else_can(store: Store, clock: ManualClock) -> None:
+    """One commit after another, alone: each says the last seq before it is the one before's
+    last (a hub that has read up to there may take it at once). PostgreSQL says so only when no
+    older transaction runs anywhere on the server, which another database's may: at least once."""
+    recorder = Recorder()
+    store.subscribe(recorder)
+    for i in range(200):
+        task, _ = await store.create(new_task(f"t{i}"))
+        if i % 2:  # a change of a row, as well as a create
+            await store.apply(task.id, lambda r: model.cancel(r, now=clock.now()))
+        if sum(a is not None for a in recorder.afters[1:]) >= 10:
+            break
+    pairs = zip(recorder.commits[:-1], recorder.afters[1:], strict=True)
+    told = [(before[-1], after) for before, after in pairs if after is not None]
+    assert len(told) >= 10
+    assert all(after == last for last, after in told)
+    if store.dialect == "sqlite":
+        assert None not in recorder.afters
 
 
 async def _hub(store: Store) -> Hub:

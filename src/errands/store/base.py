@@ -124,8 +124,11 @@ def claimable(events: Iterable[tuple[EventType, bool, str]]) -> dict[str, int]:
 class CommitSubscriber(Protocol):
     """The one listener of a store's commits (the hub, which tells everyone else)."""
 
-    def committed(self, events: Sequence[Event]) -> None:
-        """This process committed ``events`` (in seq order), on the event loop, right after."""
+    def committed(self, events: Sequence[Event], after: int | None) -> None:
+        """This process committed ``events`` (in seq order), on the event loop, right after.
+        ``after``, when not ``None``: every event with a seq at or below it has committed, and
+        none but ``events`` can still commit between it and them (one that has read the log up
+        to ``after`` may take them at once); ``None`` when the store cannot tell."""
 
     @property
     def wanted(self) -> Hint | None:

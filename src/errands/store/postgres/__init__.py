@@ -194,9 +194,9 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps,
     def _channels(self) -> list[str]:
         return listened(Hint.ALL if self._subscriber is None else self._subscriber.wanted)
 
-    def _committed(self, events: Sequence[Event]) -> None:
+    def _committed(self, events: Sequence[Event], after: int | None) -> None:
         if self._subscriber is not None:
-            self._subscriber.committed(events)
+            self._subscriber.committed(events, after)
 
     def _remote(self, hint: Hint, seq: int | None = None, work: Work = _ANY_WORK) -> None:
         if self._subscriber is not None:

@@ -37,6 +37,15 @@ HINT_MARK = "/"
 _MAX_TYPES_CHARS = 2000
 #: The seq base of the transaction (assigning its id if it has none yet), read beside a row.
 BASE = "(pg_current_xact_id()::text::bigint << 16)"
+#: What precedes the transaction's events in the log, read by each statement that writes events:
+#: the last seq below its base when its id is the oldest of every transaction running on the
+#: server as the statement began (no other can still commit below it), else NULL. The statement's
+#: snapshot counts the transaction's own id; one that gets its id in this statement, after the
+#: snapshot, is the oldest only if no other was running and none took an id in between.
+AFTER = (
+    "CASE WHEN pg_snapshot_xmin(pg_current_snapshot()) = pg_current_xact_id() "
+    f"THEN coalesce((SELECT max(seq) FROM errands_events WHERE seq < {BASE}), 0) END"
+)
 
 
 def channels(hint: Hint) -> list[str]:
@@ -107,7 +116,7 @@ WITH s AS (
     SELECT s.base + e.ord, e.type, e.at, e.task_id, e.owner, e.task_type, e.status, e.task
     FROM s, unnest({event_args}) AS e(ord, type, at, task_id, owner, task_type, status, task)
 )
-SELECT base, {_notify(payload, f"${chans}")} FROM s
+SELECT base, {_notify(payload, f"${chans}")}, {AFTER} FROM s
 """
     x = chans + 1  # the rows as seen: ids, seqs, lease expiries, next polls
     return f"""
@@ -132,7 +141,7 @@ WITH s AS (
     WHERE e.task_id IN (SELECT id FROM written)
 )
 SELECT base, ARRAY(SELECT id FROM written),
-       CASE WHEN EXISTS (SELECT 1 FROM written) THEN {_notify(payload, f"${chans}")} END
+       CASE WHEN EXISTS (SELECT 1 FROM written) THEN {_notify(payload, f"${chans}")} END, {AFTER}
 FROM s
 """
 
@@ -154,7 +163,7 @@ WITH ins AS (
     INSERT INTO errands_events ({EVENT_COLUMNS})
     SELECT seq, 'task.created', updated_at, id, owner, type, 'pending', ${n + 2} FROM ins
 )
-SELECT seq, {_notify(f"seq::text || '{HINT_MARK}' || ${n + 3}::text", f"${n + 4}")} FROM ins
+SELECT seq, {_notify(f"seq::text || '{HINT_MARK}' || ${n + 3}::text", f"${n + 4}")}, {AFTER} FROM ins
 """
 
 
@@ -183,7 +192,7 @@ WITH r AS (
 ), note AS (  -- once, and only if something was created
     SELECT CASE WHEN EXISTS (SELECT 1 FROM ins) THEN {_notify(f"(SELECT max(seq) FROM ins)::text || '{HINT_MARK}' || ${n + 3}::text", f"${n + 4}")} END AS sent
 )
-SELECT id, seq, note.sent FROM ins, note
+SELECT id, seq, note.sent, {AFTER} FROM ins, note
 """
 
 

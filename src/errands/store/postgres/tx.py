@@ -111,6 +111,9 @@ class PgTx(TxBase):
         #: changed since are left in ``unwritten``.
         self.seen: dict[str, TaskRecord] | None = None
         self.unwritten: set[str] = set()
+        #: What precedes the events written, as the last statement that wrote some read it
+        #: (:data:`.sql.AFTER`): ``None`` while another transaction could still commit before them.
+        self.after: int | None = None
 
     # -- statements ---------------------------------------------------------------------------
 
@@ -194,19 +197,22 @@ class PgTx(TxBase):
         hint = hints((EventType.CREATED, r.waits) for r in records)
         notice = payload(hint, claimable((EventType.CREATED, r.waits, r.type) for r in records))
         if len(records) == 1:
-            seq = await self.conn.fetchval(
+            row = await self.conn.fetchrow(
                 INSERT_TASK, *values(records[0], INSERTED), ordinals[0], snapshots[0], notice, channels(hint)
             )
-            seqs = {} if seq is None else {records[0].id: seq}
+            created = [] if row is None else [(records[0].id, row[0], row[2])]
         else:
             rows = [values(r, INSERTED) for r in records]
             arrays = [[row[i] for row in rows] for i in range(len(INSERTED))]
-            seqs = {
-                i: q
-                for i, q, _ in await self.conn.fetch(
+            created = [
+                (i, q, after)
+                for i, q, _, after in await self.conn.fetch(
                     INSERT_TASKS, *arrays, list(ordinals), snapshots, notice, channels(hint)
                 )
-            }
+            ]
+        seqs = {i: q for i, q, _ in created}
+        if created:
+            self.after = created[0][2]
         for record, snapshot in zip(records, snapshots, strict=True):
             seq = seqs.get(record.id)
             self.inserted[id(record)] = seq is not None
@@ -321,7 +327,7 @@ class PgTx(TxBase):
         notice = payload(hint, claimable((c.event, c.record.waits, c.record.type) for c in self.pending))
         args = [first + len(self.pending) - 1, *row_arrays, *event_arrays, notice, channels(hint)]
         if self.seen is None:
-            base = await self.conn.fetchval(COMMIT, *args)
+            row = await self.conn.fetchrow(COMMIT, *args)
         else:
             as_seen = [self.seen[r.id] for r in finals]
             row = await self.conn.fetchrow(
@@ -329,8 +335,9 @@ class PgTx(TxBase):
                 [r.lease_expires_at for r in as_seen], [r.poll_at for r in as_seen],
             )  # fmt: skip
             assert row is not None  # one row, always
-            base = row[0]
             self.unwritten = {r.id for r in finals} - set(row[1])
+        assert row is not None  # one row, always
+        base, self.after = row[0], row[-1]
         events = list(self.written)
         for ord_, (change, snapshot) in enumerate(zip(self.pending, snapshots, strict=True), start=first):
             record, kind = change.record, change.event

@@ -95,7 +95,11 @@ async def transaction(conn: Connection, *, claims: bool = False) -> AsyncIterato
 class Writer:
     """Batches changes into transactions on a few lanes (connections) working in parallel."""
 
-    def __init__(self, pool: asyncpg.Pool, on_commit: Callable[[Sequence[Event]], None], lanes: int) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, on_commit: Callable[[Sequence[Event], int | None], None], lanes: int
+    ) -> None:
+        """``on_commit(events, after)``: right after each commit, its events and what precedes
+        them (see ``CommitSubscriber.committed``)."""
         self._pool = pool
         self._on_commit = on_commit
         self._queue: deque[_Job] = deque()
@@ -181,7 +185,7 @@ class Writer:
             return
         for attempt in range(_ATTEMPTS):
             try:
-                results, events = await self._transaction(batch)
+                results, events, after = await self._transaction(batch)
             except _RETRYABLE:
                 # A row was locked (NOWAIT): run again, as a younger transaction, once it is free.
                 if attempt == _ATTEMPTS - 1:
@@ -198,11 +202,7 @@ class Writer:
                 error.__cause__ = exc
                 settle([(job.future, None, error) for job in batch])
                 return
-            if events:
-                try:
-                    self._on_commit(events)
-                except Exception:
-                    log.exception("a commit listener failed")
+            self._committed(events, after)
             settle(results)
             return
 
@@ -232,11 +232,7 @@ class Writer:
         except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:
             log.debug("changes decided on rows as seen were not written (%s): deciding again", exc)
             return batch
-        if events:
-            try:
-                self._on_commit(events)
-            except Exception:
-                log.exception("a commit listener failed")
+        self._committed(events, tx.after)
         settle([(job.future, result, None) for job, result in written])
         return [job for job in batch if all(job is not w for w, _ in written)]
 
@@ -258,15 +254,18 @@ class Writer:
         except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:
             log.warning("postgres batch of creates failed, writing them one by one: %s", exc)
             return batch
-        if tx.written:
-            try:
-                self._on_commit(tx.written)
-            except Exception:
-                log.exception("a commit listener failed")
+        self._committed(tx.written, tx.after)
         settle(results)
         return [job for job in batch if all(job is not c for c in created)]
 
-    async def _transaction(self, batch: list[_Job]) -> tuple[list[_Result], list[Event]]:
+    def _committed(self, events: list[Event], after: int | None) -> None:
+        if events:
+            try:
+                self._on_commit(events, after)
+            except Exception:
+                log.exception("a commit listener failed")
+
+    async def _transaction(self, batch: list[_Job]) -> tuple[list[_Result], list[Event], int | None]:
         if len(batch) == 1 and batch[0].mode == "alone":
             fn, future = batch[0].fn, batch[0].future
             async with self._pool.acquire() as conn:
@@ -276,8 +275,8 @@ class Writer:
                 except Exception as exc:
                     if not op_error(exc):
                         raise
-                    return [(future, None, exc)], tx.written
-                return [(future, result, None)], await tx.commit_changes()
+                    return [(future, None, exc)], tx.written, tx.after
+                return [(future, result, None)], await tx.commit_changes(), tx.after
         async with self._pool.acquire() as conn, transaction(conn, claims=batch[0].mode == "first"):
             tx = PgTx(conn)
             tx.declared = [job.creates for job in batch if job.creates is not None]
@@ -300,4 +299,4 @@ class Writer:
                 else:
                     results.append((future, result, None))
             events = await tx.commit_changes()
-        return results, events
+        return results, events, tx.after

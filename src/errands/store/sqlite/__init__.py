@@ -101,8 +101,10 @@ class SqliteStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps, C
         self._subscriber = subscriber
 
     def _committed(self, events: Sequence[Event]) -> None:
-        if self._subscriber is not None:
-            self._subscriber.committed(events)
+        if self._subscriber is not None and events:
+            # Seqs are handed out in commit order (one writer at a time, across processes):
+            # whatever precedes the first has committed.
+            self._subscriber.committed(events, events[0].seq - 1)
 
     async def hold_sweeper_lock(self) -> bool:
         return self._sweeper_lock is not None and self._sweeper_lock.take()
