@@ -278,6 +278,52 @@ async def test_concurrent_claims_from_two_nodes_never_share_a_task(runtime_facto
     assert len(a) + len(b) == 200
 
 
+async def test_claims_alone_never_share_a_task_with_each_other_or_with_claims_that_lock(
+    runtime_factory: RuntimeFactory,
+) -> None:
+    """A claim alone reads its tasks without locks and writes each only where it is still as
+    read: raced by another such claim and by one that locks, each task still starts once."""
+    from errands.store.records import ClaimSpec
+
+    node_a = await runtime_factory(app, workers=False)
+    node_b = await runtime_factory(app, workers=False)
+    ids = [f"q{i}" for i in range(60)]
+    for task_id in ids:
+        await node_a.service.submit(SubmitRequest(type="work", id=task_id), SYSTEM)
+
+    async def drain(store: Any, *, alone: bool) -> list[str]:
+        got: list[str] = []
+        while True:
+            batch = await store.claim(
+                worker_id="w", specs=[ClaimSpec("work")], limit=2, lease_s=30, alone=alone
+            )
+            if not batch and not batch.lost:
+                return got
+            got.extend(t.id for t in batch)
+
+    claimed = await asyncio.gather(
+        drain(node_a.store, alone=True), drain(node_b.store, alone=True), drain(node_b.store, alone=False)
+    )
+    assert sorted(t for got in claimed for t in got) == sorted(ids)
+    for task_id in ids:
+        events = await node_a.store.events(task_id)
+        assert [e.type for e in events] == [EventType.CREATED, EventType.PROCESSING]
+        assert events[0].seq < events[1].seq
+
+
+async def test_a_claim_alone_of_a_limited_type_keeps_its_limits(runtime_factory: RuntimeFactory) -> None:
+    """Limits are counted in a claim's transaction: a type with limits is claimed that way."""
+    from errands.store.records import ClaimSpec
+
+    runtime = await runtime_factory(app, workers=False)
+    for i in range(3):
+        await runtime.service.submit(SubmitRequest(type="work", id=f"l{i}", owner="alice"), SYSTEM)
+    spec = [ClaimSpec("work", bounds=(Bound("type:work", ("work",), Limit(concurrency=1, per="owner")),))]
+    first = await runtime.store.claim(worker_id="w", specs=spec, limit=3, lease_s=30, alone=True)
+    again = await runtime.store.claim(worker_id="w", specs=spec, limit=3, lease_s=30, alone=True)
+    assert (len(first), len(again)) == (1, 0)
+
+
 async def test_concurrency_per_owner_holds_across_nodes(runtime_factory: RuntimeFactory) -> None:
     from errands.store.records import ClaimSpec
 

@@ -113,3 +113,30 @@ def test_work_of_other_types_is_not_counted() -> None:
     pace.claimed(announced=0, claimed=0, free=20)
     assert not pace.streaming
     assert pace.share == 1.0
+
+
+def test_a_claim_is_alone_only_for_one_task_on_its_own_after_the_queue_ran_dry() -> None:
+    """What lets a claim skip what keeps claimers apart (the store's claim ``alone``): one task
+    announced, to a worker that takes what is announced to it, outside a stream, after a claim
+    that left slots free (the queue held nothing more)."""
+    pace = Pace()
+    assert not pace.alone(0)  # no claim yet: the queue may hold anything
+    step(pace, 10.0)
+    assert pace.alone(1) and pace.alone(0)
+    assert not pace.alone(2)  # more than one announced: not one at a time
+    pace.claimed(announced=1, claimed=20, free=20)  # every slot filled: the queue may hold more
+    assert not pace.alone(1)
+    step(pace, 10.01)
+    assert pace.alone(1)
+    step(pace, 10.02, during=2)
+    assert pace.streaming and not pace.alone(1)
+
+
+def test_a_worker_that_shares_the_work_never_claims_alone() -> None:
+    pace = Pace()
+    step(pace, 10.0)
+    for i in range(3):  # each task announced, and taken by another worker
+        pace.heard(1)
+        pace.claimed(announced=pace.claiming(10.01 + i), claimed=0, free=20)
+    assert pace.share >= 1.5
+    assert not pace.alone(1)

@@ -203,11 +203,13 @@ class Tasks(Protocol):
         """Like :meth:`apply` for several tasks in one transaction; one outcome per decision."""
 
     async def claim(
-        self, *, worker_id: str, specs: Sequence[ClaimSpec], limit: int, lease_s: float
+        self, *, worker_id: str, specs: Sequence[ClaimSpec], limit: int, lease_s: float, alone: bool = False
     ) -> Claimed:
         """Start up to ``limit`` ready tasks of the given types, by priority then age, as
         :func:`errands.model.choose_claims` chooses them within the types' limits; every started
-        task gets a new lease."""
+        task gets a new lease. ``alone``: the caller takes its tasks one at a time and nobody
+        else claims them (see :mod:`errands.worker.pace`); a store may then claim more cheaply,
+        at the price of finding some of the tasks it chose taken meanwhile (``Claimed.lost``)."""
 
     async def flow_usage(self, scopes: Mapping[str, Bound]) -> dict[str, Usage]:
         """How many tasks run now in each flow-control scope, and its rate state (no locks)."""

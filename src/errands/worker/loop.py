@@ -210,7 +210,11 @@ class Worker:
                     held = await self._holds.held_types(self._claimed_at)
                     specs = [s for s in self._specs if s.type not in held] if held else self._specs
                     claimed = await self.store.claim(
-                        worker_id=self.id, specs=specs, limit=free, lease_s=self.settings.lease_s
+                        worker_id=self.id,
+                        specs=specs,
+                        limit=free,
+                        lease_s=self.settings.lease_s,
+                        alone=self._pace.alone(announced),
                     )
                     failures = 0
                 except StoreError:
@@ -229,8 +233,9 @@ class Worker:
                 if claimed and self._hub.stops != stops:
                     # A task may have been stopped before the hub knew it was ours: look again.
                     self._hub.wake()
-                if len(claimed) >= free:
-                    self._maybe_work = True  # the queue may hold more than there was room for
+                if len(claimed) >= free or claimed.lost:
+                    # The queue may hold more than there was room for, or than the claim read.
+                    self._maybe_work = True
                 elif not self._stopping:
                     await self._idle()
         finally:

@@ -71,6 +71,7 @@ class Pace:
         self._last_claim = -math.inf
         self._dry = 0  # claims in a row, in a stream, that found no more than one task announced
         self._owed = 0  # tasks the last claim took before their announcements arrived
+        self._emptied = False  # whether the last claim left slots free (it found the queue empty)
 
     def heard(self, tasks: int) -> None:
         """``tasks`` that this worker could take were announced."""
@@ -94,15 +95,27 @@ class Pace:
         self._announced -= during
         self._owed = late - during  # those still to come
         self.share = claim_share(self.share, announced=announced, claimed=claimed, free=free)
+        self._emptied = claimed < free
         if announced > 1:
             self.streaming, self._dry = True, 0
         elif self.streaming and claimed < free:  # a claim that filled every slot gathered plenty
             self._dry += 1
             self.streaming = self._dry < _DRY_CLAIMS
 
+    @property
+    def _on_its_own(self) -> bool:
+        """Whether this worker takes what is announced to it, and work comes one task at a time."""
+        return self.share < _ALONE and not self.streaming
+
+    def alone(self, announced: int) -> bool:
+        """Whether a claim of ``announced`` tasks (see :meth:`claiming`) is one task for a worker
+        on its own, the queue empty before it (the last claim left slots free): such a claim
+        may skip what keeps claimers apart (see ``Store.claim``)."""
+        return announced <= 1 and self._emptied and self._on_its_own
+
     def pause(self, at: float) -> float:
         """How long to wait at ``at``, after a claim that emptied the queue and a wake-up since,
         before claiming again: the rest of the gap, unless alone and not in a stream."""
-        if self.share < _ALONE and not self.streaming:
+        if self._on_its_own:
             return 0.0
         return max(0.0, self._last_claim + CLAIM_GAP_S * self.share - at)

@@ -226,20 +226,26 @@ _E = ", ".join(f"e.{c}" for c in ENDPOINTS.names)
 _CHANNELS = "(m.channel = ANY({}::text[]) OR (m.channel = 'hook' AND m.target = ANY({}::text[])))"
 
 
-def _claim(extra: str) -> str:
+def _claim(extra: str, *, locks: bool = True) -> str:
     """The queue (claimable since created) and the tasks that came due (delayed, retried or
     released), each read in order from its own index, merged in queue order: priority, then
-    queued_at (the creation of the first, when the others came due)."""
+    queued_at (the creation of the first, when the others came due); each row locked, skipping
+    those locked, unless not ``locks``."""
     extra = STARTABLE.format(now="$2") + extra
+    lock = " FOR UPDATE SKIP LOCKED" if locks else ""
     return (
         f"WITH queued AS (SELECT {SELECT_LIST} FROM errands_tasks WHERE status = 'pending' "
         f"AND run_after <= created_at AND run_after <= $2 AND type = ANY($1::text[]){extra} "
-        "ORDER BY priority DESC, created_at, id LIMIT $3 FOR UPDATE SKIP LOCKED), "
+        f"ORDER BY priority DESC, created_at, id LIMIT $3{lock}), "
         f"due AS (SELECT {SELECT_LIST} FROM errands_tasks WHERE status = 'pending' "
         f"AND run_after > created_at AND run_after <= $2 AND type = ANY($1::text[]){extra} "
-        "ORDER BY priority DESC, run_after, id LIMIT $3 FOR UPDATE SKIP LOCKED) "
+        f"ORDER BY priority DESC, run_after, id LIMIT $3{lock}) "
         "SELECT * FROM queued UNION ALL SELECT * FROM due ORDER BY priority DESC, queued_at, id LIMIT $3"
     )
+
+
+#: A claim's read without locks, outside a transaction (a claim alone, see the store's claim).
+CLAIM_AS_READ = _claim("", locks=False)
 
 
 STATEMENTS = Statements(

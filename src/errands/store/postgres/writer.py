@@ -26,7 +26,7 @@ import logging
 import random
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import asyncpg
 
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("errands.store")
 
+T = TypeVar("T")
 _MAX_BATCH = 256
 _ATTEMPTS = 12
 #: How a claim's transaction begins, in one round trip (see "Plans that stay cheap" above).
@@ -235,6 +236,24 @@ class Writer:
         self._committed(events, tx.after)
         settle([(job.future, result, None) for job, result in written])
         return [job for job in batch if all(job is not w for w, _ in written)]
+
+    async def as_read(self, op: Callable[[PgTx], Awaitable[T]]) -> tuple[T, set[str]]:
+        """Run ``op``, which reads the rows it changes itself, without locks (and sets them as
+        ``tx.seen``), then write its changes in one statement, each only where its row is still
+        as read (as for changes decided on rows as seen): no transaction, two round trips.
+        Returns what ``op`` returned and the ids of the rows that changed meanwhile, unwritten."""
+        if self._stopping:
+            raise StoreError("The store is closed.")
+        try:
+            async with self._pool.acquire() as conn:
+                tx = PgTx(conn)
+                tx.seen = {}
+                result = await op(tx)
+                events = await tx.commit_changes()
+        except (asyncpg.PostgresError, *CONNECTION_ERRORS) as exc:
+            raise StoreError("The database could not save the change.") from exc
+        self._committed(events, tx.after)
+        return result, tx.unwritten
 
     async def _create_many(self, batch: list[_Job]) -> list[_Job]:
         """Creates that each would be one statement alone, as one statement (one commit for all):

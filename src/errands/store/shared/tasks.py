@@ -43,6 +43,18 @@ from errands.store.statements import Statements
 _LOOKS = 8
 
 
+def start_claimed(record: TaskRecord, *, now: float, worker_id: str, lease_s: float) -> Change:
+    """A claimed task's new attempt, with its lease and callback nonce."""
+    return start_attempt(
+        record,
+        now=now,
+        worker_id=worker_id,
+        lease_token=lease_token(),
+        lease_s=lease_s,
+        callback_nonce=secrets.token_urlsafe(12),
+    )
+
+
 def lease_token() -> str:
     return secrets.token_hex(12)
 
@@ -296,8 +308,9 @@ class TaskOps(Dialect):
         return await self._write(op)
 
     async def claim(
-        self, *, worker_id: str, specs: Sequence[ClaimSpec], limit: int, lease_s: float
+        self, *, worker_id: str, specs: Sequence[ClaimSpec], limit: int, lease_s: float, alone: bool = False
     ) -> Claimed:
+        del alone  # one transaction, whoever claims (see the PostgreSQL store's claim)
         if limit <= 0 or not specs:
             return Claimed()
         bounds = {s.type: s.bounds for s in specs}
@@ -335,17 +348,7 @@ class TaskOps(Dialect):
                     claimed.retry_at = min(claimed.retry_at or choice.retry_at, choice.retry_at)
                 tx.started(choice.chosen)
                 claimed.extend(
-                    tx.write(
-                        start_attempt(
-                            record,
-                            now=now,
-                            worker_id=worker_id,
-                            lease_token=lease_token(),
-                            lease_s=lease_s,
-                            callback_nonce=secrets.token_urlsafe(12),
-                        ),
-                        record,
-                    )
+                    tx.write(start_claimed(record, now=now, worker_id=worker_id, lease_s=lease_s), record)
                     for record in choice.chosen
                 )
                 fresh = set(choice.blocked) - held
