@@ -101,12 +101,25 @@ async def test_an_event_that_commits_late_is_still_delivered_in_order(
         await younger.close()
 
 
-async def test_a_commit_of_this_process_waits_for_an_older_transaction_of_another(
-    runtime_factory: RuntimeFactory,
-) -> None:
-    """This process's own commits reach its hub at once when nothing can commit before them;
-    not while an older transaction of errands' (here, another node's, holding seq N) may still
-    commit below them: then both arrive, in order, once N's transaction ends."""
+async def another_nodes_event(conn: asyncpg.Connection, task_id: str) -> int:
+    """An event of ``task_id`` written in ``conn``'s transaction (a session of errands'), as
+    another node's commit writes it, but without its notification: its seq."""
+    seq: int = await conn.fetchval("SELECT (pg_current_xact_id()::text::bigint << 16) + 1")
+    await conn.execute(
+        "INSERT INTO errands_events (seq, type, at, task_id, owner, task_type, status, task) "
+        "VALUES ($1, 'task.created', 0, $2, 'default', 'work', 'pending', $3)",
+        seq,
+        task_id,
+        orjson.dumps({"id": task_id, "seq": seq}),
+    )
+    return seq
+
+
+async def own_commit_beside_another_node(runtime_factory: RuntimeFactory, *, commit_first: bool) -> None:
+    """Another node writes an event N, then this process submits a task: its watch receives N,
+    then its own event, once each. ``commit_first``: N commits before the submit (its hub has
+    not read it yet: no notification); otherwise after it (N's transaction is older, so the
+    submit's event is held back until N's ends)."""
     runtime = await runtime_factory(app, workers=False)
     watch = runtime.hub.watch(WatchFilter(), key=None)
     await runtime.service.submit(SubmitRequest(type="work", id="t0"), SYSTEM)
@@ -114,57 +127,38 @@ async def test_a_commit_of_this_process_waits_for_an_older_transaction_of_anothe
     other = await asyncpg.connect(runtime.settings.db, server_settings=session_settings())
     try:
         async with other.transaction():
-            n = await other.fetchval("SELECT (pg_current_xact_id()::text::bigint << 16) + 1")
-            await other.execute(
-                "INSERT INTO errands_events (seq, type, at, task_id, owner, task_type, status, task) "
-                "VALUES ($1, 'task.created', 0, 'older', 'default', 'work', 'pending', $2)",
-                n,
-                orjson.dumps({"id": "older", "seq": n}),
-            )
+            n = await another_nodes_event(other, "other")
+            if not commit_first:
+                mine, _ = await runtime.service.submit(SubmitRequest(type="work", id="mine"), SYSTEM)
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(watch.next(0.5), 0.5)  # held back behind N
+        if commit_first:
             mine, _ = await runtime.service.submit(SubmitRequest(type="work", id="mine"), SYSTEM)
-            assert mine.seq > n
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(watch.next(0.5), 0.5)  # held back behind N
         got: list[int] = []
         for _ in range(10):
-            got.extend(e.seq for e in await watch.next(1) if e.task_id != "t0")
+            got.extend(e.seq for e in await watch.next(1))
             if len(got) >= 2:
                 break
         assert got == [n, mine.seq]
     finally:
         watch.close()
         await other.close()
+
+
+async def test_a_commit_of_this_process_waits_for_an_older_transaction_of_another(
+    runtime_factory: RuntimeFactory,
+) -> None:
+    """This process's own commits reach its hub at once when nothing can commit before them;
+    not while an older transaction of errands' (another node's) may still commit below them."""
+    await own_commit_beside_another_node(runtime_factory, commit_first=False)
 
 
 async def test_a_commit_of_this_process_comes_after_one_the_hub_has_not_read_yet(
     runtime_factory: RuntimeFactory,
 ) -> None:
-    """Another node's event committed but not yet read (its notification not arrived: here it
-    sends none) comes before this process's next commit, never after it, and is not lost."""
-    runtime = await runtime_factory(app, workers=False)
-    watch = runtime.hub.watch(WatchFilter(), key=None)
-    await runtime.service.submit(SubmitRequest(type="work", id="t0"), SYSTEM)
-    assert [e.task_id for e in await watch.next(5)] == ["t0"]
-    other = await asyncpg.connect(runtime.settings.db, server_settings=session_settings())
-    try:
-        async with other.transaction():
-            n = await other.fetchval("SELECT (pg_current_xact_id()::text::bigint << 16) + 1")
-            await other.execute(
-                "INSERT INTO errands_events (seq, type, at, task_id, owner, task_type, status, task) "
-                "VALUES ($1, 'task.created', 0, 'unread', 'default', 'work', 'pending', $2)",
-                n,
-                orjson.dumps({"id": "unread", "seq": n}),
-            )
-        mine, _ = await runtime.service.submit(SubmitRequest(type="work", id="mine"), SYSTEM)
-        got: list[int] = []
-        for _ in range(10):
-            got.extend(e.seq for e in await watch.next(1) if e.task_id != "t0")
-            if len(got) >= 2:
-                break
-        assert got == [n, mine.seq]
-    finally:
-        watch.close()
-        await other.close()
+    """Another node's event committed but not yet read comes before this process's next
+    commit, never after it, and is not lost."""
+    await own_commit_beside_another_node(runtime_factory, commit_first=True)
 
 
 async def test_a_transaction_never_writes_a_task_after_a_younger_one(runtime_factory: RuntimeFactory) -> None:
