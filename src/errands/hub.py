@@ -336,7 +336,7 @@ class Hub:
         # Fast path: our own commit directly follows what was delivered (the store says nothing
         # else can come between). Otherwise other commits may sit in between, or may still come:
         # reading the log keeps the order.
-        if events and after is not None and after <= self.last_seq < events[0].seq:
+        if self.started and events and after is not None and after <= self.last_seq < events[0].seq:
             self._deliver(events)
         else:
             self._wake.set()
@@ -344,11 +344,15 @@ class Hub:
         # whether a task waits (the log does not say), so LATER is passed on.
         self._announce(hint & _SHARED_HINTS, work)
 
-    def remote_commit(self, hint: Hint, seq: int | None, work: Work) -> None:
+    def remote_commit(
+        self, hint: Hint, seq: int | None, work: Work, events: Sequence[Event] = (), after: int | None = None
+    ) -> None:
         if self._only is None:
-            # A commit at or below the last seq delivered was read already (this process's
-            # own, announced after its hub read the log): nothing more to read for it.
-            if seq is None or seq > self.last_seq:
+            if self.started and events and after is not None and after <= self.last_seq < events[0].seq:
+                self._deliver(events)  # carried by the notification, and nothing comes between
+            elif seq is None or seq > self.last_seq:
+                # A commit at or below the last seq delivered was read already (this process's
+                # own, announced after its hub read the log): nothing more to read for it.
                 self._wake.set()
             self._announce(hint & _SHARED_HINTS, work)
             return

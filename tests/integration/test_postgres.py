@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -115,31 +116,41 @@ async def another_nodes_event(conn: asyncpg.Connection, task_id: str) -> int:
     return seq
 
 
-async def own_commit_beside_another_node(runtime_factory: RuntimeFactory, *, commit_first: bool) -> None:
-    """Another node writes an event N, then this process submits a task: its watch receives N,
-    then its own event, once each. ``commit_first``: N commits before the submit (its hub has
-    not read it yet: no notification); otherwise after it (N's transaction is older, so the
-    submit's event is held back until N's ends)."""
+async def commit_beside_another_node(
+    runtime_factory: RuntimeFactory, *, commit_first: bool, remote: bool = False
+) -> None:
+    """Another node writes an event N, then a task is cancelled, by this process or (``remote``)
+    by a third node: this process's watch receives N, then the cancel, once each. ``commit_first``:
+    N commits before the cancel (this process's hub has not read it yet: N sends no notification);
+    otherwise after it (N's transaction is older, so the cancel is held back until N's ends)."""
+    from errands import model
+
     runtime = await runtime_factory(app, workers=False)
+    writer = await runtime_factory(app, workers=False) if remote else runtime
     watch = runtime.hub.watch(WatchFilter(), key=None)
-    await runtime.service.submit(SubmitRequest(type="work", id="t0"), SYSTEM)
+    await writer.service.submit(SubmitRequest(type="work", id="t0"), SYSTEM)
     assert [e.task_id for e in await watch.next(5)] == ["t0"]
+
+    async def cancel() -> int:
+        record = await writer.store.apply("t0", lambda r: model.cancel(r, now=writer.clock.now()))
+        return record.seq
+
     other = await asyncpg.connect(runtime.settings.db, server_settings=session_settings())
     try:
         async with other.transaction():
             n = await another_nodes_event(other, "other")
             if not commit_first:
-                mine, _ = await runtime.service.submit(SubmitRequest(type="work", id="mine"), SYSTEM)
+                mine = await cancel()
                 with pytest.raises(TimeoutError):
                     await asyncio.wait_for(watch.next(0.5), 0.5)  # held back behind N
         if commit_first:
-            mine, _ = await runtime.service.submit(SubmitRequest(type="work", id="mine"), SYSTEM)
+            mine = await cancel()
         got: list[int] = []
         for _ in range(10):
             got.extend(e.seq for e in await watch.next(1))
             if len(got) >= 2:
                 break
-        assert got == [n, mine.seq]
+        assert got == [n, mine]
     finally:
         watch.close()
         await other.close()
@@ -150,7 +161,7 @@ async def test_a_commit_of_this_process_waits_for_an_older_transaction_of_anothe
 ) -> None:
     """This process's own commits reach its hub at once when nothing can commit before them;
     not while an older transaction of errands' (another node's) may still commit below them."""
-    await own_commit_beside_another_node(runtime_factory, commit_first=False)
+    await commit_beside_another_node(runtime_factory, commit_first=False)
 
 
 async def test_a_commit_of_this_process_comes_after_one_the_hub_has_not_read_yet(
@@ -158,7 +169,75 @@ async def test_a_commit_of_this_process_comes_after_one_the_hub_has_not_read_yet
 ) -> None:
     """Another node's event committed but not yet read comes before this process's next
     commit, never after it, and is not lost."""
-    await own_commit_beside_another_node(runtime_factory, commit_first=True)
+    await commit_beside_another_node(runtime_factory, commit_first=True)
+
+
+@pytest.mark.parametrize("commit_first", [True, False])
+async def test_another_nodes_commit_carried_in_its_notification_keeps_the_order(
+    runtime_factory: RuntimeFactory, commit_first: bool
+) -> None:
+    """The same with the cancel on a third node, whose notification carries its events: they
+    come after N's, never before, and N is not lost."""
+    await commit_beside_another_node(runtime_factory, commit_first=commit_first, remote=True)
+
+
+def count_reads(runtime: Any) -> Callable[[], int]:
+    """How many times the runtime's hub has read the log since this was called."""
+    reads = 0
+    read_log = runtime.store.read_log
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await read_log(*args, **kwargs)
+
+    runtime.store.read_log = counted
+    return lambda: reads
+
+
+async def test_this_processs_commits_reach_its_hub_without_a_read(runtime_factory: RuntimeFactory) -> None:
+    """One submit after another, nothing else writing: each reaches the hub (and a watch) from
+    the commit itself, not from a read of the log."""
+    runtime = await runtime_factory(app, workers=False)
+    watch = runtime.hub.watch(WatchFilter(), key=None)
+    reads = count_reads(runtime)
+    for i in range(20):
+        task, _ = await runtime.service.submit(SubmitRequest(type="work", id=f"s{i}"), SYSTEM)
+        assert [e.seq for e in await watch.next(5)] == [task.seq]
+    assert reads() <= 5  # (the hub's poll, and the odd commit another process made meanwhile)
+
+
+async def test_another_nodes_commits_reach_a_hub_with_their_events_without_a_read(
+    runtime_factory: RuntimeFactory,
+) -> None:
+    """A commit's notification carries its events when nothing can come between them and what
+    precedes them: a hub that has read up to there delivers them without reading the log, in
+    order, once each."""
+    from errands import model
+
+    node_a = await runtime_factory(app, workers=False)
+    node_b = await runtime_factory(app, workers=False)
+    watch = node_a.hub.watch(WatchFilter(), key=None)
+    reads = count_reads(node_a)
+    seen: list[int] = []
+    without_a_read = 0
+
+    async def until(seq: int) -> None:
+        for _ in range(50):
+            if seen and seen[-1] >= seq:
+                return
+            seen.extend(e.seq for e in await watch.next(0.2))
+        raise AssertionError(f"event {seq} never arrived")
+
+    for i in range(20):
+        task, _ = await node_b.service.submit(SubmitRequest(type="work", id=f"n{i}"), SYSTEM)
+        await until(task.seq)
+        before = reads()
+        cancelled = await node_b.store.apply(task.id, lambda r: model.cancel(r, now=node_b.clock.now()))
+        await until(cancelled.seq)
+        without_a_read += reads() == before
+    assert seen == sorted(set(seen)) and len(seen) == 40
+    assert without_a_read >= 10
 
 
 async def test_a_transaction_never_writes_a_task_after_a_younger_one(runtime_factory: RuntimeFactory) -> None:
@@ -291,7 +370,7 @@ async def test_claims_alone_never_share_a_task_with_each_other_or_with_claims_th
             batch = await store.claim(
                 worker_id="w", specs=[ClaimSpec("work")], limit=2, lease_s=30, alone=alone
             )
-            if not batch and not batch.lost:
+            if not batch:
                 return got
             got.extend(t.id for t in batch)
 
@@ -303,6 +382,28 @@ async def test_claims_alone_never_share_a_task_with_each_other_or_with_claims_th
         events = await node_a.store.events(task_id)
         assert [e.type for e in events] == [EventType.CREATED, EventType.PROCESSING]
         assert events[0].seq < events[1].seq
+
+
+async def test_a_claim_alone_that_finds_its_task_taken_claims_as_usual(
+    runtime_factory: RuntimeFactory,
+) -> None:
+    """A task at the head of the queue, locked by another transaction, is read without a lock
+    but not written; the claim then claims as usual, which skips it and takes the next."""
+    from errands.store.records import ClaimSpec
+
+    runtime = await runtime_factory(app, workers=False)
+    for task_id in ["h0", "h1"]:
+        await runtime.service.submit(SubmitRequest(type="work", id=task_id), SYSTEM)
+    holder = await asyncpg.connect(runtime.settings.db)
+    try:
+        async with holder.transaction():
+            await holder.execute("SELECT id FROM errands_tasks WHERE id = 'h0' FOR UPDATE")
+            claimed = await runtime.store.claim(
+                worker_id="w", specs=[ClaimSpec("work")], limit=1, lease_s=30, alone=True
+            )
+        assert [t.id for t in claimed] == ["h1"]
+    finally:
+        await holder.close()
 
 
 async def test_a_claim_alone_of_a_limited_type_keeps_its_limits(runtime_factory: RuntimeFactory) -> None:

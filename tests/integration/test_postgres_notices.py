@@ -56,7 +56,14 @@ class Heard:
     def committed(self, events: Sequence[Event], after: int | None) -> None:
         pass
 
-    def remote_commit(self, hint: Hint, seq: int | None, work: Mapping[str, int]) -> None:
+    def remote_commit(
+        self,
+        hint: Hint,
+        seq: int | None,
+        work: Mapping[str, int],
+        events: Sequence[Event] = (),
+        after: int | None = None,
+    ) -> None:
         self.remote.append((hint, seq, sum(work.values())))
         self.types.append(dict(work))
         self.changed.set()

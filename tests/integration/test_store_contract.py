@@ -448,7 +448,14 @@ class Recorder:
         self.commits.append([e.seq for e in events])
         self.afters.append(after)
 
-    def remote_commit(self, hint: Hint, seq: int | None, work: Mapping[str, int]) -> None:
+    def remote_commit(
+        self,
+        hint: Hint,
+        seq: int | None,
+        work: Mapping[str, int],
+        events: Sequence[Event] = (),
+        after: int | None = None,
+    ) -> None:
         self.remote.append(hint)
 
 

@@ -241,3 +241,42 @@ def test_a_worker_counts_only_the_work_it_could_take() -> None:
     for _ in range(10):
         share = claim_share(share, announced=mine({"bulk": 100, "fast": 1}, {"fast"}), claimed=1, free=10)
     assert share == 1.0
+
+
+def test_a_notification_carries_its_commits_events_when_they_fit() -> None:
+    """On the channel of hubs that follow the whole log, a commit's notification carries its
+    events after what precedes them (``…/after/events``): read back exactly, or not at all."""
+    from errands.store.postgres import notification_events
+    from errands.store.postgres.sql import events_text, payload
+
+    base = 77 << 16
+    snapshot = '{"id":"t/1","note":"a\\nb ü","seq":0}'.encode()
+    rows = [
+        (1, "task.processing", 1.25, "t/1", "alice", "work", "processing", snapshot),
+        (2, "task.completed", 2.5, "t/1", "alice", "work", "completed", snapshot),
+    ]
+    carried = events_text(rows)
+    text = f"{base + 2}/{payload(Hint.ENDED, {})}/{base - 5}/{carried}"
+    assert notification_hint(text) == (Hint.ENDED, base + 2, {})
+    after, events = notification_events(text)
+    assert after == base - 5
+    assert [(e.seq, e.type, e.at, e.task_id, e.status.value) for e in events] == [
+        (base + 1, EventType.PROCESSING, 1.25, "t/1", "processing"),
+        (base + 2, EventType.COMPLETED, 2.5, "t/1", "completed"),
+    ]
+    assert orjson.loads(events[1].task_json) == {"id": "t/1", "note": "a\nb ü", "seq": base + 2}
+    # Too large for a notification: none carried, and the hub reads the log.
+    assert (
+        events_text(
+            [(1, "task.created", 0.0, "t", "o", "w", "pending", b'{"x":"' + b"y" * 6000 + b'","seq":0}')]
+        )
+        == ""
+    )
+    # Without events, or with events that cannot be read: none (the hints still count).
+    for unread in [
+        f"{base + 2}/2/0/",
+        f"{base + 2}/2/0//{base}/[[1]]",
+        f"{base + 2}/2/0//{base}/nonsense",
+        f"{base + 2}/2/0//x/{carried}",
+    ]:
+        assert notification_events(unread) == (None, [])

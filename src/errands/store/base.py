@@ -135,11 +135,14 @@ class CommitSubscriber(Protocol):
         """Which remote commits matter here: those with one of these hints, or every one
         (``None``: the whole log is followed). A store may tell only those."""
 
-    def remote_commit(self, hint: Hint, seq: int | None, work: Work) -> None:
+    def remote_commit(
+        self, hint: Hint, seq: int | None, work: Work, events: Sequence[Event] = (), after: int | None = None
+    ) -> None:
         """Another process may have committed events, which may mean ``hint`` (all of it after
         a reconnect); ``seq`` is the commit's last, when known, and ``work`` how many tasks of
-        each type it made claimable. Stores that cannot tell (SQLite) never call it: readers
-        poll their log."""
+        each type it made claimable. ``events``, when the store could tell them: the commit's
+        events, and ``after`` what precedes them (as for :meth:`committed`). Stores that cannot
+        tell (SQLite) never call it: readers poll their log."""
 
 
 class Lifecycle(Protocol):
@@ -208,8 +211,8 @@ class Tasks(Protocol):
         """Start up to ``limit`` ready tasks of the given types, by priority then age, as
         :func:`errands.model.choose_claims` chooses them within the types' limits; every started
         task gets a new lease. ``alone``: the caller takes its tasks one at a time and nobody
-        else claims them (see :mod:`errands.worker.pace`); a store may then claim more cheaply,
-        at the price of finding some of the tasks it chose taken meanwhile (``Claimed.lost``)."""
+        else claims them (see :mod:`errands.worker.pace`); a store may then claim more cheaply
+        (and more dearly where others claim the same tasks after all)."""
 
     async def flow_usage(self, scopes: Mapping[str, Bound]) -> dict[str, Usage]:
         """How many tasks run now in each flow-control scope, and its rate state (no locks)."""

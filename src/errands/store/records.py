@@ -53,11 +53,9 @@ class ClaimSpec:
 
 class Claimed(list[TaskRecord]):
     """The tasks a claim started; ``retry_at``: when a task a limit held back may be allowed
-    (a rate's next start, another claim's count done), if the claim knows it; ``lost``: how
-    many it chose but found taken meanwhile (a claim ``alone``, see ``Store.claim``)."""
+    (a rate's next start, another claim's count done), if the claim knows it."""
 
     retry_at: float | None = None
-    lost: int = 0
 
 
 @dataclass(frozen=True, slots=True)

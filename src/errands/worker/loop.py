@@ -233,9 +233,8 @@ class Worker:
                 if claimed and self._hub.stops != stops:
                     # A task may have been stopped before the hub knew it was ours: look again.
                     self._hub.wake()
-                if len(claimed) >= free or claimed.lost:
-                    # The queue may hold more than there was room for, or than the claim read.
-                    self._maybe_work = True
+                if len(claimed) >= free:
+                    self._maybe_work = True  # the queue may hold more than there was room for
                 elif not self._stopping:
                     await self._idle()
         finally:

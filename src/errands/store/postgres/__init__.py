@@ -31,7 +31,14 @@ from errands.model import Event, TaskRecord
 from errands.store.base import CommitSubscriber, Hint, Work
 from errands.store.columns import to_event, to_record
 from errands.store.migrations import fresh_schema, migrations
-from errands.store.postgres.sql import CLAIM_AS_READ, HINT_MARK, STATEMENTS, listened
+from errands.store.postgres.sql import (
+    CHANNEL,
+    CLAIM_AS_READ,
+    HINT_MARK,
+    STATEMENTS,
+    events_from_text,
+    listened,
+)
 from errands.store.postgres.tx import PgTx
 from errands.store.postgres.writer import CONNECTION_ERRORS, Writer
 from errands.store.records import Claimed, ClaimSpec, LogRead
@@ -94,10 +101,13 @@ _ANY_WORK: Work = {"": 1}
 
 def notification_hint(payload: str) -> tuple[Hint, int | None, dict[str, int]]:
     """The hints, the last seq and the tasks made claimable (by type) of a notification
-    (``seq/hint/work/type=n,…``, see :data:`.sql.HINT_MARK`). What cannot be read (a node of
-    another version, or anything else) counts as every hint, no seq, and work of any type."""
-    parts = payload.split(HINT_MARK)
+    (``seq/hint/work/type=n,…``, see :data:`.sql.HINT_MARK`; see :func:`notification_events`
+    for what may follow). What cannot be read (a node of another version, or anything else)
+    counts as every hint, no seq, and work of any type."""
+    parts = payload.split(HINT_MARK, 5)
     try:
+        if len(parts) == 6 and _DIGITS.fullmatch(parts[4]):
+            parts = parts[:4]  # the events follow (see notification_events)
         if not 2 <= len(parts) <= 4 or not all(_DIGITS.fullmatch(p) for p in parts[:3]):
             raise ValueError(payload)
         hint = Hint(int(parts[1]))
@@ -114,6 +124,19 @@ def notification_hint(payload: str) -> tuple[Hint, int | None, dict[str, int]]:
         return hint, int(parts[0]), work
     except ValueError:
         return Hint.ALL, None, {"": 1}
+
+
+def notification_events(payload: str) -> tuple[int | None, list[Event]]:
+    """What precedes a notification's events, and the events, where it carries them
+    (``…/after/events``, see :func:`.sql.events_text`); ``(None, [])`` where it does not, or
+    they cannot be read (the hub then reads the log)."""
+    parts = payload.split(HINT_MARK, 5)
+    if len(parts) < 6 or not _DIGITS.fullmatch(parts[0]) or not _DIGITS.fullmatch(parts[4]):
+        return None, []
+    try:
+        return int(parts[4]), events_from_text(int(parts[0]), parts[5])
+    except Exception:  # anything a payload may hold: it is only a shortcut
+        return None, []
 
 
 def safe_url(url: str) -> str:
@@ -198,18 +221,27 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps,
         if self._subscriber is not None:
             self._subscriber.committed(events, after)
 
-    def _remote(self, hint: Hint, seq: int | None = None, work: Work = _ANY_WORK) -> None:
+    def _remote(
+        self,
+        hint: Hint,
+        seq: int | None = None,
+        work: Work = _ANY_WORK,
+        events: Sequence[Event] = (),
+        after: int | None = None,
+    ) -> None:
         if self._subscriber is not None:
             try:
-                self._subscriber.remote_commit(hint, seq, work)
+                self._subscriber.remote_commit(hint, seq, work, events, after)
             except Exception:
                 log.exception("the commit subscriber failed")
 
-    def _notified(self, _conn: object, pid: int, _channel: str, payload: object) -> None:
+    def _notified(self, _conn: object, pid: int, channel: str, payload: object) -> None:
         # This process's own commits reach the subscriber right after them (committed()):
         # their notifications, which may come first, would only make it read the log twice.
         if pid not in self._own_pids:
-            self._remote(*notification_hint(str(payload)))
+            text = str(payload)
+            after, events = notification_events(text) if channel == CHANNEL else (None, [])
+            self._remote(*notification_hint(text), events, after)
 
     async def _own_session(self, conn: asyncpg.Connection) -> None:
         pid = conn.get_server_pid()
@@ -382,10 +414,10 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps,
         claims, see :mod:`errands.worker.pace`) of types without limits reads its tasks without
         locking them and writes each in one statement, only where the task is still as read
         (:meth:`.writer.Writer.as_read`): two round trips, not the four of a transaction that
-        locks them. Were others claiming the same tasks, such a claim would mostly find its
-        choice taken (``Claimed.lost``); the queue is then short, so the read's plan costs
-        little whichever index it walks (it is planned outside the claim's transaction, which
-        plans without sorts)."""
+        locks them. Tasks it finds taken meanwhile (by others claiming the same tasks, or one
+        locked) are made up for by a claim as usual, which skips locked tasks. The queue is
+        short then, so the read's plan costs little whichever index it walks (it is planned
+        outside the claim's transaction, which plans without sorts)."""
         if not alone or limit <= 0 or not specs or any(s.bounds for s in specs):
             return await super().claim(worker_id=worker_id, specs=specs, limit=limit, lease_s=lease_s)
         if self._writer is None:
@@ -402,7 +434,9 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps,
 
         chosen, changed = await self._writer.as_read(read)
         claimed = Claimed(r for r in chosen if r.id not in changed)
-        claimed.lost = len(chosen) - len(claimed)
+        if changed:
+            left = limit - len(claimed)
+            claimed.extend(await super().claim(worker_id=worker_id, specs=specs, limit=left, lease_s=lease_s))
         return claimed
 
     # -- the log of a few tasks (a worker process's, see TaskLog) ------------------------------

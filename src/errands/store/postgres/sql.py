@@ -3,8 +3,11 @@ given), and the statements only its write path runs (see :mod:`.writer`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+import orjson
+
+from errands.model import Event
 from errands.store.base import Hint
 from errands.store.columns import (
     ATTEMPTS,
@@ -16,6 +19,7 @@ from errands.store.columns import (
     PG_TYPES,
     RECEIPTS,
     SELECT_LIST,
+    to_event,
 )
 from errands.store.statements import ENDED, FIRST_IN_LINE, LEDGER_COLUMNS, STARTABLE, Statements, usage_sql
 
@@ -35,17 +39,14 @@ HINT_MARK = "/"
 #: The most a notification's types may take (its payload must stay under 8,000 bytes): beyond,
 #: the types are left out and a reader counts the work as of every type.
 _MAX_TYPES_CHARS = 2000
+#: The most a notification's events may take (beside at most 2,000 of types and a few numbers).
+_MAX_EVENTS_BYTES = 5000
 #: The seq base of the transaction (assigning its id if it has none yet), read beside a row.
 BASE = "(pg_current_xact_id()::text::bigint << 16)"
 #: What precedes the transaction's events in the log, read by each statement that writes events:
-#: the last seq below its base when its id is the oldest of every transaction running on the
-#: server as the statement began (no other can still commit below it), else NULL. The statement's
-#: snapshot counts the transaction's own id; one that gets its id in this statement, after the
-#: snapshot, is the oldest only if no other was running and none took an id in between.
-AFTER = (
-    "CASE WHEN pg_snapshot_xmin(pg_current_snapshot()) = pg_current_xact_id() "
-    f"THEN coalesce((SELECT max(seq) FROM errands_events WHERE seq < {BASE}), 0) END"
-)
+#: the last seq below its base when no older transaction of errands' runs (no other can still
+#: commit below it), else NULL (``errands_after``, migration 0016).
+AFTER = f"errands_after({BASE})"
 
 
 def channels(hint: Hint) -> list[str]:
@@ -61,6 +62,30 @@ def payload(hint: Hint, work: Mapping[str, int]) -> str:
     return f"{hint.value}{HINT_MARK}{sum(work.values())}{HINT_MARK}{types}"
 
 
+def events_text(events: Sequence[tuple[int, str, float, str, str, str, str, bytes]]) -> str:
+    """The events of a commit as its notification on :data:`CHANNEL` carries them (each: its
+    ordinal, type, time, task id, owner, task type, status and snapshot): their columns as JSON,
+    then each snapshot on a line of its own (compact JSON has no line breaks); ``''`` when they
+    would not fit in a notification beside the rest (hubs then read the log)."""
+    head = orjson.dumps([list(e[:7]) for e in events])
+    text = b"\n".join([head, *(e[7] for e in events)])
+    return text.decode() if len(text) <= _MAX_EVENTS_BYTES else ""
+
+
+def events_from_text(last_seq: int, text: str) -> list[Event]:
+    """The events of :func:`events_text`, with the seqs of a commit whose last is ``last_seq``.
+    Raises ValueError (or another error of reading JSON) if it cannot be read."""
+    head, *snapshots = text.encode().split(b"\n")
+    rows = orjson.loads(head)
+    if not isinstance(rows, list) or len(rows) != len(snapshots):
+        raise ValueError("events that cannot be read")
+    base = last_seq >> 16 << 16
+    return [
+        to_event((base + row[0], *row[1:7], snapshot), seq_in_snapshot=False)
+        for row, snapshot in zip(rows, snapshots, strict=True)
+    ]
+
+
 def listened(wanted: Hint | None) -> list[str]:
     """The channels a subscriber that wants ``wanted`` listens to (``None``: every commit)."""
     if wanted is None:
@@ -68,8 +93,11 @@ def listened(wanted: Hint | None) -> list[str]:
     return [name for name, hint in HINT_CHANNELS.items() if hint & wanted]
 
 
-def _notify(payload: str, channels_arg: str) -> str:
-    """An expression that notifies ``payload`` on each channel of a ``text[]`` argument."""
+def _notify(payload: str, channels_arg: str, *, full: str | None = None) -> str:
+    """An expression that notifies ``payload`` on each channel of a ``text[]`` argument (``full``
+    instead on :data:`CHANNEL`, which hubs that follow the whole log listen to)."""
+    if full is not None:
+        payload = f"CASE WHEN c = '{CHANNEL}' THEN {full} ELSE {payload} END"
     return f"(SELECT count(pg_notify(c, {payload})) FROM unnest({channels_arg}::text[]) AS c)"
 
 
@@ -102,11 +130,19 @@ def _commit_sql(*, seen: bool = False) -> str:
     event_args = ", ".join(f"${first_event + i}::{t}[]" for i, t in enumerate(event_types))
     sets = ", ".join(f"{c} = r.{c}" for c in WRITTEN)
     hint, chans = first_event + len(event_types), first_event + len(event_types) + 1
+    events = chans + 1  # the events as a notification carries them (see events_text), or ''
     payload = f"(base + $1::int4)::text || '{HINT_MARK}' || ${hint}::text"
+    # On CHANNEL, the events themselves, when nothing can come between them and what precedes
+    # them (and, decided on rows as seen, when every row was written).
+    every = "" if not seen else " AND (SELECT count(*) FROM written) = cardinality($2::text[])"
+    full = (
+        f"{payload} || CASE WHEN after IS NOT NULL AND ${events}::text <> ''{every} "
+        f"THEN '{HINT_MARK}' || after::text || '{HINT_MARK}' || ${events}::text ELSE '' END"
+    )
     if not seen:
         return f"""
 WITH s AS (
-    SELECT {BASE} AS base
+    SELECT {BASE} AS base, {AFTER} AS after
 ), written AS (
     UPDATE errands_tasks t SET {sets}, seq = s.base + r.ord
     FROM s, unnest({row_args}) AS r({row_names})
@@ -116,12 +152,12 @@ WITH s AS (
     SELECT s.base + e.ord, e.type, e.at, e.task_id, e.owner, e.task_type, e.status, e.task
     FROM s, unnest({event_args}) AS e(ord, type, at, task_id, owner, task_type, status, task)
 )
-SELECT base, {_notify(payload, f"${chans}")}, {AFTER} FROM s
+SELECT base, {_notify(payload, f"${chans}", full=full)}, after FROM s
 """
-    x = chans + 1  # the rows as seen: ids, seqs, lease expiries, next polls
+    x = events + 1  # the rows as seen: ids, seqs, lease expiries, next polls
     return f"""
 WITH s AS (
-    SELECT {BASE} AS base
+    SELECT {BASE} AS base, {AFTER} AS after
 ), still AS MATERIALIZED (
     SELECT t.id FROM errands_tasks t
     JOIN unnest(${x}::text[], ${x + 1}::int8[], ${x + 2}::float8[], ${x + 3}::float8[]) AS x(id, seq, lease, poll)
@@ -141,7 +177,7 @@ WITH s AS (
     WHERE e.task_id IN (SELECT id FROM written)
 )
 SELECT base, ARRAY(SELECT id FROM written),
-       CASE WHEN EXISTS (SELECT 1 FROM written) THEN {_notify(payload, f"${chans}")} END, {AFTER}
+       CASE WHEN EXISTS (SELECT 1 FROM written) THEN {_notify(payload, f"${chans}", full=full)} END, after
 FROM s
 """
 
@@ -191,8 +227,10 @@ WITH r AS (
     FROM ins
 ), note AS (  -- once, and only if something was created
     SELECT CASE WHEN EXISTS (SELECT 1 FROM ins) THEN {_notify(f"(SELECT max(seq) FROM ins)::text || '{HINT_MARK}' || ${n + 3}::text", f"${n + 4}")} END AS sent
+), aft AS (  -- once
+    SELECT {AFTER} AS after
 )
-SELECT id, seq, note.sent, {AFTER} FROM ins, note
+SELECT id, seq, note.sent, aft.after FROM ins, note, aft
 """
 
 

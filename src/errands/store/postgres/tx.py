@@ -58,6 +58,7 @@ from errands.store.postgres.sql import (
     STATEMENTS,
     WRITTEN,
     channels,
+    events_text,
     payload,
 )
 from errands.store.records import Receipt
@@ -325,7 +326,8 @@ class PgTx(TxBase):
         ]
         hint = hints((c.event, c.record.waits) for c in self.pending)
         notice = payload(hint, claimable((c.event, c.record.waits, c.record.type) for c in self.pending))
-        args = [first + len(self.pending) - 1, *row_arrays, *event_arrays, notice, channels(hint)]
+        carried = events_text(list(zip(*event_arrays, strict=True)))
+        args = [first + len(self.pending) - 1, *row_arrays, *event_arrays, notice, channels(hint), carried]
         if self.seen is None:
             row = await self.conn.fetchrow(COMMIT, *args)
         else:
