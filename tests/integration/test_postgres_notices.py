@@ -20,7 +20,7 @@ from errands.service import SubmitRequest
 from errands.store import open_store
 from errands.store.base import Hint
 from errands.store.postgres import PostgresStore
-from errands.store.postgres.sql import CHANNEL, channels, listened
+from errands.store.postgres.notices import CHANNEL, channels, listened
 from errands.store.records import ClaimSpec
 from tests.integration.conftest import RuntimeFactory, new_task, wait_task
 

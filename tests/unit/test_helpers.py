@@ -14,7 +14,7 @@ from errands.inputs import new_task_id, new_task_ids
 from errands.model import EventType
 from errands.service import decode_cursor, percentile
 from errands.store.base import Hint, hints
-from errands.store.postgres import notification_hint
+from errands.store.postgres.notices import notification_hint
 
 
 def test_generated_ids_are_valid_client_ids_and_sort_by_time() -> None:
@@ -175,7 +175,7 @@ def test_a_notifications_hints_seq_and_work_are_read_safely(
 
 
 def test_a_notification_says_how_much_work_of_each_type_or_of_any() -> None:
-    from errands.store.postgres.sql import payload
+    from errands.store.postgres.notices import payload
 
     assert payload(Hint.WORK, {"a": 2, "b": 1}) == "1/3/a=2,b=1"
     assert notification_hint("9/" + payload(Hint.WORK, {"a": 2, "b": 1})) == (Hint.WORK, 9, {"a": 2, "b": 1})
@@ -246,8 +246,7 @@ def test_a_worker_counts_only_the_work_it_could_take() -> None:
 def test_a_notification_carries_its_commits_events_when_they_fit() -> None:
     """On the channel of hubs that follow the whole log, a commit's notification carries its
     events after what precedes them (``…/after/events``): read back exactly, or not at all."""
-    from errands.store.postgres import notification_events
-    from errands.store.postgres.sql import events_text, payload
+    from errands.store.postgres.notices import events_text, notification_events, payload
 
     base = 77 << 16
     snapshot = '{"id":"t/1","note":"a\\nb ü","seq":0}'.encode()

@@ -2,9 +2,10 @@
 
 Writes go through a small writer (:mod:`.writer`), as on SQLite, so concurrent changes share
 transactions; a few lanes (pooled connections) work in parallel. Other nodes learn of commits
-through ``LISTEN``/``NOTIFY`` (the payload: the last seq and the commit's hints; the hub reads
-the log itself), with a dedicated connection that reconnects by itself; the hub catches up from
-its last seq after every reconnect, so nothing is missed while it was away.
+through ``LISTEN``/``NOTIFY`` (the payload: the last seq and the commit's hints, and where they
+fit its events, see :mod:`.notices`; the hub reads the log for what it cannot take from there),
+with a dedicated connection that reconnects by itself; the hub catches up from its last seq
+after every reconnect, so nothing is missed while it was away.
 
 **errands' own sessions.** Every connection is named ``errands`` (``application_name``): the log
 is read below the oldest transaction still running in a session of that name (migration 0007),
@@ -19,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -31,14 +32,8 @@ from errands.model import Event, TaskRecord
 from errands.store.base import CommitSubscriber, Hint, Work
 from errands.store.columns import to_event, to_record
 from errands.store.migrations import fresh_schema, migrations
-from errands.store.postgres.sql import (
-    CHANNEL,
-    CLAIM_AS_READ,
-    HINT_MARK,
-    STATEMENTS,
-    events_from_text,
-    listened,
-)
+from errands.store.postgres.notices import ANY_WORK, CHANNEL, listened, notification_events, notification_hint
+from errands.store.postgres.sql import CLAIM_AS_READ, STATEMENTS
 from errands.store.postgres.tx import PgTx
 from errands.store.postgres.writer import CONNECTION_ERRORS, Writer
 from errands.store.records import Claimed, ClaimSpec, LogRead
@@ -60,6 +55,10 @@ _SWEEPER_LOCK = 0x6572_7261_6E64_73  # "errands": the advisory lock one sweeper 
 APPLICATION_NAME = "errands"
 #: How long the listener's session may stay silent (it checks its connection every 5 s).
 _LISTEN_IDLE_S = 60.0
+#: The sessions of errands' own role on this database (see PostgresStore._peers), read at most
+#: this often on behalf of notifications from others.
+_PEERS = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND usename = current_user"
+_PEERS_EVERY_S = 0.5
 
 
 def session_settings(
@@ -92,51 +91,6 @@ def session_settings(
     if idle_s is not None:
         settings["idle_session_timeout"] = str(max(1, round(idle_s * 1000)))
     return settings
-
-
-_DIGITS = re.compile(r"[0-9]{1,19}")
-#: What a notification that cannot be read may have made claimable: some task, of any type.
-_ANY_WORK: Work = {"": 1}
-
-
-def notification_hint(payload: str) -> tuple[Hint, int | None, dict[str, int]]:
-    """The hints, the last seq and the tasks made claimable (by type) of a notification
-    (``seq/hint/work/type=n,…``, see :data:`.sql.HINT_MARK`; see :func:`notification_events`
-    for what may follow). What cannot be read (a node of another version, or anything else)
-    counts as every hint, no seq, and work of any type."""
-    parts = payload.split(HINT_MARK, 5)
-    try:
-        if len(parts) == 6 and _DIGITS.fullmatch(parts[4]):
-            parts = parts[:4]  # the events follow (see notification_events)
-        if not 2 <= len(parts) <= 4 or not all(_DIGITS.fullmatch(p) for p in parts[:3]):
-            raise ValueError(payload)
-        hint = Hint(int(parts[1]))
-        total = int(parts[2]) if len(parts) > 2 else int(bool(hint & Hint.WORK))
-        work: dict[str, int] = {}
-        if len(parts) == 4 and parts[3]:
-            for item in parts[3].split(","):
-                name, _, n = item.rpartition("=")
-                if not name or not _DIGITS.fullmatch(n):
-                    raise ValueError(payload)
-                work[name] = int(n)
-        if sum(work.values()) < total:
-            work[""] = total - sum(work.values())
-        return hint, int(parts[0]), work
-    except ValueError:
-        return Hint.ALL, None, {"": 1}
-
-
-def notification_events(payload: str) -> tuple[int | None, list[Event]]:
-    """What precedes a notification's events, and the events, where it carries them
-    (``…/after/events``, see :func:`.sql.events_text`); ``(None, [])`` where it does not, or
-    they cannot be read (the hub then reads the log)."""
-    parts = payload.split(HINT_MARK, 5)
-    if len(parts) < 6 or not _DIGITS.fullmatch(parts[0]) or not _DIGITS.fullmatch(parts[4]):
-        return None, []
-    try:
-        return int(parts[4]), events_from_text(int(parts[0]), parts[5])
-    except Exception:  # anything a payload may hold: it is only a shortcut
-        return None, []
 
 
 def safe_url(url: str) -> str:
@@ -206,6 +160,13 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps,
         self._subscriber: CommitSubscriber | None = None
         self._channels_changed = asyncio.Event()
         self._own_pids: set[int] = set()  # the server processes of the pool's connections
+        # The server processes of sessions of errands' own role on this database: only their
+        # notifications' events are taken (any role that may connect may notify; one that is
+        # errands' own may write the log anyway). Read by the listener every few seconds, and
+        # soon after a notification with events comes from another process.
+        self._peers: set[int] = set()
+        self._stranger = asyncio.Event()
+        self._peers_at = -1e9
         self.listening = asyncio.Event()
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -225,7 +186,7 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps,
         self,
         hint: Hint,
         seq: int | None = None,
-        work: Work = _ANY_WORK,
+        work: Work = ANY_WORK,
         events: Sequence[Event] = (),
         after: int | None = None,
     ) -> None:
@@ -241,6 +202,9 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps,
         if pid not in self._own_pids:
             text = str(payload)
             after, events = notification_events(text) if channel == CHANNEL else (None, [])
+            if events and pid not in self._peers:
+                after, events = None, []  # read from the log instead
+                self._stranger.set()  # perhaps a new process of errands': look again
             self._remote(*notification_hint(text), events, after)
 
     async def _own_session(self, conn: asyncpg.Connection) -> None:
@@ -332,9 +296,13 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps,
                         self.listening.set()
                         delay = 0.2
                         self._remote(Hint.ALL)  # whatever was committed while not listening
-                    await within(_either(lost, self._channels_changed), 5)
                     if not lost.is_set() and not self._channels_changed.is_set():
-                        await conn.execute("SELECT 1")  # notice a silently dead connection
+                        # (Which also notices a silently dead connection.)
+                        await asyncio.sleep(max(0.0, self._peers_at + _PEERS_EVERY_S - time.monotonic()))
+                        self._stranger.clear()
+                        self._peers_at = time.monotonic()
+                        self._peers = {r[0] for r in await conn.fetch(_PEERS)}
+                    await within(_either(lost, self._channels_changed, self._stranger), 5)
                 log.warning("listening for events failed: the connection was lost; reconnecting")
             except asyncio.CancelledError:
                 raise

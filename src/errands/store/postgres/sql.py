@@ -3,12 +3,6 @@ given), and the statements only its write path runs (see :mod:`.writer`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
-import orjson
-
-from errands.model import Event
-from errands.store.base import Hint
 from errands.store.columns import (
     ATTEMPTS,
     COLUMNS,
@@ -19,78 +13,16 @@ from errands.store.columns import (
     PG_TYPES,
     RECEIPTS,
     SELECT_LIST,
-    to_event,
 )
+from errands.store.postgres.notices import CHANNEL, HINT_MARK
 from errands.store.statements import ENDED, FIRST_IN_LINE, LEDGER_COLUMNS, STARTABLE, Statements, usage_sql
 
-#: The channel every commit notifies (the payload is a wake-up with hints, see the store): what
-#: a hub that follows the whole log listens to.
-CHANNEL = "errands_events"
-#: Channels that a commit also notifies when it has one of their hints: what a process that needs
-#: only those listens to (a worker process: work, and stops; ends where a limit counts them), so
-#: that the commits of claims and ends elsewhere do not wake it.
-HINT_CHANNELS = {
-    "errands_hints": Hint.WORK | Hint.LATER | Hint.STOPPED,
-    "errands_ended": Hint.ENDED,
-}
-#: Between a notification's parts: the commit's last seq, its hints (a Hint's value), how many
-#: tasks it made claimable, and how many of each type (``seq/hint/work/type=n,type=n``).
-HINT_MARK = "/"
-#: The most a notification's types may take (its payload must stay under 8,000 bytes): beyond,
-#: the types are left out and a reader counts the work as of every type.
-_MAX_TYPES_CHARS = 2000
-#: The most a notification's events may take (beside at most 2,000 of types and a few numbers).
-_MAX_EVENTS_BYTES = 5000
 #: The seq base of the transaction (assigning its id if it has none yet), read beside a row.
 BASE = "(pg_current_xact_id()::text::bigint << 16)"
 #: What precedes the transaction's events in the log, read by each statement that writes events:
 #: the last seq below its base when no older transaction of errands' runs (no other can still
 #: commit below it), else NULL (``errands_after``, migration 0016).
 AFTER = f"errands_after({BASE})"
-
-
-def channels(hint: Hint) -> list[str]:
-    """The channels a commit with ``hint`` notifies."""
-    return [CHANNEL, *(name for name, wanted in HINT_CHANNELS.items() if hint & wanted)]
-
-
-def payload(hint: Hint, work: Mapping[str, int]) -> str:
-    """A notification's parts after its seq (see :data:`HINT_MARK`)."""
-    types = ",".join(f"{name}={n}" for name, n in work.items())
-    if len(types) > _MAX_TYPES_CHARS:
-        types = ""
-    return f"{hint.value}{HINT_MARK}{sum(work.values())}{HINT_MARK}{types}"
-
-
-def events_text(events: Sequence[tuple[int, str, float, str, str, str, str, bytes]]) -> str:
-    """The events of a commit as its notification on :data:`CHANNEL` carries them (each: its
-    ordinal, type, time, task id, owner, task type, status and snapshot): their columns as JSON,
-    then each snapshot on a line of its own (compact JSON has no line breaks); ``''`` when they
-    would not fit in a notification beside the rest (hubs then read the log)."""
-    head = orjson.dumps([list(e[:7]) for e in events])
-    text = b"\n".join([head, *(e[7] for e in events)])
-    return text.decode() if len(text) <= _MAX_EVENTS_BYTES else ""
-
-
-def events_from_text(last_seq: int, text: str) -> list[Event]:
-    """The events of :func:`events_text`, with the seqs of a commit whose last is ``last_seq``.
-    Raises ValueError (or another error of reading JSON) if it cannot be read."""
-    head, *snapshots = text.encode().split(b"\n")
-    rows = orjson.loads(head)
-    if not isinstance(rows, list) or len(rows) != len(snapshots):
-        raise ValueError("events that cannot be read")
-    base = last_seq >> 16 << 16
-    return [
-        to_event((base + row[0], *row[1:7], snapshot), seq_in_snapshot=False)
-        for row, snapshot in zip(rows, snapshots, strict=True)
-    ]
-
-
-def listened(wanted: Hint | None) -> list[str]:
-    """The channels a subscriber that wants ``wanted`` listens to (``None``: every commit)."""
-    if wanted is None:
-        return [CHANNEL]
-    return [name for name, hint in HINT_CHANNELS.items() if hint & wanted]
 
 
 def _notify(payload: str, channels_arg: str, *, full: str | None = None) -> str:

@@ -44,6 +44,7 @@ from errands.model import Change, Event, EventType, TaskRecord
 from errands.model.credits import Balance, CreditMove
 from errands.store.base import claimable, hints
 from errands.store.columns import COLUMNS, to_record, values, with_seq
+from errands.store.postgres.notices import channels, events_text, payload
 from errands.store.postgres.sql import (
     COMMIT,
     COMMIT_SEEN,
@@ -57,9 +58,6 @@ from errands.store.postgres.sql import (
     REPORT_TARGET,
     STATEMENTS,
     WRITTEN,
-    channels,
-    events_text,
-    payload,
 )
 from errands.store.records import Receipt
 from errands.store.shared import TxBase, op_error
@@ -326,7 +324,9 @@ class PgTx(TxBase):
         ]
         hint = hints((c.event, c.record.waits) for c in self.pending)
         notice = payload(hint, claimable((c.event, c.record.waits, c.record.type) for c in self.pending))
-        carried = events_text(list(zip(*event_arrays, strict=True)))
+        # Only a commit whose events are all here (none written before, by a create): a hub
+        # that took these would pass the others.
+        carried = "" if self.written else events_text(list(zip(*event_arrays, strict=True)))
         args = [first + len(self.pending) - 1, *row_arrays, *event_arrays, notice, channels(hint), carried]
         if self.seen is None:
             row = await self.conn.fetchrow(COMMIT, *args)
