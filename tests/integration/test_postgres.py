@@ -208,7 +208,7 @@ async def test_this_processs_commits_reach_its_hub_without_a_read(runtime_factor
 
 async def trusted(node_a: Any, node_b: Any) -> int:
     """Until node A knows node B's sessions as errands' (it takes the events of their
-    notifications only then, and looks again, at most twice a second, when one notifies it):
+    notifications only then, and looks again, at most 20 times a second, when one notifies it):
     the seq of the last task B submitted meanwhile."""
     for _ in range(200):
         task, _ = await node_b.service.submit(SubmitRequest(type="work"), SYSTEM)

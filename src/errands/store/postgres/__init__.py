@@ -58,7 +58,7 @@ _LISTEN_IDLE_S = 60.0
 #: The sessions of errands' own role on this database (see PostgresStore._peers), read at most
 #: this often on behalf of notifications from others.
 _PEERS = "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND usename = current_user"
-_PEERS_EVERY_S = 0.5
+_PEERS_EVERY_S = 0.05
 
 
 def session_settings(
