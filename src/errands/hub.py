@@ -333,10 +333,9 @@ class Hub:
         if self._only is not None:
             self.remote_commit(hint, None, work)  # read like any other commit: only the followed tasks
             return
-        # Fast path: our own commit directly follows what was delivered (the store says nothing
-        # else can come between). Otherwise other commits may sit in between, or may still come:
-        # reading the log keeps the order.
-        if self.started and events and after is not None and after <= self.last_seq < events[0].seq:
+        # Fast path: our own commit directly follows what was delivered. Otherwise other commits
+        # may sit in between, or may still come: reading the log keeps the order.
+        if self._follows(events, after):
             self._deliver(events)
         else:
             self._wake.set()
@@ -348,8 +347,8 @@ class Hub:
         self, hint: Hint, seq: int | None, work: Work, events: Sequence[Event] = (), after: int | None = None
     ) -> None:
         if self._only is None:
-            if self.started and events and after is not None and after <= self.last_seq < events[0].seq:
-                self._deliver(events)  # carried by the notification, and nothing comes between
+            if self._follows(events, after):
+                self._deliver(events)  # carried by the notification
             elif seq is None or seq > self.last_seq:
                 # A commit at or below the last seq delivered was read already (this process's
                 # own, announced after its hub read the log): nothing more to read for it.
@@ -360,6 +359,12 @@ class Hub:
             self.stops += 1
             self._wake.set()
         self._announce(hint, work)
+
+    def _follows(self, events: Sequence[Event], after: int | None) -> bool:
+        """Whether a commit's ``events`` come right after what was delivered: the store says
+        that nothing but them can come after ``after`` (see ``CommitSubscriber.committed``),
+        which was delivered, and they were not."""
+        return self.started and bool(events) and after is not None and after <= self.last_seq < events[0].seq
 
     def _deliver(self, events: Sequence[Event]) -> None:
         for event in events:

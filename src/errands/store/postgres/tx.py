@@ -336,9 +336,9 @@ class PgTx(TxBase):
                 COMMIT_SEEN, *args, [r.id for r in as_seen], [r.seq for r in as_seen],
                 [r.lease_expires_at for r in as_seen], [r.poll_at for r in as_seen],
             )  # fmt: skip
-            assert row is not None  # one row, always
-            self.unwritten = {r.id for r in finals} - set(row[1])
         assert row is not None  # one row, always
+        if self.seen is not None:
+            self.unwritten = {r.id for r in finals} - set(row[1])
         base, self.after = row[0], row[-1]
         events = list(self.written)
         for ord_, (change, snapshot) in enumerate(zip(self.pending, snapshots, strict=True), start=first):
