@@ -241,16 +241,54 @@ async def test_another_nodes_commits_reach_a_hub_with_their_events_without_a_rea
     await until(await trusted(node_a, node_b))
     seen.clear()
     reads = count_reads(node_a)
-    without_a_read = 0
+    submits_without_a_read = changes_without_a_read = 0
     for i in range(20):
+        before = reads()
         task, _ = await node_b.service.submit(SubmitRequest(type="work", id=f"n{i}"), SYSTEM)
         await until(task.seq)
+        submits_without_a_read += reads() == before
         before = reads()
         cancelled = await node_b.store.apply(task.id, lambda r: model.cancel(r, now=node_b.clock.now()))
         await until(cancelled.seq)
-        without_a_read += reads() == before
+        changes_without_a_read += reads() == before
     assert seen == sorted(set(seen)) and len(seen) == 40
-    assert without_a_read >= 10
+    assert submits_without_a_read >= 10 and changes_without_a_read >= 10
+
+
+async def test_another_nodes_creates_together_reach_a_hub_without_a_read_only_when_all_were_made(
+    runtime_factory: RuntimeFactory,
+) -> None:
+    """Creates written in one statement carry their events when every one was created: a batch
+    with an id that exists already carries none (its events would not be all of the
+    transaction's seqs), and another node reads it, in order, once each."""
+    from tests.integration.conftest import new_task
+
+    node_a = await runtime_factory(app, workers=False)
+    node_b = await runtime_factory(app, workers=False)
+    await trusted(node_a, node_b)
+    watch = node_a.hub.watch(WatchFilter(), key=None)
+    reads = count_reads(node_a)
+
+    async def batch(ids: list[str]) -> list[tuple[str, EventType]]:
+        results = await node_b.store.create_many([new_task(i, type="work") for i in ids])
+        made = {r[0].id for r in results if isinstance(r, tuple) and r[1]}
+        got: list[tuple[str, EventType]] = []
+        for _ in range(20):
+            got.extend((e.task_id, e.type) for e in await watch.next(0.5) if e.task_id in ids)
+            if len(got) >= len(made):
+                break
+        assert got == [(i, EventType.CREATED) for i in ids if i in made]
+        return got
+
+    carried = 0
+    for k in range(10):
+        before = reads()
+        await batch([f"b{k}-{j}" for j in range(4)])
+        carried += reads() == before
+    assert carried >= 5
+    before = reads()
+    await batch(["b0-1", "c-new", "b0-2", "c-other"])  # two exist: the others are read
+    assert reads() > before
 
 
 async def test_a_transaction_that_creates_and_changes_tasks_reaches_another_node_whole(

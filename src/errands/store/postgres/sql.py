@@ -33,6 +33,16 @@ def _notify(payload: str, channels_arg: str, *, full: str | None = None) -> str:
     return f"(SELECT count(pg_notify(c, {payload})) FROM unnest({channels_arg}::text[]) AS c)"
 
 
+def _carrying(payload: str, after: str, events: str, condition: str = "") -> str:
+    """``payload`` followed by what precedes the events and the events (``…/after/events``, see
+    :func:`.notices.events_text`), when ``after`` is known, the events were given (the statement's
+    argument ``events`` is not empty) and ``condition`` holds: the payload on :data:`CHANNEL`."""
+    return (
+        f"{payload} || CASE WHEN {after} IS NOT NULL AND {events}::text <> ''{condition} "
+        f"THEN '{HINT_MARK}' || {after}::text || '{HINT_MARK}' || {events}::text ELSE '' END"
+    )
+
+
 def _marks(n: int) -> str:
     return ", ".join(f"${i}" for i in range(1, n + 1))
 
@@ -67,10 +77,7 @@ def _commit_sql(*, seen: bool = False) -> str:
     # On CHANNEL, the events themselves, when nothing can come between them and what precedes
     # them (and, decided on rows as seen, when every row was written).
     every = "" if not seen else " AND (SELECT count(*) FROM written) = cardinality($2::text[])"
-    full = (
-        f"{payload} || CASE WHEN after IS NOT NULL AND ${events}::text <> ''{every} "
-        f"THEN '{HINT_MARK}' || after::text || '{HINT_MARK}' || ${events}::text ELSE '' END"
-    )
+    full = _carrying(payload, "after", f"${events}", every)
     if not seen:
         return f"""
 WITH s AS (
@@ -116,10 +123,13 @@ FROM s
 
 def _insert_sql() -> str:
     """A create in one statement: the row with its final seq, its event, the notification (its
-    hints and work, ``hint/work``, the last parameters but one: work now, or later for a
-    delayed task)."""
+    hints and work, ``hint/work``: work now, or later for a delayed task; then on
+    :data:`CHANNEL` the event as the last argument gives it, or ``''``)."""
     n = len(INSERTED)
     row = [f"${i + 1}::{PG_TYPES[c]}" for i, c in enumerate(INSERTED)]
+    payload = f"seq::text || '{HINT_MARK}' || ${n + 3}::text"
+    full = _carrying(payload, "after", f"${n + 5}")
+    # (``after`` is read in a subquery of the created row: nothing of it when nothing was.)
     return f"""
 WITH ins AS (
     INSERT INTO errands_tasks ({", ".join(INSERTED)}, seq)
@@ -131,7 +141,8 @@ WITH ins AS (
     INSERT INTO errands_events ({EVENT_COLUMNS})
     SELECT seq, 'task.created', updated_at, id, owner, type, 'pending', ${n + 2} FROM ins
 )
-SELECT seq, {_notify(f"seq::text || '{HINT_MARK}' || ${n + 3}::text", f"${n + 4}")}, {AFTER} FROM ins
+SELECT seq, {_notify(payload, f"${n + 4}", full=full)}, after
+FROM (SELECT seq, {AFTER} AS after FROM ins) created
 """
 
 
@@ -141,6 +152,9 @@ def _insert_many_sql() -> str:
     n = len(INSERTED)
     arrays = ", ".join(f"${i + 1}::{PG_TYPES[c]}[]" for i, c in enumerate(INSERTED))
     names = ", ".join(INSERTED)
+    payload = f"(SELECT max(seq) FROM ins)::text || '{HINT_MARK}' || ${n + 3}::text"
+    every = " AND (SELECT count(*) FROM ins) = cardinality($1::text[])"
+    full = _carrying(payload, "(SELECT after FROM aft)", f"${n + 5}", every)
     return f"""
 WITH r AS (
     SELECT * FROM unnest({arrays}, ${n + 1}::int4[], ${n + 2}::bytea[]) AS r({names}, ord, snapshot)
@@ -157,10 +171,10 @@ WITH r AS (
     SELECT ins.seq, 'task.created', ins.updated_at, ins.id, ins.owner, ins.type, 'pending',
            (${n + 2}::bytea[])[(ins.seq - {BASE})::int4 - (${n + 1}::int4[])[1] + 1]
     FROM ins
-), note AS (  -- once, and only if something was created
-    SELECT CASE WHEN EXISTS (SELECT 1 FROM ins) THEN {_notify(f"(SELECT max(seq) FROM ins)::text || '{HINT_MARK}' || ${n + 3}::text", f"${n + 4}")} END AS sent
 ), aft AS (  -- once
     SELECT {AFTER} AS after
+), note AS (  -- once, and only if something was created; the events only if all were
+    SELECT CASE WHEN EXISTS (SELECT 1 FROM ins) THEN {_notify(payload, f"${n + 4}", full=full)} END AS sent
 )
 SELECT id, seq, note.sent, aft.after FROM ins, note, aft
 """

@@ -195,10 +195,22 @@ class PgTx(TxBase):
         snapshots = [r.public_json() for r in records]
         hint = hints((EventType.CREATED, r.waits) for r in records)
         notice = payload(hint, claimable((EventType.CREATED, r.waits, r.type) for r in records))
+        # The events, for the notification to carry, when they are the transaction's first.
+        carried = (
+            events_text(
+                [
+                    (o, EventType.CREATED.value, r.updated_at, r.id, r.owner, r.type, r.status.value, s)
+                    for o, r, s in zip(ordinals, records, snapshots, strict=True)
+                ]
+            )
+            if records and ordinals[0] == 1
+            else ""
+        )
         if len(records) == 1:
             row = await self.conn.fetchrow(
-                INSERT_TASK, *values(records[0], INSERTED), ordinals[0], snapshots[0], notice, channels(hint)
-            )
+                INSERT_TASK, *values(records[0], INSERTED), ordinals[0], snapshots[0], notice, channels(hint),
+                carried,
+            )  # fmt: skip
             created = [] if row is None else [(records[0].id, row[0], row[2])]
         else:
             rows = [values(r, INSERTED) for r in records]
@@ -206,7 +218,7 @@ class PgTx(TxBase):
             created = [
                 (i, q, after)
                 for i, q, _, after in await self.conn.fetch(
-                    INSERT_TASKS, *arrays, list(ordinals), snapshots, notice, channels(hint)
+                    INSERT_TASKS, *arrays, list(ordinals), snapshots, notice, channels(hint), carried
                 )
             ]
         seqs = {i: q for i, q, _ in created}
