@@ -13,6 +13,10 @@ round trips one at a time (submit, then wait for the result) with idle workers. 
 with ``errands worker`` processes on one fresh database, through the in-process Python API
 (``app.submit``), every change written to the event log; it runs before and after the others,
 so a drift of the machine shows.
+
+``--synchronous-commit off`` (or ``both``) also runs the systems on PostgreSQL (errands,
+Procrastinate) with ``synchronous_commit=off``: a commit no longer waits for its WAL flush, which
+is as durable as the Redis of Celery and Dramatiq here (no persistence at all) or more so.
 """
 
 from __future__ import annotations
@@ -69,26 +73,38 @@ async def round_trips(url: str, n: int) -> dict[str, Any]:
     return {"p50_ms": pct(samples, 50), "p95_ms": pct(samples, 95), "p99_ms": pct(samples, 99)}
 
 
+#: What each mode of ``--synchronous-commit`` adds to errands' database URL.
+URL_OPTIONS = {"on": "", "off": "?synchronous_commit=off"}
+
+
 async def errands_pass(
-    label: str, n: int, workers: list[int], latency_n: int, submitters: list[int]
+    label: str, n: int, workers: list[int], latency_n: int, submitters: list[int], sync: str
 ) -> dict[str, Any]:
-    row: dict[str, Any] = {"system": f"errands ({label})"}
+    row: dict[str, Any] = {"system": f"errands ({label})", "synchronous_commit": sync}
     for callers in submitters:
         for count in workers:
-            url = await fresh_database("errands_bench")
+            url = await fresh_database("errands_bench") + URL_OPTIONS[sync]
             result = await drain(url, n, count, concurrency=20, submitters=callers)
             suffix = "" if callers == 1 else f"_{callers}_submitters"
             row[f"drain_per_s_{count}_workers{suffix}"] = round(result["end_to_end_per_s"])
             if callers == 1:
                 row.setdefault("enqueue_per_s", round(result["enqueue_per_s"]))
-    url = await fresh_database("errands_bench")
+    url = await fresh_database("errands_bench") + URL_OPTIONS[sync]
     row["latency"] = await round_trips(url, latency_n)
     return row
 
 
-def anchor(system: str, directory: Path, python: str, n: int, latency_n: int, runs: int) -> dict[str, Any]:
+#: The anchors that keep their tasks in PostgreSQL (through libpq, which reads ``PGOPTIONS``).
+ON_POSTGRES = {"procrastinate"}
+
+
+def anchor(
+    system: str, directory: Path, python: str, n: int, latency_n: int, runs: int, sync: str = "on"
+) -> dict[str, Any]:
     script, extra = SCRIPTS[system]
     env = {**os.environ, **extra, "BENCH_N": str(n), "BENCH_LAT_N": str(latency_n), "BENCH_RUNS": str(runs)}
+    if sync == "off":
+        env["PGOPTIONS"] = f"{env.get('PGOPTIONS', '')} -c synchronous_commit=off".strip()
     log = directory.parent / "results" / f"{system}.log"
     log.parent.mkdir(exist_ok=True)
     with log.open("w") as out:
@@ -98,7 +114,7 @@ def anchor(system: str, directory: Path, python: str, n: int, latency_n: int, ru
     data = json.loads((directory.parent / "results" / f"{system}.json").read_text())
     latency = data["latency_summary"]
     return {
-        "system": system,
+        "system": system if sync == "on" else f"{system} (synchronous_commit=off)",
         "enqueue_per_s": round(data["enqueue_rate"]["median"]),
         "drain_per_s": round(data["drain_rate"]["median"]),
         "drain_per_s_runs": [round(n / s) for s in data["drain_s"]],
@@ -118,18 +134,30 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="repetitions of each anchor measurement")
     parser.add_argument("--workers", default="1,2,4")
     parser.add_argument("--submitters", default="1,8", help="errands' drains: concurrent callers")
+    parser.add_argument(
+        "--synchronous-commit",
+        choices=("on", "off", "both"),
+        default="on",
+        help="PostgreSQL's commits: flushed (on), not waited for (off), or each in turn (both)",
+    )
     args = parser.parse_args()
     workers = [int(w) for w in args.workers.split(",")]
     submitters = [int(s) for s in args.submitters.split(",")]
-    rows = [await errands_pass("before", args.n, workers, args.latency_n, submitters)]
-    print(json.dumps(rows[-1]), flush=True)
+    modes = ["on", "off"] if args.synchronous_commit == "both" else [args.synchronous_commit]
+
+    async def errands(label: str) -> None:
+        for sync in modes:
+            row = await errands_pass(label, args.n, workers, args.latency_n, submitters, sync)
+            print(json.dumps(row), flush=True)
+
+    await errands("before")
     for system in args.systems.split(","):
-        rows.append(
-            anchor(system, args.anchors.resolve(), args.anchors_python, args.n, args.latency_n, args.runs)
-        )
-        print(json.dumps(rows[-1]), flush=True)
-    rows.append(await errands_pass("after", args.n, workers, args.latency_n, submitters))
-    print(json.dumps(rows[-1]), flush=True)
+        for sync in modes if system in ON_POSTGRES else ["on"]:
+            row = anchor(
+                system, args.anchors.resolve(), args.anchors_python, args.n, args.latency_n, args.runs, sync
+            )
+            print(json.dumps(row), flush=True)
+    await errands("after")
     print(json.dumps({"machine": machine()}))
 
 
