@@ -294,8 +294,9 @@ async def test_another_nodes_creates_together_reach_a_hub_without_a_read_only_wh
 async def test_a_transaction_that_creates_and_changes_tasks_reaches_another_node_whole(
     runtime_factory: RuntimeFactory,
 ) -> None:
-    """A create is written before the rest of its transaction: such a commit's notification
-    carries no events (they would not be all of them), and another node reads every one."""
+    """A create is written before the rest of its transaction: the create's notification may
+    carry its event, the second phase's carries none (they would not be all of the
+    transaction's), and another node has every one, in order."""
     from errands import model
     from errands.store.postgres.tx import PgTx
     from tests.integration.conftest import new_task

@@ -51,6 +51,8 @@ def events_text(events: Sequence[tuple[int, str, float, str, str, str, str, byte
     ordinal, type, time, task id, owner, task type, status and snapshot): their columns as JSON,
     then each snapshot on a line of its own (compact JSON has no line breaks); ``''`` when they
     would not fit in a notification beside the rest (hubs then read the log)."""
+    if sum(len(e[7]) for e in events) > _MAX_EVENTS_BYTES:
+        return ""
     head = orjson.dumps([list(e[:7]) for e in events])
     text = b"\n".join([head, *(e[7] for e in events)])
     return text.decode() if len(text) <= _MAX_EVENTS_BYTES else ""

@@ -40,7 +40,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from errands.errors import StoreError
-from errands.model import Change, Event, EventType, TaskRecord
+from errands.model import Change, Event, EventType, Status, TaskRecord
 from errands.model.credits import Balance, CreditMove
 from errands.store.base import claimable, hints
 from errands.store.columns import COLUMNS, to_record, values, with_seq
@@ -195,11 +195,12 @@ class PgTx(TxBase):
         snapshots = [r.public_json() for r in records]
         hint = hints((EventType.CREATED, r.waits) for r in records)
         notice = payload(hint, claimable((EventType.CREATED, r.waits, r.type) for r in records))
-        # The events, for the notification to carry, when they are the transaction's first.
+        # The events, for the notification to carry, when they are the transaction's first (as
+        # the statement writes them to the log: every create is pending).
         carried = (
             events_text(
                 [
-                    (o, EventType.CREATED.value, r.updated_at, r.id, r.owner, r.type, r.status.value, s)
+                    (o, EventType.CREATED.value, r.updated_at, r.id, r.owner, r.type, Status.PENDING.value, s)
                     for o, r, s in zip(ordinals, records, snapshots, strict=True)
                 ]
             )
