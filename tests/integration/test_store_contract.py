@@ -313,6 +313,45 @@ async def test_a_change_decided_on_an_older_row_is_decided_again_on_the_row_as_i
     assert isinstance(got, model.TaskRecord) and got.status is Status.CANCELLED
 
 
+@pytest.mark.parametrize("tasks", [1, 6])
+async def test_a_row_changed_only_in_its_seq_since_seen_is_decided_again(
+    store: Store, clock: ManualClock, tasks: int
+) -> None:
+    """A change that left the lease and the next poll as they were (a progress report within
+    the same instant) still makes the row seen an older one: the outcome is decided on the row
+    as it is, alone or beside others (PostgreSQL writes one change of one row by a statement of
+    its own)."""
+    ids = [f"t{i}" for i in range(tasks)]
+    for task_id in ids:
+        await store.create(new_task(task_id))
+    claimed = await store.claim(worker_id="w", specs=SPEC, limit=tasks, lease_s=30)
+    assert len(claimed) == tasks
+    for r in claimed:
+        token = r.lease_token or ""
+        reported = await store.apply(
+            r.id,
+            lambda row, t=token: model.report_progress(
+                row, now=clock.now(), lease_token=t, progress=40, message="half"
+            ),
+        )
+        assert reported.lease_expires_at == r.lease_expires_at and reported.seq != r.seq
+    done = await asyncio.gather(
+        *(
+            store.apply(
+                r.id,
+                lambda row, t=r.lease_token or "": model.complete(
+                    row, now=clock.now(), lease_token=t, result=1
+                ),
+                seen=r,
+            )
+            for r in claimed
+        )
+    )
+    for record in done:
+        assert record.status is Status.COMPLETED and record.message == "half"
+        assert await store.get(record.id) == record
+
+
 async def test_outcomes_decided_on_rows_as_seen_land_together_or_each_as_it_must(
     store: Store, clock: ManualClock
 ) -> None:

@@ -51,7 +51,7 @@ WRITTEN = tuple(c for c in MUTABLE if c != "seq")
 INSERTED = tuple(c for c in COLUMNS if c != "seq")
 
 
-def _commit_sql(*, seen: bool = False) -> str:
+def _commit_sql(*, seen: bool = False, single: bool = False) -> str:
     """The second phase of a write transaction: rows, events, notification; one round trip.
 
     With ``seen``, the changes were decided on rows as their writers last saw them, not read
@@ -63,20 +63,24 @@ def _commit_sql(*, seen: bool = False) -> str:
     transaction is the only kind there can be (what the statement's snapshot sees committed
     before the transaction took its id), checked all the same. It returns the ids written."""
     n_rows = len(WRITTEN) + 2  # id, ord, then the columns
+
+    def arr(i: int, t: str) -> str:
+        return f"ARRAY[${i}::{t}]" if single else f"${i}::{t}[]"
+
     row_args = ", ".join(
-        f"${i + 2}::{t}[]" for i, t in enumerate(["text", "int4"] + [PG_TYPES[c] for c in WRITTEN])
+        arr(i + 2, t) for i, t in enumerate(["text", "int4"] + [PG_TYPES[c] for c in WRITTEN])
     )
     row_names = ", ".join(["id", "ord", *WRITTEN])
     first_event = n_rows + 2
     event_types = ["int4", "text", "float8", "text", "text", "text", "text", "bytea"]
-    event_args = ", ".join(f"${first_event + i}::{t}[]" for i, t in enumerate(event_types))
+    event_args = ", ".join(arr(first_event + i, t) for i, t in enumerate(event_types))
     sets = ", ".join(f"{c} = r.{c}" for c in WRITTEN)
     hint, chans = first_event + len(event_types), first_event + len(event_types) + 1
     events = chans + 1  # the events as a notification carries them (see events_text), or ''
     payload = f"(base + $1::int4)::text || '{HINT_MARK}' || ${hint}::text"
     # On CHANNEL, the events themselves, when nothing can come between them and what precedes
     # them (and, decided on rows as seen, when every row was written).
-    every = "" if not seen else " AND (SELECT count(*) FROM written) = cardinality($2::text[])"
+    every = "" if not seen else f" AND (SELECT count(*) FROM written) = cardinality({arr(2, 'text')})"
     full = _carrying(payload, "after", f"${events}", every)
     if not seen:
         return f"""
@@ -99,7 +103,7 @@ WITH s AS (
     SELECT {BASE} AS base, {AFTER} AS after
 ), still AS MATERIALIZED (
     SELECT t.id FROM errands_tasks t
-    JOIN unnest(${x}::text[], ${x + 1}::int8[], ${x + 2}::float8[], ${x + 3}::float8[]) AS x(id, seq, lease, poll)
+    JOIN unnest({arr(x, "text")}, {arr(x + 1, "int8")}, {arr(x + 2, "float8")}, {arr(x + 3, "float8")}) AS x(id, seq, lease, poll)
       ON t.id = x.id
     WHERE t.seq = x.seq AND t.seq < (SELECT base FROM s)
       AND t.lease_expires_at IS NOT DISTINCT FROM x.lease AND t.poll_at IS NOT DISTINCT FROM x.poll
@@ -182,6 +186,9 @@ SELECT id, seq, note.sent, aft.after FROM ins, note, aft
 
 COMMIT = _commit_sql()
 COMMIT_SEEN = _commit_sql(seen=True)
+#: The same for one change of one row, its values passed as they are (see PgTx.commit_changes).
+COMMIT_ONE = _commit_sql(single=True)
+COMMIT_SEEN_ONE = _commit_sql(seen=True, single=True)
 INSERT_TASK = _insert_sql()
 INSERT_TASKS = _insert_many_sql()
 LOCK_TASKS = f"SELECT {SELECT_LIST}, {BASE} FROM errands_tasks WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE NOWAIT"

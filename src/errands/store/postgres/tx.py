@@ -47,7 +47,9 @@ from errands.store.columns import COLUMNS, to_record, values, with_seq
 from errands.store.postgres.notices import channels, events_text, payload
 from errands.store.postgres.sql import (
     COMMIT,
+    COMMIT_ONE,
     COMMIT_SEEN,
+    COMMIT_SEEN_ONE,
     INSERT_RECEIPTS,
     INSERT_TASK,
     INSERT_TASKS,
@@ -340,15 +342,24 @@ class PgTx(TxBase):
         # Only a commit whose events are all here (none written before, by a create): a hub
         # that took these would pass the others.
         carried = "" if self.written else events_text(list(zip(*event_arrays, strict=True)))
-        args = [first + len(self.pending) - 1, *row_arrays, *event_arrays, notice, channels(hint), carried]
+        # One change of one row passes its values as they are: asyncpg checks each array and
+        # each element of one before it encodes them, which cost more than the statement.
+        one = len(self.pending) == 1
+        columns: list[Any] = [*row_arrays, *event_arrays]
+        if one:
+            columns = [c[0] for c in columns]
+        args = [first + len(self.pending) - 1, *columns, notice, channels(hint), carried]
         if self.seen is None:
-            row = await self.conn.fetchrow(COMMIT, *args)
+            row = await self.conn.fetchrow(COMMIT_ONE if one else COMMIT, *args)
         else:
-            as_seen = [self.seen[r.id] for r in finals]
-            row = await self.conn.fetchrow(
-                COMMIT_SEEN, *args, [r.id for r in as_seen], [r.seq for r in as_seen],
-                [r.lease_expires_at for r in as_seen], [r.poll_at for r in as_seen],
-            )  # fmt: skip
+            seen = [self.seen[f.id] for f in finals]
+            as_seen: list[Any] = [
+                [x.id for x in seen], [x.seq for x in seen], [x.lease_expires_at for x in seen],
+                [x.poll_at for x in seen],
+            ]  # fmt: skip
+            if one:
+                as_seen = [a[0] for a in as_seen]
+            row = await self.conn.fetchrow(COMMIT_SEEN_ONE if one else COMMIT_SEEN, *args, *as_seen)
         assert row is not None  # one row, always
         if self.seen is not None:
             self.unwritten = {r.id for r in finals} - set(row[1])
