@@ -343,7 +343,7 @@ class PgTx(TxBase):
         # that took these would pass the others.
         carried = "" if self.written else events_text(list(zip(*event_arrays, strict=True)))
         # One change of one row passes its values as they are: asyncpg checks each array and
-        # each element of one before it encodes them, which cost more than the statement.
+        # each element of one before it encodes them (some 200 checks for one row's 43 arrays).
         one = len(self.pending) == 1
         columns: list[Any] = [*row_arrays, *event_arrays]
         if one:
