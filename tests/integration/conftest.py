@@ -12,11 +12,11 @@ from typing import Any
 import httpx
 import pytest
 
-from errands import Errands
+from errands import Errands, model
 from errands.api import create_api
 from errands.clock import ManualClock
 from errands.config import Settings
-from errands.model import NewTask
+from errands.model import NewTask, TaskRecord
 from errands.runtime import Runtime
 from errands.store import open_store
 from errands.store.base import Store
@@ -111,6 +111,26 @@ def new_task(task_id: str = "t1", **fields: Any) -> NewTask:
     }
     values.update(fields)
     return NewTask(**values)
+
+
+async def complete_as_seen(
+    store: Store, clock: ManualClock, claimed: list[TaskRecord], *, return_exceptions: bool = False
+) -> list[Any]:
+    """Every claimed task's outcome at once (result 1), each decided on its row as claimed, as
+    a worker decides it; with ``return_exceptions``, a refused one is its exception."""
+    return await asyncio.gather(
+        *(
+            store.apply(
+                r.id,
+                lambda row, t=r.lease_token or "": model.complete(
+                    row, now=clock.now(), lease_token=t, result=1
+                ),
+                seen=r,
+            )
+            for r in claimed
+        ),
+        return_exceptions=return_exceptions,
+    )
 
 
 def make_settings(url: str, **overrides: Any) -> Settings:

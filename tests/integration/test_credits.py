@@ -16,7 +16,7 @@ from errands.errors import InsufficientCredits, LeaseLost
 from errands.model import EventType, Status, TaskError
 from errands.store.base import Store
 from errands.store.records import ClaimSpec
-from tests.integration.conftest import RuntimeFactory, http, new_task, wait_task
+from tests.integration.conftest import RuntimeFactory, complete_as_seen, http, new_task, wait_task
 
 SPEC = [ClaimSpec("work")]
 
@@ -202,19 +202,7 @@ async def test_an_outcome_on_a_task_with_a_cost_is_charged_once_whatever_was_see
         await store.create(new_task(f"t{i}", cost=10))
     claimed = await store.claim(worker_id="w", specs=SPEC, limit=6, lease_s=30)
     await store.apply(claimed[0].id, lambda r: model.cancel(r, now=clock.now()))
-    outcomes = await asyncio.gather(
-        *(
-            store.apply(
-                r.id,
-                lambda row, t=r.lease_token or "": model.complete(
-                    row, now=clock.now(), lease_token=t, result=1
-                ),
-                seen=r,
-            )
-            for r in claimed
-        ),
-        return_exceptions=True,
-    )
+    outcomes = await complete_as_seen(store, clock, claimed, return_exceptions=True)
     assert isinstance(outcomes[0], LeaseLost) and all(not isinstance(o, Exception) for o in outcomes[1:])
     await assert_consistent(store, "alice", 50, 0)
     kinds = [e.kind for e in await store.ledger("alice", after=0, limit=100)]

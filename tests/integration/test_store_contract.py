@@ -15,7 +15,7 @@ from errands.hub import Hub
 from errands.model import Bound, Event, EventType, Limit, Status, TaskError
 from errands.store.base import Hint, Store
 from errands.store.records import ClaimSpec, TaskQuery, Tombstone
-from tests.integration.conftest import new_task
+from tests.integration.conftest import complete_as_seen, new_task
 
 SPEC = [ClaimSpec("work")]
 
@@ -335,18 +335,7 @@ async def test_a_row_changed_only_in_its_seq_since_seen_is_decided_again(
             ),
         )
         assert reported.lease_expires_at == r.lease_expires_at and reported.seq != r.seq
-    done = await asyncio.gather(
-        *(
-            store.apply(
-                r.id,
-                lambda row, t=r.lease_token or "": model.complete(
-                    row, now=clock.now(), lease_token=t, result=1
-                ),
-                seen=r,
-            )
-            for r in claimed
-        )
-    )
+    done = await complete_as_seen(store, clock, claimed)
     for record in done:
         assert record.status is Status.COMPLETED and record.message == "half"
         assert await store.get(record.id) == record
@@ -363,19 +352,7 @@ async def test_outcomes_decided_on_rows_as_seen_land_together_or_each_as_it_must
     assert len(claimed) == 30
     for record in claimed[::3]:
         await store.apply(record.id, lambda r: model.cancel(r, now=clock.now()))
-    outcomes = await asyncio.gather(
-        *(
-            store.apply(
-                r.id,
-                lambda row, t=r.lease_token or "": model.complete(
-                    row, now=clock.now(), lease_token=t, result=1
-                ),
-                seen=r,
-            )
-            for r in claimed
-        ),
-        return_exceptions=True,
-    )
+    outcomes = await complete_as_seen(store, clock, claimed, return_exceptions=True)
     lost = {r.id for r, o in zip(claimed, outcomes, strict=True) if isinstance(o, LeaseLost)}
     assert lost == {r.id for r in claimed[::3]}
     for record in claimed:
