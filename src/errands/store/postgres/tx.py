@@ -192,6 +192,8 @@ class PgTx(TxBase):
                 group[record.id] = record
         self.declared = []
         records = list(group.values())
+        if not records:  # (every create refused before it was written: nothing to send)
+            return
         ordinals = range(self.ordinal + 1, self.ordinal + 1 + len(records))
         self.ordinal += len(records)
         snapshots = [r.public_json() for r in records]
@@ -206,7 +208,7 @@ class PgTx(TxBase):
                     for o, r, s in zip(ordinals, records, snapshots, strict=True)
                 ]
             )
-            if records and ordinals[0] == 1
+            if ordinals[0] == 1
             else ""
         )
         if len(records) == 1:
