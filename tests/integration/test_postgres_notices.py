@@ -164,3 +164,36 @@ async def test_a_worker_process_asks_for_ends_only_where_a_limit_counts_them(
     assert serve.hub.wanted is None  # every commit: it follows the log
     await serve.service.submit(SubmitRequest(type="plain", id="p1"), SYSTEM)
     assert (await wait_task(serve, "p1")).status.value == "completed"
+
+
+async def test_a_worker_process_does_not_claim_for_work_of_types_it_does_not_run(
+    runtime_factory: RuntimeFactory,
+) -> None:
+    """Each create of another type is announced to it (the same channel), and ignored: only the
+    task of its own type, announced after them, makes it claim."""
+    own = Errands()  # (no limits: an end elsewhere does not make it claim either)
+    own.task("plain")(plain)
+    worker = await runtime_factory(own, serves_watches=False, poll_s=3600)
+    assert worker.worker is not None
+    claims = 0
+    claim = worker.worker.store.claim
+
+    async def counted(**kwargs: Any) -> Any:
+        nonlocal claims
+        claims += 1
+        return await claim(**kwargs)
+
+    worker.worker.store.claim = counted  # type: ignore[method-assign]
+    other = Errands()
+    other.task("elsewhere")(plain)
+    node = await runtime_factory(other, workers=False)
+    await asyncio.wait_for(worker.store.listening.wait(), 10)  # type: ignore[attr-defined]
+    await node.store.create(new_task("warm", type="plain"))
+    assert (await wait_task(node, "warm")).status.value == "completed"
+    before = claims  # (the claims at its start and of "warm"; it is idle now)
+    for i in range(20):
+        await node.service.submit(SubmitRequest(type="elsewhere", id=f"e{i}"), SYSTEM)
+    await node.store.create(new_task("mine", type="plain"))
+    assert (await wait_task(node, "mine")).status.value == "completed"
+    # Notifications arrive in commit order: by its claim, the worker had heard all twenty.
+    assert claims - before == 1

@@ -161,12 +161,14 @@ class Worker:
             self._holds.stale = True
             if len(self._held) < self.settings.concurrency:
                 self._wake.set()
-        if hint & Hint.WORK or (hint & Hint.ENDED and self._limited):
+        # Work of types it does not run is not this worker's: claiming for it would find nothing.
+        ours = mine(work, self._types) if hint & Hint.WORK else 0
+        if ours or (hint & Hint.ENDED and self._limited):
             # A worker with a free slot claims (while work comes as a stream, after the short gap
             # of _idle, which gathers the announcements of several commits into one claim); a
             # full one claims when a slot comes free.
             self._maybe_work = True
-            self._pace.heard(mine(work, self._types))
+            self._pace.heard(ours)
             if len(self._held) < self.settings.concurrency:
                 self._wake.set()
 
