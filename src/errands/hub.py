@@ -40,6 +40,8 @@ log = logging.getLogger("errands.hub")
 #: The hints a hub whose listeners see every event still passes on: work, and a task that waits
 #: (an event read from the log does not carry ``waits``).
 _SHARED_HINTS = Hint.WORK | Hint.LATER
+#: How often a deaf hub (see Hub.deafen) reads the events of the tasks it follows.
+DEAF_POLL_S = 0.2
 
 Listener = Callable[[Event], None]
 
@@ -164,6 +166,7 @@ class Hub:
         self._listeners: list[Listener] = []
         self._work: list[Callable[[Hint, Work], None]] = []
         self._wants = Hint.NONE  # the hints the on_hints callbacks want
+        self._deaf = False  # see deafen
         #: follow_only(): the tasks followed (id → the seq after which their events count),
         #: and the last seq read of each.
         self._only: Callable[[], Mapping[str, int]] | None = None
@@ -278,8 +281,24 @@ class Hub:
     @property
     def wanted(self) -> Hint | None:
         """Every commit while the log is followed; with :meth:`follow_only`, those that may
-        stop a followed task, and those the hint callbacks want."""
-        return None if self._only is None else Hint.STOPPED | self._wants
+        stop a followed task, and those the hint callbacks want (none while deaf)."""
+        if self._only is None:
+            return None
+        return Hint.NONE if self._deaf else Hint.STOPPED | self._wants
+
+    def deafen(self, deaf: bool) -> bool:
+        """With :meth:`follow_only`, while ``deaf`` the store tells this process of no commit
+        at all (every process told of a commit costs PostgreSQL a wake-up of its session, and
+        itself one): the hint callbacks hear nothing, and the followed tasks' events are read
+        every :data:`DEAF_POLL_S` instead (a stop reaches them that late at most). Returns
+        whether it is deaf (never without :meth:`follow_only`: it follows the log)."""
+        deaf = deaf and self._only is not None
+        if deaf != self._deaf:
+            self._deaf = deaf
+            self._wake.set()  # (the next read is sooner while deaf; once not, it catches up)
+            if self.started:
+                self._store.subscribe(self)
+        return deaf
 
     def follow_only(self, tasks: Callable[[], Mapping[str, int]], *, poll_s: float) -> None:
         """Read only the events of ``tasks()`` (id → the seq after which they count), when the
@@ -431,7 +450,7 @@ class Hub:
         last_read, gap_s = -1e9, 0.0
         while not self._stopped:
             # Events wait above the safe bound for older transactions: come back for them soon.
-            wait_s = 0.005 if self._behind else self._poll_s
+            wait_s = 0.005 if self._behind else min(self._poll_s, DEAF_POLL_S) if self._deaf else self._poll_s
             await wait_set(self._wake, wait_s)
             pause = last_read + gap_s - loop.time()
             if pause > 0:

@@ -13,7 +13,8 @@ import pytest
 from errands import Errands, TaskContext
 from errands.auth import SYSTEM
 from errands.model import Event, EventType, Status
-from tests.integration.conftest import RuntimeFactory, wait_task
+from errands.store.base import Hint
+from tests.integration.conftest import RuntimeFactory, until, wait_task
 
 pytestmark = pytest.mark.postgres
 
@@ -39,6 +40,16 @@ async def hold(ctx: TaskContext, input: dict[str, Any]) -> None:
 @app.task("turns", concurrency_per_owner=1)
 async def turns(ctx: TaskContext, input: dict[str, Any]) -> None:
     await _hold(ctx)
+
+
+@app.task("quick")
+async def quick(ctx: TaskContext, input: dict[str, Any]) -> None:
+    return None
+
+
+@app.task("slow")
+async def slow(ctx: TaskContext, input: dict[str, Any]) -> None:
+    await asyncio.sleep(0.01)
 
 
 attempts: dict[str, int] = {}
@@ -127,3 +138,72 @@ async def test_a_worker_process_runs_a_retry_when_its_backoff_ends(runtime_facto
     task = await wait_task(api, "again")
     assert (task.status, task.result, attempts["again"]) == (Status.COMPLETED, "second time lucky", 2)
     assert worker.worker is not None
+
+
+async def test_a_worker_process_in_a_stream_hears_nothing_yet_learns_of_a_cancel_and_listens_again(
+    runtime_factory: RuntimeFactory,
+) -> None:
+    """While work comes as a stream, a worker process claims on its own pace and is told of no
+    commit (PostgreSQL wakes the session of every listener at each commit). Here it is kept
+    busy (each claim fills its slots from a backlog that never runs dry, so it never listens
+    again meanwhile): it still learns of a cancel of a task it runs, from that task's events
+    (it would poll only after 60 s). Once the stream ends it listens again, and a lone task is
+    claimed on its announcement."""
+    worker, api, _seen = await _nodes(runtime_factory, concurrency=5)
+    await app.submit("hold", id="long")
+    await asyncio.wait_for(_flag(running, "long").wait(), 10)
+    completed = 0
+
+    def count(event: Event) -> None:
+        nonlocal completed
+        completed += event.type is EventType.COMPLETED and event.task_type == "slow"
+
+    api.hub.add_listener(count)
+    streaming, submitted, deaf_throughout = True, 0, True
+
+    async def stream() -> None:
+        nonlocal submitted, deaf_throughout
+        while streaming:
+            if submitted - completed < 40:  # a backlog of 40 at least: every claim finds some
+                await app.submit_many([{"type": "slow"} for _ in range(10)])
+                submitted += 10
+            else:
+                await asyncio.sleep(0.005)
+            deaf_throughout = deaf_throughout and worker.hub.wanted is Hint.NONE
+
+    submitter = asyncio.create_task(stream())
+    try:
+        await until(lambda: worker.hub.wanted is Hint.NONE, 30)
+        deaf_throughout = True
+        await api.service.cancel("long", SYSTEM)
+        await asyncio.wait_for(_flag(stopped, "long").wait(), 30)
+        assert deaf_throughout and worker.hub.wanted is Hint.NONE
+    finally:
+        streaming = False
+        await submitter
+    await until(lambda: completed == submitted, 60)
+    await until(lambda: worker.store.channels != [], 30)  # type: ignore[attr-defined]
+    await app.submit("quick", id="lone")
+    assert (await wait_task(api, "lone")).status is Status.COMPLETED
+
+
+async def test_a_deaf_worker_process_reads_its_tasks_often_and_catches_up_once_it_listens(
+    runtime_factory: RuntimeFactory,
+) -> None:
+    """Deaf (as in a stream; made so here, idle), a worker process hears neither a cancel nor
+    new work; it reads its running task's events every DEAF_POLL_S, so the cancel stops the
+    handler all the same (poll_s is 60 s). Listening again, it catches up with what was
+    committed meanwhile: the task submitted while it was deaf is claimed."""
+    worker, api, seen = await _nodes(runtime_factory, concurrency=4)
+    await app.submit("hold", id="long")
+    await asyncio.wait_for(_flag(running, "long").wait(), 10)
+    assert worker.hub.deafen(True) and worker.hub.wanted is Hint.NONE
+    await until(lambda: worker.store.channels == [])  # type: ignore[attr-defined]
+    await api.service.cancel("long", SYSTEM)
+    await asyncio.wait_for(_flag(stopped, "long").wait(), 10)
+    assert [(e.task_id, e.type) for e in seen] == [("long", EventType.CANCELLED)]
+    await app.submit("quick", id="meanwhile")
+    assert not worker.hub.deafen(False)
+    assert (await wait_task(api, "meanwhile")).status is Status.COMPLETED
+    # A hub that follows the whole log (an API node) is never deaf: it serves watches.
+    assert not api.hub.deafen(True) and api.hub.wanted is None

@@ -140,3 +140,37 @@ def test_a_worker_that_shares_the_work_never_claims_alone() -> None:
         pace.claimed(announced=pace.claiming(10.01 + i), claimed=0, free=20)
     assert pace.share >= 1.5
     assert not pace.alone(1)
+
+
+def test_a_worker_in_a_stream_stops_hearing_after_a_few_claims_until_two_find_nothing() -> None:
+    """In a stream it claims every gap whatever it hears: after four claims heard (its share is
+    known by then) it may do without the announcements. Deaf, only what its claims find tells
+    it that the stream lasts; two that find nothing end it, and it hears again."""
+    pace = Pace()
+    at = 10.0
+    for _ in range(4):
+        assert not pace.deaf
+        step(pace, at, during=2)
+        at += CLAIM_GAP_S
+    assert pace.streaming and pace.deaf
+    share = pace.share
+    for found in [3, 0, 1, 0, 5]:  # one claim that found nothing could be chance
+        pace.claiming(at)
+        pace.claimed(announced=0, claimed=found, free=20, heard=False)
+        assert pace.deaf and pace.share == share  # nothing was announced: no news of others
+        at += CLAIM_GAP_S
+    assert pace.pause(at - CLAIM_GAP_S / 2) == pytest.approx(CLAIM_GAP_S * share / 2)
+    for _ in range(2):
+        pace.claiming(at)
+        pace.claimed(announced=0, claimed=0, free=20, heard=False)
+        at += CLAIM_GAP_S
+    assert not pace.streaming and not pace.deaf
+    step(pace, at, during=2)  # a new stream: heard again, four claims before it is deaf
+    assert pace.streaming and not pace.deaf
+
+
+def test_one_task_at_a_time_never_makes_a_worker_deaf() -> None:
+    pace = Pace()
+    for i in range(50):
+        step(pace, 10.0 + i * 0.001)
+    assert not pace.deaf

@@ -91,6 +91,7 @@ class Worker:
         self._ready_at: float | None = None  # when the next task in backoff becomes claimable
         self._ready_stale = True
         self._pace = Pace()  # when to claim after work is announced
+        self._deaf = False  # whether its hub hears no commits for now (Pace.deaf, Hub.deafen)
         self._claimed_at = 0.0  # the clock's time as the last claim began
         #: Whether a claim could find something: set by announcements of work, by a claim that
         #: filled every free slot, and at start; cleared by each claim.
@@ -226,9 +227,12 @@ class Worker:
                     self._pace.heard(announced)
                     await asyncio.sleep(min(10.0, 0.2 * 2**failures))
                     continue
-                if not held and claimed.retry_at is None:
+                if self._deaf:  # (what it claims is all it knows of the stream)
+                    self._pace.claimed(announced=0, claimed=len(claimed), free=free, heard=False)
+                elif not held and claimed.retry_at is None:
                     # (Tasks held back by a provider's hold or a rate were not taken by others.)
                     self._pace.claimed(announced=announced, claimed=len(claimed), free=free)
+                self._deaf = self._hub.deafen(self._pace.deaf)
                 self._flow_at = claimed.retry_at
                 for record in claimed:
                     self._start(record)
@@ -263,6 +267,8 @@ class Worker:
             timeout = min(timeout, max(0.001, self._ready_at - now))
         if self._flow_at is not None:
             timeout = min(timeout, max(0.001, self._flow_at - now))
+        if self._deaf:  # no announcement will come: the next claim is on its pace
+            timeout = min(timeout, max(0.001, self._pace.pause(time.monotonic())))
         if not await wait_set(self._wake, timeout):
             self._maybe_work = True  # a backoff ran out, or it is time to look anyway
         later = self.clock.now()

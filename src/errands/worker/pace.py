@@ -16,6 +16,11 @@ only be added to every round trip. Workers that share the work always wait: were
 at once at every task, most of their claims would find nothing, and the CPU they took would slow
 the callers until nothing came as a stream.
 
+In a stream a worker claims every gap whatever it hears, so after a few claims it may stop
+hearing (:attr:`Pace.deaf`): being told of every commit costs each process, and PostgreSQL one
+wake-up of that process's session per commit, however many processes there are. Its claims then
+tell it whether the stream lasts; once two in a row find nothing, it listens again.
+
 Pure: the times are passed in (monotonic seconds; not an event loop's, which may count whole
 milliseconds).
 """
@@ -36,6 +41,9 @@ _MAX_SHARE = 16.0
 _ALONE = 1.5
 #: How many claims in a row that gathered nothing end a stream (one could be chance).
 _DRY_CLAIMS = 2
+#: How many claims of a stream it hears before it may do without the announcements (see
+#: Pace.deaf): by then its share has moved most of the way to what it sees.
+_HEARD_CLAIMS = 4
 
 
 def mine(work: Work, types: Container[str]) -> int:
@@ -72,6 +80,7 @@ class Pace:
         self._dry = 0  # claims in a row, in a stream, that found no more than one task announced
         self._owed = 0  # tasks the last claim took before their announcements arrived
         self._emptied = False  # whether the last claim left slots free (it found the queue empty)
+        self._heard = 0  # claims of this stream made while hearing the announcements
 
     def heard(self, tasks: int) -> None:
         """``tasks`` that this worker could take were announced."""
@@ -85,22 +94,40 @@ class Pace:
         announced, self._announced, self._owed = self._announced, 0, 0
         return announced
 
-    def claimed(self, *, announced: int, claimed: int, free: int) -> None:
+    def claimed(self, *, announced: int, claimed: int, free: int, heard: bool = True) -> None:
         """The claim took ``claimed`` of ``announced`` (see :meth:`claiming`), with ``free`` slots.
         Tasks it took beyond those announced were announced late (a notification can arrive
         after the commit is visible): their announcements, when they come, count for nothing,
-        or they would look like work that others took."""
+        or they would look like work that others took. ``heard=False``: the announcements did
+        not reach it (see :attr:`deaf`); the stream lasts while its claims find tasks."""
+        self._emptied = claimed < free
+        if not heard:
+            # What it claimed is all it knows: two claims in a row that found nothing end the
+            # stream (or others take it all: listening again, it will know its share better).
+            self._announced = self._owed = 0
+            self._dry = 0 if claimed else self._dry + 1
+            self.streaming = self._dry < _DRY_CLAIMS
+            self._heard = self._heard if self.streaming else 0
+            return
         late = max(0, claimed - announced)
         during = min(self._announced, late)  # those that arrived while it claimed
         self._announced -= during
         self._owed = late - during  # those still to come
         self.share = claim_share(self.share, announced=announced, claimed=claimed, free=free)
-        self._emptied = claimed < free
         if announced > 1:
             self.streaming, self._dry = True, 0
         elif self.streaming and claimed < free:  # a claim that filled every slot gathered plenty
             self._dry += 1
             self.streaming = self._dry < _DRY_CLAIMS
+        self._heard = self._heard + 1 if self.streaming else 0
+
+    @property
+    def deaf(self) -> bool:
+        """Whether it may do without the announcements of work for now: in a stream, it claims
+        every gap (times its share) anyway, and what a claim finds tells it whether the stream
+        lasts. Every process that hears every create pays for it, mostly in the kernel and in
+        PostgreSQL; it hears them again once the stream ends."""
+        return self.streaming and self._heard >= _HEARD_CLAIMS
 
     @property
     def _on_its_own(self) -> bool:

@@ -168,6 +168,8 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps,
         self._stranger = asyncio.Event()
         self._peers_at = -1e9
         self.listening = asyncio.Event()
+        #: The channels it listens to now (what the subscriber wants, once LISTEN took it).
+        self.channels: list[str] = []
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -288,14 +290,16 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps,
                     if self._channels_changed.is_set():
                         self._channels_changed.clear()
                         wanted = self._channels()
-                        for channel in (c for c in wanted if c not in channels):  # new ones first
+                        added = [c for c in wanted if c not in channels]
+                        for channel in added:  # new ones first
                             await conn.add_listener(channel, self._notified)
                         for channel in (c for c in channels if c not in wanted):
                             await conn.remove_listener(channel, self._notified)
-                        channels = wanted
+                        channels = self.channels = wanted
                         self.listening.set()
                         delay = 0.2
-                        self._remote(Hint.ALL)  # whatever was committed while not listening
+                        if added:
+                            self._remote(Hint.ALL)  # whatever was committed while not listening
                     if not lost.is_set() and not self._channels_changed.is_set():
                         # (Which also notices a silently dead connection.)
                         await asyncio.sleep(max(0.0, self._peers_at + _PEERS_EVERY_S - time.monotonic()))
@@ -309,6 +313,7 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps,
             except Exception as exc:
                 log.warning("listening for events failed (%s); reconnecting", type(exc).__name__)
             self.listening.clear()
+            self.channels = []
             await asyncio.sleep(delay)
             delay = min(5.0, delay * 2)
 
