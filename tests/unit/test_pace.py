@@ -145,7 +145,8 @@ def test_a_worker_that_shares_the_work_never_claims_alone() -> None:
 def test_a_worker_in_a_stream_stops_hearing_after_a_few_claims_until_two_find_nothing() -> None:
     """In a stream it claims every gap whatever it hears: after four claims heard (its share is
     known by then) it may do without the announcements. Deaf, only what its claims find tells
-    it that the stream lasts; two that find nothing end it, and it hears again."""
+    it that the stream lasts: one that finds nothing means others took what came (it waits
+    twice as long from then on); two in a row end it, and it hears again."""
     pace = Pace()
     at = 10.0
     for _ in range(4):
@@ -154,12 +155,12 @@ def test_a_worker_in_a_stream_stops_hearing_after_a_few_claims_until_two_find_no
         at += CLAIM_GAP_S
     assert pace.streaming and pace.deaf
     share = pace.share
-    for found in [3, 0, 1, 0, 5]:  # one claim that found nothing could be chance
+    for found, times in [(3, 1), (0, 2), (1, 2), (0, 4), (5, 4)]:
         pace.claiming(at)
         pace.claimed(announced=0, claimed=found, free=20, heard=False)
-        assert pace.deaf and pace.share == share  # nothing was announced: no news of others
+        assert pace.deaf and pace.share == min(16, share * times)
         at += CLAIM_GAP_S
-    assert pace.pause(at - CLAIM_GAP_S / 2) == pytest.approx(CLAIM_GAP_S * share / 2)
+    assert pace.pause(at - CLAIM_GAP_S) == pytest.approx(CLAIM_GAP_S * pace.share)  # since the last
     for _ in range(2):
         pace.claiming(at)
         pace.claimed(announced=0, claimed=0, free=20, heard=False)

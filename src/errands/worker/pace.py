@@ -102,10 +102,13 @@ class Pace:
         not reach it (see :attr:`deaf`); the stream lasts while its claims find tasks."""
         self._emptied = claimed < free
         if not heard:
-            # What it claimed is all it knows: two claims in a row that found nothing end the
-            # stream (or others take it all: listening again, it will know its share better).
+            # What it claimed is all it knows. A claim that found nothing says others took what
+            # came: it claims too often for its share. Two in a row end the stream (or others
+            # take it all: listening again, it learns its share anew).
             self._announced = self._owed = 0
             self._dry = 0 if claimed else self._dry + 1
+            if not claimed:
+                self.share = min(_MAX_SHARE, 2 * self.share)
             self.streaming = self._dry < _DRY_CLAIMS
             self._heard = self._heard if self.streaming else 0
             return
