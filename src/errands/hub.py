@@ -12,7 +12,8 @@ A hub of a worker process (no watches, a worker its only listener) whose store t
 remote commit with its hints (PostgreSQL) follows only the tasks its worker runs
 (:meth:`Hub.follow_only`): it reads their events when a commit may have stopped one of them, and
 passes the other hints on, so a worker process reads almost nothing of the log however many
-there are.
+there are. Deaf (:meth:`Hub.deafen`: its worker in a stream of work), it is told of no commit
+and reads its tasks' events every :data:`DEAF_POLL_S` instead.
 
 A watch has a bounded buffer. Offering an event never blocks: a watch whose consumer cannot keep
 up overflows and is closed (its client resumes from the log), so one slow client never slows
@@ -271,8 +272,8 @@ class Hub:
         """``callback(hint, work)`` runs with the hints of each commit that may have made work,
         and how many tasks of each type it made claimable: only ``WORK`` and ``LATER`` where the listeners
         see every event, and every hint with :meth:`follow_only` (where they see only their
-        tasks' events). ``wants``: the hints that matter to it (with :meth:`follow_only`, the
-        store need not tell the others)."""
+        tasks' events; but no other process's while deaf, see :meth:`deafen`). ``wants``: the
+        hints that matter to it (with :meth:`follow_only`, the store need not tell the others)."""
         self._work.append(callback)
         self._wants |= wants
         if self._only is not None and self.started:

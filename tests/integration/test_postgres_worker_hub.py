@@ -1,7 +1,8 @@
 """A worker process on PostgreSQL follows only the tasks it runs (Hub.follow_only): it reads
 their events when a commit's hints say one may have been stopped, and learns of new work and of
 ends from the hints alone. Its leases are renewed only every 20 s here (lease_s=60), and it
-polls as seldom, so what it hears within the test's few seconds it heard from the hints."""
+polls as seldom, so what it hears within the test's few seconds it heard from the hints (or,
+deaf in a stream, from reading its tasks' events every 0.2 s)."""
 
 from __future__ import annotations
 
@@ -147,8 +148,8 @@ async def test_a_worker_process_in_a_stream_hears_nothing_yet_learns_of_a_cancel
     commit (PostgreSQL wakes the session of every listener at each commit). Here it is kept
     busy (each claim fills its slots from a backlog that never runs dry, so it never listens
     again meanwhile): it still learns of a cancel of a task it runs, from that task's events
-    (it would poll only after 60 s). Once the stream ends it listens again, and a lone task is
-    claimed on its announcement."""
+    (it would poll, and renew its leases, only after 20 s). Once the stream ends it listens
+    again, and a lone task is claimed on its announcement."""
     worker, api, _seen = await _nodes(runtime_factory, concurrency=5)
     await app.submit("hold", id="long")
     await asyncio.wait_for(_flag(running, "long").wait(), 10)
@@ -173,10 +174,10 @@ async def test_a_worker_process_in_a_stream_hears_nothing_yet_learns_of_a_cancel
 
     submitter = asyncio.create_task(stream())
     try:
-        await until(lambda: worker.hub.wanted is Hint.NONE, 30)
+        await until(lambda: worker.store.channels == [], 30)  # type: ignore[attr-defined]
         deaf_throughout = True
         await api.service.cancel("long", SYSTEM)
-        await asyncio.wait_for(_flag(stopped, "long").wait(), 30)
+        await asyncio.wait_for(_flag(stopped, "long").wait(), 10)
         assert deaf_throughout and worker.hub.wanted is Hint.NONE
     finally:
         streaming = False
@@ -192,8 +193,9 @@ async def test_a_deaf_worker_process_reads_its_tasks_often_and_catches_up_once_i
 ) -> None:
     """Deaf (as in a stream; made so here, idle), a worker process hears neither a cancel nor
     new work; it reads its running task's events every DEAF_POLL_S, so the cancel stops the
-    handler all the same (poll_s is 60 s). Listening again, it catches up with what was
-    committed meanwhile: the task submitted while it was deaf is claimed."""
+    handler all the same (it would poll, and renew its leases, only after 20 s). Listening
+    again, it catches up with what was committed meanwhile: the task submitted while it was
+    deaf is claimed."""
     worker, api, seen = await _nodes(runtime_factory, concurrency=4)
     await app.submit("hold", id="long")
     await asyncio.wait_for(_flag(running, "long").wait(), 10)

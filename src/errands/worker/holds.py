@@ -4,13 +4,14 @@
 A hold is stored (``store.hold``), so every worker on every node honours it: a worker leaves the
 task types of a held provider out of its claims until the hold ends. It reads the holds again
 after news of a task made to wait (``Hint.LATER``: the task that met the provider's refusal went
-back to the queue until the hold ends, which is also when the workers' timers fire), and when
-a hold it knows of ends.
+back to the queue until the hold ends, which is also when the workers' timers fire), when
+a hold it knows of ends, and, while it hears no news (a deaf worker process), every so often.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 
 from errands.errors import StoreError
@@ -25,15 +26,18 @@ class Holds:
         self._store = store
         self._provider_of = dict(provider_of)
         self._until: dict[str, float] = {}
+        self._read_at = -math.inf
         #: Whether the stored holds must be read before the next claim.
         self.stale = bool(provider_of)
 
-    async def held_types(self, now: float) -> set[str]:
-        """The task types not to claim now."""
+    async def held_types(self, now: float, *, max_age_s: float = math.inf) -> set[str]:
+        """The task types not to claim now (the holds read again if read ``max_age_s`` ago)."""
         if not self._provider_of:
             return set()
-        if self.stale or any(until <= now for until in self._until.values()):
+        ended = any(until <= now for until in self._until.values())
+        if self.stale or ended or now - self._read_at >= max_age_s:
             self.stale = False
+            self._read_at = now
             try:
                 self._until = await self._store.holds()
             except StoreError:

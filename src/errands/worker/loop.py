@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 import secrets
@@ -25,7 +26,7 @@ from errands.clock import Clock, on_advance
 from errands.config import Settings
 from errands.context import TaskContext
 from errands.errors import LeaseLost, NotFound, StoreError, StreamGap
-from errands.hub import Hub
+from errands.hub import DEAF_POLL_S, Hub
 from errands.logs import in_task
 from errands.model import Event, EventType, Status, TaskRecord
 from errands.providers import Callbacks, ProviderBusy
@@ -210,7 +211,10 @@ class Worker:
                 announced = self._pace.claiming(time.monotonic())
                 try:
                     self._claimed_at = self.clock.now()
-                    held = await self._holds.held_types(self._claimed_at)
+                    # (Deaf, it hears of no hold stored elsewhere: it reads them now and then.)
+                    held = await self._holds.held_types(
+                        self._claimed_at, max_age_s=DEAF_POLL_S if self._deaf else math.inf
+                    )
                     specs = [s for s in self._specs if s.type not in held] if held else self._specs
                     claimed = await self.store.claim(
                         worker_id=self.id,
@@ -227,12 +231,15 @@ class Worker:
                     self._pace.heard(announced)
                     await asyncio.sleep(min(10.0, 0.2 * 2**failures))
                     continue
-                if self._deaf:  # (what it claims is all it knows of the stream)
-                    self._pace.claimed(announced=0, claimed=len(claimed), free=free, heard=False)
-                elif not held and claimed.retry_at is None:
-                    # (Tasks held back by a provider's hold or a rate were not taken by others.)
-                    self._pace.claimed(announced=announced, claimed=len(claimed), free=free)
-                self._deaf = self._hub.deafen(self._pace.deaf)
+                # Tasks held back by a provider's hold or a rate were not taken by others: such a
+                # claim changes no estimate, and it listens again (it hears when they allow more).
+                limited = bool(held) or claimed.retry_at is not None
+                if not limited:  # (deaf, what it claims is all it knows of the stream)
+                    heard = not self._deaf
+                    self._pace.claimed(
+                        announced=announced if heard else 0, claimed=len(claimed), free=free, heard=heard
+                    )
+                self._deaf = self._hub.deafen(self._pace.deaf and not limited)
                 self._flow_at = claimed.retry_at
                 for record in claimed:
                     self._start(record)
@@ -248,7 +255,7 @@ class Worker:
 
     async def _idle(self) -> None:
         """Wait for a wake-up (a new or requeued task, a free slot), the next backoff to run
-        out, or ``poll_s`` at most (for what no event announced)."""
+        out, or ``poll_s`` at most (for what no event announced); deaf, the pace's gap at most."""
         timeout = self.settings.poll_s
         now = self.clock.now()
         # Only a change that leaves a task waiting (event.waits, Hint.LATER) makes a task due

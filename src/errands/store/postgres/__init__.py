@@ -275,8 +275,9 @@ class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps,
         self._pool = self._write_pool = None
 
     async def _listen(self) -> None:
-        """Keep a LISTEN connection on the channels the subscriber wants; on every (re)connect
-        and change of channels, tell the subscriber to catch up."""
+        """Keep a LISTEN connection on the channels the subscriber wants (none, while it is
+        deaf); on every (re)connect and change of channels that adds one, tell the subscriber
+        to catch up."""
         delay = 0.2
         while True:
             try:
