@@ -287,6 +287,11 @@ class Hub:
             return None
         return Hint.NONE if self._deaf else Hint.STOPPED | self._wants
 
+    @property
+    def deaf(self) -> bool:
+        """Whether the store tells this process of no commit for now (see :meth:`deafen`)."""
+        return self._deaf
+
     def deafen(self, deaf: bool) -> bool:
         """With :meth:`follow_only`, while ``deaf`` the store tells this process of no commit
         at all (every process told of a commit costs PostgreSQL a wake-up of its session, and

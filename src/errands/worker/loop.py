@@ -92,7 +92,6 @@ class Worker:
         self._ready_at: float | None = None  # when the next task in backoff becomes claimable
         self._ready_stale = True
         self._pace = Pace()  # when to claim after work is announced
-        self._deaf = False  # whether its hub hears no commits for now (Pace.deaf, Hub.deafen)
         self._claimed_at = 0.0  # the clock's time as the last claim began
         #: Whether a claim could find something: set by announcements of work, by a claim that
         #: filled every free slot, and at start; cleared by each claim.
@@ -213,7 +212,7 @@ class Worker:
                     self._claimed_at = self.clock.now()
                     # (Deaf, it hears of no hold stored elsewhere: it reads them now and then.)
                     held = await self._holds.held_types(
-                        self._claimed_at, max_age_s=DEAF_POLL_S if self._deaf else math.inf
+                        self._claimed_at, max_age_s=DEAF_POLL_S if self._hub.deaf else math.inf
                     )
                     specs = [s for s in self._specs if s.type not in held] if held else self._specs
                     claimed = await self.store.claim(
@@ -235,11 +234,10 @@ class Worker:
                 # claim changes no estimate, and it listens again (it hears when they allow more).
                 limited = bool(held) or claimed.retry_at is not None
                 if not limited:  # (deaf, what it claims is all it knows of the stream)
-                    heard = not self._deaf
                     self._pace.claimed(
-                        announced=announced if heard else 0, claimed=len(claimed), free=free, heard=heard
+                        announced=announced, claimed=len(claimed), free=free, heard=not self._hub.deaf
                     )
-                self._deaf = self._hub.deafen(self._pace.deaf and not limited)
+                self._hub.deafen(self._pace.deaf and not limited)
                 self._flow_at = claimed.retry_at
                 for record in claimed:
                     self._start(record)
@@ -274,7 +272,7 @@ class Worker:
             timeout = min(timeout, max(0.001, self._ready_at - now))
         if self._flow_at is not None:
             timeout = min(timeout, max(0.001, self._flow_at - now))
-        if self._deaf:  # no announcement will come: the next claim is on its pace
+        if self._hub.deaf:  # no announcement will come: the next claim is on its pace
             timeout = min(timeout, max(0.001, self._pace.pause(time.monotonic())))
         if not await wait_set(self._wake, timeout):
             self._maybe_work = True  # a backoff ran out, or it is time to look anyway
