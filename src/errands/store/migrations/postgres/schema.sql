@@ -291,12 +291,19 @@ DECLARE
     bound bigint := errands_log_bound();
     waiting boolean;
 BEGIN
+    -- Each task's events are read through its own entries of the task index, in seq order (a
+    -- LATERAL step per task): wherever the plan guesses the bound lies, it never reads the
+    -- whole log.
     waiting := EXISTS (SELECT 1 FROM unnest(ids) AS f(id)
-                       JOIN errands_events e ON e.task_id = f.id AND e.seq >= bound);
+                       CROSS JOIN LATERAL (SELECT 1 FROM errands_events e
+                                           WHERE e.task_id = f.id AND e.seq >= bound LIMIT 1) w);
     RETURN QUERY
         SELECT e.seq, e.type, e.at, e.task_id, e.owner, e.task_type, e.status, NULL::bytea, waiting
         FROM unnest(ids, afters) AS f(id, after)
-        JOIN errands_events e ON e.task_id = f.id AND e.seq > f.after AND e.seq < bound
+        CROSS JOIN LATERAL (SELECT e.seq, e.type, e.at, e.task_id, e.owner, e.task_type, e.status
+                            FROM errands_events e
+                            WHERE e.task_id = f.id AND e.seq > f.after AND e.seq < bound
+                            ORDER BY e.seq LIMIT most) e
         ORDER BY e.seq LIMIT most;
     IF NOT FOUND THEN
         RETURN QUERY SELECT NULL::bigint, NULL::text, NULL::float8, NULL::text, NULL::text,

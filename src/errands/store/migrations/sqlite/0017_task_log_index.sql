@@ -1,0 +1,2 @@
+-- PostgreSQL only (how a worker process reads its tasks' events); nothing changes here.
+SELECT 1;
