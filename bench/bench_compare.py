@@ -78,13 +78,20 @@ URL_OPTIONS = {"on": "", "off": "?synchronous_commit=off"}
 
 
 async def errands_pass(
-    label: str, n: int, workers: list[int], latency_n: int, submitters: list[int], sync: str
+    label: str,
+    n: int,
+    workers: list[int],
+    latency_n: int,
+    submitters: list[int],
+    sync: str,
+    concurrency: int = 20,
 ) -> dict[str, Any]:
     row: dict[str, Any] = {"system": f"errands ({label})", "synchronous_commit": sync}
+    row["concurrency"] = concurrency
     for callers in submitters:
         for count in workers:
             url = await fresh_database("errands_bench") + URL_OPTIONS[sync]
-            result = await drain(url, n, count, concurrency=20, submitters=callers)
+            result = await drain(url, n, count, concurrency=concurrency, submitters=callers)
             suffix = "" if callers == 1 else f"_{callers}_submitters"
             row[f"drain_per_s_{count}_workers{suffix}"] = round(result["end_to_end_per_s"])
             if callers == 1:
@@ -134,6 +141,7 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="repetitions of each anchor measurement")
     parser.add_argument("--workers", default="1,2,4")
     parser.add_argument("--submitters", default="1,8", help="errands' drains: concurrent callers")
+    parser.add_argument("--concurrency", type=int, default=20, help="errands' handlers per worker process")
     parser.add_argument(
         "--synchronous-commit",
         choices=("on", "off", "both"),
@@ -147,7 +155,9 @@ async def main() -> None:
 
     async def errands(label: str) -> None:
         for sync in modes:
-            row = await errands_pass(label, args.n, workers, args.latency_n, submitters, sync)
+            row = await errands_pass(
+                label, args.n, workers, args.latency_n, submitters, sync, concurrency=args.concurrency
+            )
             print(json.dumps(row), flush=True)
 
     await errands("before")
