@@ -12,7 +12,9 @@ timed from the first submit until all are seen done; and 200
 round trips one at a time (submit, then wait for the result) with idle workers. errands runs it
 with ``errands worker`` processes on one fresh database, through the in-process Python API
 (``app.submit``), every change written to the event log; it runs before and after the others,
-so a drift of the machine shows.
+so a drift of the machine shows. Beside each drain, ``busy_…``: the share of the machine's CPU
+time that was busy meanwhile (all processes; ``/proc/stat``), which tells a drain bound by the
+CPU (near 1) from one bound by waits.
 
 ``--synchronous-commit off`` (or ``both``) also runs the systems on PostgreSQL (errands,
 Procrastinate) with ``synchronous_commit=off``: a commit no longer waits for its WAL flush, which
@@ -94,6 +96,7 @@ async def errands_pass(
             result = await drain(url, n, count, concurrency=concurrency, submitters=callers)
             suffix = "" if callers == 1 else f"_{callers}_submitters"
             row[f"drain_per_s_{count}_workers{suffix}"] = round(result["end_to_end_per_s"])
+            row[f"busy_{count}_workers{suffix}"] = result["machine_busy"]
             if callers == 1:
                 row.setdefault("enqueue_per_s", round(result["enqueue_per_s"]))
     url = await fresh_database("errands_bench") + URL_OPTIONS[sync]

@@ -6,7 +6,8 @@
   (``app.submit``), by one submitter or by several concurrent ones in the same process, while
   ``errands worker`` processes run them; tasks/s from the first submit to the last
   ``task.completed`` event, which this process learns from the event log through LISTEN/NOTIFY
-  (every change is written to the log, as always);
+  (every change is written to the log, as always); beside it, the share of the machine's CPU
+  time busy meanwhile (``machine_busy``, every process's);
 * ``--synchronous-commit off`` runs the drains with PostgreSQL's ``synchronous_commit=off``
   (set in the database URL, as a user would): commits no longer wait for their WAL flush;
 * cross-node event latency: a worker process reports progress (``--rate`` reports a second,
@@ -26,7 +27,7 @@ from typing import Any
 import asyncpg
 
 from bench.bench_watch import Watcher
-from bench.common import ADMIN_KEY, Server, Worker, machine, pct
+from bench.common import ADMIN_KEY, Server, Worker, busy_share, machine, machine_ticks, pct
 from errands.config import Settings
 from errands.demo import app
 from errands.model import EventType
@@ -76,11 +77,11 @@ async def drain(url: str, n: int, workers: int, concurrency: int, submitters: in
                     await app.submit("noop", owner=f"user{i % 100}")
                     latencies.append(time.perf_counter() - t0)
 
-            start = time.perf_counter()
+            start, ticks = time.perf_counter(), machine_ticks()
             await asyncio.gather(*(submitter(k) for k in range(submitters)))
             enqueued = time.perf_counter()
             await asyncio.wait_for(done.wait(), 600)
-            end = time.perf_counter()
+            end, busy = time.perf_counter(), busy_share(ticks, machine_ticks())
         finally:
             for proc in procs:
                 proc.stop()
@@ -93,6 +94,7 @@ async def drain(url: str, n: int, workers: int, concurrency: int, submitters: in
         "submit_p50_ms": pct(latencies, 50) * 1000,
         "submit_p99_ms": pct(latencies, 99) * 1000,
         "end_to_end_per_s": n / (end - start),
+        "machine_busy": busy,  # the share of the machine's CPU time busy meanwhile (all of it)
     }
 
 
