@@ -7,6 +7,11 @@ transaction of the whole server), as the server's sessions grow.
 Each round opens the given number of idle sessions (a third named ``errands``, the rest another
 application's), then times ``--reads`` reads of each kind, alternating, on one connection, with
 the log empty after the cursor (the common case: a hub woken by a commit it already has).
+
+Then what each statement that writes events pays for what precedes them (``errands_after``)
+while an older transaction of errands' is still running (most of the time, under load): a
+commit of one statement that calls it, as migration 0018 made it and as it was before (which
+read the sessions every time; kept here under names of its own), timed the same way.
 """
 
 from __future__ import annotations
@@ -37,10 +42,47 @@ ORDER BY e.seq LIMIT $2
 """
 
 
-async def timed(conn: asyncpg.Connection, sql: str, after: int, reads: int) -> float:
+#: A commit of one statement that calls errands_after, as a write statement does.
+AFTER = "SELECT {}(pg_current_xact_id()::text::bigint << 16)"
+#: errands_after and the bound it asked, before migration 0018 (both read pg_stat_activity
+#: whenever an older transaction was running), under names of their own.
+BEFORE_0018 = """
+CREATE FUNCTION bench_bound_0007() RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    snap pg_snapshot := pg_current_snapshot();
+    next_xid bigint := pg_snapshot_xmax(snap)::text::bigint;
+    oldest bigint;
+BEGIN
+    IF coalesce((SELECT max(e.seq) FROM errands_events e), 0)
+       < pg_snapshot_xmin(snap)::text::bigint << 16 THEN
+        RETURN pg_snapshot_xmin(snap)::text::bigint << 16;
+    END IF;
+    PERFORM pg_stat_clear_snapshot();
+    SELECT min(next_xid - s.back) INTO oldest
+    FROM (SELECT (next_xid - a.backend_xid::text::bigint) & 4294967295 AS back
+          FROM pg_stat_activity a
+          WHERE a.datname = current_database() AND a.application_name = 'errands'
+            AND a.backend_xid IS NOT NULL) s
+    WHERE s.back < 2147483648;
+    RETURN least(next_xid, oldest) << 16;
+END
+$$;
+CREATE FUNCTION bench_after_0016(base bigint) RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    IF (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16) <> base
+       AND bench_bound_0007() <> base THEN
+        RETURN NULL;
+    END IF;
+    RETURN coalesce((SELECT max(e.seq) FROM errands_events e WHERE e.seq < base), 0);
+END
+$$;
+"""
+
+
+async def timed(conn: asyncpg.Connection, sql: str, after: int | None, reads: int) -> float:
     start = time.perf_counter()
     for _ in range(reads):
-        await conn.fetch(sql, after, 1000)
+        await (conn.fetch(sql, after, 1000) if after is not None else conn.fetch(sql))
     return (time.perf_counter() - start) / reads * 1e6
 
 
@@ -68,32 +110,53 @@ async def main() -> None:
     )
     for count in (int(n) for n in args.sessions.split(",")):
         await measure(conn, url, after, count, args.reads, args.rounds, waiting=True)
+    await conn.execute(BEFORE_0018)
+    for count in (int(n) for n in args.sessions.split(",")):
+        await measure(conn, url, None, count, args.reads, args.rounds, waiting=True)
     await writing.close()
     await conn.close()
     print(json.dumps({"machine": machine(), "server": PG}))
 
 
 async def measure(
-    conn: asyncpg.Connection, url: str, after: int, count: int, reads: int, rounds: int, *, waiting: bool
+    conn: asyncpg.Connection,
+    url: str,
+    after: int | None,
+    count: int,
+    reads: int,
+    rounds: int,
+    *,
+    waiting: bool,
 ) -> None:
+    """Reads of the log after ``after``; with None, commits that call errands_after."""
     idle = [
         await asyncpg.connect(
             url, server_settings=session_settings() if i % 3 == 0 else {"application_name": "other"}
         )
         for i in range(count)
     ]
+    commits = AFTER.format("errands_after"), AFTER.format("bench_after_0016")
+    kinds = (NEW, OLD) if after is not None else commits
     new, old = [], []
     for _ in range(rounds):
-        new.append(await timed(conn, NEW, after, reads))
-        old.append(await timed(conn, OLD, after, reads))
+        new.append(await timed(conn, kinds[0], after, reads))
+        old.append(await timed(conn, kinds[1], after, reads))
     for session in idle:
         await session.close()
-    result = {
-        "idle_sessions": count,
-        "events_waiting": waiting,
-        "new_bound_us_per_read": round(statistics.median(new), 1),
-        "old_bound_us_per_read": round(statistics.median(old), 1),
-    }
+    if after is None:
+        result = {
+            "idle_sessions": count,
+            "older_transaction_of_errands_running": True,
+            "after_us_per_commit": round(statistics.median(new), 1),
+            "after_before_0018_us_per_commit": round(statistics.median(old), 1),
+        }
+    else:
+        result = {
+            "idle_sessions": count,
+            "events_waiting": waiting,
+            "new_bound_us_per_read": round(statistics.median(new), 1),
+            "old_bound_us_per_read": round(statistics.median(old), 1),
+        }
     print(json.dumps(result), flush=True)
 
 

@@ -195,19 +195,78 @@ INSERT INTO errands_meta (key, value) SELECT 'notify_cursor', coalesce(max(seq),
 -- transaction that has ended. The bound is the oldest transaction still running in a session of
 -- errands' own (application_name 'errands', which errands gives each of its connections) on
 -- this database, or, when there is none, the first transaction id not yet assigned: transactions
--- of other applications, and of other databases, hold nothing back. (Until now the bound was
--- the oldest transaction of the whole server, which any foreign write held back.)
+-- of other applications, and of other databases, hold nothing back.
 --
 -- Why it is safe. An event's seq is (its transaction's id) << 16 | (its ordinal). The snapshot is
 -- taken before the sessions are read, so a transaction with an id below its xmax had its id when
 -- the sessions were read: it was either still running there, and lowers the bound, or it had
 -- ended. The events are then read with a fresh snapshot (READ COMMITTED, a VOLATILE function),
 -- which sees every transaction below the bound as ended, and so everything they committed.
+--
+-- The sessions (pg_stat_activity, a read whose cost grows with every session of the server) are
+-- read only when nothing cheaper answers: each session remembers the running transactions it
+-- has found to be another application's (errands_foreign), and the bound of the oldest running
+-- transaction not known to be foreign reads the same events when every event lies below it.
+
+-- The transactions running at the snapshot ``snap`` that this session has found to be another
+-- application's: a transaction id is never reused, so one found running in no session of
+-- errands' never is errands'. Kept in the setting errands.foreign (ids, comma-separated); those
+-- the snapshot shows ended are forgotten.
+CREATE FUNCTION errands_foreign(snap pg_snapshot) RETURNS bigint[] LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    kept bigint[] := string_to_array(nullif(current_setting('errands.foreign', true), ''), ',')::bigint[];
+    known bigint[];
+BEGIN
+    IF kept IS NULL THEN
+        RETURN '{}';
+    END IF;
+    known := ARRAY(SELECT k FROM unnest(kept) AS k WHERE NOT pg_visible_in_snapshot(k::text::xid8, snap));
+    IF cardinality(known) < cardinality(kept) THEN
+        PERFORM set_config('errands.foreign', array_to_string(known, ','), false);
+    END IF;
+    RETURN known;
+END
+$$;
+
+-- What only pg_stat_activity tells: which transactions running at ``snap`` are errands'. Returns
+-- the oldest of errands' (NULL when none) and remembers the others as foreign. The snapshot is
+-- taken before the sessions are read.
+CREATE FUNCTION errands_classify(snap pg_snapshot, known bigint[]) RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    next_xid bigint := pg_snapshot_xmax(snap)::text::bigint;
+    oldest bigint;
+    found bigint[];
+BEGIN
+    -- pg_stat_activity is copied once per transaction: read it afresh.
+    PERFORM pg_stat_clear_snapshot();
+    -- backend_xid has 32 bits: each is a distance back from next_xid (wrap-around included).
+    -- A transaction that got its id after the snapshot is ahead of next_xid (a "negative"
+    -- distance, 2^31 or more here): the bound is below it anyway, so it is left out.
+    WITH ours AS (
+        SELECT next_xid - s.back AS id
+        FROM (SELECT (next_xid - a.backend_xid::text::bigint) & 4294967295 AS back
+              FROM pg_stat_activity a
+              WHERE a.datname = current_database() AND a.application_name = 'errands'
+                AND a.backend_xid IS NOT NULL) s
+        WHERE s.back < 2147483648
+    )
+    SELECT (SELECT min(id) FROM ours),
+           ARRAY(SELECT x::text::bigint FROM pg_snapshot_xip(snap) AS x
+                 WHERE x::text::bigint NOT IN (SELECT id FROM ours) AND x::text::bigint <> ALL (known))
+    INTO oldest, found;
+    IF cardinality(found) > 0 THEN
+        PERFORM set_config('errands.foreign', array_to_string(known || found, ','), false);
+    END IF;
+    RETURN oldest;
+END
+$$;
+
 CREATE FUNCTION errands_log_bound() RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     snap pg_snapshot;
-    next_xid bigint;
-    oldest bigint;
+    top bigint;
+    known bigint[];
+    unknown bigint;
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'errands reads its event log under READ COMMITTED only';
@@ -216,22 +275,21 @@ BEGIN
     -- The cheap bound first: below the oldest transaction of the whole server nothing can
     -- appear later either, and when every event lies below it (an idle or lightly loaded
     -- log), it reads the same events. (max(seq) is read after the snapshot was taken.)
-    IF coalesce((SELECT max(e.seq) FROM errands_events e), 0) < pg_snapshot_xmin(snap)::text::bigint << 16 THEN
+    top := coalesce((SELECT max(e.seq) FROM errands_events e), 0);
+    IF top < pg_snapshot_xmin(snap)::text::bigint << 16 THEN
         RETURN pg_snapshot_xmin(snap)::text::bigint << 16;
     END IF;
-    -- pg_stat_activity is copied once per transaction: read it afresh.
-    PERFORM pg_stat_clear_snapshot();
-    next_xid := pg_snapshot_xmax(snap)::text::bigint;
-    -- backend_xid has 32 bits: each is a distance back from next_xid (wrap-around included).
-    -- A transaction that got its id after the snapshot is ahead of next_xid (a "negative"
-    -- distance, 2^31 or more here): the bound is below it anyway, so it is left out.
-    SELECT min(next_xid - s.back) INTO oldest
-    FROM (SELECT (next_xid - a.backend_xid::text::bigint) & 4294967295 AS back
-          FROM pg_stat_activity a
-          WHERE a.datname = current_database() AND a.application_name = 'errands'
-            AND a.backend_xid IS NOT NULL) s
-    WHERE s.back < 2147483648;
-    RETURN least(next_xid, oldest) << 16;
+    -- Then the oldest running transaction not known to be another application's: every one
+    -- below it has ended or is foreign, and when every event lies below it, the read is the same.
+    known := CASE WHEN current_setting('errands.foreign', true) <> '' THEN errands_foreign(snap) ELSE '{}' END;
+    IF cardinality(known) > 0 THEN
+        SELECT coalesce(min(x::text::bigint), pg_snapshot_xmax(snap)::text::bigint) INTO unknown
+        FROM pg_snapshot_xip(snap) AS x WHERE x::text::bigint <> ALL (known);
+        IF top < unknown << 16 THEN
+            RETURN unknown << 16;
+        END IF;
+    END IF;
+    RETURN least(pg_snapshot_xmax(snap)::text::bigint, errands_classify(snap, known)) << 16;
 END
 $$;
 
@@ -239,17 +297,44 @@ $$;
 -- the last seq below it, when no older transaction of errands' is still running (then every
 -- event below ``base`` has been committed, and a statement run now sees them all); otherwise
 -- NULL. Each statement that writes events returns it, and a hub that has delivered up to it
--- takes the events at once, without reading the log (docs/architecture.md).
---
--- The cheap test first: this transaction is the oldest running on the whole server (the
--- snapshot counts its own id). Else the one errands_log_bound() makes, from errands' own
--- sessions (migration 0007): a foreign transaction holds nothing back here either. The events
--- are then read with a fresh snapshot (READ COMMITTED, a VOLATILE function), taken after both.
+-- takes the events at once, without reading the log (docs/architecture.md). It is NULL at once
+-- while an older transaction not known to be another application's runs; the sessions are read
+-- only when the same one has stayed the oldest for 20 ms, longer than errands' own take.
 CREATE FUNCTION errands_after(base bigint) RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    snap pg_snapshot := pg_current_snapshot();
+    own bigint := base >> 16;
+    known bigint[];
+    older bigint;
+    suspect text[];
 BEGIN
-    IF (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16) <> base
-       AND errands_log_bound() <> base THEN
+    -- A transaction that took its id after the snapshot and before this one's may still run,
+    -- and the snapshot cannot tell.
+    IF pg_snapshot_xmax(snap)::text::bigint < own THEN
         RETURN NULL;
+    END IF;
+    -- Older transactions still run.
+    IF pg_snapshot_xmin(snap)::text::bigint < own THEN
+        known := CASE WHEN current_setting('errands.foreign', true) <> '' THEN errands_foreign(snap) ELSE '{}' END;
+        SELECT min(x::text::bigint) INTO older FROM pg_snapshot_xip(snap) AS x
+        WHERE x::text::bigint < own AND x::text::bigint <> ALL (known);
+        IF older IS NOT NULL THEN
+            -- One not known to be foreign, most often one of errands'. The sessions are read
+            -- only once the same one has stayed the oldest for 20 ms (errands.suspect: its id
+            -- and when it was first the oldest).
+            suspect := string_to_array(current_setting('errands.suspect', true), ',');
+            IF suspect[1]::bigint IS DISTINCT FROM older THEN
+                PERFORM set_config('errands.suspect', older || ',' || extract(epoch FROM clock_timestamp()), false);
+                RETURN NULL;
+            END IF;
+            IF extract(epoch FROM clock_timestamp()) - suspect[2]::float8 < 0.02 THEN
+                RETURN NULL;
+            END IF;
+            PERFORM set_config('errands.suspect', '', false);
+            IF errands_classify(snap, known) < own THEN
+                RETURN NULL;  -- one of errands' (the others are known now)
+            END IF;
+        END IF;
     END IF;
     RETURN coalesce((SELECT max(e.seq) FROM errands_events e WHERE e.seq < base), 0);
 END

@@ -1,0 +1,170 @@
+"""What a session of errands knows of other applications' transactions (migration 0018): the
+log's bound and what precedes a commit's events read PostgreSQL's sessions (pg_stat_activity,
+whose cost grows with every session of the server) only when nothing cheaper answers, and never
+let a transaction of errands' be passed while it runs.
+
+Each call here runs in a transaction of its own, on a session with ``track_functions = 'pl'``:
+whether it read the sessions is whether it called ``errands_classify``, read from the session's
+function statistics before and after it, in the same transaction (they are not sent on before
+it ends)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from errands.clock import SystemClock
+from errands.config import Settings
+from errands.store import open_store
+from errands.store.postgres import session_settings
+from tests.conftest import create_database, drop_database, pg_url
+
+pytestmark = pytest.mark.postgres
+
+CLASSIFY_CALLS = (
+    "SELECT coalesce(sum(calls), 0) FROM pg_stat_xact_user_functions WHERE funcname = 'errands_classify'"
+)
+
+
+@pytest.fixture
+async def url() -> AsyncIterator[str]:
+    name = await create_database("errands_known")
+    try:
+        await open_store(Settings(db=pg_url(name)), SystemClock()).migrate()
+        yield pg_url(name)
+    finally:
+        await drop_database(name)
+
+
+async def session(url: str, application: str = "errands") -> asyncpg.Connection:
+    settings = {**session_settings(), "application_name": application}
+    conn: asyncpg.Connection = await asyncpg.connect(url, server_settings=settings)
+    await conn.execute("SET track_functions = 'pl'")
+    return conn
+
+
+async def holding(url: str, application: str) -> asyncpg.Connection:
+    """A session of ``application`` with a transaction that has its id, left open."""
+    conn = await session(url, application)
+    await conn.execute("BEGIN")
+    await conn.fetchval("SELECT pg_current_xact_id()")
+    return conn
+
+
+async def after(conn: asyncpg.Connection) -> tuple[int | None, int, int]:
+    """errands_after in a writing transaction of its own: what it returned, whether it read the
+    sessions (0 or 1), and what it must return when not NULL (the last seq below its base)."""
+    async with conn.transaction():
+        calls = await conn.fetchval(CLASSIFY_CALLS)
+        row = await conn.fetchrow(
+            "SELECT errands_after(pg_current_xact_id()::text::bigint << 16) AS after, "
+            "(SELECT coalesce(max(seq), 0) FROM errands_events "
+            " WHERE seq < pg_current_xact_id()::text::bigint << 16) AS below"
+        )
+        assert row is not None
+        return row["after"], int(await conn.fetchval(CLASSIFY_CALLS) - calls), row["below"]
+
+
+async def until_known(conn: asyncpg.Connection) -> int:
+    """Call errands_after until it is not NULL (it learns of what holds it back once that has
+    stayed the oldest a while): what it returned."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found, _, below = await after(conn)
+        if found is not None:
+            assert found == below
+            return found
+    raise AssertionError("errands_after stayed NULL with no older transaction of errands' running")
+
+
+async def close(*conns: Any) -> None:
+    for conn in conns:
+        await conn.close()
+
+
+async def test_an_older_transaction_of_errands_makes_the_commit_wait_however_long_it_runs(url: str) -> None:
+    """While an older transaction of errands' runs, errands_after is NULL: at once, and still
+    after the sessions were read (it stayed the oldest long enough to be looked up), even with
+    an older one of another application's running too. Once it has ended, the foreign one holds
+    nothing back: this session learnt what it is."""
+    foreign = await holding(url, "another-app")
+    ours = await holding(url, "errands")
+    me = await session(url)
+    try:
+        read = 0
+        started = time.monotonic()
+        while time.monotonic() - started < 0.2 or not read:  # well past the 20 ms it waits
+            found, looked, _ = await after(me)
+            assert found is None
+            read += looked
+            assert time.monotonic() - started < 10, "the sessions were never read"
+        await ours.execute("COMMIT")
+        await until_known(me)
+    finally:
+        await close(foreign, ours, me)
+
+
+async def test_a_session_learns_an_older_foreign_transaction_without_reading_the_sessions_at_once(
+    url: str,
+) -> None:
+    """A session that knows nothing of an older running transaction returns NULL without reading
+    the sessions (it is most often one of errands', ending within milliseconds); once the same
+    one has stayed the oldest for a while, it reads them once, learns that it is another
+    application's, and from then on the foreign one holds nothing back, unread."""
+    foreign = await holding(url, "another-app")
+    me = await session(url)
+    try:
+        found, looked, _ = await after(me)
+        assert found is None and looked == 0
+        await until_known(me)
+        known = await me.fetchval("SELECT current_setting('errands.foreign', true)")
+        held = await foreign.fetchval("SELECT pg_current_xact_id()::text")
+        assert held in known.split(",")
+        # From then on it is known: most calls pass it, and hardly any reads the sessions (a
+        # transaction of another database that comes and goes may still be looked up).
+        calls = [await after(me) for _ in range(40)]
+        assert sum(found is not None for found, _, _ in calls) >= 20
+        assert sum(looked for _, looked, _ in calls) <= 4
+    finally:
+        await close(foreign, me)
+
+
+async def test_the_bound_passes_a_known_foreign_transaction_without_reading_the_sessions(url: str) -> None:
+    """Events committed above an older foreign transaction: the first read of the bound reads the
+    sessions and passes it; the next passes it on what the session learnt, without reading them.
+    A transaction of errands' that began before the events holds the bound below them."""
+    foreign = await holding(url, "another-app")
+    writer = await session(url)
+    reader = await session(url)
+    try:
+        async with writer.transaction():
+            top = await writer.fetchval(
+                "INSERT INTO errands_events (seq, type, at, task_id, owner, task_type, status, task) "
+                "VALUES (pg_current_xact_id()::text::bigint << 16 | 1, 'task.created', 0, 't', 'o', 'w', "
+                "'pending', '') RETURNING seq"
+            )
+        for expected_reads in (1, 0):
+            async with reader.transaction():
+                calls = await reader.fetchval(CLASSIFY_CALLS)
+                bound = await reader.fetchval("SELECT errands_log_bound()")
+                assert bound > top
+                assert await reader.fetchval(CLASSIFY_CALLS) - calls == expected_reads
+        ours = await holding(url, "errands")
+        try:
+            async with writer.transaction():
+                above = await writer.fetchval(
+                    "INSERT INTO errands_events (seq, type, at, task_id, owner, task_type, status, task) "
+                    "VALUES (pg_current_xact_id()::text::bigint << 16 | 1, 'task.created', 0, 'u', 'o', "
+                    "'w', 'pending', '') RETURNING seq"
+                )
+            ours_base = int(await ours.fetchval("SELECT pg_current_xact_id()::text::bigint")) << 16
+            async with reader.transaction():
+                assert await reader.fetchval("SELECT errands_log_bound()") == ours_base < above
+        finally:
+            await ours.close()
+    finally:
+        await close(foreign, writer, reader)
