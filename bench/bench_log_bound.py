@@ -8,10 +8,11 @@ Each round opens the given number of idle sessions (a third named ``errands``, t
 application's), then times ``--reads`` reads of each kind, alternating, on one connection, with
 the log empty after the cursor (the common case: a hub woken by a commit it already has).
 
-Then what each statement that writes events pays for what precedes them (``errands_after``)
-while an older transaction of errands' is still running (most of the time, under load): a
-commit of one statement that calls it, as migration 0018 made it and as it was before (which
-read the sessions every time; kept here under names of its own), timed the same way.
+Then, while an older transaction of errands' is still running (most of the time, under load),
+the bound alone and what each statement that writes events pays for what precedes them (a
+commit of one statement that calls ``errands_after``), each as migration 0018 made it and as it
+was before (both read the sessions every time; kept here under names of their own), timed the
+same way.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import asyncio
 import json
 import statistics
 import time
+from typing import Any
 
 import asyncpg
 
@@ -79,10 +81,10 @@ $$;
 """
 
 
-async def timed(conn: asyncpg.Connection, sql: str, after: int | None, reads: int) -> float:
+async def timed(conn: asyncpg.Connection, sql: str, args: tuple[int, ...], reads: int) -> float:
     start = time.perf_counter()
     for _ in range(reads):
-        await (conn.fetch(sql, after, 1000) if after is not None else conn.fetch(sql))
+        await conn.fetch(sql, *args)
     return (time.perf_counter() - start) / reads * 1e6
 
 
@@ -97,8 +99,15 @@ async def main() -> None:
     await store.migrate()
     conn = await asyncpg.connect(url, server_settings=session_settings())
     after = int(await conn.fetchval("SELECT errands_log_bound()"))
-    for count in (int(n) for n in args.sessions.split(",")):
-        await measure(conn, url, after, count, args.reads, args.rounds, waiting=False)
+    counts = [int(n) for n in args.sessions.split(",")]
+
+    async def each(label: dict[str, Any], pair: tuple[str, str], names: tuple[str, str], *given: int) -> None:
+        for count in counts:
+            timings = await measure(conn, url, count, args.reads, args.rounds, pair, given)
+            print(json.dumps({"idle_sessions": count, **label, **dict(zip(names, timings, strict=True))}))
+
+    reads = (NEW, OLD), ("new_bound_us_per_read", "old_bound_us_per_read")
+    await each({"events_waiting": False}, *reads, after, 1000)
     # Events waiting above the oldest transaction (one of errands' own, still writing): the
     # new bound then reads pg_stat_activity; the old one is the same read as before.
     writing = await asyncpg.connect(url, server_settings=session_settings())
@@ -108,11 +117,13 @@ async def main() -> None:
         "INSERT INTO errands_events VALUES ((pg_current_xact_id()::text::bigint << 16), "
         "'task.created', 0, 'bench', 'bench', 'noop', 'pending', '')"
     )
-    for count in (int(n) for n in args.sessions.split(",")):
-        await measure(conn, url, after, count, args.reads, args.rounds, waiting=True)
+    await each({"events_waiting": True}, *reads, after, 1000)
     await conn.execute(BEFORE_0018)
-    for count in (int(n) for n in args.sessions.split(",")):
-        await measure(conn, url, None, count, args.reads, args.rounds, waiting=True)
+    label = {"events_waiting": True, "older_transaction_of_errands_running": True}
+    bounds = "SELECT errands_log_bound()", "SELECT bench_bound_0007()"
+    await each(label, bounds, ("bound_us_per_call", "bound_before_0018_us_per_call"))
+    commits = AFTER.format("errands_after"), AFTER.format("bench_after_0016")
+    await each(label, commits, ("after_us_per_commit", "after_before_0018_us_per_commit"))
     await writing.close()
     await conn.close()
     print(json.dumps({"machine": machine(), "server": PG}))
@@ -121,43 +132,27 @@ async def main() -> None:
 async def measure(
     conn: asyncpg.Connection,
     url: str,
-    after: int | None,
     count: int,
     reads: int,
     rounds: int,
-    *,
-    waiting: bool,
-) -> None:
-    """Reads of the log after ``after``; with None, commits that call errands_after."""
+    pair: tuple[str, str],
+    args: tuple[int, ...],
+) -> tuple[float, float]:
+    """The median time of each statement of ``pair`` (in turns, ``rounds`` of ``reads`` calls)
+    beside ``count`` idle sessions, a third of them errands'."""
     idle = [
         await asyncpg.connect(
             url, server_settings=session_settings() if i % 3 == 0 else {"application_name": "other"}
         )
         for i in range(count)
     ]
-    commits = AFTER.format("errands_after"), AFTER.format("bench_after_0016")
-    kinds = (NEW, OLD) if after is not None else commits
-    new, old = [], []
+    first, second = [], []
     for _ in range(rounds):
-        new.append(await timed(conn, kinds[0], after, reads))
-        old.append(await timed(conn, kinds[1], after, reads))
+        first.append(await timed(conn, pair[0], args, reads))
+        second.append(await timed(conn, pair[1], args, reads))
     for session in idle:
         await session.close()
-    if after is None:
-        result = {
-            "idle_sessions": count,
-            "older_transaction_of_errands_running": True,
-            "after_us_per_commit": round(statistics.median(new), 1),
-            "after_before_0018_us_per_commit": round(statistics.median(old), 1),
-        }
-    else:
-        result = {
-            "idle_sessions": count,
-            "events_waiting": waiting,
-            "new_bound_us_per_read": round(statistics.median(new), 1),
-            "old_bound_us_per_read": round(statistics.median(old), 1),
-        }
-    print(json.dumps(result), flush=True)
+    return round(statistics.median(first), 1), round(statistics.median(second), 1)
 
 
 if __name__ == "__main__":
