@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import statistics
 import time
 from typing import Any
@@ -31,6 +32,7 @@ from bench.common import machine
 from errands.clock import SystemClock
 from errands.config import Settings
 from errands.store import open_store
+from errands.store.migrations import migrations
 from errands.store.postgres import session_settings
 
 NEW = "SELECT * FROM errands_log($1, $2, false)"
@@ -46,39 +48,19 @@ ORDER BY e.seq LIMIT $2
 
 #: A commit of one statement that calls errands_after, as a write statement does.
 AFTER = "SELECT {}(pg_current_xact_id()::text::bigint << 16)"
-#: errands_after and the bound it asked, before migration 0018 (both read pg_stat_activity
-#: whenever an older transaction was running), under names of their own.
-BEFORE_0018 = """
-CREATE FUNCTION bench_bound_0007() RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$
-DECLARE
-    snap pg_snapshot := pg_current_snapshot();
-    next_xid bigint := pg_snapshot_xmax(snap)::text::bigint;
-    oldest bigint;
-BEGIN
-    IF coalesce((SELECT max(e.seq) FROM errands_events e), 0)
-       < pg_snapshot_xmin(snap)::text::bigint << 16 THEN
-        RETURN pg_snapshot_xmin(snap)::text::bigint << 16;
-    END IF;
-    PERFORM pg_stat_clear_snapshot();
-    SELECT min(next_xid - s.back) INTO oldest
-    FROM (SELECT (next_xid - a.backend_xid::text::bigint) & 4294967295 AS back
-          FROM pg_stat_activity a
-          WHERE a.datname = current_database() AND a.application_name = 'errands'
-            AND a.backend_xid IS NOT NULL) s
-    WHERE s.back < 2147483648;
-    RETURN least(next_xid, oldest) << 16;
-END
-$$;
-CREATE FUNCTION bench_after_0016(base bigint) RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$
-BEGIN
-    IF (pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 16) <> base
-       AND bench_bound_0007() <> base THEN
-        RETURN NULL;
-    END IF;
-    RETURN coalesce((SELECT max(e.seq) FROM errands_events e WHERE e.seq < base), 0);
-END
-$$;
-"""
+
+
+def _as_before_0018() -> str:
+    """errands_after and the bound it asked before migration 0018 (both read pg_stat_activity
+    whenever an older transaction was running), as migrations 0007 and 0016 wrote them, under
+    names of their own."""
+    texts = {name: sql for _, name, sql in migrations("postgres")}
+    bound = re.search(r"CREATE FUNCTION errands_log_bound\(\).*?\n\$\$;", texts["0007_log_bound.sql"], re.S)
+    after = re.search(r"CREATE FUNCTION errands_after\(.*?\n\$\$;", texts["0016_after.sql"], re.S)
+    if bound is None or after is None:
+        raise RuntimeError("migrations 0007 and 0016 no longer define the functions as they did")
+    both = f"{bound.group(0)}\n{after.group(0)}"
+    return both.replace("errands_log_bound", "bench_bound_0007").replace("errands_after", "bench_after_0016")
 
 
 async def timed(conn: asyncpg.Connection, sql: str, args: tuple[int, ...], reads: int) -> float:
@@ -118,7 +100,7 @@ async def main() -> None:
         "'task.created', 0, 'bench', 'bench', 'noop', 'pending', '')"
     )
     await each({"events_waiting": True}, *reads, after, 1000)
-    await conn.execute(BEFORE_0018)
+    await conn.execute(_as_before_0018())
     label = {"events_waiting": True, "older_transaction_of_errands_running": True}
     bounds = "SELECT errands_log_bound()", "SELECT bench_bound_0007()"
     await each(label, bounds, ("bound_us_per_call", "bound_before_0018_us_per_call"))

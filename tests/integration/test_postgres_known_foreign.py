@@ -70,8 +70,8 @@ async def after(conn: asyncpg.Connection) -> tuple[int | None, int, int]:
 
 
 async def until_known(conn: asyncpg.Connection) -> int:
-    """Call errands_after until it is not NULL (it learns of what holds it back once that has
-    stayed the oldest a while): what it returned."""
+    """Call errands_after until it is not NULL (another server transaction may hold it back a
+    moment): what it returned."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         found, _, below = await after(conn)
@@ -87,48 +87,45 @@ async def close(*conns: Any) -> None:
 
 
 async def test_an_older_transaction_of_errands_makes_the_commit_wait_however_long_it_runs(url: str) -> None:
-    """While an older transaction of errands' runs, errands_after is NULL: at once, and still
-    after the sessions were read (it stayed the oldest long enough to be looked up), even with
-    an older one of another application's running too. Once it has ended, the foreign one holds
-    nothing back: this session learnt what it is."""
+    """While an older transaction of errands' runs, errands_after is NULL, even with an older one
+    of another application's running too; it looks at the sessions at most once per 20 ms
+    meanwhile (in between, an older transaction is most likely errands' again). Once it has
+    ended, the foreign one, learnt at the first look, holds nothing back."""
     foreign = await holding(url, "another-app")
     ours = await holding(url, "errands")
     me = await session(url)
     try:
-        read = 0
+        calls = reads = 0
         started = time.monotonic()
-        while time.monotonic() - started < 0.2 or not read:  # well past the 20 ms it waits
+        while time.monotonic() - started < 0.2:
             found, looked, _ = await after(me)
             assert found is None
-            read += looked
-            assert time.monotonic() - started < 10, "the sessions were never read"
+            calls, reads = calls + 1, reads + looked
+        elapsed = time.monotonic() - started
+        assert 1 <= reads <= 2 + elapsed / 0.02, (reads, calls, elapsed)
         await ours.execute("COMMIT")
         await until_known(me)
     finally:
         await close(foreign, ours, me)
 
 
-async def test_a_session_learns_an_older_foreign_transaction_without_reading_the_sessions_at_once(
-    url: str,
-) -> None:
-    """A session that knows nothing of an older running transaction returns NULL without reading
-    the sessions (it is most often one of errands', ending within milliseconds); once the same
-    one has stayed the oldest for a while, it reads them once, learns that it is another
-    application's, and from then on the foreign one holds nothing back, unread."""
+async def test_a_session_learns_an_older_foreign_transaction_and_then_passes_it_unread(url: str) -> None:
+    """A session that meets an older transaction it knows nothing of reads the sessions, learns
+    that it is another application's and passes it; from then on it passes it without reading
+    them."""
     foreign = await holding(url, "another-app")
     me = await session(url)
     try:
-        found, looked, _ = await after(me)
-        assert found is None and looked == 0
-        await until_known(me)
+        found, looked, below = await after(me)
+        assert (found, looked) == (below, 1)
         known = await me.fetchval("SELECT current_setting('errands.foreign', true)")
         held = await foreign.fetchval("SELECT pg_current_xact_id()::text")
         assert held in known.split(",")
-        # From then on it is known: most calls pass it, and hardly any reads the sessions (a
-        # transaction of another database that comes and goes may still be looked up).
+        # From then on it is known: most calls pass it, and few read the sessions (a short
+        # transaction of another database, which the suite may run beside, is looked up).
         calls = [await after(me) for _ in range(40)]
         assert sum(found is not None for found, _, _ in calls) >= 20
-        assert sum(looked for _, looked, _ in calls) <= 4
+        assert sum(looked for _, looked, _ in calls) <= 20
     finally:
         await close(foreign, me)
 

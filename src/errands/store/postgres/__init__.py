@@ -115,7 +115,9 @@ async def _either(*events: asyncio.Event) -> None:
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """No reset between uses of a pooled connection: errands leaves no session state on them
-    (no LISTEN, no session locks, no cursors), and asyncpg's reset costs a round trip each time."""
+    (no LISTEN, no session locks, no cursors), and asyncpg's reset costs a round trip each time.
+    (What a session has learnt of other applications' transactions, ``errands.foreign``, see
+    migration 0018, is worth keeping; a reset would only make it learn again.)"""
 
 
 class PostgresStore(TaskOps, LogOps, ReportOps, OutboxOps, ScheduleOps, MetaOps, CreditOps):

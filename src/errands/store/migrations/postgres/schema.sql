@@ -281,9 +281,12 @@ BEGIN
     END IF;
     -- Then the oldest running transaction not known to be another application's: every one
     -- below it has ended or is foreign, and when every event lies below it, the read is the same.
+    -- (A caller's own id, if it has one, is not among the snapshot's running ones: it counts.)
     known := CASE WHEN current_setting('errands.foreign', true) <> '' THEN errands_foreign(snap) ELSE '{}' END;
     IF cardinality(known) > 0 THEN
-        SELECT coalesce(min(x::text::bigint), pg_snapshot_xmax(snap)::text::bigint) INTO unknown
+        SELECT least(coalesce(min(x::text::bigint), pg_snapshot_xmax(snap)::text::bigint),
+                     pg_current_xact_id_if_assigned()::text::bigint)
+        INTO unknown
         FROM pg_snapshot_xip(snap) AS x WHERE x::text::bigint <> ALL (known);
         IF top < unknown << 16 THEN
             RETURN unknown << 16;
@@ -297,16 +300,17 @@ $$;
 -- the last seq below it, when no older transaction of errands' is still running (then every
 -- event below ``base`` has been committed, and a statement run now sees them all); otherwise
 -- NULL. Each statement that writes events returns it, and a hub that has delivered up to it
--- takes the events at once, without reading the log (docs/architecture.md). It is NULL at once
--- while an older transaction not known to be another application's runs; the sessions are read
--- only when the same one has stayed the oldest for 20 ms, longer than errands' own take.
+-- takes the events at once, without reading the log (docs/architecture.md). While an older
+-- transaction not known to be another application's runs, the sessions tell, unless the last
+-- look at them, less than 20 ms ago, found an older one of errands' (then NULL, unread).
 CREATE FUNCTION errands_after(base bigint) RETURNS bigint LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     snap pg_snapshot := pg_current_snapshot();
     own bigint := base >> 16;
     known bigint[];
     older bigint;
-    suspect text[];
+    probe text[];
+    now_s float8;
 BEGIN
     -- A transaction that took its id after the snapshot and before this one's may still run,
     -- and the snapshot cannot tell.
@@ -319,19 +323,17 @@ BEGIN
         SELECT min(x::text::bigint) INTO older FROM pg_snapshot_xip(snap) AS x
         WHERE x::text::bigint < own AND x::text::bigint <> ALL (known);
         IF older IS NOT NULL THEN
-            -- One not known to be foreign, most often one of errands'. The sessions are read
-            -- only once the same one has stayed the oldest for 20 ms (errands.suspect: its id
-            -- and when it was first the oldest).
-            suspect := string_to_array(current_setting('errands.suspect', true), ',');
-            IF suspect[1]::bigint IS DISTINCT FROM older THEN
-                PERFORM set_config('errands.suspect', older || ',' || extract(epoch FROM clock_timestamp()), false);
+            -- One not known to be another application's. When the last look at the sessions
+            -- (errands.probe: when, and what it found older) found one of errands' within the
+            -- last 20 ms, this is most likely one too: NULL, unread. Else the sessions tell.
+            probe := string_to_array(current_setting('errands.probe', true), ',');
+            now_s := extract(epoch FROM clock_timestamp());
+            IF probe[2] = 'errands' AND now_s - probe[1]::float8 < 0.02 THEN
                 RETURN NULL;
             END IF;
-            IF extract(epoch FROM clock_timestamp()) - suspect[2]::float8 < 0.02 THEN
-                RETURN NULL;
-            END IF;
-            PERFORM set_config('errands.suspect', '', false);
-            IF errands_classify(snap, known) < own THEN
+            older := errands_classify(snap, known);
+            PERFORM set_config('errands.probe', now_s || CASE WHEN older < own THEN ',errands' ELSE ',foreign' END, false);
+            IF older < own THEN
                 RETURN NULL;  -- one of errands' (the others are known now)
             END IF;
         END IF;
