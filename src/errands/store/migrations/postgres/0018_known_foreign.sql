@@ -16,8 +16,9 @@
 --     an older one of errands': then it returns NULL unread, which is what reading them would
 --     most likely have given (under load, the older transactions are mostly errands' own). So a
 --     session reads them at most 50 times a second while errands' own transactions overlap,
---     and at every such commit, as before, while only other applications' do. A NULL only
---     makes the hubs read the log (as they always may); it never lets one skip an event.
+--     and, as before, at each commit that only other applications' transactions precede, until
+--     it knows them. A NULL only makes the hubs read the log (as they always may); it never
+--     lets one skip an event.
 
 -- The transactions running at the snapshot ``snap`` that this session has found to be another
 -- application's: a transaction id is never reused, so one found running in no session of
