@@ -211,15 +211,13 @@ INSERT INTO errands_meta (key, value) SELECT 'notify_cursor', coalesce(max(seq),
 -- The transactions running at the snapshot ``snap`` that this session has found to be another
 -- application's: a transaction id is never reused, so one found running in no session of
 -- errands' never is errands'. Kept in the setting errands.foreign (ids, comma-separated); those
--- the snapshot shows ended are forgotten.
+-- the snapshot shows ended are forgotten. (Its callers look at the setting first: when it is
+-- empty, they know nothing and need not call it.)
 CREATE FUNCTION errands_foreign(snap pg_snapshot) RETURNS bigint[] LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     kept bigint[] := string_to_array(nullif(current_setting('errands.foreign', true), ''), ',')::bigint[];
     known bigint[];
 BEGIN
-    IF kept IS NULL THEN
-        RETURN '{}';
-    END IF;
     known := ARRAY(SELECT k FROM unnest(kept) AS k WHERE NOT pg_visible_in_snapshot(k::text::xid8, snap));
     IF cardinality(known) < cardinality(kept) THEN
         PERFORM set_config('errands.foreign', array_to_string(known, ','), false);
