@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from errands import model
 from errands.clock import ManualClock
@@ -20,9 +21,9 @@ ENDPOINT = Endpoint(
 )  # fmt: skip
 
 
-async def finished_task(store: Store, clock: ManualClock, task_id: str = "t1") -> None:
+async def finished_task(store: Store, clock: ManualClock, task_id: str = "t1", **fields: Any) -> None:
     """A task that ran and failed: created, processing, failed."""
-    await store.create(new_task(task_id))
+    await store.create(new_task(task_id, **fields))
     [claimed] = await store.claim(worker_id="w", specs=[ClaimSpec("work")], limit=1, lease_s=30)
     token = claimed.lease_token
     error = TaskError("x", "x")
@@ -77,6 +78,23 @@ async def test_the_cursor_moves_once_and_a_late_fan_out_stores_nothing(
     assert not await store.add_messages(cursor, events[-1].seq, [dataclasses.replace(made[0], id="msg_b")])
     assert await store.notify_cursor() == events[-1].seq
     assert [m.id for m in await store.list_messages(_all())] == ["msg_a"]
+
+
+async def test_the_fan_out_may_skip_the_log_only_until_a_task_with_a_notify_url_ends(
+    store: Store, clock: ManualClock
+) -> None:
+    await finished_task(store, clock, "plain")  # no notify_url: nothing for the fan-out
+    assert not await store.notify_urls_after(0)
+    await store.create(new_task("cb", notify_url="https://example.com/cb"))
+    [claimed] = await store.claim(worker_id="w", specs=[ClaimSpec("work")], limit=1, lease_s=30)
+    before_end = (await store.read_log(0)).events[-1].seq
+    token = claimed.lease_token
+    await store.apply("cb", lambda r: model.complete(r, now=clock.now(), lease_token=token, result=1))
+    [end] = [e for e in (await store.read_log(before_end)).events if e.type is EventType.COMPLETED]
+    assert await store.notify_urls_after(0)
+    assert await store.notify_urls_after(before_end)
+    assert await store.notify_urls_after(end.seq - 1)
+    assert not await store.notify_urls_after(end.seq)  # nothing changed since
 
 
 def _all() -> object:

@@ -151,8 +151,9 @@ class Notifier:
 
     async def _skip(self, cursor: int) -> bool:
         """With no endpoint, hook or WeChat template, only tasks' own ``notify_url`` can want an
-        event: when no such task changed after the cursor, move past the log without reading
-        it (persisting that at most once a second: redoing it after a restart costs nothing)."""
+        event (of their end): when no such task ended after the cursor, move past the log
+        without reading it (persisting that at most once a second: redoing it after a restart
+        costs nothing)."""
         upto = await self.store.last_seq()  # first: a task changed later has a higher seq
         if upto <= cursor:
             return True

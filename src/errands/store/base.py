@@ -325,8 +325,9 @@ class Outbox(Protocol):
         """The seq up to which events were turned into messages."""
 
     async def notify_urls_after(self, seq: int) -> bool:
-        """Whether a task with a ``notify_url`` has an event after ``seq`` (so the fan-out can
-        skip reading the log when nothing else wants events)."""
+        """Whether a task with a ``notify_url`` may have ended after ``seq`` (so the fan-out can
+        skip reading the log when nothing else wants events): ``True`` for every such end event
+        after it, and perhaps for other changes of such tasks too (the log then tells)."""
 
     async def add_messages(self, after: int, upto: int, messages: Sequence[Message]) -> bool:
         """Move the cursor from ``after`` to ``upto`` and store ``messages``, in one transaction;

@@ -1,0 +1,2 @@
+-- PostgreSQL only (heap-only updates of tasks); nothing changes here.
+SELECT 1;
