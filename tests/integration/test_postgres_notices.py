@@ -197,29 +197,3 @@ async def test_a_worker_process_does_not_claim_for_work_of_types_it_does_not_run
     assert (await wait_task(node, "mine")).status.value == "completed"
     # Notifications arrive in commit order: by its claim, the worker had heard all twenty.
     assert claims - before == 1
-
-
-async def test_postgresql_takes_the_largest_notification_that_carries_events(postgres_database: str) -> None:
-    """The events a notification carries fill what its other parts leave of PostgreSQL's limit
-    (under 8,000 bytes): the largest such payload is accepted, which a commit's statement needs
-    (a refused one would fail the commit)."""
-    import asyncpg
-
-    from errands.store.postgres.notices import events_text, payload
-
-    largest = 2**63 - 1
-    notice = payload(Hint.WORK, {f"t{i:04}": 9 for i in range(250)})
-
-    def carried(size: int) -> str:
-        snapshot = b'{"x":"' + b"y" * size + b'"}'
-        return events_text([(1, "task.created", 0.0, "t", "o", "w", "pending", snapshot)], notice)
-
-    size = max(n for n in range(8000) if carried(n))
-    text = f"{largest}/{notice}/{largest}/{carried(size)}"
-    conn = await asyncpg.connect(postgres_database)
-    try:
-        await conn.execute("SELECT pg_notify('errands_test_limit', $1)", text)
-        with pytest.raises(asyncpg.InvalidParameterValueError):
-            await conn.execute("SELECT pg_notify('errands_test_limit', $1)", text + "y" * (8000 - len(text)))
-    finally:
-        await conn.close()

@@ -29,12 +29,8 @@ HINT_MARK = "/"
 #: The most a notification's types may take (its payload must stay under 8,000 bytes): beyond,
 #: the types are left out and a reader counts the work as of every type.
 _MAX_TYPES_CHARS = 2000
-#: PostgreSQL refuses a notification's payload of 8,000 bytes or more.
-_PAYLOAD_BYTES = 7999
-#: What a payload holds besides the parts of :func:`payload` and the events: two numbers (the
-#: commit's last seq, what precedes its events; a bigint has at most 20 characters) and the
-#: marks before them and before the events.
-_BESIDE = 2 * 20 + 3
+#: The most a notification's events may take (beside at most 2,000 of types and a few numbers).
+_MAX_EVENTS_BYTES = 5000
 
 
 def channels(hint: Hint) -> list[str]:
@@ -50,18 +46,16 @@ def payload(hint: Hint, work: Mapping[str, int]) -> str:
     return f"{hint.value}{HINT_MARK}{sum(work.values())}{HINT_MARK}{types}"
 
 
-def events_text(events: Sequence[tuple[int, str, float, str, str, str, str, bytes]], notice: str) -> str:
+def events_text(events: Sequence[tuple[int, str, float, str, str, str, str, bytes]]) -> str:
     """The events of a commit as its notification on :data:`CHANNEL` carries them (each: its
     ordinal, type, time, task id, owner, task type, status and snapshot): their columns as JSON,
     then each snapshot on a line of its own (compact JSON has no line breaks); ``''`` when they
-    would not fit in a notification beside ``notice``, the commit's :func:`payload` (hubs then
-    read the log)."""
-    room = _PAYLOAD_BYTES - _BESIDE - len(notice.encode())
-    if sum(len(e[7]) for e in events) > room:
+    would not fit in a notification beside the rest (hubs then read the log)."""
+    if sum(len(e[7]) for e in events) > _MAX_EVENTS_BYTES:
         return ""
     head = orjson.dumps([list(e[:7]) for e in events])
     text = b"\n".join([head, *(e[7] for e in events)])
-    return text.decode() if len(text) <= room else ""
+    return text.decode() if len(text) <= _MAX_EVENTS_BYTES else ""
 
 
 def events_from_text(last_seq: int, text: str) -> list[Event]:

@@ -206,8 +206,7 @@ class PgTx(TxBase):
                 [
                     (o, EventType.CREATED.value, r.updated_at, r.id, r.owner, r.type, Status.PENDING.value, s)
                     for o, r, s in zip(ordinals, records, snapshots, strict=True)
-                ],
-                notice,
+                ]
             )
             if ordinals[0] == 1
             else ""
@@ -344,7 +343,7 @@ class PgTx(TxBase):
         notice = payload(hint, claimable((c.event, c.record.waits, c.record.type) for c in self.pending))
         # Only a commit whose events are all here (none written before, by a create): a hub
         # that took these would pass the others.
-        carried = "" if self.written else events_text(list(zip(*event_arrays, strict=True)), notice)
+        carried = "" if self.written else events_text(list(zip(*event_arrays, strict=True)))
         # One change of one row passes its values as they are: asyncpg checks each array and
         # each element of one before it encodes them (some 200 checks for one row's 43 arrays).
         one = len(self.pending) == 1
