@@ -14,6 +14,9 @@
   from five tasks) stamped with its monotonic clock; a set watch (SSE) of a different node
   (``errands serve``) subtracts the stamp on receipt; then the same while two transactions of
   another application are held open (another database; idle in transaction in errands' own).
+  Beside the percentiles, those of each fifth of the reports in the order received: whether
+  latency grew while they came (as it does, with ``--seconds 30``, while the transactions stay
+  open: docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -133,6 +136,8 @@ async def cross_node_latency(url: str, rate: int, seconds: float, *, foreign: bo
             await conn.close()
         worker.stop()
         node.stop()
+    fifth = max(1, len(samples) // 5)  # in the order received: does latency grow meanwhile?
+    parts = [samples[i * fifth : (i + 1) * fifth] for i in range(5)]
     return {
         "events_per_s": rate,
         "foreign_transactions_open": foreign,
@@ -140,6 +145,8 @@ async def cross_node_latency(url: str, rate: int, seconds: float, *, foreign: bo
         "latency_p50_ms": pct(samples, 50),
         "latency_p99_ms": pct(samples, 99),
         "latency_max_ms": max(samples),
+        "by_fifth_p50_ms": [round(pct(p, 50), 2) for p in parts if p],
+        "by_fifth_p99_ms": [round(pct(p, 99), 2) for p in parts if p],
     }
 
 
