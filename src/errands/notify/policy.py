@@ -25,6 +25,9 @@ from errands.store.records import Attempt, AttemptResult, Channel, Endpoint, Hea
 DEFAULT_SCHEDULE = "0s,5s,5m,30m,2h,5h,10h,10h"
 #: Events of a task's end: what a task's own ``notify_url`` hears about.
 END_EVENTS = frozenset({EventType.COMPLETED, EventType.FAILED, EventType.TIMEOUT, EventType.CANCELLED})
+#: What the snapshot of a task with a ``notify_url`` holds (compact JSON); PostgreSQL's fan-out
+#: asks its log for end events with it too (``notify_urls_after``, migration 0019).
+NOTIFY_URL_MARK = b'"notify_url":"'
 MAX_RETRY_AFTER_S = 86_400.0
 EXCERPT_CHARS = 200
 
@@ -75,7 +78,7 @@ def payload(event: Event) -> bytes:
 
 def notify_url_of(event: Event) -> str | None:
     """The task's own ``notify_url``, if the event is about its end and it has one."""
-    if event.type not in END_EVENTS or b'"notify_url":"' not in event.task_json:
+    if event.type not in END_EVENTS or NOTIFY_URL_MARK not in event.task_json:
         return None
     url = orjson.loads(event.task_json).get("notify_url")
     return url if isinstance(url, str) else None

@@ -127,7 +127,7 @@ class Statements:
     fail_pending: str  # why, now, endpoint_id
     set_health: str  # failing_since, throttled_until, enabled, disabled_reason, updated_at, id
     notify_cursor: str  # → (cursor,)
-    notify_urls_after: str  # seq → a row if a task with a notify_url changed after it
+    notify_urls_after: str  # seq → a row if a task with a notify_url may have ended after it
     init_notify_cursor: str
     move_notify_cursor: str  # upto, after (as text)
     insert_message: str  # the message's columns (skipped if the event already has it)
