@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,22 @@ async def drop_database(name: str) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def migrated_database(prefix: str) -> AsyncIterator[str]:
+    """A new database of the test server with errands' schema, dropped afterwards: its URL."""
+    from errands.clock import SystemClock
+    from errands.config import Settings
+    from errands.store import open_store
+
+    name = await create_database(prefix)
+    try:
+        url = pg_url(name)
+        await open_store(Settings(db=url), SystemClock()).migrate()
+        yield url
+    finally:
+        await drop_database(name)
 
 
 @pytest.fixture(scope="session", autouse=True)

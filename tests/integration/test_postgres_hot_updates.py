@@ -23,7 +23,7 @@ from errands.config import Settings
 from errands.store import open_store
 from errands.store.postgres.sql import STATEMENTS
 from errands.store.records import ClaimSpec
-from tests.conftest import create_database, drop_database, pg_url
+from tests.conftest import migrated_database
 from tests.integration.conftest import new_task
 
 pytestmark = pytest.mark.postgres
@@ -38,12 +38,8 @@ UNINDEXED = ("seq", "updated_at", "progress", "message", "stream_positions", "le
 
 @pytest.fixture
 async def url() -> AsyncIterator[str]:
-    name = await create_database("errands_hot")
-    try:
-        await open_store(Settings(db=pg_url(name)), SystemClock()).migrate()
-        yield pg_url(name)
-    finally:
-        await drop_database(name)
+    async with migrated_database("errands_hot") as url:
+        yield url
 
 
 async def test_no_index_of_tasks_holds_a_column_that_a_change_of_progress_writes(url: str) -> None:

@@ -17,11 +17,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from errands.clock import SystemClock
-from errands.config import Settings
-from errands.store import open_store
 from errands.store.postgres import session_settings
-from tests.conftest import create_database, drop_database, pg_url
+from tests.conftest import migrated_database
 
 pytestmark = pytest.mark.postgres
 
@@ -32,12 +29,8 @@ CLASSIFY_CALLS = (
 
 @pytest.fixture
 async def url() -> AsyncIterator[str]:
-    name = await create_database("errands_known")
-    try:
-        await open_store(Settings(db=pg_url(name)), SystemClock()).migrate()
-        yield pg_url(name)
-    finally:
-        await drop_database(name)
+    async with migrated_database("errands_known") as url:
+        yield url
 
 
 async def session(url: str, application: str = "errands") -> asyncpg.Connection:

@@ -227,15 +227,10 @@ async def test_a_worker_process_reads_its_tasks_events_without_reading_the_whole
     grew with the log."""
     import asyncpg
 
-    from errands.clock import SystemClock
-    from errands.config import Settings
-    from errands.store import open_store
-    from tests.conftest import create_database, drop_database, pg_url
+    from tests.conftest import migrated_database
 
-    name = await create_database("errands_task_log")
-    try:
-        await open_store(Settings(db=pg_url(name)), SystemClock()).migrate()
-        conn = await asyncpg.connect(pg_url(name))
+    async with migrated_database("errands_task_log") as url:
+        conn = await asyncpg.connect(url)
         try:
             await conn.execute("ALTER TABLE errands_events SET (autovacuum_enabled = false)")
             # 20,000 events of 2,000 tasks, seqs as transactions write them (id << 16 | ordinal).
@@ -253,7 +248,7 @@ async def test_a_worker_process_reads_its_tasks_events_without_reading_the_whole
                     assert {r["task_id"] for r in rows} == set(ids)
                 # An event of t1 above the bound (a transaction of errands' that began before it
                 # is still open): not read yet, and the read says that some wait.
-                holder = await asyncpg.connect(pg_url(name), server_settings={"application_name": "errands"})
+                holder = await asyncpg.connect(url, server_settings={"application_name": "errands"})
                 try:
                     async with holder.transaction():
                         xid = await holder.fetchval("SELECT pg_current_xact_id()::text::bigint")
@@ -270,5 +265,3 @@ async def test_a_worker_process_reads_its_tasks_events_without_reading_the_whole
             assert scans["seq_scan"] == 0 and scans["idx_scan"] > 0, dict(scans)
         finally:
             await conn.close()
-    finally:
-        await drop_database(name)
