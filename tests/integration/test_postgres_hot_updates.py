@@ -113,7 +113,8 @@ async def test_the_fan_outs_question_is_read_from_the_index_of_ends_it_asks_of(u
 
 def test_the_ends_it_asks_of_are_those_a_notify_url_hears_of() -> None:
     """The statement, the index (fresh and migrated) and the fan-out's policy name the same."""
-    from errands.notify.policy import END_EVENTS, NOTIFY_URL_MARK
+    from errands.model import NOTIFY_URL_MARK
+    from errands.notify.policy import END_EVENTS
     from errands.store.migrations import fresh_schema, migrations
 
     ends = {e.value for e in END_EVENTS}

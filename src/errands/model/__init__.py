@@ -26,6 +26,7 @@ from errands.model.decisions import (
 from errands.model.flow import Bound, Choice, Limit, Usage, choose_claims, claim_window
 from errands.model.task import (
     EVENT_TYPES,
+    NOTIFY_URL_MARK,
     TERMINAL,
     TERMINAL_EVENT,
     TRANSITIONS,
@@ -44,6 +45,7 @@ from errands.model.task import (
 
 __all__ = [
     "EVENT_TYPES",
+    "NOTIFY_URL_MARK",
     "TERMINAL",
     "TERMINAL_EVENT",
     "TRANSITIONS",

@@ -104,6 +104,10 @@ TRANSITIONS: Mapping[Status, frozenset[Status]] = {
     Status.CANCELLED: frozenset(),
 }
 
+#: What ``TaskRecord.public_json`` holds when the task has a ``notify_url`` (compact JSON): the
+#: fan-out looks for it in end events (``errands.notify.policy``, and PostgreSQL's log index).
+NOTIFY_URL_MARK = b'"notify_url":"'
+
 TERMINAL_EVENT = {
     Status.COMPLETED: EventType.COMPLETED,
     Status.FAILED: EventType.FAILED,

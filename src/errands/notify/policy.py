@@ -18,16 +18,13 @@ from email.utils import parsedate_to_datetime
 import orjson
 
 from errands.clock import iso
-from errands.model import TERMINAL, Event, EventType, matches
+from errands.model import NOTIFY_URL_MARK, TERMINAL, TERMINAL_EVENT, Event, EventType, matches
 from errands.store.records import Attempt, AttemptResult, Channel, Endpoint, Health, Message, MessageState
 
 #: Svix's and Standard Webhooks' schedule: at once, then 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
 DEFAULT_SCHEDULE = "0s,5s,5m,30m,2h,5h,10h,10h"
 #: Events of a task's end: what a task's own ``notify_url`` hears about.
-END_EVENTS = frozenset({EventType.COMPLETED, EventType.FAILED, EventType.TIMEOUT, EventType.CANCELLED})
-#: What the snapshot of a task with a ``notify_url`` holds (compact JSON); PostgreSQL's fan-out
-#: asks its log for end events with it too (``notify_urls_after``, migration 0019).
-NOTIFY_URL_MARK = b'"notify_url":"'
+END_EVENTS = frozenset(TERMINAL_EVENT.values())
 MAX_RETRY_AFTER_S = 86_400.0
 EXCERPT_CHARS = 200
 

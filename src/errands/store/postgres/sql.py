@@ -3,6 +3,7 @@ given), and the statements only its write path runs (see :mod:`.writer`)."""
 
 from __future__ import annotations
 
+from errands.model import NOTIFY_URL_MARK, TERMINAL_EVENT
 from errands.store.columns import (
     ATTEMPTS,
     COLUMNS,
@@ -217,6 +218,14 @@ _E = ", ".join(f"e.{c}" for c in ENDPOINTS.names)
 _CHANNELS = "(m.channel = ANY({}::text[]) OR (m.channel = 'hook' AND m.target = ANY({}::text[])))"
 
 
+#: The end events of tasks with a notify_url, as the WHERE of the index of migration 0019 says
+#: them (a query that repeats it may be planned on the index): no index of tasks holds seq.
+_NOTIFY_URL_ENDS = (
+    "type IN (" + ", ".join(f"'{e.value}'" for e in TERMINAL_EVENT.values()) + ") "
+    f"AND position('{NOTIFY_URL_MARK.decode()}'::bytea IN task) > 0"
+)
+
+
 def _claim(extra: str, *, locks: bool = True) -> str:
     """The queue (claimable since created) and the tasks that came due (delayed, retried or
     released), each read in order from its own index, merged in queue order: priority, then
@@ -391,13 +400,7 @@ STATEMENTS = Statements(
         "disabled_reason = $4, updated_at = $5 WHERE id = $6"
     ),
     notify_cursor="SELECT value::bigint FROM errands_meta WHERE key = 'notify_cursor'",
-    # The end events of tasks with a notify_url, through the index of migration 0019 (its WHERE,
-    # repeated here, lets the plan use it): no index of tasks holds seq.
-    notify_urls_after=(
-        "SELECT 1 FROM errands_events WHERE seq > $1 "
-        "AND type IN ('task.completed', 'task.failed', 'task.timeout', 'task.cancelled') "
-        'AND position(\'"notify_url":"\'::bytea IN task) > 0 LIMIT 1'
-    ),
+    notify_urls_after=f"SELECT 1 FROM errands_events WHERE seq > $1 AND {_NOTIFY_URL_ENDS} LIMIT 1",
     init_notify_cursor=(
         "INSERT INTO errands_meta (key, value) VALUES ('notify_cursor', '0') ON CONFLICT DO NOTHING"
     ),
